@@ -1,3 +1,12 @@
-"""fastsave: save QLoRA-trained models as adapters, merged 16-bit or merged 4-bit checkpoints."""
+"""fastsave: save QLoRA-trained models as adapters, merged 16-bit or merged 4-bit checkpoints.
+
+    import fastsave
+    fastsave.patch(model)
+    model.save_pretrained_merged("out", tokenizer, save_method="merged_16bit")
+"""
+
+from fastsave.patching import patch, unpatch
+from fastsave.save import save_pretrained_merged
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "patch", "save_pretrained_merged", "unpatch"]

@@ -1,0 +1,53 @@
+"""The non-weight files of a checkpoint: config.json, generation_config.json, tokenizer files."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("fastsave")
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def write_merged_config(model: nn.Module, directory: Path, dtype: torch.dtype, untied_embeddings: bool) -> None:
+    """config.json of a plain 16-bit model: no quantization_config, dtype set, ties made true to the weights."""
+    config = copy.deepcopy(model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = _DTYPE_NAMES[dtype]
+    if untied_embeddings:
+        config.tie_word_embeddings = False
+        text_config = getattr(config, "text_config", None)
+        if text_config is not None and hasattr(text_config, "tie_word_embeddings"):
+            text_config.tie_word_embeddings = False
+    config.save_pretrained(directory)
+
+
+def write_generation_config(model: nn.Module, directory: Path) -> None:
+    """generation_config.json, when the model has one."""
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+
+
+def write_tokenizer(tokenizer, directory: Path) -> list[str]:
+    """Every tokenizer file, including tokenizer.model when the tokenizer was built from one.
+
+    GGUF converters look for tokenizer.model; a fast tokenizer that cannot re-create it on save
+    still knows the file it was loaded from, which is copied.
+    """
+    if tokenizer is None:
+        return []
+    before = {p.name for p in directory.iterdir()}
+    tokenizer.save_pretrained(directory)
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if vocab_file and Path(vocab_file).is_file() and not (directory / Path(vocab_file).name).exists():
+        shutil.copy2(vocab_file, directory / Path(vocab_file).name)
+    return sorted({p.name for p in directory.iterdir()} - before)

@@ -1,0 +1,167 @@
+"""The LoRA arithmetic: which modules carry adapters, and W + delta in float32 for one of them.
+
+The delta is peft's own definition (``get_delta_weight``): ``transpose(B @ A, fan_in_fan_out) *
+scaling`` for linear layers, ``(B @ A).T * scaling`` for embeddings, with the scaling peft stored
+(alpha / r, or alpha / sqrt(r) with rslora). It is computed here in float32 whatever dtype the
+adapter weights are kept in, and added in the same order peft adds it (one adapter after another),
+so the result equals peft's merge on a float32 dequantized copy bit for bit. The caller rounds
+once, to the output dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastsave.quantized import base_weight_float32
+
+try:
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+except ImportError:  # pragma: no cover - peft is a dependency
+    LoraLayer = BaseTunerLayer = None
+
+
+class UnsupportedAdapterError(ValueError):
+    """An adapter fastsave cannot fold into the base weights exactly."""
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One LoRA-wrapped module and the adapters that will be folded into it."""
+
+    name: str  # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    layer: nn.Module  # the peft LoraLayer
+    adapters: tuple[str, ...]  # adapters to add now, in peft's order
+    already_merged: tuple[str, ...]  # adapters whose delta the base weight already holds
+
+
+def _lora_adapter_keys(layer: nn.Module) -> set[str]:
+    return set(getattr(layer, "lora_A", {}).keys()) | set(getattr(layer, "lora_embedding_A", {}).keys())
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """True for a peft LoRA layer (Linear, Embedding, Conv, bnb variants)."""
+    return LoraLayer is not None and isinstance(module, LoraLayer)
+
+
+def is_other_tuner_layer(module: nn.Module) -> bool:
+    """True for a peft tuner layer of another method (IA3, LoHa, LoKr, ...), which fastsave refuses."""
+    return BaseTunerLayer is not None and isinstance(module, BaseTunerLayer) and not is_lora_layer(module)
+
+
+def select_adapters(layer: nn.Module, adapter_names: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split the adapters of a layer into (to add now, already merged into the base weight)."""
+    present = _lora_adapter_keys(layer)
+    wanted = list(adapter_names) if adapter_names is not None else list(layer.active_adapters)
+    merged = tuple(a for a in getattr(layer, "merged_adapters", []) if a in present and a in wanted)
+    to_add = tuple(a for a in wanted if a in present and a not in merged)
+    return to_add, merged
+
+
+def find_lora_targets(root: nn.Module, adapter_names: Sequence[str] | None) -> list[LoraTarget]:
+    """Every LoRA layer under ``root`` that has at least one selected adapter, in module order."""
+    targets = []
+    for name, module in root.named_modules():
+        if is_lora_layer(module):
+            to_add, merged = select_adapters(module, adapter_names)
+            if to_add or merged:
+                targets.append(LoraTarget(name, module, to_add, merged))
+    return targets
+
+
+def _check_supported(layer: nn.Module, adapter: str) -> None:
+    variants = getattr(layer, "lora_variant", {})
+    if adapter in variants:
+        variant = type(variants[adapter]).__name__
+        if variant not in ("DoraLinearVariant", "DoraEmbeddingVariant"):
+            raise UnsupportedAdapterError(
+                f"adapter {adapter!r} on {type(layer).__name__} uses the LoRA variant {variant}, which fastsave "
+                "cannot merge exactly yet; save it with save_method='lora' instead"
+            )
+    kind = type(layer).__name__
+    if kind not in ("Linear", "Linear4bit", "Linear8bitLt", "Embedding"):
+        raise UnsupportedAdapterError(
+            f"LoRA on a {kind} layer is not supported by fastsave's merge yet; save it with save_method='lora'"
+        )
+
+
+def lora_delta_float32(layer: nn.Module, adapter: str, device: torch.device) -> torch.Tensor:
+    """peft's delta for one adapter, computed in float32, in the base weight's layout."""
+    scaling = layer.scaling[adapter]
+    if adapter in getattr(layer, "lora_embedding_A", {}):
+        a = layer.lora_embedding_A[adapter].detach().to(device=device, dtype=torch.float32)
+        b = layer.lora_embedding_B[adapter].detach().to(device=device, dtype=torch.float32)
+        return (b @ a).T * scaling
+    a = layer.lora_A[adapter].weight.detach().to(device=device, dtype=torch.float32)
+    b = layer.lora_B[adapter].weight.detach().to(device=device, dtype=torch.float32)
+    delta = b @ a
+    if getattr(layer, "fan_in_fan_out", False) and type(layer).__name__ == "Linear":
+        delta = delta.T
+    return delta * scaling
+
+
+def _is_dora(layer: nn.Module, adapter: str) -> bool:
+    return adapter in getattr(layer, "lora_variant", {})
+
+
+def _dora_rescale(
+    layer: nn.Module, adapter: str, base: torch.Tensor, current: torch.Tensor, delta: torch.Tensor
+) -> torch.Tensor:
+    """DoRA: magnitude / ||W_base + delta|| (row norms, as peft computes them) times (W + delta)."""
+    fan_in_fan_out = getattr(layer, "fan_in_fan_out", False) and type(layer).__name__ == "Linear"
+    magnitude = layer.lora_magnitude_vector[adapter].weight.detach().to(device=base.device, dtype=torch.float32)
+    if type(layer).__name__ == "Embedding":
+        # peft's DoraEmbeddingLayer: norm over dim 0 of (W + delta).T, i.e. per embedding column
+        norm = (base + delta).T.norm(p=2, dim=1, keepdim=True).T
+        return (magnitude / norm) * (current + delta)
+    base_t = base.T if fan_in_fan_out else base
+    delta_t = delta.T if fan_in_fan_out else delta
+    norm = torch.linalg.norm(base_t + 1 * delta_t, dim=1)
+    factor = (magnitude / norm).view(-1, 1)
+    if fan_in_fan_out:
+        factor = factor.T
+    return factor * (current + delta)
+
+
+def merged_weight_float32(target: LoraTarget) -> torch.Tensor:
+    """W + every selected adapter's delta, in float32, on the layer's device; the model is untouched."""
+    layer = target.layer
+    base_layer = layer.get_base_layer()
+    for adapter in target.adapters:
+        _check_supported(layer, adapter)
+    weight = base_weight_float32(base_layer)
+    base = weight.clone() if any(_is_dora(layer, a) for a in target.adapters) else None
+    for adapter in target.adapters:
+        delta = lora_delta_float32(layer, adapter, weight.device)
+        if _is_dora(layer, adapter):
+            weight = _dora_rescale(layer, adapter, base, weight, delta)
+        else:
+            weight.add_(delta)
+    return weight
+
+
+def merged_bias_float32(target: LoraTarget) -> torch.Tensor | None:
+    """The base bias plus, for adapters trained with lora_bias, lora_B.bias * scaling (peft's merge)."""
+    base_layer = target.layer.get_base_layer()
+    bias = getattr(base_layer, "bias", None)
+    if bias is None:
+        return None
+    out = bias.detach().to(torch.float32, copy=True)
+    for adapter in target.adapters:
+        if getattr(target.layer, "lora_bias", {}).get(adapter, False):
+            lora_b = target.layer.lora_B[adapter]
+            out += lora_b.bias.detach().to(device=out.device, dtype=torch.float32) * target.layer.scaling[adapter]
+    return out
+
+
+def adapter_names_in(root: nn.Module) -> Iterable[str]:
+    """All LoRA adapter names present anywhere under ``root``."""
+    names: set[str] = set()
+    for module in root.modules():
+        if is_lora_layer(module):
+            names |= _lora_adapter_keys(module)
+    return sorted(names)

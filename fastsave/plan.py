@@ -1,0 +1,279 @@
+"""The save plan: every output tensor (name, shape, dtype, how to produce it) before any merge runs.
+
+Walking the model once up front lets the writer lay out shards and safetensors headers before the
+first byte of merged weight exists, and lets the safety checks (no quantized or LoRA tensor, every
+LoRA module merged exactly once) run before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastsave.lora_merge import (
+    LoraTarget,
+    UnsupportedAdapterError,
+    find_lora_targets,
+    is_lora_layer,
+    is_other_tuner_layer,
+    merged_bias_float32,
+    merged_weight_float32,
+)
+from fastsave.quantized import base_weight_float32, compute_dtype_of, is_4bit, is_quantized, logical_weight_shape
+
+try:
+    from peft.utils.other import ModulesToSaveWrapper
+except ImportError:  # pragma: no cover - peft is a dependency
+    ModulesToSaveWrapper = ()
+
+# Names that only a quantized or unmerged state dict contains; a merged save must hold none.
+_FORBIDDEN_NAME = re.compile(
+    r"(^|\.)(base_layer|lora_[A-Za-z_]+|absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_format)(\.|$)"
+    r"|quant_state|^base_model\.model\."
+)
+
+
+class PlanError(ValueError):
+    """The model cannot be saved as asked; nothing has been written."""
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor of the output checkpoint."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor] = field(repr=False)
+    lora_module: str | None = None  # set for the weight of a merged LoRA module
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class SavePlan:
+    """Everything the producer and writer need, decided before any weight is merged."""
+
+    tensors: list[PlannedTensor]
+    dtype: torch.dtype
+    lora_targets: list[LoraTarget]
+    untied_embeddings: bool  # tied input/output embeddings that the adapter made differ
+    tied_written_once: list[tuple[str, str]]  # (kept name, dropped name)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data in the whole checkpoint."""
+        return sum(t.nbytes for t in self.tensors)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def resolve_output_dtype(root: nn.Module, requested: torch.dtype | None) -> torch.dtype:
+    """The dtype of the merged weights: the requested one, else the 16-bit dtype the model computes in."""
+    if requested is not None:
+        return requested
+    for module in root.modules():
+        if is_4bit(module):
+            dtype = compute_dtype_of(module)
+            if dtype in (torch.float16, torch.bfloat16):
+                return dtype
+            break
+    config = getattr(root, "config", None)
+    for candidate in (getattr(config, "dtype", None), getattr(config, "torch_dtype", None)):
+        if candidate in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
+            return getattr(torch, candidate) if isinstance(candidate, str) else candidate
+    quant = getattr(config, "quantization_config", None)
+    compute = getattr(quant, "bnb_4bit_compute_dtype", None) if quant is not None else None
+    if isinstance(quant, dict):
+        compute = quant.get("bnb_4bit_compute_dtype")
+    if compute in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
+        return getattr(torch, compute) if isinstance(compute, str) else compute
+    # A model loaded in float32: 16-bit output still, bfloat16 because it cannot overflow.
+    return torch.bfloat16
+
+
+def _to_cpu(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if tensor.is_floating_point() and dtype != tensor.dtype:
+        if not torch.isfinite(tensor).all():
+            raise PlanError(f"merged tensor {name!r} holds NaN or Inf; the adapter or base weight is broken")
+        out = tensor.to(dtype)
+        if dtype == torch.float16 and not torch.isfinite(out).all():
+            raise PlanError(
+                f"tensor {name!r} overflows float16 (|w| > 65504 after merging); save with dtype=torch.bfloat16"
+            )
+        tensor = out
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _merged_weight_producer(target: LoraTarget, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    def produce() -> torch.Tensor:
+        weight = merged_weight_float32(target)
+        if not torch.isfinite(weight).all():
+            raise PlanError(f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved")
+        return _to_cpu(weight, dtype, name)
+
+    return produce
+
+
+def _merged_bias_producer(target: LoraTarget, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    return lambda: _to_cpu(merged_bias_float32(target), dtype, name)
+
+
+def _plain_producer(module: nn.Module, attr: str, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    if attr == "weight" and is_quantized(module):
+        return lambda: _to_cpu(base_weight_float32(module), dtype, name)
+    return lambda: _to_cpu(getattr(module, attr), dtype, name)
+
+
+def _output_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    # bitsandbytes parameters hold integer codes of a floating-point weight
+    quantized = type(tensor).__name__ in ("Params4bit", "Int8Params") and not tensor.is_floating_point()
+    return dtype if tensor.is_floating_point() or quantized else tensor.dtype
+
+
+def _saved_wrapper_module(wrapper: nn.Module, adapter_names: Sequence[str] | None) -> nn.Module:
+    copies = wrapper.modules_to_save
+    wanted = [a for a in (adapter_names or []) if a in copies]
+    if not wanted:
+        active = wrapper.active_adapter
+        wanted = [a for a in (active if isinstance(active, list) else [active]) if a in copies]
+    if not wanted or getattr(wrapper, "disable_adapters", False):
+        return wrapper.original_module
+    return copies[wanted[0]]
+
+
+def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Sequence[str] | None) -> SavePlan:
+    """Walk the model once and list every tensor a merged 16-bit checkpoint holds.
+
+    Raises:
+        PlanError: no LoRA layer to merge, an adapter name that does not exist, an unsupported
+            adapter type, or a plan that would write a quantized or LoRA tensor.
+    """
+    root = unwrap_peft(model)
+    out_dtype = resolve_output_dtype(root, dtype)
+    targets = find_lora_targets(root, adapter_names)
+    if adapter_names is not None:
+        present = {a for t in targets for a in t.adapters + t.already_merged}
+        missing = [a for a in adapter_names if a not in present]
+        if missing:
+            raise PlanError(f"adapter(s) {missing} not found in the model's LoRA layers; check adapter_names")
+    if not targets:
+        raise PlanError(
+            "the model has no LoRA layer with an active adapter, so there is nothing to merge: pass a peft "
+            "model with a LoRA adapter (or save the base model with save_pretrained)"
+        )
+    target_by_module = {id(t.layer): t for t in targets}
+
+    tensors: list[PlannedTensor] = []
+    seen: dict[int, tuple[str, bool]] = {}  # id(parameter) -> (output name, written modified?)
+    untied = False
+    tied_once: list[tuple[str, str]] = []
+    skip_prefixes: list[str] = []
+    counts: dict[int, int] = {}
+    for _, param in root.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    shared_ids = {key for key, count in counts.items() if count > 1}
+
+    def add(name: str, source: torch.Tensor, produce: Callable[[], torch.Tensor], shape, modified: bool, lora=None):
+        nonlocal untied
+        key = id(source)
+        if key in seen:
+            first_name, first_modified = seen[key]
+            if not first_modified and not modified:
+                tied_once.append((first_name, name))
+                return
+            untied = True
+        else:
+            seen[key] = (name, modified)
+        tensors.append(PlannedTensor(name, tuple(shape), _output_dtype(source, out_dtype), produce, lora))
+
+    for name, module in root.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        prefix = f"{name}." if name else ""
+        if is_other_tuner_layer(module):
+            raise UnsupportedAdapterError(
+                f"{name} is a {type(module).__module__}.{type(module).__name__} layer: fastsave merges LoRA "
+                "(and DoRA) adapters only; save this adapter with save_method='lora'"
+            )
+        if is_lora_layer(module):
+            skip_prefixes.append(prefix)
+            base_layer = module.get_base_layer()
+            target = target_by_module.get(id(module))
+            if target is None:  # a LoRA layer whose adapters are not selected: save the base as it is
+                add(prefix + "weight", base_layer.weight, _plain_producer(base_layer, "weight", prefix + "weight",
+                    out_dtype), logical_weight_shape(base_layer), False)
+                if getattr(base_layer, "bias", None) is not None:
+                    add(prefix + "bias", base_layer.bias, _plain_producer(base_layer, "bias", prefix + "bias",
+                        out_dtype), base_layer.bias.shape, False)
+                continue
+            add(prefix + "weight", base_layer.weight, _merged_weight_producer(target, prefix + "weight", out_dtype),
+                logical_weight_shape(base_layer), bool(target.adapters), lora=name)
+            if getattr(base_layer, "bias", None) is not None:
+                add(prefix + "bias", base_layer.bias, _merged_bias_producer(target, prefix + "bias", out_dtype),
+                    base_layer.bias.shape, any(target.layer.lora_bias.get(a, False) for a in target.adapters))
+            continue
+        if ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
+            skip_prefixes.append(prefix)
+            saved = _saved_wrapper_module(module, adapter_names)
+            modified = saved is not module.original_module
+            if modified and any(id(p) in shared_ids for p in module.original_module.parameters()):
+                untied = True  # the trained copy replaces one side of a tied pair
+            for sub_name, sub in saved.named_modules():
+                sub_prefix = prefix + (f"{sub_name}." if sub_name else "")
+                for attr, param in sub.named_parameters(recurse=False):
+                    add(sub_prefix + attr, param, _plain_producer(sub, attr, sub_prefix + attr, out_dtype),
+                        logical_weight_shape(sub) if attr == "weight" else param.shape, modified)
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            shape = logical_weight_shape(module) if attr == "weight" else param.shape
+            add(prefix + attr, param, _plain_producer(module, attr, prefix + attr, out_dtype), shape, False)
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        for attr, buf in module.named_buffers(recurse=False):
+            if attr not in non_persistent and buf is not None:
+                add(prefix + attr, buf, _plain_producer(module, attr, prefix + attr, out_dtype), buf.shape, False)
+
+    plan = SavePlan(tensors, out_dtype, targets, untied, tied_once)
+    check_plan(plan)
+    return plan
+
+
+def check_plan(plan: SavePlan) -> None:
+    """The end-of-plan safety net: unique names, no quantized/LoRA tensor, every LoRA module merged once.
+
+    Raises:
+        PlanError: the plan would write a checkpoint that is not a plain merged model.
+    """
+    names = [t.name for t in plan.tensors]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PlanError(f"the plan names these tensors twice: {duplicates}")
+    bad = [n for n in names if _FORBIDDEN_NAME.search(n)]
+    if bad:
+        raise PlanError(
+            f"refusing to write a 'merged' checkpoint that holds quantized or LoRA tensors: {bad[:8]}"
+            + (" ..." if len(bad) > 8 else "")
+        )
+    merged = [t.lora_module for t in plan.tensors if t.lora_module is not None]
+    expected = [t.name for t in plan.lora_targets]
+    if sorted(merged) != sorted(expected):
+        missing = sorted(set(expected) - set(merged))
+        extra = sorted(set(merged) - set(expected))
+        raise PlanError(
+            f"{len(merged)} merged modules planned for {len(expected)} LoRA modules; "
+            f"not merged: {missing}; unexpected: {extra}"
+        )
