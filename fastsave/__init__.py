@@ -1,8 +1,8 @@
 """fastsave: save QLoRA-trained models as adapters, merged 16-bit or merged 4-bit checkpoints.
 
-    import fastsave
-    fastsave.patch(model)
-    model.save_pretrained_merged("out", tokenizer, save_method="merged_16bit")
+import fastsave
+fastsave.patch(model)
+model.save_pretrained_merged("out", tokenizer, save_method="merged_16bit")
 """
 
 from fastsave.patching import patch, unpatch

@@ -15,7 +15,9 @@ logger = logging.getLogger("fastsave")
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def write_merged_config(model: nn.Module, directory: Path, dtype: torch.dtype, untied_embeddings: bool) -> None:
+def write_merged_config(
+    model: nn.Module, directory: Path, dtype: torch.dtype, untied_embeddings: bool
+) -> None:
     """config.json of a plain 16-bit model: no quantization_config, dtype set, ties made true to the weights."""
     config = copy.deepcopy(model.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -47,7 +49,21 @@ def write_tokenizer(tokenizer, directory: Path) -> list[str]:
         return []
     before = {p.name for p in directory.iterdir()}
     tokenizer.save_pretrained(directory)
-    vocab_file = getattr(tokenizer, "vocab_file", None)
-    if vocab_file and Path(vocab_file).is_file() and not (directory / Path(vocab_file).name).exists():
-        shutil.copy2(vocab_file, directory / Path(vocab_file).name)
+    if not (directory / "tokenizer.model").exists():
+        source = sentencepiece_model_of(tokenizer)
+        if source is not None:
+            shutil.copy2(source, directory / "tokenizer.model")
     return sorted({p.name for p in directory.iterdir()} - before)
+
+
+def sentencepiece_model_of(tokenizer) -> Path | None:
+    """The tokenizer.model file the tokenizer was loaded from, if any (vocab_file or its folder)."""
+    candidates = [getattr(tokenizer, "vocab_file", None)]
+    candidates.append(getattr(tokenizer, "init_kwargs", {}).get("vocab_file"))
+    name_or_path = getattr(tokenizer, "name_or_path", None)
+    if name_or_path:
+        candidates.append(Path(name_or_path) / "tokenizer.model")
+    for candidate in candidates:
+        if candidate and Path(candidate).name == "tokenizer.model" and Path(candidate).is_file():
+            return Path(candidate)
+    return None

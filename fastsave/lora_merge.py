@@ -53,7 +53,9 @@ def is_other_tuner_layer(module: nn.Module) -> bool:
     return BaseTunerLayer is not None and isinstance(module, BaseTunerLayer) and not is_lora_layer(module)
 
 
-def select_adapters(layer: nn.Module, adapter_names: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def select_adapters(
+    layer: nn.Module, adapter_names: Sequence[str] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Split the adapters of a layer into (to add now, already merged into the base weight)."""
     present = _lora_adapter_keys(layer)
     wanted = list(adapter_names) if adapter_names is not None else list(layer.active_adapters)
@@ -113,7 +115,9 @@ def _dora_rescale(
 ) -> torch.Tensor:
     """DoRA: magnitude / ||W_base + delta|| (row norms, as peft computes them) times (W + delta)."""
     fan_in_fan_out = getattr(layer, "fan_in_fan_out", False) and type(layer).__name__ == "Linear"
-    magnitude = layer.lora_magnitude_vector[adapter].weight.detach().to(device=base.device, dtype=torch.float32)
+    magnitude = (
+        layer.lora_magnitude_vector[adapter].weight.detach().to(device=base.device, dtype=torch.float32)
+    )
     if type(layer).__name__ == "Embedding":
         # peft's DoraEmbeddingLayer: norm over dim 0 of (W + delta).T, i.e. per embedding column
         norm = (base + delta).T.norm(p=2, dim=1, keepdim=True).T
@@ -154,7 +158,10 @@ def merged_bias_float32(target: LoraTarget) -> torch.Tensor | None:
     for adapter in target.adapters:
         if getattr(target.layer, "lora_bias", {}).get(adapter, False):
             lora_b = target.layer.lora_B[adapter]
-            out += lora_b.bias.detach().to(device=out.device, dtype=torch.float32) * target.layer.scaling[adapter]
+            out += (
+                lora_b.bias.detach().to(device=out.device, dtype=torch.float32)
+                * target.layer.scaling[adapter]
+            )
     return out
 
 

@@ -114,7 +114,9 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
         raise ValueError("save_directory must be a directory path (or a hub repo id with push_to_hub=True)")
     path = Path(save_directory).expanduser()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"save_directory {str(path)!r} exists and is a file, not a directory: choose another path")
+        raise ValueError(
+            f"save_directory {str(path)!r} exists and is a file, not a directory: choose another path"
+        )
 
     method = kwargs.get("save_method", "merged_16bit")
     if method == "merged_4bit":
@@ -125,7 +127,9 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
             "if you really want a 4-bit merged checkpoint, ask for it with save_method='merged_4bit_forced'."
         )
     if method not in SAVE_METHODS:
-        raise ValueError(f"save_method={method!r} is unknown: use one of {', '.join(map(repr, SAVE_METHODS))}")
+        raise ValueError(
+            f"save_method={method!r} is unknown: use one of {', '.join(map(repr, SAVE_METHODS))}"
+        )
 
     base_weights = kwargs.get("base_weights", "dequantized")
     if base_weights not in BASE_WEIGHTS:
@@ -153,7 +157,9 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
             adapter_names = [adapter_names]
         adapter_names = tuple(adapter_names)
         if not adapter_names or not all(isinstance(a, str) for a in adapter_names):
-            raise ValueError(f"adapter_names must be a non-empty list of adapter names, got {adapter_names!r}")
+            raise ValueError(
+                f"adapter_names must be a non-empty list of adapter names, got {adapter_names!r}"
+            )
 
     for flag in ("push_to_hub", "safe_serialization", "is_main_process", "create_pr"):
         if flag in kwargs and not isinstance(kwargs[flag], bool):

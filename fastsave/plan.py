@@ -23,7 +23,13 @@ from fastsave.lora_merge import (
     merged_bias_float32,
     merged_weight_float32,
 )
-from fastsave.quantized import base_weight_float32, compute_dtype_of, is_4bit, is_quantized, logical_weight_shape
+from fastsave.quantized import (
+    base_weight_float32,
+    compute_dtype_of,
+    is_4bit,
+    is_quantized,
+    logical_weight_shape,
+)
 
 try:
     from peft.utils.other import ModulesToSaveWrapper
@@ -123,7 +129,9 @@ def _merged_weight_producer(target: LoraTarget, name: str, dtype: torch.dtype) -
     def produce() -> torch.Tensor:
         weight = merged_weight_float32(target)
         if not torch.isfinite(weight).all():
-            raise PlanError(f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved")
+            raise PlanError(
+                f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved"
+            )
         return _to_cpu(weight, dtype, name)
 
     return produce
@@ -133,7 +141,9 @@ def _merged_bias_producer(target: LoraTarget, name: str, dtype: torch.dtype) -> 
     return lambda: _to_cpu(merged_bias_float32(target), dtype, name)
 
 
-def _plain_producer(module: nn.Module, attr: str, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+def _plain_producer(
+    module: nn.Module, attr: str, name: str, dtype: torch.dtype
+) -> Callable[[], torch.Tensor]:
     if attr == "weight" and is_quantized(module):
         return lambda: _to_cpu(base_weight_float32(module), dtype, name)
     return lambda: _to_cpu(getattr(module, attr), dtype, name)
@@ -188,7 +198,9 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
         counts[id(param)] = counts.get(id(param), 0) + 1
     shared_ids = {key for key, count in counts.items() if count > 1}
 
-    def add(name: str, source: torch.Tensor, produce: Callable[[], torch.Tensor], shape, modified: bool, lora=None):
+    def add(
+        name: str, source: torch.Tensor, produce: Callable[[], torch.Tensor], shape, modified: bool, lora=None
+    ):
         nonlocal untied
         key = id(source)
         if key in seen:
@@ -215,17 +227,38 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
             base_layer = module.get_base_layer()
             target = target_by_module.get(id(module))
             if target is None:  # a LoRA layer whose adapters are not selected: save the base as it is
-                add(prefix + "weight", base_layer.weight, _plain_producer(base_layer, "weight", prefix + "weight",
-                    out_dtype), logical_weight_shape(base_layer), False)
+                add(
+                    prefix + "weight",
+                    base_layer.weight,
+                    _plain_producer(base_layer, "weight", prefix + "weight", out_dtype),
+                    logical_weight_shape(base_layer),
+                    False,
+                )
                 if getattr(base_layer, "bias", None) is not None:
-                    add(prefix + "bias", base_layer.bias, _plain_producer(base_layer, "bias", prefix + "bias",
-                        out_dtype), base_layer.bias.shape, False)
+                    add(
+                        prefix + "bias",
+                        base_layer.bias,
+                        _plain_producer(base_layer, "bias", prefix + "bias", out_dtype),
+                        base_layer.bias.shape,
+                        False,
+                    )
                 continue
-            add(prefix + "weight", base_layer.weight, _merged_weight_producer(target, prefix + "weight", out_dtype),
-                logical_weight_shape(base_layer), bool(target.adapters), lora=name)
+            add(
+                prefix + "weight",
+                base_layer.weight,
+                _merged_weight_producer(target, prefix + "weight", out_dtype),
+                logical_weight_shape(base_layer),
+                bool(target.adapters),
+                lora=name,
+            )
             if getattr(base_layer, "bias", None) is not None:
-                add(prefix + "bias", base_layer.bias, _merged_bias_producer(target, prefix + "bias", out_dtype),
-                    base_layer.bias.shape, any(target.layer.lora_bias.get(a, False) for a in target.adapters))
+                add(
+                    prefix + "bias",
+                    base_layer.bias,
+                    _merged_bias_producer(target, prefix + "bias", out_dtype),
+                    base_layer.bias.shape,
+                    any(target.layer.lora_bias.get(a, False) for a in target.adapters),
+                )
             continue
         if ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
             skip_prefixes.append(prefix)
@@ -236,8 +269,13 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
             for sub_name, sub in saved.named_modules():
                 sub_prefix = prefix + (f"{sub_name}." if sub_name else "")
                 for attr, param in sub.named_parameters(recurse=False):
-                    add(sub_prefix + attr, param, _plain_producer(sub, attr, sub_prefix + attr, out_dtype),
-                        logical_weight_shape(sub) if attr == "weight" else param.shape, modified)
+                    add(
+                        sub_prefix + attr,
+                        param,
+                        _plain_producer(sub, attr, sub_prefix + attr, out_dtype),
+                        logical_weight_shape(sub) if attr == "weight" else param.shape,
+                        modified,
+                    )
             continue
         for attr, param in module.named_parameters(recurse=False):
             shape = logical_weight_shape(module) if attr == "weight" else param.shape
@@ -245,7 +283,13 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
         non_persistent = getattr(module, "_non_persistent_buffers_set", set())
         for attr, buf in module.named_buffers(recurse=False):
             if attr not in non_persistent and buf is not None:
-                add(prefix + attr, buf, _plain_producer(module, attr, prefix + attr, out_dtype), buf.shape, False)
+                add(
+                    prefix + attr,
+                    buf,
+                    _plain_producer(module, attr, prefix + attr, out_dtype),
+                    buf.shape,
+                    False,
+                )
 
     plan = SavePlan(tensors, out_dtype, targets, untied, tied_once)
     check_plan(plan)

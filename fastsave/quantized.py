@@ -31,7 +31,11 @@ _CPU_PACK_HALF = 32
 def is_4bit(module: nn.Module) -> bool:
     """True for a bitsandbytes Linear4bit (NF4 or FP4) whose weight is quantized."""
     weight = getattr(module, "weight", None)
-    return bnb is not None and isinstance(module, bnb.nn.Linear4bit) and getattr(weight, "quant_state", None) is not None
+    return (
+        bnb is not None
+        and isinstance(module, bnb.nn.Linear4bit)
+        and getattr(weight, "quant_state", None) is not None
+    )
 
 
 def is_8bit(module: nn.Module) -> bool:

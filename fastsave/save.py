@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -118,7 +117,9 @@ def _save_merged(model: nn.Module, tokenizer: Any, options: SaveOptions, staging
 
 def _save_lora(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: Path) -> dict[str, Any]:
     if not hasattr(model, "peft_config"):
-        raise ValueError("save_method='lora' needs a peft model (or a transformers model with an adapter loaded)")
+        raise ValueError(
+            "save_method='lora' needs a peft model (or a transformers model with an adapter loaded)"
+        )
     kwargs: dict[str, Any] = {"safe_serialization": options.safe_serialization}
     if options.adapter_names is not None:
         kwargs["selected_adapters"] = list(options.adapter_names)
@@ -128,7 +129,9 @@ def _save_lora(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: 
 
 def _check_model(model: nn.Module, options: SaveOptions) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (a peft or transformers model), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a torch.nn.Module (a peft or transformers model), got {type(model).__name__}"
+        )
     if getattr(unwrap_peft(model), "config", None) is None and options.save_method != "lora":
         raise ValueError("model has no transformers config; fastsave saves transformers models")
 
@@ -191,7 +194,9 @@ def _log_summary(opts: SaveOptions, report: dict[str, Any], seconds: float) -> N
             f" in {len(report['shards'])} shard(s)"
         )
         if plan.untied_embeddings:
-            lines.append("  the adapter changed one of the tied embeddings: both written, tie_word_embeddings=false")
+            lines.append(
+                "  the adapter changed one of the tied embeddings: both written, tie_word_embeddings=false"
+            )
     if report.get("tokenizer_files"):
         lines.append(f"  tokenizer files: {', '.join(report['tokenizer_files'])}")
     elif opts.save_method != "lora":

@@ -51,7 +51,9 @@ class Shard:
         return sum(t.nbytes for t in self.tensors)
 
 
-def assign_shards(tensors: Sequence[PlannedTensor], max_shard_size: int, safe_serialization: bool = True) -> list[Shard]:
+def assign_shards(
+    tensors: Sequence[PlannedTensor], max_shard_size: int, safe_serialization: bool = True
+) -> list[Shard]:
     """Cut the plan into shards of at most ``max_shard_size`` bytes, in plan order (like transformers).
 
     A tensor larger than the limit gets a shard of its own. Names follow transformers:
@@ -78,7 +80,9 @@ def _safetensors_header(shard: Shard, metadata: dict[str, str]) -> bytes:
     offset = 0
     for tensor in shard.tensors:
         if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {tensor.name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+            raise ValueError(
+                f"tensor {tensor.name!r} has dtype {tensor.dtype}, which safetensors cannot store"
+            )
         header[tensor.name] = {
             "dtype": SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
@@ -178,8 +182,14 @@ class ShardWriter:
 
 
 # Files of an earlier checkpoint in save_directory that a new save makes stale.
-_STALE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-                   "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+_STALE_PATTERNS = (
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
 
 
 def apply_umask_modes(directory: Path) -> None:
