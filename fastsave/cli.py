@@ -1,0 +1,47 @@
+"""The ``fastsave`` command: ``fastsave demo [OUT]`` and ``fastsave merge ADAPTER_DIR OUT_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fastsave`` command."""
+    from fastsave import __version__
+    from fastsave.merge_cli import add_merge_parser
+
+    parser = argparse.ArgumentParser(
+        prog="fastsave", description="Save QLoRA models merged, exactly and in bounded memory."
+    )
+    parser.add_argument("--version", action="version", version=f"fastsave {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the whole job end to end on a tiny model built locally")
+    demo.add_argument("output_dir", nargs="?", default=None, help="where to write the merged checkpoint")
+    demo.add_argument("--steps", type=int, default=6, help="training steps before saving (default 6)")
+    add_merge_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastsave`` console script; returns the exit code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fastsave never downloads behind the user's back
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from fastsave.demo import format_report, run_demo
+
+        try:
+            report = run_demo(args.output_dir, train_steps=args.steps)
+        except (RuntimeError, ValueError) as error:
+            print(f"fastsave demo: FAILED: {error}", file=sys.stderr)
+            return 1
+        print(format_report(report))
+        return 0
+    from fastsave.merge_cli import run_merge
+
+    return run_merge(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""merged_16bit from a 4-bit QLoRA model: exactness against an independent float32 oracle, layout, reload."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import stat
+
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import fastsave
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _saved_tensors(directory) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def _lora_layers(model):
+    return {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+    }
+
+
+def _oracle(layer, absmax_to_bf16: bool = False) -> torch.Tensor:
+    """bitsandbytes' float32 dequantize + peft's own get_delta_weight, summed in float32."""
+    base = layer.get_base_layer()
+    state = copy.deepcopy(base.weight.quant_state)
+    if absmax_to_bf16:  # what bitsandbytes' repacked CPU kernel multiplies by
+        if state.nested:
+            absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            state.absmax, state.nested = absmax.float(), False
+        state.absmax = state.absmax.to(torch.bfloat16).float()
+    state.dtype = torch.float32
+    weight = bnb_functional.dequantize_4bit(base.weight.data.view(torch.uint8), state)
+    for adapter in layer.active_adapters:
+        weight = weight + layer.get_delta_weight(adapter).float()
+    return weight
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "double_quant"), [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
+)
+def test_merged_weights_are_bit_exact(qlora_model, tmp_path, quant_type, double_quant):
+    model = qlora_model(quant_type=quant_type, double_quant=double_quant)
+    expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
+    out = tmp_path / "out"
+    fastsave.save_pretrained_merged(model, out)
+    saved = _saved_tensors(out)
+    assert len(expected) == 14
+    for name, reference in expected.items():
+        assert saved[name].dtype == torch.bfloat16
+        assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+
+
+def test_model_run_before_saving_merges_what_it_computes(qlora_model, tmp_path):
+    """bitsandbytes repacks 4-bit weights on the first CPU inference (DESIGN.md hazard 1)."""
+    model = qlora_model()
+    layers = _lora_layers(model)
+    expected = {name + ".weight": _oracle(layer, absmax_to_bf16=True) for name, layer in layers.items()}
+    model.eval()
+    ids = torch.tensor([[1, 5, 9, 40, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+    repacked = [
+        getattr(l.get_base_layer().weight.quant_state, "packing_format_for_cpu", False)
+        for l in layers.values()
+    ]
+    if not any(repacked):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
+    out = tmp_path / "out"
+    fastsave.save_pretrained_merged(model, out)
+    saved = _saved_tensors(out)
+    for name, reference in expected.items():
+        assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after), "saving changed what the model computes"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        merged = reloaded(ids).logits
+    assert (merged.float() - before.float()).abs().max() < 0.1
+
+
+def test_reload_with_plain_transformers_matches_logits(qlora_model, tiny_tokenizer, tmp_path):
+    model = qlora_model()
+    model.eval()
+    out = tmp_path / "out"
+    fastsave.save_pretrained_merged(model, out, tiny_tokenizer)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    assert reloaded.dtype == torch.bfloat16
+    batch = tiny_tokenizer(
+        ["the quick brown fox jumps", "saving must be exact"], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        trained = model(**batch).logits.float()
+        merged = reloaded(**batch).logits.float()
+    mask = batch["attention_mask"].bool()
+    assert (trained - merged).abs()[mask].max() < 0.1
+    assert (trained.argmax(-1) == merged.argmax(-1))[mask].float().mean() > 0.9
+
+
+def test_names_config_and_files(qlora_model, tiny_tokenizer, tiny_base_dir, tmp_path):
+    model = qlora_model()
+    out = tmp_path / "out"
+    fastsave.save_pretrained_merged(model, out, tiny_tokenizer)
+    saved = _saved_tensors(out)
+    with safe_open(tiny_base_dir / "model.safetensors", framework="pt") as handle:
+        base_names = set(handle.keys())
+    assert set(saved) == base_names
+    for name in saved:
+        assert "lora_" not in name and "base_layer" not in name and "absmax" not in name
+        assert "quant" not in name and not name.startswith("base_model")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["dtype"] == "bfloat16"
+    files = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= files
+    assert not list(tmp_path.glob(".fastsave-staging-*")), "staging directory left behind"
+
+
+def test_file_modes_follow_umask(qlora_model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        fastsave.save_pretrained_merged(qlora_model(), tmp_path / "out")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "out").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+
+
+def test_small_shards_and_index(qlora_model, tmp_path):
+    model = qlora_model()
+    out = tmp_path / "out"
+    fastsave.save_pretrained_merged(model, out, max_shard_size="100KB")
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    count = len(shards)
+    assert count > 2
+    assert shards == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    saved = _saved_tensors(out)
+    assert set(index["weight_map"]) == set(saved)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in saved.values())
+    for shard in shards:
+        with safe_open(out / shard, framework="pt") as handle:
+            assert set(handle.keys()) == {k for k, v in index["weight_map"].items() if v == shard}
+        size = sum(
+            saved[k].numel() * saved[k].element_size() for k, v in index["weight_map"].items() if v == shard
+        )
+        tensors_in_shard = [k for k, v in index["weight_map"].items() if v == shard]
+        assert size <= 100_000 or len(tensors_in_shard) == 1
+    AutoModelForCausalLM.from_pretrained(out)  # transformers follows the index
+
+
+def test_float16_output_and_existing_directory(qlora_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("keep me")
+    (out / "model-00001-of-00009.safetensors").write_text("stale shard of an earlier save")
+    fastsave.save_pretrained_merged(qlora_model(), out, dtype=torch.float16)
+    assert (out / "README.md").read_text() == "keep me"
+    assert not (out / "model-00001-of-00009.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert all(t.dtype == torch.float16 for t in _saved_tensors(out).values())
+
+
+def test_model_still_trains_and_runs_after_saving(qlora_model, tmp_path):
+    model = qlora_model()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids).logits
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    assert not hasattr(model, "merged") or all(not getattr(m, "merged", False) for m in model.modules())
+
+
+def test_error_midway_leaves_nothing(qlora_model, tmp_path, monkeypatch):
+    from fastsave import writer
+
+    model = qlora_model()
+    original = writer.ShardWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a save
+        return original(self, tensor)
+
+    monkeypatch.setattr(writer.ShardWriter, "write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".fastsave-*"))
+
+
+def test_temporary_location_is_used_and_removed(qlora_model, tmp_path, monkeypatch):
+    from fastsave import save
+
+    seen = []
+    real = save.write_merged_weights
+
+    def spy(plan, directory, options):
+        seen.append(directory)
+        return real(plan, directory, options)
+
+    monkeypatch.setattr(save, "write_merged_weights", spy)
+    scratch = tmp_path / "scratch"
+    fastsave.save_pretrained_merged(qlora_model(), tmp_path / "out", temporary_location=scratch)
+    assert seen and seen[0].parent == scratch
+    assert list(scratch.iterdir()) == []
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_minimal_memory_budget_still_saves(qlora_model, tmp_path, caplog):
+    model = qlora_model()
+    expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
+    out = tmp_path / "out"
+    fastsave.save_pretrained_merged(model, out, maximum_memory_usage=1e-6)
+    saved = _saved_tensors(out)
+    for name, reference in expected.items():
+        assert torch.equal(saved[name], reference.to(torch.bfloat16))
