@@ -76,8 +76,8 @@ def test_model_run_before_saving_merges_what_it_computes(qlora_model, tmp_path):
     with torch.no_grad():
         before = model(ids).logits
     repacked = [
-        getattr(l.get_base_layer().weight.quant_state, "packing_format_for_cpu", False)
-        for l in layers.values()
+        getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False)
+        for layer in layers.values()
     ]
     if not any(repacked):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
