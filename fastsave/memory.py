@@ -7,7 +7,6 @@ import resource
 import sys
 
 import psutil
-import torch
 
 logger = logging.getLogger("fastsave")
 
@@ -54,8 +53,3 @@ class MemoryBudget:
             return 1
         return int(max(1, min(8, self.in_flight_bytes // max(1, self.largest))))
 
-
-def gpu_in_flight_bytes(fraction: float, device: torch.device) -> int:
-    """Bytes of free VRAM the merge may use on ``device`` (``fraction`` of what is free now)."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free * fraction)
