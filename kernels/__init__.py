@@ -11,3 +11,7 @@ if __name__ != "fastsave.kernels":
         "fastsave's kernels folder is only importable as 'fastsave.kernels', not as a top-level "
         f"'{__name__}' module"
     )
+
+from ._api import REFERENCE_PATH_ENV, available, dequantize_4bit, merge_lora_4bit
+
+__all__ = ["REFERENCE_PATH_ENV", "available", "dequantize_4bit", "merge_lora_4bit"]
