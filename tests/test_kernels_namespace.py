@@ -1,0 +1,79 @@
+"""The repo's kernels/ folder must never be importable as a top-level ``kernels`` module.
+
+bitsandbytes and transformers probe ``import kernels`` (the Hugging Face kernels package); if ours
+answered, they would try to use it (DESIGN.md, hazard 2). It ships as ``fastsave.kernels`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OUR_KERNELS = (REPO_ROOT / "kernels").resolve()
+
+PROBE = textwrap.dedent(
+    """
+    import json, os, sys
+    result = {}
+    try:
+        import kernels
+    except ImportError as e:  # ModuleNotFoundError is a subclass
+        result["top_level"] = {"error": type(e).__name__, "message": str(e)}
+    else:
+        f = getattr(kernels, "__file__", None)
+        paths = list(getattr(kernels, "__path__", []) or [])
+        result["top_level"] = {"file": f, "path": paths}
+    import fastsave.kernels as fk
+    result["fastsave_kernels"] = {
+        "name": fk.__name__,
+        "file": fk.__file__,
+        "api": [n for n in ("available", "dequantize_4bit", "merge_lora_4bit") if callable(getattr(fk, n, None))],
+    }
+    result["fastsave_in_modules_as_kernels"] = sys.modules.get("kernels") is sys.modules.get("fastsave.kernels")
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def _probe(cwd: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT") :])
+
+
+def _is_ours(path: str | None) -> bool:
+    if not path:
+        return False
+    p = Path(path).resolve()
+    return p == OUR_KERNELS or OUR_KERNELS in p.parents
+
+
+@pytest.mark.parametrize("where", ["tmp", "repo_root"])
+def test_top_level_kernels_is_never_ours(where, tmp_path):
+    cwd = tmp_path if where == "tmp" else REPO_ROOT
+    result = _probe(cwd)
+    top = result["top_level"]
+    if "error" not in top:
+        # Something else named `kernels` is installed (e.g. Hugging Face's): fine, as long as it is
+        # not this repository's folder.
+        assert not _is_ours(top["file"]), top
+        assert not any(_is_ours(p) for p in top["path"]), top
+    elif where == "repo_root":
+        # Python finds ./kernels first from the repo root; the guard must turn it away clearly.
+        assert top["error"] == "ImportError" and "fastsave.kernels" in top["message"], top
+    assert not result["fastsave_in_modules_as_kernels"]
+    fk = result["fastsave_kernels"]
+    assert fk["name"] == "fastsave.kernels"
+    assert _is_ours(fk["file"])
+    assert fk["api"] == ["available", "dequantize_4bit", "merge_lora_4bit"]
