@@ -1,0 +1,305 @@
+"""``fastsave merge``: a saved adapter plus a 16-bit base on disk, merged without a 4-bit model.
+
+The key cross-check: the command line's default ("dequantized": quantize to NF4 and back as each
+base tensor streams past) equals, file for file, the in-memory ``save_pretrained_merged`` of the
+4-bit model the adapter was trained on, when that model was loaded 4-bit on the CPU from the same
+base with the same settings (bitsandbytes' CPU quantization is deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastsave
+from fastsave.merge_cli import add_merge_parser, quantized_module_names, run_merge
+from fastsave.tiny import (
+    attach_lora,
+    build_tiny_tokenizer,
+    load_4bit,
+    save_random_model,
+    tiny_llama_config,
+    train_steps,
+)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fastsave")
+    add_merge_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["merge", *map(str, argv)])
+
+
+def _merge(argv: list[str]) -> int:
+    args = _parse(argv)
+    assert args.func is run_merge
+    return args.func(args)
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def _same_files(a: Path, b: Path, pattern: str, required: bool = True) -> None:
+    names_a = sorted(p.name for p in a.glob(pattern))
+    assert names_a == sorted(p.name for p in b.glob(pattern))
+    assert names_a or not required
+    for name in names_a:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    untied = save_random_model(tiny_llama_config(), root / "base", seed=1)
+    tied = save_random_model(tiny_llama_config(tie_word_embeddings=True), root / "tied", seed=2)
+    tokenizer = build_tiny_tokenizer(untied)
+    build_tiny_tokenizer(tied)
+    return {"base": untied, "tied": tied, "tokenizer": tokenizer}
+
+
+def _trained_adapter(base: Path, tokenizer, out: Path, load_kwargs=None, steps: int = 2, **lora_kwargs):
+    model = attach_lora(load_4bit(base, **(load_kwargs or {})), **lora_kwargs)
+    train_steps(model, tokenizer, steps=steps)
+    model.save_pretrained(str(out))
+    return model
+
+
+CASES = {
+    # all linears, a few real training steps, several shards
+    "all-linear": dict(lora={}, load={}, flags=["--max-shard-size", "60KB"], mem={"max_shard_size": "60KB"}),
+    # only q/v: the other linears were 4-bit too and must be quantized-dequantized as well;
+    # modules_to_save, rank/alpha patterns and DoRA
+    "qv-dora-patterns-mts": dict(
+        lora=dict(
+            target_modules=["q_proj", "v_proj"],
+            modules_to_save=["lm_head"],
+            use_dora=True,
+            rank_pattern={"layers.1.self_attn.q_proj": 4},
+            alpha_pattern={"v_proj": 8},
+        ),
+        load={},
+        flags=[],
+        mem={},
+    ),
+    "rslora": dict(
+        lora=dict(target_modules=["o_proj", "down_proj"], use_rslora=True), load={}, flags=[], mem={}
+    ),
+    # FP4 without double quantization, both in training and on the command line
+    "fp4-no-double-quant": dict(
+        lora={},
+        load=dict(quant_type="fp4", double_quant=False),
+        flags=["--quant-type", "fp4", "--no-double-quant"],
+        mem={},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dequantized_merge_equals_in_memory_save_bit_for_bit(bases, tmp_path, case):
+    spec = CASES[case]
+    adapter = tmp_path / "adapter"
+    model = _trained_adapter(bases["base"], bases["tokenizer"], adapter, spec["load"], **spec["lora"])
+    fastsave.save_pretrained_merged(model, tmp_path / "memory", bases["tokenizer"], **spec["mem"])
+
+    assert _merge([adapter, tmp_path / "cli", "--base", bases["base"], *spec["flags"]]) == 0
+
+    # byte-identical shards (same names, order, header and data) and index
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.safetensors")
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.index.json", required=case == "all-linear")
+    config = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "memory" / "config.json").read_text()) == config
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "cli" / name).is_file(), name
+
+
+def test_tied_embeddings_with_lora_on_embed_tokens(bases, tmp_path):
+    adapter = tmp_path / "adapter"
+    model = _trained_adapter(
+        bases["tied"], bases["tokenizer"], adapter, target_modules=["embed_tokens", "q_proj", "down_proj"]
+    )
+    fastsave.save_pretrained_merged(model, tmp_path / "memory", bases["tokenizer"])
+    assert _merge([adapter, tmp_path / "cli", "--base", bases["tied"]]) == 0
+
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.safetensors")
+    weights = _weights(tmp_path / "cli")
+    assert "lm_head.weight" in weights  # the adapter changed embed_tokens: both written, untied
+    assert not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_tied_embeddings_untouched_are_written_once(bases, tmp_path):
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["tied"], bases["tokenizer"], adapter, steps=0)
+    assert _merge([adapter, tmp_path / "cli", "--base", bases["tied"]]) == 0
+    weights = _weights(tmp_path / "cli")
+    assert "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_original_base_equals_peft_merge_and_unload(bases, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["base"], bases["tokenizer"], adapter, target_modules="all-linear", use_rslora=True)
+    assert _merge([adapter, tmp_path / "cli", "--base", bases["base"], "--base-weights", "original"]) == 0
+
+    base = AutoModelForCausalLM.from_pretrained(str(bases["base"]), dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
+    weights = _weights(tmp_path / "cli")
+    assert set(weights) <= set(reference)
+    for name, tensor in weights.items():
+        # peft adds the delta to the float32 base exactly as fastsave does: one rounding, bit for bit
+        assert torch.equal(tensor, reference[name].to(torch.bfloat16)), name
+
+
+def test_original_differs_from_dequantized(bases, tmp_path):
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["base"], bases["tokenizer"], adapter, steps=0, target_modules=["q_proj"])
+    assert _merge([adapter, tmp_path / "deq", "--base", bases["base"]]) == 0
+    assert _merge([adapter, tmp_path / "orig", "--base", bases["base"], "--base-weights", "original"]) == 0
+    deq, orig = _weights(tmp_path / "deq"), _weights(tmp_path / "orig")
+    base = load_file(str(bases["base"] / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"  # no LoRA: original keeps it, dequantized rounds it to NF4
+    assert torch.equal(orig[name], base[name]) and not torch.equal(deq[name], base[name])
+    assert torch.equal(deq["model.norm.weight"], base["model.norm.weight"])
+    assert torch.equal(deq["lm_head.weight"], base["lm_head.weight"])  # a 4-bit load keeps lm_head 16-bit
+
+
+def test_merged_4bit_forced_from_the_command_line(bases, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fastsave.quantized import dequantize_4bit_float32
+
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["base"], bases["tokenizer"], adapter)
+    assert _merge([adapter, tmp_path / "m16", "--base", bases["base"]]) == 0
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        assert (
+            _merge([adapter, tmp_path / "m4", "--base", bases["base"], "--save-method", "merged_4bit_forced"])
+            == 0
+        )
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m4"), device_map="cpu")
+    expected = load_4bit(tmp_path / "m16")
+    modules = dict(expected.named_modules())
+    count = 0
+    for name, module in reloaded.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            assert torch.equal(module.weight.data, modules[name].weight.data), name
+            assert torch.equal(dequantize_4bit_float32(module), dequantize_4bit_float32(modules[name])), name
+            count += 1
+    assert count == 14
+
+
+def test_lora_save_method_copies_the_adapter(bases, tmp_path):
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["base"], bases["tokenizer"], adapter, steps=0)
+    assert _merge([adapter, tmp_path / "out", "--save-method", "lora"]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "out" / name).read_bytes() == (adapter / name).read_bytes()
+
+
+def test_base_found_through_adapter_config_and_hf_cache(bases, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["base"], bases["tokenizer"], adapter, steps=0)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+
+    # base_model_name_or_path as a local directory
+    config["base_model_name_or_path"] = str(bases["base"])
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert _merge([adapter, tmp_path / "local"]) == 0
+
+    # base_model_name_or_path as a repo id that only the local cache holds (never downloaded)
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--tiny-org--tiny-base" / "snapshots" / commit
+    shutil.copytree(bases["base"], snapshot)
+    (cache / "models--tiny-org--tiny-base" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-base" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config["base_model_name_or_path"] = "tiny-org/tiny-base"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert _merge([adapter, tmp_path / "cached"]) == 0
+    _same_files(tmp_path / "local", tmp_path / "cached", "*.safetensors")
+
+
+def test_quantized_modules_follow_transformers(bases):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(bases["base"])))
+    names = quantized_module_names(model)
+    assert "lm_head" not in names and len(names) == 14
+    loaded = load_4bit(bases["base"])
+    assert names == {n for n, m in loaded.named_modules() if type(m).__name__ == "Linear4bit"}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_adapter_dir(tmp_path, capsys):
+    assert _merge([tmp_path / "nope", tmp_path / "out"]) == 1
+    assert "adapter directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_without_adapter(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _merge([tmp_path / "empty", tmp_path / "out"]) == 1
+    assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_missing_base(bases, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["base"], bases["tokenizer"], adapter, steps=0)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert _merge([adapter, tmp_path / "out"]) == 1
+    err = capsys.readouterr().err
+    assert "--base" in err and "never downloads" in err
+    assert _merge([adapter, tmp_path / "out", "--base", tmp_path / "also-gone"]) == 1
+    assert "also-gone" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".fastsave-staging*"))
+
+
+def test_quantized_base_is_refused(bases, tmp_path, capsys):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["base"], bases["tokenizer"], adapter, steps=0)
+    fake = tmp_path / "bnb-4bit"
+    shutil.copytree(bases["base"], fake)
+    config = json.loads((fake / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (fake / "config.json").write_text(json.dumps(config))
+    assert _merge([adapter, tmp_path / "out", "--base", fake]) == 1
+    assert "not the 16-bit base" in capsys.readouterr().err
+
+
+def test_unknown_flag_and_bad_values(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse([tmp_path, tmp_path / "out", "--frobnicate"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse([tmp_path, tmp_path / "out", "--save-method", "merged_4bit"])
+    with pytest.raises(SystemExit):
+        _parse([tmp_path, tmp_path / "out", "--blocksize", "100"])
+    assert _merge([tmp_path, tmp_path / "out", "--max-shard-size", "lots"]) == 1
+    assert "max_shard_size" in capsys.readouterr().err
