@@ -251,6 +251,7 @@ def dequantize_4bit(
                 offset,
                 out,
                 p.n,
+                (p.n + 1) // 2,
                 BLOCKSIZE=p.blocksize,
                 BLOCKSIZE2=p.blocksize2,
                 NESTED=p.nested,
@@ -263,6 +264,18 @@ def dequantize_4bit(
     if p.transpose_like_bnb and out.dim() <= 2:
         return out.t()
     return out
+
+
+def _merge_tiles(blocksize: int, row_absmax: bool, cuda: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) of the merge kernel.
+
+    A tile holds 8192 outputs on GPU (4096 in the interpreter, whose cost grows with the tile).
+    When rows are whole blocks, BLOCK_N <= blocksize keeps every tile row inside one block, so
+    absmax is loaded once per row. The rank is consumed 16 at a time (tl.dot's minimum K).
+    """
+    block_n = min(128, blocksize) if row_absmax else 64
+    block_m = max(16, (8192 if cuda else 4096) // block_n)
+    return block_m, block_n, 16, 8
 
 
 def merge_lora_4bit(
@@ -330,9 +343,7 @@ def merge_lora_4bit(
     if M == 0 or N == 0:
         return out
     row_absmax = N % p.blocksize == 0
-    block_n = min(128, p.blocksize) if row_absmax else 64
-    block_m = max(16, 8192 // block_n) if p.device.type == "cuda" else max(16, 4096 // block_n)
-    block_r = 16
+    block_m, block_n, block_r, warps = _merge_tiles(p.blocksize, row_absmax, p.device.type == "cuda")
     grid = (_cdiv(M, block_m), _cdiv(N, block_n))
     absmax, code, code2, absmax2, offset = p.absmax_args()
     with p.launch_ctx():
@@ -348,6 +359,7 @@ def merge_lora_4bit(
             out,
             M,
             N,
+            N // 2,
             R,
             a.stride(0),
             a.stride(1),
@@ -363,7 +375,7 @@ def merge_lora_4bit(
             EVEN_N=N % 2 == 0,
             ROW_ABSMAX=row_absmax and p.blocksize % block_n == 0,
             OUT_KIND=p.out_kind,
-            num_warps=8,
+            num_warps=warps,
             enable_fp_fusion=False,
         )
     return out

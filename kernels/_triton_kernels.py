@@ -88,6 +88,7 @@ def dequant4_kernel(
     offset_ptr,
     out_ptr,
     n,
+    nbytes,
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
@@ -106,7 +107,7 @@ def dequant4_kernel(
     HALF: tl.constexpr = COLS // 2
     rows = tl.arange(0, ROWS)
     byte_off = pid * (ROWS * HALF) + rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    packed = tl.load(q_ptr + byte_off, mask=byte_off < (n + 1) // 2, other=0)
+    packed = tl.load(q_ptr + byte_off, mask=byte_off < nbytes, other=0)
     hi = (packed >> 4).to(tl.int32)
     lo = (packed & 0xF).to(tl.int32)
     nib = tl.reshape(tl.join(hi, lo), (ROWS, COLS))
@@ -141,6 +142,7 @@ def merge4_kernel(
     out_ptr,
     M,
     N,
+    N_half,
     R,
     stride_ar,
     stride_an,
@@ -158,6 +160,9 @@ def merge4_kernel(
     OUT_KIND: tl.constexpr,
 ):
     """out[m, n] = cast(W[m, n] + (sum_r B[m, r] * A[r, n]) * scaling) for one [BLOCK_M, BLOCK_N] tile.
+
+    ``N_half`` is N // 2, passed separately so Triton's divisibility specialisation sees it and
+    vectorizes the packed-byte loads of the EVEN_N path.
 
     W is the 4-bit weight [M, N] (row-major flattened for packing and blocks), A is [R, N] and B is
     [M, R], both float32. The rank is consumed BLOCK_R at a time (zero-padded): on GPU the ieee
@@ -194,8 +199,9 @@ def merge4_kernel(
     if EVEN_N:
         HALF: tl.constexpr = BLOCK_N // 2
         hcols = tl.arange(0, HALF)
-        byte_off = rm[:, None] * (N // 2) + (pid_n * HALF + hcols)[None, :]
-        bmask = mask_m[:, None] & ((pid_n * BLOCK_N + 2 * hcols) < N)[None, :]
+        bcol = pid_n * HALF + hcols
+        byte_off = rm[:, None] * N_half + bcol[None, :]
+        bmask = mask_m[:, None] & (bcol < N_half)[None, :]
         packed = tl.load(q_ptr + byte_off, mask=bmask, other=0)
         hi = (packed >> 4).to(tl.int32)
         lo = (packed & 0xF).to(tl.int32)
