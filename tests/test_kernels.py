@@ -10,6 +10,7 @@ also runs a check in a fresh interpreter that has TRITON_INTERPRET=1 from the st
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -163,26 +164,27 @@ def test_code_tables_match_bitsandbytes():
 def test_dequantize_bit_exact(quant_type, nested, blocksize, storage):
     kernels = _k()
     gen = torch.Generator().manual_seed(zlib.crc32(f"{quant_type}{nested}{blocksize}{storage}".encode()))
-    for shape in SHAPES:
+    for i, shape in enumerate(SHAPES):
         n = shape[0] * shape[1]
         if storage != torch.uint8 and ((n + 1) // 2) % 2:
             continue  # bitsandbytes cannot store an odd byte count as bfloat16
-        for src_dtype in DTYPES:
-            w = (torch.randn(shape, generator=gen) * 2.5).to(src_dtype)
-            q, st = quantize(w, quant_type, blocksize, nested, storage)
-            assert q.dtype == storage
-            for dtype in DTYPES:
-                ours = kernels.dequantize_4bit(q, st, dtype)
-                ref = reference_dequant(q, st, dtype)
-                bnb = bnb_dequantize(q, st, dtype)
-                if shape[0] == 1:  # bnb's qweight.shape[0] == 1 shim returns the transpose
-                    ref = ref.t()
-                assert ours.shape == bnb.shape and ours.dtype == dtype
-                assert torch.equal(bits(ours), bits(ref)), (shape, src_dtype, dtype)
-                if bnb_cpu_is_reliable(shape, blocksize):
-                    assert torch.equal(canon_zero(ours), canon_zero(bnb)), (shape, src_dtype, dtype)
-            # dtype=None means quant_state.dtype
-            assert kernels.dequantize_4bit(q, st).dtype == src_dtype
+        # The source dtype only feeds the quantizer (and sets quant_state.dtype): rotate through them.
+        src_dtype = DTYPES[i % 3]
+        w = (torch.randn(shape, generator=gen) * 2.5).to(src_dtype)
+        q, st = quantize(w, quant_type, blocksize, nested, storage)
+        assert q.dtype == storage
+        for dtype in DTYPES:
+            ours = kernels.dequantize_4bit(q, st, dtype)
+            ref = reference_dequant(q, st, dtype)
+            bnb = bnb_dequantize(q, st, dtype)
+            if shape[0] == 1:  # bnb's qweight.shape[0] == 1 shim returns the transpose
+                ref = ref.t()
+            assert ours.shape == bnb.shape and ours.dtype == dtype
+            assert torch.equal(bits(ours), bits(ref)), (shape, src_dtype, dtype)
+            if bnb_cpu_is_reliable(shape, blocksize):
+                assert torch.equal(canon_zero(ours), canon_zero(bnb)), (shape, src_dtype, dtype)
+        # dtype=None means quant_state.dtype
+        assert kernels.dequantize_4bit(q, st).dtype == src_dtype
 
 
 @pytest.mark.parametrize("blocksize", [32, 512, 4096])
@@ -418,20 +420,38 @@ def test_fresh_interpreter_with_triton_interpret(tmp_path):
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
-def test_kernel_on_cpu_without_interpreter_is_a_clear_error(tmp_path):
+def test_compiled_mode_cpu_error_and_ptx_has_no_stray_fma(tmp_path):
+    """Without TRITON_INTERPRET: CPU tensors are a clear RuntimeError, and the kernels compile ahead
+    of time for sm_75 and sm_90 (no GPU needed) with every float32 mul/add rounded on its own
+    (``.rn``: no FMA contraction) -- the only FMAs are those of the rank-r dot."""
     code = """
-        import torch, bitsandbytes.functional as F
+        import json, torch, bitsandbytes.functional as F
         import fastsave.kernels as K
+        from fastsave.kernels import _inspect
         assert not K.available("cpu")
         q, st = F.quantize_4bit(torch.randn(8, 64), blocksize=64, quant_type="nf4")
         try:
             K.dequantize_4bit(q, st)
+            raise SystemExit("no error")
         except RuntimeError as e:
             assert "TRITON_INTERPRET" in str(e), e
-            print("ok")
+        stats = {f"{kind}-{arch}": _inspect.ptx_stats(kind, arch=arch, out_kind=2, nested=True, blocksize=64)
+                 for kind in ("dequant", "merge") for arch in (75, 90)}
+        print("RESULT" + json.dumps(stats))
     """
     res = _run_fresh(code, {}, str(tmp_path))
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1][6:])
+    for name, st in stats.items():
+        ops = st["ops"]
+        fmas = sum(v for k, v in ops.items() if k.startswith("fma"))
+        assert fmas == st["dot_fmas"] == ops.get("fma.rn.f32", 0), (name, ops)
+        for k in ops:
+            if k.startswith(("mul.", "add.")) and k.endswith("f32"):
+                assert k in ("mul.rn.f32", "add.rn.f32"), (name, k)
+        # code * absmax for each of the thread's outputs is one rounded multiply
+        assert ops["mul.rn.f32"] >= st["tile"] // st["threads"], (name, ops)
+        assert ops.get("st.global.v4.b32", 0) >= 1, (name, ops)  # vectorized 16-byte stores
 
 
 def test_import_without_triton(tmp_path):
