@@ -29,6 +29,7 @@ from fastsave.quantized import (
     is_4bit,
     is_quantized,
     logical_weight_shape,
+    to_checkpoint_layout,
 )
 
 try:
@@ -127,7 +128,7 @@ def _to_cpu(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor
 
 def _merged_weight_producer(target: LoraTarget, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     def produce() -> torch.Tensor:
-        weight = merged_weight_float32(target)
+        weight = to_checkpoint_layout(target.layer.get_base_layer(), merged_weight_float32(target))
         if not torch.isfinite(weight).all():
             raise PlanError(
                 f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved"
@@ -145,7 +146,7 @@ def _plain_producer(
     module: nn.Module, attr: str, name: str, dtype: torch.dtype
 ) -> Callable[[], torch.Tensor]:
     if attr == "weight" and is_quantized(module):
-        return lambda: _to_cpu(base_weight_float32(module), dtype, name)
+        return lambda: _to_cpu(to_checkpoint_layout(module, base_weight_float32(module)), dtype, name)
     return lambda: _to_cpu(getattr(module, attr), dtype, name)
 
 

@@ -52,11 +52,36 @@ def is_quantized(module: nn.Module) -> bool:
     return is_4bit(module) or is_8bit(module)
 
 
+def stored_transposed(module: nn.Module) -> bool:
+    """True for a bitsandbytes layer that transformers made from a ``Conv1D`` (GPT-2 and kin).
+
+    transformers quantizes a Conv1D into a Linear4bit / Linear8bitLt by transposing its (in, out)
+    weight to (out, in) first (it marks the layer with ``source_cls``); a 16-bit checkpoint of the
+    architecture still stores the Conv1D layout, so the weight has to be transposed back on save.
+    """
+    source = getattr(module, "source_cls", None)
+    if not isinstance(source, type) or not is_quantized(module):
+        return False
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return issubclass(source, Conv1D)
+
+
 def logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
-    """The shape of the weight as a 16-bit checkpoint stores it (out_features, in_features)."""
-    if is_4bit(module):
-        return tuple(module.weight.quant_state.shape)
-    return tuple(module.weight.shape)
+    """The shape of the weight as a 16-bit checkpoint stores it.
+
+    (out_features, in_features) for a linear layer, (in_features, out_features) for a quantized
+    layer that replaced a Conv1D (see :func:`stored_transposed`), the parameter's shape otherwise.
+    """
+    shape = tuple(module.weight.quant_state.shape) if is_4bit(module) else tuple(module.weight.shape)
+    return shape[::-1] if stored_transposed(module) else shape
+
+
+def to_checkpoint_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (in the module's compute layout) in the layout the 16-bit checkpoint stores."""
+    return weight.T if stored_transposed(module) else weight
 
 
 def compute_dtype_of(module: nn.Module) -> torch.dtype:
