@@ -75,19 +75,44 @@ def find_lora_targets(root: nn.Module, adapter_names: Sequence[str] | None) -> l
     return targets
 
 
-def _check_supported(layer: nn.Module, adapter: str) -> None:
+def _check_supported(layer: nn.Module, adapter: str, name: str = "") -> None:
+    where = f"{name} ({type(layer).__name__})" if name else type(layer).__name__
     variants = getattr(layer, "lora_variant", {})
     if adapter in variants:
         variant = type(variants[adapter]).__name__
         if variant not in ("DoraLinearVariant", "DoraEmbeddingVariant"):
             raise UnsupportedAdapterError(
-                f"adapter {adapter!r} on {type(layer).__name__} uses the LoRA variant {variant}, which fastsave "
+                f"adapter {adapter!r} on {where} uses the LoRA variant {variant}, which fastsave "
                 "cannot merge exactly yet; save it with save_method='lora' instead"
             )
     kind = type(layer).__name__
     if kind not in ("Linear", "Linear4bit", "Linear8bitLt", "Embedding"):
         raise UnsupportedAdapterError(
-            f"LoRA on a {kind} layer is not supported by fastsave's merge yet; save it with save_method='lora'"
+            f"LoRA on {where} is not supported by fastsave's merge yet; save it with save_method='lora'"
+        )
+    if (
+        getattr(layer, "lora_bias", {}).get(adapter, False)
+        and getattr(layer.get_base_layer(), "bias", None) is None
+    ):
+        raise UnsupportedAdapterError(
+            f"adapter {adapter!r} on {where} was trained with lora_bias=True, but the base layer has no bias, "
+            "so a plain checkpoint of this architecture has nowhere to put it (peft cannot merge it either); "
+            "save it with save_method='lora' instead"
+        )
+
+
+def check_supported(target: LoraTarget) -> None:
+    """Raise :class:`UnsupportedAdapterError` unless every selected adapter of ``target`` merges exactly.
+
+    Called while planning, so that nothing is written for an adapter fastsave cannot fold in.
+    """
+    for adapter in target.adapters:
+        _check_supported(target.layer, adapter, target.name)
+    if target.already_merged and any(_is_dora(target.layer, a) for a in target.adapters):
+        raise UnsupportedAdapterError(
+            f"{target.name}: DoRA adapter(s) {list(target.adapters)} would be merged on top of adapters already "
+            f"merged into the base weight ({list(target.already_merged)}), but DoRA's norm needs the unmerged "
+            "weight; call model.unmerge_adapter() first, or save with save_method='lora'"
         )
 
 
@@ -135,8 +160,7 @@ def merged_weight_float32(target: LoraTarget) -> torch.Tensor:
     """W + every selected adapter's delta, in float32, on the layer's device; the model is untouched."""
     layer = target.layer
     base_layer = layer.get_base_layer()
-    for adapter in target.adapters:
-        _check_supported(layer, adapter)
+    check_supported(target)
     weight = base_weight_float32(base_layer)
     base = weight.clone() if any(_is_dora(layer, a) for a in target.adapters) else None
     for adapter in target.adapters:

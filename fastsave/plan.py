@@ -17,6 +17,7 @@ from torch import nn
 from fastsave.lora_merge import (
     LoraTarget,
     UnsupportedAdapterError,
+    check_supported,
     find_lora_targets,
     is_lora_layer,
     is_other_tuner_layer,
@@ -187,6 +188,8 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
             "the model has no LoRA layer with an active adapter, so there is nothing to merge: pass a peft "
             "model with a LoRA adapter (or save the base model with save_pretrained)"
         )
+    for target in targets:
+        check_supported(target)
     target_by_module = {id(t.layer): t for t in targets}
 
     tensors: list[PlannedTensor] = []
