@@ -77,6 +77,9 @@ class SavePlan:
     lora_targets: list[LoraTarget]
     untied_embeddings: bool  # tied input/output embeddings that the adapter made differ
     tied_written_once: list[tuple[str, str]]  # (kept name, dropped name)
+    # Every module holding LoRA weights of a selected adapter, counted by a walk of its own
+    # (not from lora_targets), so that check_plan catches a module the merge would skip.
+    lora_modules: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -112,6 +115,44 @@ def resolve_output_dtype(root: nn.Module, requested: torch.dtype | None) -> torc
         return getattr(torch, compute) if isinstance(compute, str) else compute
     # A model loaded in float32: 16-bit output still, bfloat16 because it cannot overflow.
     return torch.bfloat16
+
+
+def lora_module_census(root: nn.Module, adapter_names: Sequence[str] | None) -> list[str]:
+    """Names of every module that holds LoRA weights for a selected adapter.
+
+    Deliberately independent of :func:`fastsave.lora_merge.find_lora_targets`: it looks only for
+    ``lora_A`` / ``lora_embedding_A`` weights, whatever class the module has.
+    """
+    names = []
+    for name, module in root.named_modules():
+        keys: set[str] = set()
+        for attr in ("lora_A", "lora_embedding_A"):
+            holder = getattr(module, attr, None)
+            if isinstance(holder, (nn.ModuleDict, nn.ParameterDict, dict)):
+                keys |= set(holder.keys())
+        if not keys:
+            continue
+        if adapter_names is not None:
+            wanted = set(adapter_names)
+        else:
+            active = getattr(module, "active_adapter", None)
+            wanted = {active} if isinstance(active, str) else set(active or ())
+        if keys & wanted:
+            names.append(name)
+    return names
+
+
+def _refuse_other_tuners(root: nn.Module) -> None:
+    for name, module in root.named_modules():
+        if is_other_tuner_layer(module):
+            kind = type(module)
+            parts = kind.__module__.split(".")
+            method = parts[2].upper() if parts[:2] == ["peft", "tuners"] and len(parts) > 2 else "non-LoRA"
+            raise UnsupportedAdapterError(
+                f"{name} is a {method} adapter layer ({kind.__module__}.{kind.__name__}): fastsave merges "
+                "LoRA (and DoRA) adapters only, and will not write this model unmerged under a 'merged' "
+                "save; save this adapter with save_method='lora'"
+            )
 
 
 def _to_cpu(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -176,6 +217,7 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
             adapter type, or a plan that would write a quantized or LoRA tensor.
     """
     root = unwrap_peft(model)
+    _refuse_other_tuners(root)
     out_dtype = resolve_output_dtype(root, dtype)
     targets = find_lora_targets(root, adapter_names)
     if adapter_names is not None:
@@ -221,11 +263,6 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
         if any(name.startswith(p) for p in skip_prefixes):
             continue
         prefix = f"{name}." if name else ""
-        if is_other_tuner_layer(module):
-            raise UnsupportedAdapterError(
-                f"{name} is a {type(module).__module__}.{type(module).__name__} layer: fastsave merges LoRA "
-                "(and DoRA) adapters only; save this adapter with save_method='lora'"
-            )
         if is_lora_layer(module):
             skip_prefixes.append(prefix)
             base_layer = module.get_base_layer()
@@ -295,7 +332,7 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
                     False,
                 )
 
-    plan = SavePlan(tensors, out_dtype, targets, untied, tied_once)
+    plan = SavePlan(tensors, out_dtype, targets, untied, tied_once, lora_module_census(root, adapter_names))
     check_plan(plan)
     return plan
 
@@ -316,12 +353,15 @@ def check_plan(plan: SavePlan) -> None:
             f"refusing to write a 'merged' checkpoint that holds quantized or LoRA tensors: {bad[:8]}"
             + (" ..." if len(bad) > 8 else "")
         )
-    merged = [t.lora_module for t in plan.tensors if t.lora_module is not None]
-    expected = [t.name for t in plan.lora_targets]
-    if sorted(merged) != sorted(expected):
-        missing = sorted(set(expected) - set(merged))
-        extra = sorted(set(merged) - set(expected))
+    merged = sorted(t.lora_module for t in plan.tensors if t.lora_module is not None)
+    expected = sorted(t.name for t in plan.lora_targets)
+    census = sorted(plan.lora_modules) if plan.lora_modules else expected
+    if merged != expected or merged != census:
+        lora = sorted(set(expected) | set(census))
+        missing = sorted(set(lora) - set(merged))
+        extra = sorted(set(merged) - set(lora))
         raise PlanError(
-            f"{len(merged)} merged modules planned for {len(expected)} LoRA modules; "
-            f"not merged: {missing}; unexpected: {extra}"
+            f"{len(merged)} merged modules planned for {len(lora)} LoRA modules "
+            f"(the model holds LoRA weights in {len(census)}); a partial merge is never saved. "
+            f"Not merged: {missing}; unexpected: {extra}"
         )
