@@ -179,12 +179,25 @@ def save_pretrained_merged(
     return str(opts.save_directory)
 
 
+def _base_kinds(plan: SavePlan) -> str:
+    """'dequantized 4-bit', '8-bit', '16-bit' or a mix, for the save log."""
+    from fastsave.quantized import is_4bit, is_8bit
+
+    kinds = []
+    for target in plan.lora_targets:
+        base = target.layer.get_base_layer()
+        kind = "dequantized 4-bit" if is_4bit(base) else "dequantized 8-bit" if is_8bit(base) else "16-bit"
+        if kind not in kinds:
+            kinds.append(kind)
+    return " and ".join(kinds) or "none"
+
+
 def _log_summary(opts: SaveOptions, report: dict[str, Any], seconds: float) -> None:
     plan: SavePlan | None = report.get("plan")
     lines = [f"fastsave: saved {opts.save_method} to {opts.save_directory} in {seconds:.1f}s"]
     if plan is not None:
         source = (
-            "the dequantized 4-bit weights the adapter was trained against"
+            f"the base weights the adapter was trained against ({_base_kinds(plan)})"
             if opts.base_weights == "dequantized"
             else "the original 16-bit base checkpoint"
         )
