@@ -477,7 +477,9 @@ def build_adapter_plan(
     for name, copy in adapter.base_copies.items():
         # peft saves the base embedding beside an embedding LoRA; merging into the checkpoint's is
         # right only while the two are the same tensor (no resized or retrained vocabulary)
-        if name not in checkpoint or not torch.equal(copy.to(checkpoint.get(name).dtype), checkpoint.get(name)):
+        if name not in checkpoint or not torch.equal(
+            copy.to(checkpoint.get(name).dtype), checkpoint.get(name)
+        ):
             raise MergeError(
                 f"the adapter holds its own base weight for {name} that differs from the base checkpoint's "
                 "(a resized or retrained vocabulary): not supported by the command line; merge in the "
@@ -742,7 +744,9 @@ def merge_adapter(
         return opts.save_directory
 
     candidates = [base] if base else [adapter.base_name]
-    base_dir, tried = resolve_checkpoint_dir(candidates)
+    base_dir, tried = resolve_checkpoint_dir(
+        candidates, None if base else getattr(adapter.config, "revision", None)
+    )
     if base_dir is None:
         raise MergeError(
             "the 16-bit base model was not found locally "
@@ -750,7 +754,7 @@ def merge_adapter(
             "pass --base /path/to/base (a directory with config.json and safetensors), or download it "
             "first: fastsave never downloads"
         )
-    check_not_quantized_checkpoint(base_dir, "the base")
+    check_not_quantized_checkpoint(base_dir, "the base", ", with --base /path/to/base")
     if not (base_dir / "config.json").is_file():
         raise MergeError(f"the base {str(base_dir)!r} has no config.json")
     checkpoint = SafetensorsCheckpoint(base_dir)

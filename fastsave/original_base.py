@@ -79,8 +79,10 @@ def find_in_hf_cache(repo_id: str, revision: str | None = None) -> Path | None:
     return Path(path)
 
 
-def resolve_checkpoint_dir(candidates: Iterable[str | Path | None]) -> tuple[Path | None, list[str]]:
-    """The first candidate that is a local directory or a repo id in the local HF cache.
+def resolve_checkpoint_dir(
+    candidates: Iterable[str | Path | None], revision: str | None = None
+) -> tuple[Path | None, list[str]]:
+    """The first candidate that is a local directory or a repo id in the local HF cache (at ``revision``).
 
     Returns the directory (None when no candidate resolves) and what was tried, for the error message.
     """
@@ -92,7 +94,7 @@ def resolve_checkpoint_dir(candidates: Iterable[str | Path | None]) -> tuple[Pat
         if path.is_dir():
             return path, tried
         tried.append(f"{str(candidate)!r} (not a local directory)")
-        cached = find_in_hf_cache(str(candidate))
+        cached = find_in_hf_cache(str(candidate), revision)
         if cached is not None:
             return cached, tried
         tried[-1] = f"{str(candidate)!r} (not a local directory, not in the local Hugging Face cache)"
@@ -105,7 +107,7 @@ def _model_name_candidates(model: nn.Module) -> list[str]:
     return [n for n in dict.fromkeys(names) if n]
 
 
-def check_not_quantized_checkpoint(directory: Path, what: str) -> None:
+def check_not_quantized_checkpoint(directory: Path, what: str, hint: str = "") -> None:
     """Refuse a checkpoint whose config.json says it is already quantized (bnb-4bit repos and the like).
 
     Raises:
@@ -122,7 +124,7 @@ def check_not_quantized_checkpoint(directory: Path, what: str) -> None:
         method = config["quantization_config"].get("quant_method", "quantized")
         raise ValueError(
             f"{what} {str(directory)!r} is a {method} checkpoint, not the 16-bit base: point to the "
-            "original 16-bit model instead (the repo the quantized one was made from)"
+            f"original 16-bit model instead (the repo the quantized one was made from){hint}"
         )
 
 
@@ -307,7 +309,9 @@ def build_original_plan(model: nn.Module, options: SaveOptions) -> SavePlan:
             "(a directory with the safetensors files), or download the base first, or save with "
             "base_weights='dequantized'"
         )
-    check_not_quantized_checkpoint(directory, "the original base checkpoint")
+    check_not_quantized_checkpoint(
+        directory, "the original base checkpoint", ", with original_base_path='/path/to/base'"
+    )
     checkpoint = SafetensorsCheckpoint(directory)
 
     plan = build_plan(model, options.dtype, options.adapter_names)
