@@ -303,3 +303,36 @@ def test_unknown_flag_and_bad_values(tmp_path, capsys):
         _parse([tmp_path, tmp_path / "out", "--blocksize", "100"])
     assert _merge([tmp_path, tmp_path / "out", "--max-shard-size", "lots"]) == 1
     assert "max_shard_size" in capsys.readouterr().err
+
+
+def test_gpt2_conv1d_layout(tmp_path):
+    """Conv1D weights are stored (in, out) and quantized transposed by transformers: all four paths agree."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=320, n_positions=64, bos_token_id=1, eos_token_id=2
+    )
+    base = save_random_model(config, tmp_path / "gpt2", seed=6)
+    model = attach_lora(load_4bit(base), target_modules=["c_attn", "c_proj", "c_fc"])
+    model.save_pretrained(str(tmp_path / "adapter"))
+    fastsave.save_pretrained_merged(model, tmp_path / "memory")
+    fastsave.save_pretrained_merged(model, tmp_path / "memory-original", base_weights="original")
+    assert _merge([tmp_path / "adapter", tmp_path / "cli", "--base", base]) == 0
+    assert (
+        _merge(
+            [tmp_path / "adapter", tmp_path / "cli-original", "--base", base, "--base-weights", "original"]
+        )
+        == 0
+    )
+
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.safetensors")
+    _same_files(tmp_path / "memory-original", tmp_path / "cli-original", "*.safetensors")
+    weights = _weights(tmp_path / "cli-original")
+    assert weights["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(tmp_path / "adapter")
+    ).merge_and_unload()
+    reference = reference.state_dict()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, reference[name].to(torch.bfloat16)), name
