@@ -55,6 +55,7 @@ from fastsave.lora_merge import (
     merged_bias_float32,
     merged_weight_float32,
 )
+from fastsave.memory import peak_rss
 from fastsave.options import SaveOptions, parse_options
 from fastsave.original_base import (
     LoraArithmetic,
@@ -718,7 +719,7 @@ def merge_adapter(
         MergeError / ValueError: a missing adapter or base, an unsupported adapter, an invalid
             option; nothing is written then.
     """
-    from fastsave.save import _log_summary, staging_directory, write_merged_weights
+    from fastsave.save import staging_directory, write_merged_weights
 
     started = time.perf_counter()
     opts: SaveOptions = parse_options(
@@ -775,13 +776,12 @@ def merge_adapter(
     del model
     if dequantize:
         how = (
-            f"each of the {len(quantized)} weights a 4-bit load quantizes was quantized to {quant.quant_type} "
-            f"(blocksize {quant.blocksize}, double quant {'on' if quant.double_quant else 'off'}) and "
-            "dequantized, as training saw it"
+            f"the base {base_dir} as training saw it: each of the {len(quantized)} weights a 4-bit load "
+            f"quantizes was quantized to {quant.quant_type} (blocksize {quant.blocksize}, double quant "
+            f"{'on' if quant.double_quant else 'off'}) and dequantized"
         )
     else:
-        how = "the 16-bit base weights as they are (base_weights='original')"
-    logger.info("fastsave merge: adapter %s into base %s: %s", adapter.directory, base_dir, how)
+        how = f"the original 16-bit base {base_dir} (base_weights='original')"
 
     if save_method == "merged_4bit_forced":
         warn_accuracy_loss()
@@ -807,11 +807,21 @@ def merge_adapter(
         _copy_files(("generation_config.json",), base_dir, staging)
         tokenizer_files = copy_tokenizer_files(adapter.directory, base_dir, staging)
         publish(staging, opts.save_directory)
-    _log_summary(
-        opts,
-        {"plan": plan, "shards": shards, "tokenizer_files": tokenizer_files},
-        time.perf_counter() - started,
+    lines = [
+        f"fastsave merge: saved {save_method} to {opts.save_directory} in {time.perf_counter() - started:.1f}s",
+        f"  merged {len(plan.lora_targets)} LoRA modules into {how}",
+        f"  {len(plan.tensors)} tensors, {plan.total_bytes / 1e9:.2f} GB as {str(plan.dtype).removeprefix('torch.')}"
+        f" in {len(shards)} shard(s)",
+    ]
+    if plan.untied_embeddings:
+        lines.append(
+            "  the adapter changed one of the tied embeddings: both written, tie_word_embeddings=false"
+        )
+    lines.append(
+        f"  tokenizer files: {', '.join(tokenizer_files) or 'none found in the adapter or base directory'}"
     )
+    lines.append(f"  peak RSS {peak_rss() / 2**30:.2f} GiB")
+    logger.info("\n".join(lines))
     return opts.save_directory
 
 
