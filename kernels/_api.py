@@ -28,8 +28,8 @@ _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Code tables, written exactly as bitsandbytes' CUDA kernels hold them (csrc/kernels.cu:
 # nf4_dequantization_lut, fp4_dequantization_lut). FP4 applies the sign bit as ``lut * -1.0``, so
 # code 0b1000 decodes to -0.0 on CUDA; the same table is used here. The values equal
-# ``bitsandbytes.functional.get_4bit_type`` (whose FP4 table has +0.0 at code 8: a zero-sign-only
-# difference, which bitsandbytes' own CPU/CUDA kernels also have against that table).
+# ``bitsandbytes.functional.get_4bit_type``, except that its FP4 table holds +0.0 at code 8 (the
+# Python literal ``-0`` there is the integer 0): only the sign of that zero differs.
 _NF4 = [
     -1.0,
     -0.6961928009986877,
@@ -102,9 +102,9 @@ def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
     return torch.cat([mag, mag * -1.0]).to(device)
 
 
-def _check_device(t: torch.Tensor, device: torch.device, what: str) -> None:
-    if t.device != device:
-        raise ValueError(f"{what} is on {t.device}, but qweight is on {device}")
+def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Flat, contiguous float32 copy-or-view of a small state tensor on ``device``."""
+    return t.detach().to(device=device, dtype=torch.float32).contiguous().reshape(-1)
 
 
 class _Prepared:
@@ -159,7 +159,6 @@ class _Prepared:
 
         nblocks = -(-self.n // blocksize)
         absmax = quant_state.absmax
-        _check_device(absmax, self.device, "quant_state.absmax")
         if absmax.numel() < nblocks:
             raise ValueError(f"quant_state.absmax has {absmax.numel()} entries, {nblocks} needed")
         self.nested = bool(getattr(quant_state, "nested", False))
@@ -167,27 +166,23 @@ class _Prepared:
             state2 = quant_state.state2
             if absmax.dtype != torch.uint8:
                 raise ValueError(f"nested quant_state.absmax must be uint8 codes, got {absmax.dtype}")
-            for t, what in ((state2.absmax, "state2.absmax"), (state2.code, "state2.code")):
-                _check_device(t, self.device, f"quant_state.{what}")
-            self.absmax = absmax.contiguous().reshape(-1)
-            self.code2 = state2.code.float().contiguous()
+            self.absmax = absmax.detach().to(self.device).contiguous().reshape(-1)
+            self.code2 = _f32(state2.code, self.device)
             if self.code2.numel() < 256:
                 raise ValueError("quant_state.state2.code must have 256 entries")
             self.blocksize2 = int(state2.blocksize)
             if self.blocksize2 <= 0 or self.blocksize2 & (self.blocksize2 - 1):
                 raise ValueError(f"state2.blocksize must be a power of two, got {self.blocksize2}")
-            self.absmax2 = state2.absmax.float().contiguous().reshape(-1)
+            self.absmax2 = _f32(state2.absmax, self.device)
             if self.absmax2.numel() < -(-nblocks // self.blocksize2):
                 raise ValueError("quant_state.state2.absmax is too short for the absmax codes")
             offset = quant_state.offset
-            if isinstance(offset, torch.Tensor):
-                _check_device(offset, self.device, "quant_state.offset")
-                self.offset = offset.detach().float().reshape(1)
-            else:
-                self.offset = torch.tensor([float(offset)], dtype=torch.float32, device=self.device)
+            if not isinstance(offset, torch.Tensor):
+                offset = torch.tensor(float(offset))
+            self.offset = _f32(offset, self.device)
         else:
             # bitsandbytes upcasts a non-float32 absmax with .float() before it multiplies.
-            self.absmax = absmax.float().contiguous().reshape(-1)
+            self.absmax = _f32(absmax, self.device)
             self.code2 = self.absmax2 = self.offset = self.absmax  # unused placeholders
             self.blocksize2 = 256
         self.code = _code_table(quant_type, self.device)
@@ -291,8 +286,9 @@ def merge_lora_4bit(
     Args:
         qweight, quant_state: a 2-D 4-bit weight as for :func:`dequantize_4bit`;
             ``quant_state.shape`` must be ``(out_features, in_features)``.
-        lora_A: ``[r, in_features]``, any float dtype (upcast to float32).
-        lora_B: ``[out_features, r]``, any float dtype (upcast to float32).
+        lora_A: ``[r, in_features]``, any float dtype and strides (upcast to float32 and moved
+            to qweight's device; so are the small quant_state tensors).
+        lora_B: ``[out_features, r]``, likewise.
         scaling: python float (peft's ``scaling[adapter]``), applied in float32.
         dtype: output dtype (float32, float16, bfloat16); None means ``quant_state.dtype``.
 
@@ -330,12 +326,10 @@ def merge_lora_4bit(
         raise ValueError("LoRA rank must be >= 1")
     if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
         raise ValueError("lora_A and lora_B must be floating point")
-    _check_device(lora_A, p.device, "lora_A")
-    _check_device(lora_B, p.device, "lora_B")
     if N >= 2**31 - 4096:
         raise ValueError(f"in_features {N} too large for the merge kernel")
-    a = lora_A.detach().float()
-    b = lora_B.detach().float()
+    a = lora_A.detach().to(device=p.device, dtype=torch.float32)
+    b = lora_B.detach().to(device=p.device, dtype=torch.float32)
     # Round scaling to float32 on the host, as torch does for `float32_tensor * python_float`.
     scale32 = float(torch.tensor(float(scaling), dtype=torch.float32).item())
 
