@@ -12,24 +12,36 @@ from torch import nn
 
 logger = logging.getLogger("fastsave")
 
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def write_merged_config(
-    model: nn.Module, directory: Path, dtype: torch.dtype, untied_embeddings: bool
+def write_config(
+    config, directory: Path, dtype: torch.dtype, untied_embeddings: bool, keep_quantization: bool = False
 ) -> None:
-    """config.json of a plain 16-bit model: no quantization_config, dtype set, ties made true to the weights."""
-    config = copy.deepcopy(model.config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    config.dtype = _DTYPE_NAMES[dtype]
+    """config.json of the saved model: dtype set, ties made true to the weights written.
+
+    A 16-bit save drops quantization_config (the weights are plain); a 4-bit save keeps it so
+    transformers loads the checkpoint 4-bit.
+    """
+    config = copy.deepcopy(config)
+    if not keep_quantization:
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+    config.dtype = DTYPE_NAMES[dtype]
     if untied_embeddings:
         config.tie_word_embeddings = False
         text_config = getattr(config, "text_config", None)
         if text_config is not None and hasattr(text_config, "tie_word_embeddings"):
             text_config.tie_word_embeddings = False
     config.save_pretrained(directory)
+
+
+def write_merged_config(
+    model: nn.Module, directory: Path, dtype: torch.dtype, untied_embeddings: bool
+) -> None:
+    """config.json of a plain 16-bit model: no quantization_config, dtype set, ties made true to the weights."""
+    write_config(model.config, directory, dtype, untied_embeddings)
 
 
 def write_generation_config(model: nn.Module, directory: Path) -> None:

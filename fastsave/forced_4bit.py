@@ -27,7 +27,6 @@ one NF4 step), which is why a warning is logged and "merged_16bit" is the recomm
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastsave.checkpoint_files import write_generation_config, write_tokenizer
+from fastsave.checkpoint_files import DTYPE_NAMES, write_config, write_generation_config, write_tokenizer
 from fastsave.options import SaveOptions
 from fastsave.original_base import weight_sources
 from fastsave.plan import PlannedTensor, SavePlan, build_plan, unwrap_peft
@@ -65,7 +64,6 @@ ACCURACY_WARNING = (
 )
 # The longest repr of a Python float ("-2.2250738585072014e-308"): the offset's JSON never exceeds it.
 _LONGEST_FLOAT = -2.2250738585072014e-308
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ def _state_json_length(shape: tuple[int, ...], dtype: torch.dtype, settings: Qua
     fields: dict[str, Any] = {
         "quant_type": settings.quant_type,
         "blocksize": settings.blocksize,
-        "dtype": _DTYPE_NAMES[dtype],
+        "dtype": DTYPE_NAMES[dtype],
         "shape": list(shape),
     }
     if settings.double_quant:
@@ -229,14 +227,7 @@ def requantize_plan(
 
 def write_4bit_config(config: Any, directory: Path, dtype: torch.dtype, untied_embeddings: bool) -> None:
     """config.json of the 4-bit checkpoint: the quantization_config is kept, dtype set to the 16-bit dtype."""
-    config = copy.deepcopy(config)
-    config.dtype = _DTYPE_NAMES[dtype]
-    if untied_embeddings:
-        config.tie_word_embeddings = False
-        text_config = getattr(config, "text_config", None)
-        if text_config is not None and hasattr(text_config, "tie_word_embeddings"):
-            text_config.tie_word_embeddings = False
-    config.save_pretrained(directory)
+    write_config(config, directory, dtype, untied_embeddings, keep_quantization=True)
 
 
 def warn_accuracy_loss() -> None:

@@ -52,4 +52,3 @@ class MemoryBudget:
         if self.minimal:
             return 1
         return int(max(1, min(8, self.in_flight_bytes // max(1, self.largest))))
-

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastsave.checkpoint_files import write_merged_config
+from fastsave.checkpoint_files import write_config
 from fastsave.forced_4bit import Quant4bitSettings, requantize_plan, warn_accuracy_loss, write_4bit_config
 from fastsave.lora_merge import (
     LoraTarget,
@@ -63,7 +63,7 @@ from fastsave.original_base import (
     check_not_quantized_checkpoint,
     resolve_checkpoint_dir,
 )
-from fastsave.plan import PlanError, PlannedTensor, SavePlan, _to_cpu, check_plan
+from fastsave.plan import PlanError, PlannedTensor, SavePlan, TiedWeights, _to_cpu, check_plan
 from fastsave.writer import publish
 
 logger = logging.getLogger("fastsave")
@@ -489,9 +489,7 @@ def build_adapter_plan(
 
     tensors: list[PlannedTensor] = []
     targets: list[LoraTarget] = []
-    seen: dict[int, tuple[str, bool]] = {}
-    tied_once: list[tuple[str, str]] = []
-    untied = False
+    ties = TiedWeights()
     problems: list[str] = []
 
     def on_disk(name: str, param: torch.Tensor) -> str:
@@ -506,17 +504,8 @@ def build_adapter_plan(
         return disk
 
     def add(name: str, param: torch.Tensor, produce, modified: bool, out: torch.dtype, lora=None) -> None:
-        nonlocal untied
-        key = id(param)
-        if key in seen:
-            first_name, first_modified = seen[key]
-            if not first_modified and not modified:
-                tied_once.append((first_name, name))
-                return
-            untied = True
-        else:
-            seen[key] = (name, modified)
-        tensors.append(PlannedTensor(name, tuple(param.shape), out, produce, lora))
+        if ties.should_write(name, param, modified):
+            tensors.append(PlannedTensor(name, tuple(param.shape), out, produce, lora))
 
     def out_dtype(disk: str) -> torch.dtype:
         # floating tensors become the output dtype; integer ones keep theirs (as fastsave.plan does)
@@ -576,7 +565,7 @@ def build_adapter_plan(
             + (" ..." if len(problems) > 6 else "")
             + ". If transformers renames this model's checkpoint keys on load, merge in a training session instead"
         )
-    plan = SavePlan(tensors, dtype, targets, untied, tied_once)
+    plan = SavePlan(tensors, dtype, targets, ties.untied, ties.written_once)
     check_plan(plan)
     return plan
 
@@ -802,7 +791,7 @@ def merge_adapter(
             )
             write_4bit_config(config, staging, plan.dtype, plan.untied_embeddings)
         else:
-            write_merged_config(SimpleNamespace(config=config), staging, plan.dtype, plan.untied_embeddings)
+            write_config(config, staging, plan.dtype, plan.untied_embeddings)
         _copy_files(("generation_config.json",), adapter.directory, staging)
         _copy_files(("generation_config.json",), base_dir, staging)
         tokenizer_files = copy_tokenizer_files(adapter.directory, base_dir, staging)

@@ -87,6 +87,32 @@ class SavePlan:
         return sum(t.nbytes for t in self.tensors)
 
 
+class TiedWeights:
+    """Which parameters are written, when one parameter object sits under two names (tied embeddings).
+
+    Identical tied tensors are written once (under the first name) and stay tied; when an adapter
+    changes one side, both are written and the checkpoint must say the embeddings are untied.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[str, bool]] = {}  # id(parameter) -> (output name, written modified?)
+        self.untied = False
+        self.written_once: list[tuple[str, str]] = []  # (kept name, dropped name)
+
+    def should_write(self, name: str, source: torch.Tensor, modified: bool) -> bool:
+        """Record ``source`` under ``name``; False when it is an unmodified duplicate of a written tensor."""
+        key = id(source)
+        if key in self._seen:
+            first_name, first_modified = self._seen[key]
+            if not first_modified and not modified:
+                self.written_once.append((first_name, name))
+                return False
+            self.untied = True
+        else:
+            self._seen[key] = (name, modified)
+        return True
+
+
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model inside a PeftModel (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -235,9 +261,7 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
     target_by_module = {id(t.layer): t for t in targets}
 
     tensors: list[PlannedTensor] = []
-    seen: dict[int, tuple[str, bool]] = {}  # id(parameter) -> (output name, written modified?)
-    untied = False
-    tied_once: list[tuple[str, str]] = []
+    ties = TiedWeights()
     skip_prefixes: list[str] = []
     counts: dict[int, int] = {}
     for _, param in root.named_parameters(remove_duplicate=False):
@@ -247,17 +271,8 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
     def add(
         name: str, source: torch.Tensor, produce: Callable[[], torch.Tensor], shape, modified: bool, lora=None
     ):
-        nonlocal untied
-        key = id(source)
-        if key in seen:
-            first_name, first_modified = seen[key]
-            if not first_modified and not modified:
-                tied_once.append((first_name, name))
-                return
-            untied = True
-        else:
-            seen[key] = (name, modified)
-        tensors.append(PlannedTensor(name, tuple(shape), _output_dtype(source, out_dtype), produce, lora))
+        if ties.should_write(name, source, modified):
+            tensors.append(PlannedTensor(name, tuple(shape), _output_dtype(source, out_dtype), produce, lora))
 
     for name, module in root.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
@@ -306,7 +321,7 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
             saved = _saved_wrapper_module(module, adapter_names)
             modified = saved is not module.original_module
             if modified and any(id(p) in shared_ids for p in module.original_module.parameters()):
-                untied = True  # the trained copy replaces one side of a tied pair
+                ties.untied = True  # the trained copy replaces one side of a tied pair
             for sub_name, sub in saved.named_modules():
                 sub_prefix = prefix + (f"{sub_name}." if sub_name else "")
                 for attr, param in sub.named_parameters(recurse=False):
@@ -332,7 +347,9 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
                     False,
                 )
 
-    plan = SavePlan(tensors, out_dtype, targets, untied, tied_once, lora_module_census(root, adapter_names))
+    plan = SavePlan(
+        tensors, out_dtype, targets, ties.untied, ties.written_once, lora_module_census(root, adapter_names)
+    )
     check_plan(plan)
     return plan
 
