@@ -121,7 +121,27 @@ def dequantize_4bit_float32(module: nn.Module) -> torch.Tensor:
     state32 = copy.copy(state)
     state32.dtype = torch.float32
     codes = weight.data if weight.data.dtype == torch.uint8 else weight.data.view(torch.uint8)
+    if codes.device.type == "cpu" and state.shape[-1] % state.blocksize != 0:
+        # bitsandbytes' native CPU kernel (0.50) indexes absmax per row, which is wrong when a
+        # quantization block straddles two rows; decode the flat blocks here instead.
+        return _dequantize_flat_blocks(codes, state)
     return bnb_functional.dequantize_4bit(codes, state32)
+
+
+def _dequantize_flat_blocks(codes: torch.Tensor, state) -> torch.Tensor:
+    """code[nibble] * absmax[i // blocksize] over the flattened weight, high nibble first, in float32."""
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.to(torch.float32)
+    count = 1
+    for dim in state.shape:
+        count *= dim
+    flat = codes.reshape(-1)
+    nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:count]
+    values = state.code.to(device=codes.device, dtype=torch.float32)[nibbles.long()]
+    scale = absmax.repeat_interleave(state.blocksize)[:count]
+    return (values * scale).reshape(tuple(state.shape))
 
 
 def _dequantize_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:

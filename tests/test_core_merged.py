@@ -246,3 +246,32 @@ def test_minimal_memory_budget_still_saves(qlora_model, tmp_path, caplog):
     saved = _saved_tensors(out)
     for name, reference in expected.items():
         assert torch.equal(saved[name], reference.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(("blocksize", "nested"), [(64, True), (128, False), (256, True)])
+def test_blocks_straddling_rows_decode_like_bitsandbytes_reference(blocksize, nested):
+    """Rows of 96 values: quantization blocks straddle rows, which bnb's native CPU kernel mishandles."""
+    import bitsandbytes as bnb
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    from fastsave.quantized import base_weight_float32
+
+    torch.manual_seed(blocksize)
+    layer = bnb.nn.Linear4bit(96, 40, bias=False, quant_type="nf4", compress_statistics=nested)
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(40, 96),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=nested,
+        quant_type="nf4",
+    )
+    layer._apply(lambda t: t)  # Params4bit quantizes on the first move to a device
+    layer.weight = layer.weight.to("cpu")
+    state = layer.weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    reference = _dequantize_4bit_compute(
+        layer.weight.data.reshape(-1), absmax.float(), state.code, blocksize, state.shape, torch.float32
+    )
+    assert torch.equal(base_weight_float32(layer), reference)
