@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastsave.quantized import base_weight_float32
+from fastsave.quantized import base_weight_float32, is_4bit, use_kernels
 
 try:
     from peft.tuners.lora import LoraLayer
@@ -161,6 +161,9 @@ def merged_weight_float32(target: LoraTarget) -> torch.Tensor:
     layer = target.layer
     base_layer = layer.get_base_layer()
     check_supported(target)
+    fused = _fused_merge(target)
+    if fused is not None:
+        return fused
     weight = base_weight_float32(base_layer)
     base = weight.clone() if any(_is_dora(layer, a) for a in target.adapters) else None
     for adapter in target.adapters:
@@ -170,6 +173,35 @@ def merged_weight_float32(target: LoraTarget) -> torch.Tensor:
         else:
             weight.add_(delta)
     return weight
+
+
+def _fused_merge(target: LoraTarget) -> torch.Tensor | None:
+    """On CUDA, one Triton kernel for dequantize + a single plain LoRA delta (None: use the torch path).
+
+    The kernel reads the 4-bit codes once and writes W + scaling * B @ A in float32 with the same
+    op order as the torch path; only the order of the rank-r sum inside the dot may differ
+    (fastsave.kernels.merge_lora_4bit documents the bound).
+    """
+    layer = target.layer
+    base_layer = layer.get_base_layer()
+    if len(target.adapters) != 1 or type(layer).__name__ != "Linear4bit" or not is_4bit(base_layer):
+        return None
+    adapter = target.adapters[0]
+    weight = base_layer.weight
+    if _is_dora(layer, adapter) or getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return None
+    if not use_kernels(weight.data):
+        return None
+    from fastsave import kernels
+
+    return kernels.merge_lora_4bit(
+        weight.data,
+        weight.quant_state,
+        layer.lora_A[adapter].weight.detach(),
+        layer.lora_B[adapter].weight.detach(),
+        layer.scaling[adapter],
+        dtype=torch.float32,
+    )
 
 
 def merged_bias_float32(target: LoraTarget) -> torch.Tensor | None:

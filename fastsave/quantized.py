@@ -95,7 +95,8 @@ def compute_dtype_of(module: nn.Module) -> torch.dtype:
     return module.weight.dtype
 
 
-def _use_kernels(tensor: torch.Tensor) -> bool:
+def use_kernels(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` is on CUDA and fastsave.kernels can run there (FASTSAVE_REFERENCE_PATH=1: never)."""
     if tensor.device.type != "cuda" or os.environ.get("FASTSAVE_REFERENCE_PATH") == "1":
         return False
     try:
@@ -112,7 +113,7 @@ def dequantize_4bit_float32(module: nn.Module) -> torch.Tensor:
     state = weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         return _dequantize_cpu_packed(weight.data, state)
-    if _use_kernels(weight.data):
+    if use_kernels(weight.data):
         from fastsave import kernels
 
         return kernels.dequantize_4bit(weight.data, state, dtype=torch.float32)
