@@ -63,7 +63,7 @@ from fastsave.original_base import (
     check_not_quantized_checkpoint,
     resolve_checkpoint_dir,
 )
-from fastsave.plan import PlanError, PlannedTensor, SavePlan, TiedWeights, _to_cpu, check_plan
+from fastsave.plan import PlanError, PlannedTensor, SavePlan, TiedWeights, check_plan, to_output_tensor
 from fastsave.writer import publish
 
 logger = logging.getLogger("fastsave")
@@ -613,7 +613,7 @@ def _merged_producer(
             raise PlanError(
                 f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved"
             )
-        return _to_cpu(weight, dtype, name)
+        return to_output_tensor(weight, dtype, name)
 
     return produce
 
@@ -623,7 +623,7 @@ def _merged_bias_producer(
 ) -> Callable[[], torch.Tensor]:
     def produce() -> torch.Tensor:
         bias = merged_bias_float32(_with_base(target, torch.empty(0), checkpoint.get(disk)))
-        return _to_cpu(bias, dtype, name)
+        return to_output_tensor(bias, dtype, name)
 
     return produce
 
@@ -637,14 +637,14 @@ def _plain_producer(
     name: str,
 ) -> Callable[[], torch.Tensor]:
     if quant is not None:
-        return lambda: _to_cpu(
+        return lambda: to_output_tensor(
             _quant_dequant_float32(checkpoint.get(disk), quant, dtype, conv1d), dtype, name
         )
-    return lambda: _to_cpu(checkpoint.get(disk), dtype, name)
+    return lambda: to_output_tensor(checkpoint.get(disk), dtype, name)
 
 
 def _tensor_producer(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> Callable[[], torch.Tensor]:
-    return lambda: _to_cpu(tensor, dtype, name)
+    return lambda: to_output_tensor(tensor, dtype, name)
 
 
 # --------------------------------------------------------------------------- files beside the weights

@@ -181,7 +181,12 @@ def _refuse_other_tuners(root: nn.Module) -> None:
             )
 
 
-def _to_cpu(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+def to_output_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Round ``tensor`` once to the output dtype and bring it to the CPU for the writer.
+
+    Raises:
+        PlanError: NaN/Inf in the tensor, or a float16 overflow, naming the tensor.
+    """
     if tensor.is_floating_point() and dtype != tensor.dtype:
         if not torch.isfinite(tensor).all():
             raise PlanError(f"merged tensor {name!r} holds NaN or Inf; the adapter or base weight is broken")
@@ -201,21 +206,23 @@ def _merged_weight_producer(target: LoraTarget, name: str, dtype: torch.dtype) -
             raise PlanError(
                 f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved"
             )
-        return _to_cpu(weight, dtype, name)
+        return to_output_tensor(weight, dtype, name)
 
     return produce
 
 
 def _merged_bias_producer(target: LoraTarget, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    return lambda: _to_cpu(merged_bias_float32(target), dtype, name)
+    return lambda: to_output_tensor(merged_bias_float32(target), dtype, name)
 
 
 def _plain_producer(
     module: nn.Module, attr: str, name: str, dtype: torch.dtype
 ) -> Callable[[], torch.Tensor]:
     if attr == "weight" and is_quantized(module):
-        return lambda: _to_cpu(to_checkpoint_layout(module, base_weight_float32(module)), dtype, name)
-    return lambda: _to_cpu(getattr(module, attr), dtype, name)
+        return lambda: to_output_tensor(
+            to_checkpoint_layout(module, base_weight_float32(module)), dtype, name
+        )
+    return lambda: to_output_tensor(getattr(module, attr), dtype, name)
 
 
 def _output_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
