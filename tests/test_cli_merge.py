@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import fastsave
-from fastsave.merge_cli import add_merge_parser, quantized_module_names, run_merge
+from fastsave.adapter_merge import quantized_module_names
+from fastsave.merge_cli import add_merge_parser, run_merge
 from fastsave.tiny import (
     attach_lora,
     build_tiny_tokenizer,
