@@ -84,6 +84,44 @@ def build_tiny_tokenizer(directory: str | Path | None = None, vocab_size: int = 
     return fast
 
 
+def build_sentencepiece_tokenizer(directory: str | Path, vocab_size: int = 300):
+    """A Llama-style tokenizer backed by a tokenizer.model trained here on :data:`TINY_TEXT`.
+
+    Needs the ``sentencepiece`` and ``protobuf`` packages (the ``test`` extra). Returns the
+    tokenizer loaded from ``directory`` the way a user loads a base model's tokenizer.
+    """
+    import json
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = directory / "corpus.txt"
+    corpus.write_text(TINY_TEXT * 20)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    (directory / "tokenizer.vocab").unlink()
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(directory)
+
+
 def load_4bit(
     directory: str | Path,
     quant_type: str = "nf4",
