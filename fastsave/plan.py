@@ -114,7 +114,8 @@ class TiedWeights:
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or the model itself)."""
+    """The transformers model inside a PeftModel (or the model itself), under any torch.compile wrapper."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
