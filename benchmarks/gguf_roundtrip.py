@@ -1,0 +1,141 @@
+"""Check that fastsave's merged_16bit output converts with llama.cpp's convert_hf_to_gguf.py.
+
+llama.cpp is not a dependency and nothing here downloads it. Point --llama-cpp at a llama.cpp
+source tree (a checkout, or the vendor/llama.cpp folder of the llama-cpp-python source
+distribution, which `pip download --no-deps --no-binary :all: llama-cpp-python` fetches from the
+package registry). The script builds a tiny Llama with a sentencepiece tokenizer.model, attaches
+LoRA, saves it merged with fastsave, converts it to GGUF (bf16) in a subprocess, then reads the
+GGUF back and compares tensors llama.cpp does not permute (everything but attn_q/attn_k) with the
+safetensors, bit for bit, and checks that a checkpoint whose adapter untied the embeddings gets
+its own output.weight.
+
+    python benchmarks/gguf_roundtrip.py --llama-cpp PATH/TO/llama.cpp
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# safetensors name -> GGUF name, for tensors the converter copies without permuting.
+_UNPERMUTED = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "lm_head.weight": "output.weight",
+    "model.norm.weight": "output_norm.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+
+
+def make_checkpoint(work: Path, tied_with_lora: bool) -> Path:
+    """A merged tiny Llama (optionally tied embeddings + LoRA on lm_head) with a tokenizer.model."""
+    import fastsave
+    from fastsave.tiny import (
+        attach_lora,
+        build_sentencepiece_tokenizer,
+        load_4bit,
+        save_random_model,
+        tiny_llama_config,
+    )
+
+    name = "tied" if tied_with_lora else "plain"
+    base = work / f"base-{name}"
+    save_random_model(tiny_llama_config(vocab_size=300, tie_word_embeddings=tied_with_lora), base)
+    tokenizer = build_sentencepiece_tokenizer(base)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if tied_with_lora:
+        targets.append("lm_head")
+    model = attach_lora(load_4bit(base), target_modules=targets)
+    out = work / f"merged-{name}"
+    fastsave.save_pretrained_merged(model, out, tokenizer)
+    return out
+
+
+def convert(llama_cpp: Path, checkpoint: Path) -> Path:
+    """Run convert_hf_to_gguf.py on ``checkpoint``; return the GGUF path."""
+    outfile = checkpoint.with_suffix(".gguf")
+    env = {**os.environ, "PYTHONPATH": f"{llama_cpp / 'gguf-py'}{os.pathsep}{llama_cpp}"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(llama_cpp / "convert_hf_to_gguf.py"),
+            str(checkpoint),
+            "--outfile",
+            str(outfile),
+            "--outtype",
+            "bf16",
+        ],
+        env=env,
+        cwd=checkpoint.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{result.stderr[-3000:]}")
+    return outfile
+
+
+def compare(llama_cpp: Path, checkpoint: Path, gguf_path: Path) -> tuple[int, list[str]]:
+    """Compare unpermuted tensors bit for bit; return (count compared, problems)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(llama_cpp / "gguf-py"))
+    from gguf import GGUFReader
+
+    saved = load_file(checkpoint / "model.safetensors")
+    reader = GGUFReader(gguf_path)
+    gguf_tensors = {t.name: t for t in reader.tensors}
+    problems, compared = [], 0
+    layers = 1 + max(int(k.split(".")[2]) for k in saved if k.startswith("model.layers."))
+    for hf_pattern, gguf_pattern in _UNPERMUTED.items():
+        for i in range(layers) if "{i}" in hf_pattern else [None]:
+            hf_name, gguf_name = hf_pattern.format(i=i), gguf_pattern.format(i=i)
+            if hf_name not in saved:
+                continue
+            if gguf_name not in gguf_tensors:
+                problems.append(f"{gguf_name} missing from the GGUF")
+                continue
+            raw = np.asarray(gguf_tensors[gguf_name].data).view(np.uint16).reshape(-1)
+            ours = saved[hf_name].contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+            compared += 1
+            if gguf_name.endswith("norm.weight"):  # stored as float32 by the converter
+                raw = np.asarray(gguf_tensors[gguf_name].data, dtype=np.float32).reshape(-1)
+                ours = saved[hf_name].float().numpy().reshape(-1)
+            if raw.shape != ours.shape or not np.array_equal(raw, ours):
+                problems.append(f"{gguf_name} differs from {hf_name}")
+    return compared, problems
+
+
+def main() -> int:
+    """Build, convert and compare; print one line per checkpoint; exit 1 on any problem."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source tree")
+    args = parser.parse_args()
+    if not (args.llama_cpp / "convert_hf_to_gguf.py").exists():
+        print(f"no convert_hf_to_gguf.py under {args.llama_cpp}", file=sys.stderr)
+        return 2
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="fastsave-gguf-") as tmp:
+        for tied in (False, True):
+            checkpoint = make_checkpoint(Path(tmp), tied)
+            gguf_path = convert(args.llama_cpp, checkpoint)
+            compared, problems = compare(args.llama_cpp, checkpoint, gguf_path)
+            label = "tied embeddings + LoRA on lm_head" if tied else "untied"
+            status = "OK" if not problems else "FAILED: " + "; ".join(problems)
+            print(f"{label}: converted, {compared} tensors bit-identical in the GGUF: {status}")
+            failed |= bool(problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
