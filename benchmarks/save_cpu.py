@@ -81,11 +81,11 @@ def prepare(work: Path, hidden: int, layers: int, vocab: int, rank: int) -> int:
     config = tiny_llama_config(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(hidden * 2.75) // 64 * 64,
+        intermediate_size=int(hidden * 3.5) // 256 * 256,  # Llama-3's ratio (4096 -> 14336)
         num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,  # head_dim 128, 4 query heads per KV head, as in Llama-3
+        num_key_value_heads=max(1, hidden // 512),
     )
-    config.num_attention_heads = hidden // 64
-    config.num_key_value_heads = max(1, hidden // 256)
     save_random_model(config, work / "base")
     model = attach_lora(load_4bit(work / "base"), r=rank, alpha=2 * rank)
     model.save_pretrained(work / "adapter")

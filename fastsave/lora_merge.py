@@ -204,6 +204,27 @@ def _fused_merge(target: LoraTarget) -> torch.Tensor | None:
     )
 
 
+def row_block_deltas(target: LoraTarget) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
+    """``(B, A, scaling)`` in float32 per adapter, for a merge by row blocks; None where it does not apply.
+
+    Applies to plain LoRA on a linear layer in (out, in) layout: not DoRA (its norm needs whole
+    rows of W + delta, and its rescale a second pass), not embeddings, not fan_in_fan_out.
+    """
+    layer = target.layer
+    if type(layer).__name__ not in ("Linear", "Linear4bit", "Linear8bitLt"):
+        return None
+    if getattr(layer, "fan_in_fan_out", False) and type(layer).__name__ == "Linear":
+        return None
+    deltas = []
+    for adapter in target.adapters:
+        if _is_dora(layer, adapter) or adapter not in layer.lora_A:
+            return None
+        a = layer.lora_A[adapter].weight.detach().to(device="cpu", dtype=torch.float32)
+        b = layer.lora_B[adapter].weight.detach().to(device="cpu", dtype=torch.float32)
+        deltas.append((b, a, layer.scaling[adapter]))
+    return deltas
+
+
 def merged_bias_float32(target: LoraTarget) -> torch.Tensor | None:
     """The base bias plus, for adapters trained with lora_bias, lora_B.bias * scaling (peft's merge)."""
     base_layer = target.layer.get_base_layer()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastsave.errors import PlanError
 from fastsave.lora_merge import (
     LoraTarget,
     UnsupportedAdapterError,
@@ -23,6 +24,7 @@ from fastsave.lora_merge import (
     is_other_tuner_layer,
     merged_bias_float32,
     merged_weight_float32,
+    row_block_deltas,
 )
 from fastsave.quantized import (
     base_weight_float32,
@@ -32,6 +34,7 @@ from fastsave.quantized import (
     logical_weight_shape,
     to_checkpoint_layout,
 )
+from fastsave.row_blocks import merge_in_row_blocks
 
 try:
     from peft.utils.other import ModulesToSaveWrapper
@@ -43,10 +46,6 @@ _FORBIDDEN_NAME = re.compile(
     r"(^|\.)(base_layer|lora_[A-Za-z_]+|absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_format)(\.|$)"
     r"|quant_state|^base_model\.model\."
 )
-
-
-class PlanError(ValueError):
-    """The model cannot be saved as asked; nothing has been written."""
 
 
 @dataclass
@@ -202,7 +201,14 @@ def to_output_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> tor
 
 def _merged_weight_producer(target: LoraTarget, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     def produce() -> torch.Tensor:
-        weight = to_checkpoint_layout(target.layer.get_base_layer(), merged_weight_float32(target))
+        base = target.layer.get_base_layer()
+        check_supported(target)
+        deltas = row_block_deltas(target)
+        if deltas is not None:
+            merged = merge_in_row_blocks(base, deltas, dtype, name)
+            if merged is not None:
+                return to_checkpoint_layout(base, merged).contiguous()
+        weight = to_checkpoint_layout(base, merged_weight_float32(target))
         if not torch.isfinite(weight).all():
             raise PlanError(
                 f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved"
@@ -220,9 +226,14 @@ def _plain_producer(
     module: nn.Module, attr: str, name: str, dtype: torch.dtype
 ) -> Callable[[], torch.Tensor]:
     if attr == "weight" and is_quantized(module):
-        return lambda: to_output_tensor(
-            to_checkpoint_layout(module, base_weight_float32(module)), dtype, name
-        )
+
+        def produce() -> torch.Tensor:
+            weight = merge_in_row_blocks(module, [], dtype, name)
+            if weight is not None:
+                return to_checkpoint_layout(module, weight).contiguous()
+            return to_output_tensor(to_checkpoint_layout(module, base_weight_float32(module)), dtype, name)
+
+        return produce
     return lambda: to_output_tensor(getattr(module, attr), dtype, name)
 
 

@@ -27,6 +27,8 @@ def tiny_llama_config(
     intermediate_size: int = 128,
     num_hidden_layers: int = 2,
     tie_word_embeddings: bool = False,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
     **overrides: Any,
 ):
     """A Llama-shaped config small enough to quantize, train and save in seconds on a CPU."""
@@ -37,8 +39,8 @@ def tiny_llama_config(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
         max_position_embeddings=256,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=1,

@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
         return True
     quantized.use_kernels = forced
     import fastsave.lora_merge as lm
-    lm.use_kernels = forced
+    lm.use_kernels = forced  # (row_blocks asks quantized.use_kernels, patched above)
     fastsave.save_pretrained_merged(model, base + "/kernels")
     ref = load_file(base + "/reference/model.safetensors")
     ker = load_file(base + "/kernels/model.safetensors")

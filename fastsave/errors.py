@@ -1,0 +1,5 @@
+"""Errors a user can act on; each is raised before anything is published to save_directory."""
+
+
+class PlanError(ValueError):
+    """The model cannot be saved as asked; nothing has been written."""
