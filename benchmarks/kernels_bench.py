@@ -1,8 +1,8 @@
 """Benchmark fastsave.kernels against bitsandbytes on a CUDA GPU, for Llama-3-8B weight shapes.
 
-    python benchmarks/kernels.py                 # GPU: timings + exactness, markdown table
-    python benchmarks/kernels.py --ptx 90        # no GPU needed: PTX instruction counts for sm_90
-    python benchmarks/kernels.py --no-check      # no GPU: skip the interpreter correctness check
+    python benchmarks/kernels_bench.py                 # GPU: timings + exactness, markdown table
+    python benchmarks/kernels_bench.py --ptx 90        # no GPU needed: PTX instruction counts for sm_90
+    python benchmarks/kernels_bench.py --no-check      # no GPU: skip the interpreter correctness check
 
 For each shape it times (triton.testing.do_bench, median) bitsandbytes' dequantize_4bit, ours, the
 torch reference merge (bnb float32 dequantize + float32 B @ A * scaling + cast) and our fused merge,
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print(
-            "No CUDA device here: the GPU timings of benchmarks/kernels.py need a CUDA GPU "
+            "No CUDA device here: the GPU timings of benchmarks/kernels_bench.py need a CUDA GPU "
             "(see benchmarks/KERNELS_NOTES.md for the byte floors each shape must reach)."
         )
         if not args.no_check:
