@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# The fidelity matrix (tests/test_fidelity.py fills it): case -> (max abs error of the output,
+# bit-exact, max abs error of the float32 merge, bit-exact); logits: reload-vs-peft logits error as
+# a fraction of how far the adapter moves them. Printed after the run; written to the file named by
+# FASTSAVE_FIDELITY_MATRIX when set.
+FIDELITY_MATRIX: dict[str, tuple[float, bool, float, bool]] = {}
+FIDELITY_LOGITS: dict[str, float] = {}
+
 from fastsave.tiny import attach_lora, build_tiny_tokenizer, load_4bit, save_random_model, tiny_llama_config  # noqa: E402
 
 
@@ -41,3 +48,27 @@ def qlora_model(tiny_base_dir):
         return attach_lora(model, seed=seed, **lora_kwargs)
 
     return make
+
+
+def fidelity_matrix_lines() -> list[str]:
+    """The fidelity matrix collected in this run, one line per case."""
+    width = max((len(c) for c in FIDELITY_MATRIX), default=10)
+    lines = [f"{'case':<{width}}  output err  exact  float32 err  exact  logits err/effect"]
+    for case, (err, exact, err32, exact32) in FIDELITY_MATRIX.items():
+        lines.append(
+            f"{case:<{width}}  {err:10.3g}  {'yes' if exact else 'NO':>5}  {err32:11.3g}  "
+            f"{'yes' if exact32 else 'NO':>5}  {FIDELITY_LOGITS.get(case, float('nan')):.3f}"
+        )
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the fidelity matrix when the fidelity tests ran."""
+    if not FIDELITY_MATRIX:
+        return
+    lines = fidelity_matrix_lines()
+    terminalreporter.write_sep("-", "fidelity matrix (max abs error vs peft's merge on a float32 copy)")
+    for line in lines:
+        terminalreporter.write_line(line)
+    if os.environ.get("FASTSAVE_FIDELITY_MATRIX"):
+        Path(os.environ["FASTSAVE_FIDELITY_MATRIX"]).write_text("\n".join(lines) + "\n")

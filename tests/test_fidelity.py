@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
+from conftest import FIDELITY_LOGITS, FIDELITY_MATRIX
 from peft import get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -47,11 +47,11 @@ from fastsave.tiny import attach_lora, tiny_llama_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-# Filled by the tests, printed by the last test (pytest -s): case -> (max abs error of the output,
-# bit-exact, the same two for the float32 merge before rounding); LOGITS: reload-vs-peft logits error
-# as a fraction of how far the adapter moves the logits.
-FIDELITY: dict[str, tuple[float, bool, float, bool]] = {}
-LOGITS: dict[str, float] = {}
+# Filled by check_exact, printed after the run by conftest's terminal summary: case -> (max abs
+# error of the output, bit-exact, the same two for the float32 merge before rounding); LOGITS:
+# reload-vs-peft logits error as a fraction of how far the adapter moves the logits.
+FIDELITY = FIDELITY_MATRIX
+LOGITS = FIDELITY_LOGITS
 
 _DECODER = dict(
     vocab_size=320,
@@ -674,17 +674,3 @@ def test_other_peft_methods_are_refused(method, base_dir, tmp_path):
     with pytest.raises(UnsupportedAdapterError, match=rf"(?is){method}.*LoRA.*save_method='lora'"):
         fastsave.save_pretrained_merged(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-def test_zz_print_fidelity_matrix():
-    """Prints the matrix collected above (visible with pytest -s); runs last in this file."""
-    width = max((len(c) for c in FIDELITY), default=10)
-    lines = [f"{'case':<{width}}  output err  exact  float32 err  exact  logits err/effect"]
-    for case, (err, exact, err32, exact32) in FIDELITY.items():
-        lines.append(
-            f"{case:<{width}}  {err:10.3g}  {'yes' if exact else 'NO':>5}  {err32:11.3g}  "
-            f"{'yes' if exact32 else 'NO':>5}  {LOGITS.get(case, float('nan')):.3f}"
-        )
-    print("\n" + "\n".join(lines))
-    if os.environ.get("FASTSAVE_FIDELITY_MATRIX"):
-        Path(os.environ["FASTSAVE_FIDELITY_MATRIX"]).write_text("\n".join(lines) + "\n")
