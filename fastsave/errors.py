@@ -3,3 +3,7 @@
 
 class PlanError(ValueError):
     """The model cannot be saved as asked; nothing has been written."""
+
+
+class DiskSpaceError(OSError):
+    """The checkpoint would not fit on disk; checked before anything is written."""

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastsave.checkpoint_files import write_generation_config, write_merged_config, write_tokenizer
+from fastsave.disk_space import check_free_space
 from fastsave.memory import MemoryBudget, peak_rss
 from fastsave.options import SaveOptions, parse_options
 from fastsave.plan import SavePlan, build_plan, unwrap_peft
@@ -65,6 +66,7 @@ def _produce_into(plan: SavePlan, budget: MemoryBudget, sink: queue.Queue, stop:
 def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) -> list[str]:
     """Merge and stream every planned tensor into shards in ``directory``; return the shard names."""
     shards = assign_shards(plan.tensors, options.max_shard_size, options.safe_serialization)
+    check_free_space(plan.total_bytes, directory, options.save_directory)
     writer = ShardWriter(directory, shards, options.safe_serialization)
     budget = MemoryBudget(options.maximum_memory_usage, max((t.nbytes for t in plan.tensors), default=0))
     # Merging overlaps writing: a producer thread runs ahead by at most the budgeted depth.

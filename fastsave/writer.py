@@ -182,7 +182,7 @@ class ShardWriter:
 
 
 # Files of an earlier checkpoint in save_directory that a new save makes stale.
-_STALE_PATTERNS = (
+STALE_PATTERNS = (
     "model*.safetensors",
     "model.safetensors.index.json",
     "pytorch_model*.bin",
@@ -190,6 +190,11 @@ _STALE_PATTERNS = (
     "adapter_model.safetensors",
     "adapter_model.bin",
 )
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    """Whether moving from one path to the other is a rename (no copy, no extra space)."""
+    return os.stat(a).st_dev == os.stat(b).st_dev
 
 
 def apply_umask_modes(directory: Path) -> None:
@@ -213,7 +218,7 @@ def publish(staging: Path, save_directory: Path) -> None:
     """
     apply_umask_modes(staging)
     save_directory.parent.mkdir(parents=True, exist_ok=True)
-    same_fs = os.stat(staging).st_dev == os.stat(save_directory.parent).st_dev
+    same_fs = same_filesystem(staging, save_directory.parent)
     if save_directory.is_dir() and not any(save_directory.iterdir()):
         save_directory.rmdir()
     if not save_directory.exists() and same_fs:
@@ -224,7 +229,7 @@ def publish(staging: Path, save_directory: Path) -> None:
     last = [n for n in ("config.json", "adapter_config.json") if n in names]
     for name in last:
         (save_directory / name).unlink(missing_ok=True)
-    for pattern in _STALE_PATTERNS:
+    for pattern in STALE_PATTERNS:
         for stale in save_directory.glob(pattern):
             if stale.name not in names:
                 stale.unlink()
