@@ -468,7 +468,7 @@ def test_lora_on_embed_tokens_and_lm_head(base_dir, tmp_path):
     base = base_dir()
     model = attach_lora(_load(base), target_modules=["q_proj", "embed_tokens", "lm_head"])
     assert type(model.base_model.model.lm_head).__name__ == "Linear"  # peft's 16-bit lora.Linear
-    check_exact(model, base, tmp_path, "LoRA on embed_tokens + lm_head (16-bit base)")
+    check_exact(model, base, tmp_path, "LoRA on embed_tokens + 16-bit lm_head, 4-bit model")
 
 
 @pytest.mark.parametrize(
