@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from fastsave.checkpoint_files import DTYPE_NAMES, write_config, write_generation_config, write_tokenizer
+from fastsave.checkpoint_names import to_checkpoint_names
 from fastsave.options import SaveOptions
 from fastsave.original_base import weight_sources
 from fastsave.plan import PlannedTensor, SavePlan, build_plan, unwrap_peft
@@ -269,7 +270,7 @@ def save_merged_4bit_forced(
         raise ValueError("the model's config has no quantization_config to write into the 4-bit checkpoint")
     warn_accuracy_loss()
     transposed = {name for name, source in sources.items() if stored_transposed(source.base_layer)}
-    plan = requantize_plan(plan16, settings, transposed)
+    plan = to_checkpoint_names(root, requantize_plan(plan16, settings, transposed))
     shards = write_merged_weights(plan, staging, opts)
     write_4bit_config(root.config, staging, plan.dtype, plan.untied_embeddings)
     write_generation_config(root, staging)

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastsave.checkpoint_files import write_generation_config, write_merged_config, write_tokenizer
+from fastsave.checkpoint_names import to_checkpoint_names
 from fastsave.disk_space import check_free_space
 from fastsave.memory import MemoryBudget, peak_rss
 from fastsave.options import SaveOptions, parse_options
@@ -102,6 +103,8 @@ def _save_merged(model: nn.Module, tokenizer: Any, options: SaveOptions, staging
         plan = build_original_plan(model, options)
     else:
         plan = build_plan(model, options.dtype, options.adapter_names)
+    root = unwrap_peft(model)
+    plan = to_checkpoint_names(root, plan)
     if not options.safe_serialization:
         warnings.warn(
             "safe_serialization=False writes legacy torch .bin shards, which hold one shard in RAM while "
@@ -109,7 +112,6 @@ def _save_merged(model: nn.Module, tokenizer: Any, options: SaveOptions, staging
             UserWarning,
             stacklevel=3,
         )
-    root = unwrap_peft(model)
     shards = write_merged_weights(plan, staging, options)
     write_merged_config(root, staging, plan.dtype, plan.untied_embeddings)
     write_generation_config(root, staging)

@@ -34,8 +34,10 @@ from transformers import (
     GemmaConfig,
     GPT2Config,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     T5Config,
 )
 
@@ -78,6 +80,19 @@ def _config(arch: str, tie: bool | None = None):
         return GemmaConfig(**_DECODER, head_dim=16, tie_word_embeddings=True if tie is None else tie)
     if arch == "phi3":  # fused qkv_proj and gate_up_proj
         return Phi3Config(**_DECODER, tie_word_embeddings=bool(tie))
+    if arch == "mixtral":  # transformers fuses the experts while loading; the checkpoint keeps them apart
+        return MixtralConfig(
+            **_DECODER, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=bool(tie)
+        )
+    if arch == "qwen2_moe":  # fused experts plus a shared expert
+        moe = dict(_DECODER, intermediate_size=128)
+        return Qwen2MoeConfig(
+            **moe,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+        )
     if arch == "gpt2":  # Conv1D layers, tied lm_head
         return GPT2Config(
             vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2
@@ -126,7 +141,10 @@ def _load(
     """The base loaded 4-bit, 8-bit (LLM.int8) or unquantized (bits=None) in ``compute`` dtype."""
     kwargs = {}
     if bits == 4:
+        # bitsandbytes' CPU 4-bit kernel cannot run a layer with 1 output (Qwen2-MoE's shared_expert_gate)
+        skip = ["lm_head", "shared_expert_gate"] if arch == "qwen2_moe" else None
         kwargs["quantization_config"] = BitsAndBytesConfig(
+            llm_int8_skip_modules=skip,
             load_in_4bit=True,
             bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=double_quant,
@@ -297,11 +315,27 @@ def check_exact(
 # Architectures
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "bert", "t5"])
+# attention and (Qwen2-MoE) the shared expert: the linears of an MoE model that peft's LoRA wraps
+MOE_TARGETS = {
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+@pytest.mark.parametrize(
+    "arch", ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "bert", "t5", "mixtral", "qwen2_moe"]
+)
 def test_architectures_nf4(arch, base_dir, tmp_path):
-    """LoRA on every linear layer of a 4-bit model; GPT-2's Conv1D layers are quantized too."""
+    """LoRA on every linear layer of a 4-bit model; GPT-2's Conv1D layers are quantized too.
+
+    MoE models: transformers fuses their experts into 3D parameters while loading (not quantized,
+    not nn.Linear), and the checkpoint must come out in the layout it was read from, experts apart.
+    """
     base = base_dir(arch)
-    model = attach_lora(_load(base, arch), seed=3)
+    targets = {}
+    if arch in MOE_TARGETS:
+        targets = dict(target_modules=MOE_TARGETS[arch])
+    model = attach_lora(_load(base, arch), seed=3, **targets)
     config = check_exact(model, base, tmp_path, f"arch {arch} nf4", arch=arch)
     if arch in ("gemma", "gpt2", "bert", "t5"):
         assert config["tie_word_embeddings"] is True  # no adapter on either side: written once
@@ -672,5 +706,21 @@ def test_other_peft_methods_are_refused(method, base_dir, tmp_path):
     else:  # LoRA plus peft's trainable tokens on the embedding
         model = attach_lora(_load(base_dir()), target_modules=["q_proj"], trainable_token_indices=[5, 6])
     with pytest.raises(UnsupportedAdapterError, match=rf"(?is){method}.*LoRA.*save_method='lora'"):
+        fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "lora_kwargs",
+    [
+        dict(target_modules="all-linear"),  # peft wraps the router's weight parameter
+        dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]),  # fused experts
+    ],
+    ids=["router", "expert_parameters"],
+)
+def test_lora_on_moe_parameters_is_refused(lora_kwargs, base_dir, tmp_path):
+    """LoRA on a bare parameter (peft's ParamWrapper: routers, fused experts) is refused, not dropped."""
+    model = attach_lora(_load(base_dir("mixtral"), "mixtral"), **lora_kwargs)
+    with pytest.raises(UnsupportedAdapterError, match=r"(?s)ParamWrapper.*save_method='lora'"):
         fastsave.save_pretrained_merged(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

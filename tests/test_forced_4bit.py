@@ -183,3 +183,29 @@ def test_bad_settings_are_rejected():
         Quant4bitSettings(blocksize=100)
     with pytest.raises(ValueError, match="quant_type"):
         Quant4bitSettings(quant_type="int4")
+
+
+def test_moe_experts_keep_the_checkpoint_layout(tmp_path):
+    """Mixtral: transformers fuses the experts while loading; the 4-bit save writes them apart again,
+    under the base checkpoint's names, and transformers reloads it in 4-bit with nothing missing."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    base = tmp_path / "base"
+    save_random_model(config, base)
+    with safe_open(base / "model.safetensors", "pt") as handle:
+        base_names = set(handle.keys())
+    model = attach_lora(load_4bit(base), target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning):
+        fastsave.save_pretrained_merged(model, out, save_method="merged_4bit_forced")
+    with safe_open(out / "model.safetensors", "pt") as handle:
+        weights = {k for k in handle.keys() if k.endswith(".weight") or k.endswith(".bias")}  # noqa: SIM118
+    assert weights == base_names
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
