@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from fastsave.checkpoint_files import write_config
+from fastsave.checkpoint_names import stored_as
 from fastsave.forced_4bit import Quant4bitSettings, requantize_plan, warn_accuracy_loss, write_4bit_config
 from fastsave.lora_merge import (
     LoraTarget,
@@ -405,12 +406,16 @@ def build_adapter_plan(
     problems: list[str] = []
 
     def on_disk(name: str, param: torch.Tensor) -> str:
-        """The checkpoint tensor holding ``name``: itself, or one it is tied to."""
+        """The checkpoint tensor holding ``name``: itself, one it is tied to, or its renamed self."""
         candidates = [name] + [n for n in names_of.get(id(param), []) if n != name]
         disk = next((n for n in candidates if n in checkpoint), None)
         if disk is None:
-            problems.append(f"{name} (not in the checkpoint)")
-            return name
+            stored = stored_as(model, name, param)
+            if len(stored) == 1 and next(iter(stored)) in checkpoint:
+                disk = next(iter(stored))  # transformers renames it while loading
+            else:
+                problems.append(f"{name} (not in the checkpoint)")
+                return name
         if checkpoint.shape(disk) != tuple(param.shape):
             problems.append(f"{name} {checkpoint.shape(disk)} != {tuple(param.shape)}")
         return disk
@@ -418,6 +423,15 @@ def build_adapter_plan(
     def add(name: str, param: torch.Tensor, produce, modified: bool, out: torch.dtype, lora=None) -> None:
         if ties.should_write(name, param, modified):
             tensors.append(PlannedTensor(name, tuple(param.shape), out, produce, lora))
+
+    def split_on_disk(name: str, param: torch.Tensor) -> dict[str, tuple[int, ...]] | None:
+        """The checkpoint tensors a fused tensor of the model (MoE experts) was loaded from, if so."""
+        if any(n in checkpoint for n in [name, *names_of.get(id(param), [])]):
+            return None
+        stored = stored_as(model, name, param)
+        if len(stored) < 2 or any(piece not in checkpoint for piece in stored):
+            return None
+        return stored
 
     def out_dtype(disk: str) -> torch.dtype:
         # floating tensors become the output dtype; integer ones keep theirs (as fastsave.plan does)
@@ -437,7 +451,24 @@ def build_adapter_plan(
                 out = dtype if replacement.is_floating_point() else replacement.dtype
                 add(name, param, _tensor_producer(replacement, dtype, name), True, out)
                 continue
+            pieces = split_on_disk(name, param)
+            if pieces is not None:
+                # fused while loading (MoE experts): copied piece by piece under the checkpoint's own
+                # names, as the in-memory save writes them; merging LoRA into one is not supported
+                if lora is not None or (quantize is not None and attr == "weight"):
+                    problems.append(
+                        f"{name} (fused from {len(pieces)} checkpoint tensors; cannot merge into it)"
+                    )
+                    continue
+                for piece, shape in pieces.items():
+                    if checkpoint.shape(piece) != shape:
+                        problems.append(f"{piece} {checkpoint.shape(piece)} != {shape}")
+                    produce = _plain_producer(checkpoint, piece, None, dtype, False, piece)
+                    tensors.append(PlannedTensor(piece, shape, out_dtype(piece), produce))
+                continue
             disk = on_disk(name, param)
+            if disk != name and disk not in names_of.get(id(param), []):
+                name = disk  # renamed while loading: written under the checkpoint's own name
             if lora is not None and attr == "weight":
                 target = LoraTarget(
                     module_name, _arithmetic_view(adapter, module_name, module, conv1d), (ADAPTER,), ()

@@ -60,6 +60,19 @@ class _SplitSource:
         return produce
 
 
+def stored_as(root: nn.Module, name: str, tensor: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors (name -> shape) that hold the model's tensor ``name``.
+
+    ``{name: shape}`` when transformers converts nothing for it; several entries for a fused MoE
+    expert tensor; one entry under another name for a renamed one.
+    """
+    revert = _reverter()
+    if revert is None:
+        return {name: tuple(tensor.shape)}
+    meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    return {key: tuple(value.shape) for key, value in revert(root, {name: meta}).items()}
+
+
 def to_checkpoint_names(root: nn.Module, plan: SavePlan) -> SavePlan:
     """The plan under the names and shapes transformers' ``save_pretrained`` would write.
 

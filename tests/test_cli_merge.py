@@ -337,3 +337,38 @@ def test_gpt2_conv1d_layout(tmp_path):
     reference = reference.state_dict()
     for name, tensor in weights.items():
         assert torch.equal(tensor, reference[name].to(torch.bfloat16)), name
+
+
+def test_moe_checkpoint_layout(tmp_path):
+    """Mixtral: transformers renames and fuses the experts while loading. The command line copies them
+    from the checkpoint as they are, the in-memory save splits them back: all four paths agree, under
+    the base checkpoint's names, and the original-base merge equals peft's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    base = save_random_model(config, tmp_path / "mixtral", seed=7)
+    model = attach_lora(load_4bit(base), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model.save_pretrained(str(tmp_path / "adapter"))
+    fastsave.save_pretrained_merged(model, tmp_path / "memory")
+    fastsave.save_pretrained_merged(model, tmp_path / "memory-original", base_weights="original")
+    assert _merge([tmp_path / "adapter", tmp_path / "cli", "--base", base]) == 0
+    original = [tmp_path / "adapter", tmp_path / "cli-original", "--base", base, "--base-weights", "original"]
+    assert _merge(original) == 0
+
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.safetensors")
+    _same_files(tmp_path / "memory-original", tmp_path / "cli-original", "*.safetensors")
+    weights = _weights(tmp_path / "cli-original")
+    assert set(weights) == set(_weights(base))
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in weights
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(tmp_path / "adapter")
+    ).merge_and_unload()
+    reference.save_pretrained(tmp_path / "reference")  # transformers writes the checkpoint layout
+    expected = _weights(tmp_path / "reference")
+    assert set(expected) == set(weights)
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, expected[name].to(torch.bfloat16)), name
