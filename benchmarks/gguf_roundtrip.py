@@ -34,8 +34,11 @@ _UNPERMUTED = {
 }
 
 
-def make_checkpoint(work: Path, tied_with_lora: bool) -> Path:
-    """A merged tiny Llama (optionally tied embeddings + LoRA on lm_head) with a tokenizer.model."""
+def make_checkpoint(work: Path, kind: str) -> Path:
+    """A merged tiny model with a tokenizer.model: "untied" Llama, "tied" Llama (tied embeddings +
+    LoRA on lm_head), or "mixtral" (MoE: experts fused by transformers while loading)."""
+    from transformers import MixtralConfig
+
     import fastsave
     from fastsave.tiny import (
         attach_lora,
@@ -45,15 +48,20 @@ def make_checkpoint(work: Path, tied_with_lora: bool) -> Path:
         tiny_llama_config,
     )
 
-    name = "tied" if tied_with_lora else "plain"
-    base = work / f"base-{name}"
-    save_random_model(tiny_llama_config(vocab_size=300, tie_word_embeddings=tied_with_lora), base)
+    base = work / f"base-{kind}"
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    if kind == "mixtral":
+        config = MixtralConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        )  # fmt: skip
+    else:
+        config = tiny_llama_config(vocab_size=300, tie_word_embeddings=kind == "tied")
+        targets += ["gate_proj", "up_proj", "down_proj"] + (["lm_head"] if kind == "tied" else [])
+    save_random_model(config, base)
     tokenizer = build_sentencepiece_tokenizer(base)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    if tied_with_lora:
-        targets.append("lm_head")
     model = attach_lora(load_4bit(base), target_modules=targets)
-    out = work / f"merged-{name}"
+    out = work / f"merged-{kind}"
     fastsave.save_pretrained_merged(model, out, tokenizer)
     return out
 
@@ -113,6 +121,37 @@ def compare(llama_cpp: Path, checkpoint: Path, gguf_path: Path) -> tuple[int, li
                 ours = saved[hf_name].float().numpy().reshape(-1)
             if raw.shape != ours.shape or not np.array_equal(raw, ours):
                 problems.append(f"{gguf_name} differs from {hf_name}")
+    for i in range(layers):  # MoE: llama.cpp stacks the experts, which the checkpoint keeps apart
+        router = f"model.layers.{i}.block_sparse_moe.gate.weight"
+        if router not in saved:
+            continue
+        experts = 1 + max(
+            int(k.split(".")[5]) for k in saved if k.startswith(f"model.layers.{i}.block_sparse_moe.experts.")
+        )
+        stacked = {
+            f"blk.{i}.ffn_gate_inp.weight": saved[router],
+            **{
+                f"blk.{i}.ffn_{part}_exps.weight": torch.stack(
+                    [
+                        saved[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"]
+                        for e in range(experts)
+                    ]
+                )
+                for part, w in (("gate", "w1"), ("down", "w2"), ("up", "w3"))
+            },
+        }
+        for gguf_name, tensor in stacked.items():
+            if gguf_name not in gguf_tensors:
+                problems.append(f"{gguf_name} missing from the GGUF")
+                continue
+            raw = np.asarray(gguf_tensors[gguf_name].data).view(np.uint16).reshape(-1)
+            ours = tensor.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+            if gguf_name.endswith("ffn_gate_inp.weight"):  # the router: stored as float32 by the converter
+                raw = np.asarray(gguf_tensors[gguf_name].data, dtype=np.float32).reshape(-1)
+                ours = tensor.float().numpy().reshape(-1)
+            compared += 1
+            if raw.shape != ours.shape or not np.array_equal(raw, ours):
+                problems.append(f"{gguf_name} differs from the checkpoint's experts")
     return compared, problems
 
 
@@ -126,11 +165,11 @@ def main() -> int:
         return 2
     failed = False
     with tempfile.TemporaryDirectory(prefix="fastsave-gguf-") as tmp:
-        for tied in (False, True):
-            checkpoint = make_checkpoint(Path(tmp), tied)
+        labels = {"untied": "untied", "tied": "tied embeddings + LoRA on lm_head", "mixtral": "Mixtral (MoE)"}
+        for kind, label in labels.items():
+            checkpoint = make_checkpoint(Path(tmp), kind)
             gguf_path = convert(args.llama_cpp, checkpoint)
             compared, problems = compare(args.llama_cpp, checkpoint, gguf_path)
-            label = "tied embeddings + LoRA on lm_head" if tied else "untied"
             status = "OK" if not problems else "FAILED: " + "; ".join(problems)
             print(f"{label}: converted, {compared} tensors bit-identical in the GGUF: {status}")
             failed |= bool(problems)
