@@ -35,15 +35,16 @@ def _layout(tensors: dict[str, torch.Tensor]) -> Layout:
     return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
 
 
-class _SplitSource:
-    """One planned tensor that the checkpoint stores as several: produced once, handed out in pieces.
+class _ConvertedGroup:
+    """Planned tensors that the checkpoint stores differently: produced together, handed out in pieces.
 
-    The producer asks for the pieces in plan order, one after the other, so at most one source
-    tensor (and views of it) is held at a time.
+    A group is one tensor of the model that the checkpoint splits (fused MoE experts), several
+    that it joins (a fused qkv), or one it renames. The producer asks for the pieces in plan order,
+    one after the other, so at most one group (one layer's worth of tensors) is held at a time.
     """
 
-    def __init__(self, planned: PlannedTensor, revert: Callable, root: nn.Module) -> None:
-        self._planned = planned
+    def __init__(self, members: list[PlannedTensor], revert: Callable, root: nn.Module) -> None:
+        self._members = members
         self._revert = revert
         self._root = root
         self._pieces: dict[str, torch.Tensor] | None = None
@@ -51,13 +52,37 @@ class _SplitSource:
     def piece(self, name: str) -> Callable[[], torch.Tensor]:
         def produce() -> torch.Tensor:
             if self._pieces is None:
-                self._pieces = dict(self._revert(self._root, {self._planned.name: self._planned.produce()}))
+                produced = {member.name: member.produce() for member in self._members}
+                self._pieces = dict(self._revert(self._root, produced))
             tensor = self._pieces.pop(name)
             if not self._pieces:
                 self._pieces = None
             return tensor
 
         return produce
+
+
+def _groups(plan: SavePlan, outputs: dict[str, Layout]) -> list[list[PlannedTensor]]:
+    """Planned tensors joined by the checkpoint tensors their reversals write, in plan order."""
+    by_output: dict[str, list[str]] = {}
+    for name, layout in outputs.items():
+        for out in layout:
+            by_output.setdefault(out, []).append(name)
+    parent = {t.name: t.name for t in plan.tensors}
+
+    def root_of(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for names in by_output.values():
+        for other in names[1:]:
+            parent[root_of(other)] = root_of(names[0])
+    groups: dict[str, list[PlannedTensor]] = {}
+    for planned in plan.tensors:
+        groups.setdefault(root_of(planned.name), []).append(planned)
+    return list(groups.values())
 
 
 def stored_as(root: nn.Module, name: str, tensor: torch.Tensor) -> dict[str, tuple[int, ...]]:
@@ -76,11 +101,14 @@ def stored_as(root: nn.Module, name: str, tensor: torch.Tensor) -> dict[str, tup
 def to_checkpoint_names(root: nn.Module, plan: SavePlan) -> SavePlan:
     """The plan under the names and shapes transformers' ``save_pretrained`` would write.
 
-    Most models convert nothing while loading; their plan is returned as it is.
+    Most models convert nothing while loading; their plan is returned as it is. For the others each
+    tensor's reversal is planned on meta tensors; tensors whose reversals write the same checkpoint
+    tensor are produced together. The LoRA bookkeeping (every module merged once) was checked on
+    the plan before this step.
 
     Raises:
-        PlanError: the model's load-time conversion joins several in-memory tensors into one
-            checkpoint tensor, which cannot be streamed one tensor at a time. Nothing is written.
+        PlanError: transformers' reversal, applied group by group, does not give the layout it
+            gives for the whole model. Nothing is written.
     """
     revert = _reverter()
     if revert is None or getattr(root, "_weight_conversions", None) == []:
@@ -89,27 +117,29 @@ def to_checkpoint_names(root: nn.Module, plan: SavePlan) -> SavePlan:
     whole = _layout(revert(root, dict(metas)))
     if whole == _layout(metas):
         return plan
-    tensors: list[PlannedTensor] = []
-    for planned in plan.tensors:
-        pieces = _layout(revert(root, {planned.name: metas[planned.name]}))
-        if pieces == {planned.name: (planned.shape, planned.dtype)}:
-            tensors.append(planned)
-            continue
-        if len(pieces) == 1:  # renamed only
-            ((name, _),) = pieces.items()
-            tensors.append(replace(planned, name=name))
-            continue
-        source = _SplitSource(planned, revert, root)
-        for index, (name, (shape, dtype)) in enumerate(pieces.items()):
-            lora_module = planned.lora_module if index == 0 else None
-            tensors.append(PlannedTensor(name, shape, dtype, source.piece(name), lora_module))
+    refusal = PlanError(
+        f"transformers converted this {type(root).__name__} checkpoint while loading it in a way fastsave "
+        "cannot reverse group by group; save with save_method='lora' and merge with transformers, or "
+        "report the model. Nothing was written."
+    )
+    try:
+        outputs = {t.name: _layout(revert(root, {t.name: metas[t.name]})) for t in plan.tensors}
+        tensors: list[PlannedTensor] = []
+        for members in _groups(plan, outputs):
+            first = members[0]
+            if len(members) == 1 and outputs[first.name] == {first.name: (first.shape, first.dtype)}:
+                tensors.append(first)  # not converted
+                continue
+            pieces = _layout(revert(root, {m.name: metas[m.name] for m in members}))
+            group = _ConvertedGroup(members, revert, root)
+            for name, (shape, dtype) in pieces.items():
+                tensors.append(PlannedTensor(name, shape, dtype, group.piece(name)))
+    except PlanError:
+        raise
+    except Exception as error:  # a reversal that needs tensors the group lacks
+        raise refusal from error
     if _layout_of(tensors) != whole or len(tensors) != len(whole):
-        raise PlanError(
-            f"transformers converted this {type(root).__name__} checkpoint while loading it in a way that "
-            "joins several tensors of the model into one checkpoint tensor; fastsave cannot write that "
-            "layout one tensor at a time yet. Save with save_method='lora' and merge with transformers, "
-            "or report the model. Nothing was written."
-        )
+        raise refusal
     # names unique and each exactly what transformers' reversal gives: checked just above
     return replace(plan, tensors=tensors)
 

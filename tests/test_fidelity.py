@@ -33,6 +33,7 @@ from transformers import (
     BitsAndBytesConfig,
     GemmaConfig,
     GPT2Config,
+    HrmTextConfig,
     MistralConfig,
     MixtralConfig,
     Phi3Config,
@@ -93,6 +94,11 @@ def _config(arch: str, tie: bool | None = None):
             moe_intermediate_size=64,
             shared_expert_intermediate_size=64,
         )
+    if arch == "hrm_text":  # the checkpoint fuses gate+q+k+v and gate+up, transformers splits them on load
+        return HrmTextConfig(
+            vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            head_dim=16, tie_word_embeddings=bool(tie),
+        )  # fmt: skip
     if arch == "gpt2":  # Conv1D layers, tied lm_head
         return GPT2Config(
             vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2
@@ -323,13 +329,15 @@ MOE_TARGETS = {
 
 
 @pytest.mark.parametrize(
-    "arch", ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "bert", "t5", "mixtral", "qwen2_moe"]
+    "arch",
+    ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "bert", "t5", "mixtral", "qwen2_moe", "hrm_text"],
 )
 def test_architectures_nf4(arch, base_dir, tmp_path):
     """LoRA on every linear layer of a 4-bit model; GPT-2's Conv1D layers are quantized too.
 
     MoE models: transformers fuses their experts into 3D parameters while loading (not quantized,
-    not nn.Linear), and the checkpoint must come out in the layout it was read from, experts apart.
+    not nn.Linear), and the checkpoint must come out in the layout it was read from, experts apart;
+    HrmText the other way round: its checkpoint fuses projections that the model holds apart.
     """
     base = base_dir(arch)
     targets = {}
