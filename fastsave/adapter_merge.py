@@ -178,8 +178,13 @@ class SavedAdapter:
             )
         for name in _REFUSED_FIELDS:
             if getattr(config, name, None):
+                where = (
+                    "; merge it in the training session with save_pretrained_merged, which does"
+                    if name == "target_parameters"
+                    else ""
+                )
                 raise UnsupportedAdapterError(
-                    f"the adapter uses peft's {name}, which fastsave's merge does not support exactly"
+                    f"the adapter uses peft's {name}, which the command line does not merge{where}"
                 )
         init = getattr(config, "init_lora_weights", True)
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):

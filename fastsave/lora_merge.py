@@ -48,6 +48,11 @@ def is_lora_layer(module: nn.Module) -> bool:
     return LoraLayer is not None and isinstance(module, LoraLayer)
 
 
+def is_param_wrapper(module: nn.Module) -> bool:
+    """True for peft's LoRA on a bare parameter (``target_parameters``: fused MoE experts, routers)."""
+    return is_lora_layer(module) and type(module).__name__ == "ParamWrapper"
+
+
 def is_other_tuner_layer(module: nn.Module) -> bool:
     """True for a peft tuner layer of another method (IA3, LoHa, LoKr, ...), which fastsave refuses."""
     return BaseTunerLayer is not None and isinstance(module, BaseTunerLayer) and not is_lora_layer(module)
@@ -86,7 +91,7 @@ def _check_supported(layer: nn.Module, adapter: str, name: str = "") -> None:
                 "cannot merge exactly yet; save it with save_method='lora' instead"
             )
     kind = type(layer).__name__
-    if kind not in ("Linear", "Linear4bit", "Linear8bitLt", "Embedding"):
+    if kind not in ("Linear", "Linear4bit", "Linear8bitLt", "Embedding", "ParamWrapper"):
         raise UnsupportedAdapterError(
             f"LoRA on {where} is not supported by fastsave's merge yet; save it with save_method='lora'"
         )
@@ -156,11 +161,47 @@ def _dora_rescale(
     return factor * (current + delta)
 
 
+def param_wrapper_delta_float32(layer: nn.Module, adapter: str, device: torch.device) -> torch.Tensor:
+    """peft's ParamWrapper delta for one adapter, in float32, in the wrapped parameter's layout.
+
+    A 2D parameter (a router) takes the Linear delta B @ A. A 3D expert stack holds one rank-r pair
+    a expert: A is (experts * r, in), B is (out, r * experts), paired as peft's einsum pairs them,
+    with the (experts, in, out) or (experts, out, in) order peft chose for the parameter.
+    """
+    a = layer.lora_A[adapter].weight.detach().to(device=device, dtype=torch.float32)
+    b = layer.lora_B[adapter].weight.detach().to(device=device, dtype=torch.float32)
+    scaling = layer.scaling[adapter]
+    if layer.num_experts == 1:
+        return (b @ a) * scaling
+    a = a.reshape(layer.num_experts, -1, a.shape[-1])
+    b = b.reshape(b.shape[0], -1, layer.num_experts)
+    order = "e o i" if layer._did_swap_in_out_features else "e i o"
+    return torch.einsum(f"o r e, e r i -> {order}", b, a) * scaling
+
+
+def _param_wrapper_merged_float32(target: LoraTarget) -> torch.Tensor:
+    param = target.layer.get_param().detach()
+    if not param.is_floating_point():
+        raise UnsupportedAdapterError(
+            f"LoRA on {target.name} wraps a {param.dtype} parameter (quantized?), which fastsave cannot "
+            "merge; save it with save_method='lora'"
+        )
+    weight = param.to(torch.float32, copy=True)
+    for adapter in target.adapters:
+        weight.add_(param_wrapper_delta_float32(target.layer, adapter, weight.device))
+    return weight
+
+
 def merged_weight_float32(target: LoraTarget) -> torch.Tensor:
-    """W + every selected adapter's delta, in float32, on the layer's device; the model is untouched."""
+    """W + every selected adapter's delta, in float32, on the layer's device; the model is untouched.
+
+    For peft's ParamWrapper, W is the wrapped parameter (``layer.get_param()``).
+    """
     layer = target.layer
     base_layer = layer.get_base_layer()
     check_supported(target)
+    if is_param_wrapper(layer):
+        return _param_wrapper_merged_float32(target)
     fused = _fused_merge(target)
     if fused is not None:
         return fused

@@ -22,6 +22,7 @@ from fastsave.lora_merge import (
     find_lora_targets,
     is_lora_layer,
     is_other_tuner_layer,
+    is_param_wrapper,
     merged_bias_float32,
     merged_weight_float32,
     row_block_deltas,
@@ -254,6 +255,14 @@ def _saved_wrapper_module(wrapper: nn.Module, adapter_names: Sequence[str] | Non
     return copies[wanted[0]]
 
 
+def _add_buffers(module: nn.Module, prefix: str, add: Callable, out_dtype: torch.dtype) -> None:
+    """Plan the persistent buffers of one module (not its children's)."""
+    non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+    for attr, buf in module.named_buffers(recurse=False):
+        if attr not in non_persistent and buf is not None:
+            add(prefix + attr, buf, _plain_producer(module, attr, prefix + attr, out_dtype), buf.shape, False)
+
+
 def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Sequence[str] | None) -> SavePlan:
     """Walk the model once and list every tensor a merged 16-bit checkpoint holds.
 
@@ -297,6 +306,34 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
         if any(name.startswith(p) for p in skip_prefixes):
             continue
         prefix = f"{name}." if name else ""
+        if is_param_wrapper(module):
+            # LoRA on bare parameters of one module (peft nests one ParamWrapper a parameter): the
+            # module's tensors under its own names, the wrapped ones merged
+            skip_prefixes.append(prefix)
+            wrapped: dict[str, LoraTarget | None] = {}
+            inner = module
+            while is_param_wrapper(inner):
+                wrapped[inner.parameter_name] = target_by_module.get(id(inner))
+                inner = inner.base_layer
+            for sub_name, sub in inner.named_modules():
+                sub_prefix = prefix + (f"{sub_name}." if sub_name else "")
+                for attr, param in sub.named_parameters(recurse=False):
+                    target = wrapped.get(attr) if not sub_name else None
+                    if target is not None:
+                        producer = _merged_weight_producer(target, sub_prefix + attr, out_dtype)
+                        add(
+                            sub_prefix + attr,
+                            param,
+                            producer,
+                            param.shape,
+                            bool(target.adapters),
+                            lora=target.name,
+                        )
+                    else:
+                        producer = _plain_producer(sub, attr, sub_prefix + attr, out_dtype)
+                        add(sub_prefix + attr, param, producer, param.shape, False)
+                _add_buffers(sub, sub_prefix, add, out_dtype)
+            continue
         if is_lora_layer(module):
             skip_prefixes.append(prefix)
             base_layer = module.get_base_layer()
@@ -355,16 +392,7 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
         for attr, param in module.named_parameters(recurse=False):
             shape = logical_weight_shape(module) if attr == "weight" else param.shape
             add(prefix + attr, param, _plain_producer(module, attr, prefix + attr, out_dtype), shape, False)
-        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
-        for attr, buf in module.named_buffers(recurse=False):
-            if attr not in non_persistent and buf is not None:
-                add(
-                    prefix + attr,
-                    buf,
-                    _plain_producer(module, attr, prefix + attr, out_dtype),
-                    buf.shape,
-                    False,
-                )
+        _add_buffers(module, prefix, add, out_dtype)
 
     plan = SavePlan(
         tensors, out_dtype, targets, ties.untied, ties.written_once, lora_module_census(root, adapter_names)

@@ -339,18 +339,35 @@ def test_gpt2_conv1d_layout(tmp_path):
         assert torch.equal(tensor, reference[name].to(torch.bfloat16)), name
 
 
-def test_moe_checkpoint_layout(tmp_path):
-    """Mixtral: transformers renames and fuses the experts while loading. The command line copies them
-    from the checkpoint as they are, the in-memory save splits them back: all four paths agree, under
-    the base checkpoint's names, and the original-base merge equals peft's."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, MixtralConfig
+def _tiny_mixtral(directory: Path, seed: int) -> Path:
+    from transformers import MixtralConfig
 
     config = MixtralConfig(
         vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
     )  # fmt: skip
-    base = save_random_model(config, tmp_path / "mixtral", seed=7)
+    return save_random_model(config, directory, seed=seed)
+
+
+def test_lora_on_expert_parameters_is_left_to_the_training_session(tmp_path, capsys):
+    base = _tiny_mixtral(tmp_path / "mixtral", seed=8)
+    model = attach_lora(
+        load_4bit(base), target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"]
+    )
+    model.save_pretrained(str(tmp_path / "adapter"))
+    assert _merge([tmp_path / "adapter", tmp_path / "cli", "--base", base]) == 1
+    assert "target_parameters" in (err := capsys.readouterr().err) and "save_pretrained_merged" in err
+    assert not (tmp_path / "cli").exists()
+
+
+def test_moe_checkpoint_layout(tmp_path):
+    """Mixtral: transformers renames and fuses the experts while loading. The command line copies them
+    from the checkpoint as they are, the in-memory save splits them back: all four paths agree, under
+    the base checkpoint's names, and the original-base merge equals peft's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = _tiny_mixtral(tmp_path / "mixtral", seed=7)
     model = attach_lora(load_4bit(base), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model.save_pretrained(str(tmp_path / "adapter"))
     fastsave.save_pretrained_merged(model, tmp_path / "memory")

@@ -239,6 +239,16 @@ def _logits(model, arch: str, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
+def _merged_parameter(merged: nn.Module, target) -> torch.Tensor:
+    """The tensor of peft's merged model that ``target`` (a LoRA layer of ours) merges into."""
+    if type(target.layer).__name__ != "ParamWrapper":
+        return merged.get_submodule(target.name).weight
+    module = target.name  # nested ParamWrappers: "....experts", "....experts.base_layer", ...
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    return getattr(merged.get_submodule(module), target.layer.parameter_name)
+
+
 def check_exact(
     peft_model,
     base: Path,
@@ -262,14 +272,12 @@ def check_exact(
     out_dtype = getattr(torch, config["dtype"])
     # fastsave's float32 merge, before rounding, for the float32 comparison below
     targets = find_lora_targets(unwrap_peft(peft_model), save_kwargs.get("adapter_names"))
-    ours32 = {
-        t.name: to_checkpoint_layout(t.layer.get_base_layer(), merged_weight_float32(t)) for t in targets
-    }
+    ours32 = {t: to_checkpoint_layout(t.layer.get_base_layer(), merged_weight_float32(t)) for t in targets}
 
     merged = oracle.merge_and_unload(adapter_names=save_kwargs.get("adapter_names"))
     worst32, exact32 = 0.0, True
-    for name, weight in ours32.items():
-        want = merged.get_submodule(name).weight
+    for target, weight in ours32.items():
+        want = _merged_parameter(merged, target)
         if not torch.equal(weight, want):
             exact32 = False
             worst32 = max(worst32, (weight - want).abs().max().item())
@@ -719,16 +727,25 @@ def test_other_peft_methods_are_refused(method, base_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "lora_kwargs",
+    ("case", "lora_kwargs"),
     [
-        dict(target_modules="all-linear"),  # peft wraps the router's weight parameter
-        dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]),  # fused experts
+        ("router", dict(target_modules="all-linear")),  # peft wraps the router's 2D weight parameter
+        (
+            "fused experts",
+            dict(
+                target_modules=["q_proj"],
+                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            ),
+        ),
     ],
-    ids=["router", "expert_parameters"],
 )
-def test_lora_on_moe_parameters_is_refused(lora_kwargs, base_dir, tmp_path):
-    """LoRA on a bare parameter (peft's ParamWrapper: routers, fused experts) is refused, not dropped."""
-    model = attach_lora(_load(base_dir("mixtral"), "mixtral"), **lora_kwargs)
-    with pytest.raises(UnsupportedAdapterError, match=r"(?s)ParamWrapper.*save_method='lora'"):
-        fastsave.save_pretrained_merged(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+def test_lora_on_moe_parameters(case, lora_kwargs, base_dir, tmp_path):
+    """LoRA on bare parameters (peft's ParamWrapper, nested for two parameters of one module): the
+    3D expert stacks get one rank-r delta per expert, then are written apart per expert."""
+    base = base_dir("mixtral")
+    model = attach_lora(_load(base, "mixtral"), seed=5, **lora_kwargs)
+    assert any(type(m).__name__ == "ParamWrapper" for m in model.modules())
+    check_exact(model, base, tmp_path, f"Mixtral LoRA on {case} (ParamWrapper)", arch="mixtral")
+    changed = "block_sparse_moe.gate" if case == "router" else "block_sparse_moe.experts.1.w3"
+    name = f"model.layers.0.{changed}.weight"
+    assert not torch.equal(_saved(tmp_path / "out")[name], _saved(base)[name])  # the delta is in
