@@ -62,7 +62,7 @@ from fastsave.original_base import (
     check_not_quantized_checkpoint,
     resolve_checkpoint_dir,
 )
-from fastsave.plan import PlanError, PlannedTensor, SavePlan, TiedWeights, check_plan, to_output_tensor
+from fastsave.plan import PlannedTensor, SavePlan, TiedWeights, check_plan, to_output_tensor
 from fastsave.writer import publish
 
 logger = logging.getLogger("fastsave")
@@ -557,10 +557,6 @@ def _merged_producer(
         base = _base_float32(checkpoint, disk, quant, dtype, conv1d)
         bias = checkpoint.get(bias_disk) if bias_disk is not None else None  # lora_merge checks it exists
         weight = merged_weight_float32(_with_base(target, base, bias))
-        if not torch.isfinite(weight).all():
-            raise PlanError(
-                f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved"
-            )
         return to_output_tensor(weight, dtype, name)
 
     return produce

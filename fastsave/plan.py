@@ -35,6 +35,7 @@ from fastsave.quantized import (
     logical_weight_shape,
     to_checkpoint_layout,
 )
+from fastsave.rounding import round_once
 from fastsave.row_blocks import merge_in_row_blocks
 
 try:
@@ -188,33 +189,19 @@ def to_output_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> tor
     Raises:
         PlanError: NaN/Inf in the tensor, or a float16 overflow, naming the tensor.
     """
-    if tensor.is_floating_point() and dtype != tensor.dtype:
-        if not torch.isfinite(tensor).all():
-            raise PlanError(f"merged tensor {name!r} holds NaN or Inf; the adapter or base weight is broken")
-        out = tensor.to(dtype)
-        if dtype == torch.float16 and not torch.isfinite(out).all():
-            raise PlanError(
-                f"tensor {name!r} overflows float16 (|w| > 65504 after merging); save with dtype=torch.bfloat16"
-            )
-        tensor = out
-    return tensor.detach().to("cpu").contiguous()
+    return round_once(tensor, dtype, name).detach().to("cpu").contiguous()
 
 
 def _merged_weight_producer(target: LoraTarget, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    # build_plan has run check_supported on every target before any producer runs
     def produce() -> torch.Tensor:
         base = target.layer.get_base_layer()
-        check_supported(target)
         deltas = row_block_deltas(target)
         if deltas is not None:
             merged = merge_in_row_blocks(base, deltas, dtype, name)
             if merged is not None:
                 return to_checkpoint_layout(base, merged).contiguous()
-        weight = to_checkpoint_layout(base, merged_weight_float32(target))
-        if not torch.isfinite(weight).all():
-            raise PlanError(
-                f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved"
-            )
-        return to_output_tensor(weight, dtype, name)
+        return to_output_tensor(to_checkpoint_layout(base, merged_weight_float32(target)), dtype, name)
 
     return produce
 

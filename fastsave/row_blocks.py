@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from fastsave import quantized
-from fastsave.errors import PlanError
 from fastsave.quantized import _dequantize_cpu_packed, bnb_functional, is_4bit, is_8bit
+from fastsave.rounding import round_once
 
 BLOCK_BYTES = 4 << 20  # float32 working set of one block: fits in L2/L3 next to its copies
 _CPU_PACK_ROWS = 32  # bitsandbytes' repacked CPU layout groups rows by 32
@@ -132,14 +132,5 @@ def merge_in_row_blocks(
         block = read(i, j)
         for b, a, scaling in deltas:
             block.add_((b[i:j] @ a) * scaling)
-        if not torch.isfinite(block).all():
-            raise PlanError(
-                f"merged weight {name!r} holds NaN or Inf: the adapter is broken, nothing was saved"
-            )
-        rounded = block.to(dtype)
-        if dtype == torch.float16 and not torch.isfinite(rounded).all():
-            raise PlanError(
-                f"tensor {name!r} overflows float16 (|w| > 65504 after merging); save with dtype=torch.bfloat16"
-            )
-        out[i:j] = rounded
+        out[i:j] = round_once(block, dtype, name)
     return out
