@@ -44,16 +44,7 @@ from fastsave.checkpoint_names import to_checkpoint_names
 from fastsave.options import SaveOptions
 from fastsave.original_base import weight_sources
 from fastsave.plan import PlannedTensor, SavePlan, build_plan, unwrap_peft
-from fastsave.quantized import is_4bit
-
-try:
-    from fastsave.quantized import stored_transposed
-except ImportError:  # pragma: no cover - an older fastsave.quantized without Conv1D support
-
-    def stored_transposed(module: nn.Module) -> bool:
-        """No layer is stored transposed."""
-        return False
-
+from fastsave.quantized import is_4bit, stored_transposed
 
 logger = logging.getLogger("fastsave")
 

@@ -33,21 +33,11 @@ from torch import nn
 from fastsave.lora_merge import LoraTarget, is_lora_layer, merged_weight_float32
 from fastsave.options import SaveOptions
 from fastsave.plan import SavePlan, build_plan, check_plan, to_output_tensor, unwrap_peft
-from fastsave.quantized import is_quantized
-
-try:  # weights of quantized layers made from a Conv1D are stored transposed (GPT-2 and kin)
-    from fastsave.quantized import to_checkpoint_layout
-except ImportError:  # pragma: no cover - an older fastsave.quantized without Conv1D support
-
-    def to_checkpoint_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        """The weight as it is: no layer is stored transposed."""
-        return weight
-
+from fastsave.quantized import is_quantized, to_checkpoint_layout
+from fastsave.writer import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 logger = logging.getLogger("fastsave")
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _FLOAT_DTYPES = {
     "F64",
     "F32",
@@ -136,8 +126,8 @@ class SafetensorsCheckpoint:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        index = self.directory / SAFE_WEIGHTS_INDEX_NAME
-        single = self.directory / SAFE_WEIGHTS_NAME
+        index = self.directory / WEIGHTS_INDEX_NAME
+        single = self.directory / WEIGHTS_NAME
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.file_of = {name: self.directory / file for name, file in weight_map.items()}
@@ -147,9 +137,7 @@ class SafetensorsCheckpoint:
         else:
             bins = sorted(p.name for p in self.directory.glob("*.bin"))
             hint = f" (it holds {', '.join(bins)}: convert it to safetensors first)" if bins else ""
-            raise ValueError(
-                f"{str(self.directory)!r} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}{hint}"
-            )
+            raise ValueError(f"{str(self.directory)!r} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{hint}")
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def __contains__(self, name: object) -> bool:
