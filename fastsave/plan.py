@@ -7,6 +7,7 @@ LoRA module merged exactly once) run before anything is written.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,10 +64,7 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         """Size of the tensor's data in bytes."""
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
 @dataclass

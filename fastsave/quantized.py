@@ -10,6 +10,7 @@ so would change the weights the user trained and evaluated.
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import torch
@@ -129,15 +130,18 @@ def dequantize_4bit_float32(module: nn.Module) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(codes, state32)
 
 
-def _dequantize_flat_blocks(codes: torch.Tensor, state) -> torch.Tensor:
-    """code[nibble] * absmax[i // blocksize] over the flattened weight, high nibble first, in float32."""
+def absmax_float32(state) -> torch.Tensor:
+    """The per-block absmax of a 4-bit QuantState in float32, the double-quantized one decoded."""
     absmax = state.absmax
     if state.nested:
         absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    absmax = absmax.to(torch.float32)
-    count = 1
-    for dim in state.shape:
-        count *= dim
+    return absmax.to(torch.float32)
+
+
+def _dequantize_flat_blocks(codes: torch.Tensor, state) -> torch.Tensor:
+    """code[nibble] * absmax[i // blocksize] over the flattened weight, high nibble first, in float32."""
+    absmax = absmax_float32(state)
+    count = math.prod(state.shape)
     flat = codes.reshape(-1)
     nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:count]
     values = state.code.to(device=codes.device, dtype=torch.float32)[nibbles.long()]
@@ -162,13 +166,19 @@ def _dequantize_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
     return (values * absmax.unsqueeze(-1)).reshape(n_rows, k)
 
 
-def dequantize_8bit_float32(module: nn.Module) -> torch.Tensor:
-    """Dequantize an LLM.int8 weight (int8 codes times a per-row scale / 127) to float32."""
-    weight = module.weight
-    scb = getattr(weight, "SCB", None)
+def int8_row_scale(module: nn.Module) -> torch.Tensor:
+    """The per-row scale (SCB) of an LLM.int8 weight, in float32: on the parameter or the layer state."""
+    scb = getattr(module.weight, "SCB", None)
     if scb is None:
         scb = module.state.SCB
-    return bnb_functional.int8_vectorwise_dequant(weight.data, scb.to(torch.float32)).to(torch.float32)
+    return scb.to(torch.float32)
+
+
+def dequantize_8bit_float32(module: nn.Module) -> torch.Tensor:
+    """Dequantize an LLM.int8 weight (int8 codes times a per-row scale / 127) to float32."""
+    return bnb_functional.int8_vectorwise_dequant(module.weight.data, int8_row_scale(module)).to(
+        torch.float32
+    )
 
 
 def base_weight_float32(module: nn.Module) -> torch.Tensor:

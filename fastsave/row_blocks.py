@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from fastsave import quantized
-from fastsave.quantized import _dequantize_cpu_packed, bnb_functional, is_4bit, is_8bit
+from fastsave.quantized import (
+    _dequantize_cpu_packed,
+    absmax_float32,
+    bnb_functional,
+    int8_row_scale,
+    is_4bit,
+    is_8bit,
+)
 from fastsave.rounding import round_once
 
 BLOCK_BYTES = 4 << 20  # float32 working set of one block: fits in L2/L3 next to its copies
@@ -54,10 +61,7 @@ def row_reader(module: nn.Module) -> tuple[RowReader, int] | None:
         n_cols = state.shape[-1]
         if len(state.shape) != 2 or n_cols % state.blocksize or n_cols % 2:
             return None
-        absmax = state.absmax
-        if state.nested:
-            absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        absmax = absmax.to(torch.float32)
+        absmax = absmax_float32(state)
         codes = weight.data.view(torch.uint8).reshape(-1)
         blocks_per_row = n_cols // state.blocksize
 
@@ -72,8 +76,7 @@ def row_reader(module: nn.Module) -> tuple[RowReader, int] | None:
 
         return read_4bit, 1
     if is_8bit(module):
-        scale = getattr(weight, "SCB", None)
-        scale = (scale if scale is not None else module.state.SCB).to(torch.float32)
+        scale = int8_row_scale(module)
         return (
             lambda i, j: bnb_functional.int8_vectorwise_dequant(weight.data[i:j], scale[i:j]).to(
                 torch.float32
