@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastsave.errors import PlanError
-from fastsave.plan import PlannedTensor, SavePlan
+from fastsave.plan import PlannedTensor, SavePlan, SharedProducer
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -35,31 +35,15 @@ def _layout(tensors: dict[str, torch.Tensor]) -> Layout:
     return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
 
 
-class _ConvertedGroup:
-    """Planned tensors that the checkpoint stores differently: produced together, handed out in pieces.
+def _converted_group(
+    members: list[PlannedTensor], revert: Callable, root: nn.Module
+) -> Callable[[], dict[str, torch.Tensor]]:
+    """Produce the group's tensors of the model, then let transformers turn them into checkpoint ones.
 
     A group is one tensor of the model that the checkpoint splits (fused MoE experts), several
-    that it joins (a fused qkv), or one it renames. The producer asks for the pieces in plan order,
-    one after the other, so at most one group (one layer's worth of tensors) is held at a time.
+    that it joins (a fused qkv), or one it renames.
     """
-
-    def __init__(self, members: list[PlannedTensor], revert: Callable, root: nn.Module) -> None:
-        self._members = members
-        self._revert = revert
-        self._root = root
-        self._pieces: dict[str, torch.Tensor] | None = None
-
-    def piece(self, name: str) -> Callable[[], torch.Tensor]:
-        def produce() -> torch.Tensor:
-            if self._pieces is None:
-                produced = {member.name: member.produce() for member in self._members}
-                self._pieces = dict(self._revert(self._root, produced))
-            tensor = self._pieces.pop(name)
-            if not self._pieces:
-                self._pieces = None
-            return tensor
-
-        return produce
+    return lambda: revert(root, {member.name: member.produce() for member in members})
 
 
 def _groups(plan: SavePlan, outputs: dict[str, Layout]) -> list[list[PlannedTensor]]:
@@ -127,15 +111,16 @@ def to_checkpoint_names(root: nn.Module, plan: SavePlan) -> SavePlan:
         tensors: list[PlannedTensor] = []
         for members in _groups(plan, outputs):
             first = members[0]
-            if len(members) == 1 and outputs[first.name] == {first.name: (first.shape, first.dtype)}:
-                tensors.append(first)  # not converted
-                continue
-            pieces = _layout(revert(root, {m.name: metas[m.name] for m in members}))
-            group = _ConvertedGroup(members, revert, root)
+            if len(members) == 1:
+                pieces = outputs[first.name]
+                if pieces == {first.name: (first.shape, first.dtype)}:
+                    tensors.append(first)  # not converted
+                    continue
+            else:
+                pieces = _layout(revert(root, {m.name: metas[m.name] for m in members}))
+            group = SharedProducer(_converted_group(members, revert, root))
             for name, (shape, dtype) in pieces.items():
-                tensors.append(PlannedTensor(name, shape, dtype, group.piece(name)))
-    except PlanError:
-        raise
+                tensors.append(PlannedTensor(name, shape, dtype, group.part(name)))
     except Exception as error:  # a reversal that needs tensors the group lacks
         raise refusal from error
     if _layout_of(tensors) != whole or len(tensors) != len(whole):

@@ -43,7 +43,7 @@ from fastsave.checkpoint_files import DTYPE_NAMES, write_config, write_generatio
 from fastsave.checkpoint_names import to_checkpoint_names
 from fastsave.options import SaveOptions
 from fastsave.original_base import weight_sources
-from fastsave.plan import PlannedTensor, SavePlan, build_plan, unwrap_peft
+from fastsave.plan import PlannedTensor, SavePlan, SharedProducer, build_plan, unwrap_peft
 from fastsave.quantized import is_4bit, stored_transposed
 
 logger = logging.getLogger("fastsave")
@@ -135,7 +135,7 @@ def quantized_layout(
 
 
 class _QuantizedGroup:
-    """The tensors of one re-quantized weight: the first produce() quantizes, the rest hand out parts.
+    """The tensors of one re-quantized weight: the first part asked for quantizes, the rest hand out parts.
 
     ``transposed``: the checkpoint stores the weight (in, out) (a Conv1D) and transformers quantizes
     its transpose, so the transpose is quantized here too.
@@ -147,9 +147,9 @@ class _QuantizedGroup:
         self.transposed = transposed
         shape = source.shape[::-1] if transposed else source.shape
         self.layout = quantized_layout(source.name, shape, source.dtype, settings)
-        self._parts: dict[str, torch.Tensor] = {}
+        self._shared = SharedProducer(self._quantize)
 
-    def _quantize(self) -> None:
+    def _quantize(self) -> dict[str, torch.Tensor]:
         import bitsandbytes.functional as bnb_functional
 
         weight = self.source.produce()  # merged, rounded once to the 16-bit output dtype, on the CPU
@@ -178,17 +178,11 @@ class _QuantizedGroup:
         got = {n: (tuple(t.shape), t.dtype) for n, t in parts.items()}
         if got != expected:
             raise RuntimeError(f"bitsandbytes wrote {got} for {name}, planned {expected}")
-        self._parts = parts
+        return parts
 
     def producer(self, part: str) -> Callable[[], torch.Tensor]:
-        """The produce function of one part; the weight itself (the first part) runs the quantization."""
-
-        def produce() -> torch.Tensor:
-            if part == self.source.name:
-                self._quantize()
-            return self._parts.pop(part)
-
-        return produce
+        """The produce function of one part; the first part asked for runs the quantization."""
+        return self._shared.part(part)
 
 
 def requantize_plan(

@@ -67,6 +67,32 @@ class PlannedTensor:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
+class SharedProducer:
+    """Produce functions for several planned tensors that one computation makes together.
+
+    The first part asked for runs ``make`` (name -> tensor); each part is then handed out once.
+    The producer asks for tensors in plan order and a group's parts stand together there, so only
+    one group's parts are held at a time.
+    """
+
+    def __init__(self, make: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self._make = make
+        self._parts: dict[str, torch.Tensor] | None = None
+
+    def part(self, name: str) -> Callable[[], torch.Tensor]:
+        """The produce function of the part ``name``."""
+
+        def produce() -> torch.Tensor:
+            if self._parts is None:
+                self._parts = dict(self._make())
+            tensor = self._parts.pop(name)
+            if not self._parts:
+                self._parts = None
+            return tensor
+
+        return produce
+
+
 @dataclass
 class SavePlan:
     """Everything the producer and writer need, decided before any weight is merged."""
