@@ -43,7 +43,7 @@ from fastsave.checkpoint_files import DTYPE_NAMES, write_config, write_generatio
 from fastsave.checkpoint_names import to_checkpoint_names
 from fastsave.options import SaveOptions
 from fastsave.original_base import weight_sources
-from fastsave.plan import PlannedTensor, SavePlan, SharedProducer, build_plan, unwrap_peft
+from fastsave.plan import PlannedTensor, SavePlan, SharedProducer, unwrap_peft
 from fastsave.quantized import is_4bit, stored_transposed
 
 logger = logging.getLogger("fastsave")
@@ -232,14 +232,9 @@ def save_merged_4bit_forced(
     Raises:
         ValueError: the model has no 4-bit weight, so there are no quantization settings to reuse.
     """
-    from fastsave.save import write_merged_weights
+    from fastsave.save import build_merged_plan, write_merged_weights
 
-    if opts.base_weights == "original":
-        from fastsave.original_base import build_original_plan
-
-        plan16 = build_original_plan(model, opts)
-    else:
-        plan16 = build_plan(model, opts.dtype, opts.adapter_names)
+    plan16 = build_merged_plan(model, opts)
     sources = weight_sources(model, plan16.lora_targets)
     settings = {
         name: settings_of(source.base_layer) for name, source in sources.items() if is_4bit(source.base_layer)

@@ -96,15 +96,18 @@ def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) 
     return [s.filename for s in shards]
 
 
-def _save_merged(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: Path) -> dict[str, Any]:
+def build_merged_plan(model: nn.Module, options: SaveOptions) -> SavePlan:
+    """The 16-bit merged plan, into the dequantized weights or the original checkpoint's (base_weights)."""
     if options.base_weights == "original":
         from fastsave.original_base import build_original_plan
 
-        plan = build_original_plan(model, options)
-    else:
-        plan = build_plan(model, options.dtype, options.adapter_names)
+        return build_original_plan(model, options)
+    return build_plan(model, options.dtype, options.adapter_names)
+
+
+def _save_merged(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: Path) -> dict[str, Any]:
     root = unwrap_peft(model)
-    plan = to_checkpoint_names(root, plan)
+    plan = to_checkpoint_names(root, build_merged_plan(model, options))
     if not options.safe_serialization:
         warnings.warn(
             "safe_serialization=False writes legacy torch .bin shards, which hold one shard in RAM while "
