@@ -313,6 +313,23 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
         if ties.should_write(name, source, modified):
             tensors.append(PlannedTensor(name, tuple(shape), _output_dtype(source, out_dtype), produce, lora))
 
+    def add_parameters(
+        module: nn.Module,
+        prefix: str,
+        modified: bool = False,
+        merged: dict[str, LoraTarget | None] | None = None,
+    ) -> None:
+        """The module's own parameters: as held, or merged where ``merged`` maps one to a LoRA target."""
+        for attr, param in module.named_parameters(recurse=False):
+            name = prefix + attr
+            target = merged.get(attr) if merged else None
+            if target is not None:
+                producer = _merged_weight_producer(target, name, out_dtype)
+                add(name, param, producer, param.shape, bool(target.adapters), lora=target.name)
+            else:
+                shape = logical_weight_shape(module) if attr == "weight" else param.shape
+                add(name, param, _plain_producer(module, attr, name, out_dtype), shape, modified)
+
     for name, module in root.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
             continue
@@ -328,21 +345,7 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
                 inner = inner.base_layer
             for sub_name, sub in inner.named_modules():
                 sub_prefix = prefix + (f"{sub_name}." if sub_name else "")
-                for attr, param in sub.named_parameters(recurse=False):
-                    target = wrapped.get(attr) if not sub_name else None
-                    if target is not None:
-                        producer = _merged_weight_producer(target, sub_prefix + attr, out_dtype)
-                        add(
-                            sub_prefix + attr,
-                            param,
-                            producer,
-                            param.shape,
-                            bool(target.adapters),
-                            lora=target.name,
-                        )
-                    else:
-                        producer = _plain_producer(sub, attr, sub_prefix + attr, out_dtype)
-                        add(sub_prefix + attr, param, producer, param.shape, False)
+                add_parameters(sub, sub_prefix, merged=None if sub_name else wrapped)
                 _add_buffers(sub, sub_prefix, add, out_dtype)
             continue
         if is_lora_layer(module):
@@ -390,19 +393,9 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None, adapter_names: Seque
             if modified and any(id(p) in shared_ids for p in module.original_module.parameters()):
                 ties.untied = True  # the trained copy replaces one side of a tied pair
             for sub_name, sub in saved.named_modules():
-                sub_prefix = prefix + (f"{sub_name}." if sub_name else "")
-                for attr, param in sub.named_parameters(recurse=False):
-                    add(
-                        sub_prefix + attr,
-                        param,
-                        _plain_producer(sub, attr, sub_prefix + attr, out_dtype),
-                        logical_weight_shape(sub) if attr == "weight" else param.shape,
-                        modified,
-                    )
+                add_parameters(sub, prefix + (f"{sub_name}." if sub_name else ""), modified)
             continue
-        for attr, param in module.named_parameters(recurse=False):
-            shape = logical_weight_shape(module) if attr == "weight" else param.shape
-            add(prefix + attr, param, _plain_producer(module, attr, prefix + attr, out_dtype), shape, False)
+        add_parameters(module, prefix)
         _add_buffers(module, prefix, add, out_dtype)
 
     plan = SavePlan(
