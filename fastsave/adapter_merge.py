@@ -62,7 +62,14 @@ from fastsave.original_base import (
     check_not_quantized_checkpoint,
     resolve_checkpoint_dir,
 )
-from fastsave.plan import PlannedTensor, SavePlan, TiedWeights, check_plan, to_output_tensor
+from fastsave.plan import (
+    PlannedTensor,
+    SavePlan,
+    TiedWeights,
+    check_plan,
+    sixteen_bit_dtype,
+    to_output_tensor,
+)
 from fastsave.writer import publish
 
 logger = logging.getLogger("fastsave")
@@ -581,9 +588,7 @@ def _plain_producer(
     name: str,
 ) -> Callable[[], torch.Tensor]:
     if quant is not None:
-        return lambda: to_output_tensor(
-            _quant_dequant_float32(checkpoint.get(disk), quant, dtype, conv1d), dtype, name
-        )
+        return lambda: to_output_tensor(_base_float32(checkpoint, disk, quant, dtype, conv1d), dtype, name)
     return lambda: to_output_tensor(checkpoint.get(disk), dtype, name)
 
 
@@ -622,10 +627,7 @@ def _output_dtype(requested: str | None, config: Any) -> torch.dtype:
 
     if requested is not None:
         return parse_dtype(requested)
-    stored = getattr(config, "dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+    return sixteen_bit_dtype(getattr(config, "dtype", None)) or torch.bfloat16
 
 
 # --------------------------------------------------------------------------- the whole job

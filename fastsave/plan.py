@@ -156,17 +156,22 @@ def resolve_output_dtype(root: nn.Module, requested: torch.dtype | None) -> torc
                 return dtype
             break
     config = getattr(root, "config", None)
-    for candidate in (getattr(config, "dtype", None), getattr(config, "torch_dtype", None)):
-        if candidate in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
-            return getattr(torch, candidate) if isinstance(candidate, str) else candidate
     quant = getattr(config, "quantization_config", None)
     compute = getattr(quant, "bnb_4bit_compute_dtype", None) if quant is not None else None
     if isinstance(quant, dict):
         compute = quant.get("bnb_4bit_compute_dtype")
-    if compute in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
-        return getattr(torch, compute) if isinstance(compute, str) else compute
+    for candidate in (getattr(config, "dtype", None), getattr(config, "torch_dtype", None), compute):
+        if (found := sixteen_bit_dtype(candidate)) is not None:
+            return found
     # A model loaded in float32: 16-bit output still, bfloat16 because it cannot overflow.
     return torch.bfloat16
+
+
+def sixteen_bit_dtype(value: object) -> torch.dtype | None:
+    """torch.float16 / torch.bfloat16 for those dtypes or their names ("float16", "bfloat16"), else None."""
+    if isinstance(value, str):
+        value = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(value)
+    return value if value in (torch.float16, torch.bfloat16) else None
 
 
 def lora_module_census(root: nn.Module, adapter_names: Sequence[str] | None) -> list[str]:
