@@ -45,9 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastsave.checkpoint_files import write_config
 from fastsave.checkpoint_names import stored_as
 from fastsave.forced_4bit import Quant4bitSettings, requantize_plan, warn_accuracy_loss, write_4bit_config
+from fastsave.io.checkpoint_files import write_config
+from fastsave.io.publish import publish
 from fastsave.lora_merge import (
     LoraTarget,
     UnsupportedAdapterError,
@@ -70,7 +71,6 @@ from fastsave.plan import (
     sixteen_bit_dtype,
     to_output_tensor,
 )
-from fastsave.writer import publish
 
 logger = logging.getLogger("fastsave")
 
@@ -645,6 +645,7 @@ def merge_adapter(
     quant: Quant4bitSettings | None = None,
     maximum_memory_usage: float = 0.75,
     temporary_location: str | Path | None = None,
+    replace_in_place: bool = False,
 ) -> Path:
     """Merge the adapter in ``adapter_dir`` into its 16-bit base and save the result to ``out_dir``.
 
@@ -665,6 +666,7 @@ def merge_adapter(
         base_weights=base_weights,
         maximum_memory_usage=maximum_memory_usage,
         temporary_location=temporary_location,
+        replace_in_place=replace_in_place,
     )
     quant = quant or Quant4bitSettings()
     adapter = SavedAdapter.load(adapter_dir)

@@ -1,4 +1,4 @@
-"""The ``fastsave`` command: ``fastsave demo [OUT]`` and ``fastsave merge ADAPTER_DIR OUT_DIR``."""
+"""The ``fastsave`` command: ``fastsave demo [OUT]``, ``fastsave merge ADAPTER_DIR OUT_DIR``, ``fastsave verify DIR``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("output_dir", nargs="?", default=None, help="where to write the merged checkpoint")
     demo.add_argument("--steps", type=int, default=6, help="training steps before saving (default 6)")
     add_merge_parser(commands)
+    verify = commands.add_parser(
+        "verify",
+        help="re-read a saved checkpoint: shard headers, index, sizes (and sha256 with --checksums)",
+    )
+    verify.add_argument("directory", help="a directory written by save_pretrained_merged or fastsave merge")
+    verify.add_argument(
+        "--checksums", action="store_true", help="also re-hash every shard against its recorded sha256"
+    )
     return parser
 
 
@@ -38,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(format_report(report))
         return 0
+    if args.command == "verify":
+        from fastsave.io.verify import verify_checkpoint
+
+        report = verify_checkpoint(args.directory, checksums=args.checksums)
+        print(report.summary())
+        return 0 if report.ok else 1
     from fastsave.merge_cli import run_merge
 
     return run_merge(args)

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastsave.checkpoint_files import DTYPE_NAMES, write_config, write_generation_config, write_tokenizer
 from fastsave.checkpoint_names import to_checkpoint_names
+from fastsave.io.checkpoint_files import DTYPE_NAMES, write_config, write_generation_config, write_tokenizer
 from fastsave.options import SaveOptions
 from fastsave.original_base import weight_sources
 from fastsave.plan import PlannedTensor, SavePlan, SharedProducer, unwrap_peft

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from fastsave.adapter_merge import merge_adapter
+from fastsave.errors import SaveInProgressError, VerifyError
 from fastsave.forced_4bit import Quant4bitSettings
 
 
@@ -68,6 +69,12 @@ def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--maximum-memory-usage", type=float, default=0.75, help="fraction of RAM (default 0.75)"
     )
     parser.add_argument("--temporary-location", default=None, help="directory for staging files")
+    parser.add_argument(
+        "--replace-in-place",
+        action="store_true",
+        help="when the disk cannot hold OUT_DIR's previous checkpoint and the new one together, delete "
+        "the previous one first (without this, such a save is refused)",
+    )
     parser.set_defaults(func=run_merge)
     return parser
 
@@ -86,8 +93,9 @@ def run_merge(args: argparse.Namespace) -> int:
             quant=Quant4bitSettings(args.quant_type, args.blocksize, args.double_quant),
             maximum_memory_usage=args.maximum_memory_usage,
             temporary_location=args.temporary_location,
+            replace_in_place=args.replace_in_place,
         )
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:  # MergeError, PlanError included
+    except (ValueError, OSError, SaveInProgressError, VerifyError) as error:  # DiskSpaceError is an OSError
         print(f"fastsave merge: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -43,6 +43,9 @@ class SaveOptions:
     safe_serialization: bool = True
     maximum_memory_usage: float = 0.75
     temporary_location: Path | None = None
+    # True: when the disk cannot hold the previous and the new checkpoint together, delete the
+    # previous one's files before writing (never done without this option)
+    replace_in_place: bool = False
     push_to_hub: bool = False
     repo_id: str | None = None
     token: str | None = field(default=None, repr=False)  # never printed
@@ -161,7 +164,7 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
                 f"adapter_names must be a non-empty list of adapter names, got {adapter_names!r}"
             )
 
-    for flag in ("push_to_hub", "safe_serialization", "is_main_process", "create_pr"):
+    for flag in ("push_to_hub", "safe_serialization", "is_main_process", "create_pr", "replace_in_place"):
         if flag in kwargs and not isinstance(kwargs[flag], bool):
             raise ValueError(f"{flag} must be True or False, got {kwargs[flag]!r}")
 
@@ -174,6 +177,7 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
         safe_serialization=kwargs.get("safe_serialization", True),
         maximum_memory_usage=float(fraction),
         temporary_location=temporary_location,
+        replace_in_place=kwargs.get("replace_in_place", False),
         push_to_hub=kwargs.get("push_to_hub", False),
         repo_id=kwargs.get("repo_id"),
         token=kwargs.get("token"),

@@ -30,11 +30,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from fastsave.io.shards import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from fastsave.lora_merge import LoraTarget, is_lora_layer, merged_weight_float32
 from fastsave.options import SaveOptions
 from fastsave.plan import SavePlan, build_plan, check_plan, to_output_tensor, unwrap_peft
 from fastsave.quantized import is_quantized, to_checkpoint_layout
-from fastsave.writer import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 logger = logging.getLogger("fastsave")
 

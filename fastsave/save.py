@@ -1,13 +1,25 @@
-"""The one save path that the patched method, the function and the CLI share."""
+"""The one save path that the patched method, the function and the CLI share.
+
+Its flow, in this order, so that nothing is written before everything checkable was checked and
+save_directory only ever holds its previous contents or the complete new checkpoint:
+
+1. parse the options (fastsave.options) and check the model and the tokenizer;
+2. preflight (:func:`staging_directory`, fastsave.io.staging): save_directory's path, kind and
+   permissions, the lock, what dead saves left behind, a fresh staging directory;
+3. build the plan (the merge plan's own code: one call);
+4. check the disk space for the planned bytes (room for the previous and the new checkpoint, or
+   the explicit ``replace_in_place``), then merge and write into the staging directory: the
+   tokenizer first, the weights streamed (NaN/Inf checked and sha256 hashed on the way), config;
+5. publish (fastsave.io.publish): verify the staged files, switch them in atomically;
+6. on any error or Ctrl-C, remove what the save created; save_directory is untouched.
+"""
 
 from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,13 +29,16 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastsave.checkpoint_files import write_generation_config, write_merged_config, write_tokenizer
 from fastsave.checkpoint_names import to_checkpoint_names
-from fastsave.disk_space import check_free_space
+from fastsave.errors import DiskSpaceError
+from fastsave.io.checkpoint_files import write_generation_config, write_merged_config, write_tokenizer
+from fastsave.io.disk_space import FULL_DISK_ERRNOS
+from fastsave.io.publish import publish
+from fastsave.io.shards import ShardWriter, assign_shards
+from fastsave.io.staging import PendingSave, check_space, pending_save
 from fastsave.memory import MemoryBudget, peak_rss
 from fastsave.options import SaveOptions, parse_options
 from fastsave.plan import SavePlan, build_plan, unwrap_peft
-from fastsave.writer import ShardWriter, assign_shards, publish
 
 logger = logging.getLogger("fastsave")
 if not logger.handlers:  # notebooks show INFO lines without the user configuring logging
@@ -36,15 +51,48 @@ if not logger.handlers:  # notebooks show INFO lines without the user configurin
 
 @contextmanager
 def staging_directory(options: SaveOptions) -> Iterator[Path]:
-    """A fresh hidden directory that is removed afterwards, on success, error or Ctrl-C."""
-    parent = options.temporary_location or options.save_directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    path = parent / f".fastsave-staging-{options.save_directory.name}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
+    """Preflight a save into ``options.save_directory`` and yield the directory to write it into.
+
+    On entry, before any merge: save_directory is checked (a file, a dangling symlink, a name too
+    long, no permission, a checkpoint of the other kind: refused), its lock is taken (a second
+    save into it fails at once), an interrupted earlier save is completed or rolled back, staging
+    directories of dead saves are removed, and a fresh staging directory is made. Write into the
+    yielded directory, then call :func:`fastsave.io.publish.publish` with it. On exit, whatever the
+    save created and did not publish is removed and the lock released: on success, error or Ctrl-C.
+
+    Raises:
+        TargetError, MixedKindsError (ValueError): save_directory cannot take this save.
+        SaveInProgressError: another save into save_directory is running.
+        DiskSpaceError: the disk filled up (ENOSPC) while writing: nothing was published.
+    """
+    pending = PendingSave(
+        options.save_directory, options.save_method, options.temporary_location, options.replace_in_place
+    )
     try:
-        yield path
+        yield pending.prepare()
+    except OSError as error:
+        if error.errno in FULL_DISK_ERRNOS and not isinstance(error, DiskSpaceError):
+            raise DiskSpaceError(
+                f"the disk filled up while saving to {options.save_directory} ({error}). Nothing was "
+                "published: the directory keeps its previous contents. Free space, or save to another disk."
+            ) from error
+        raise
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        pending.close()
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    """Refuse, before any work, a tokenizer argument that cannot be saved.
+
+    Raises:
+        TypeError: ``tokenizer`` is neither None nor something with ``save_pretrained``.
+    """
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(
+            f"tokenizer must be a transformers tokenizer or processor (something with save_pretrained), "
+            f"got {type(tokenizer).__name__} {str(tokenizer)[:60]!r}; load it with "
+            "AutoTokenizer.from_pretrained(...), or pass tokenizer=None. Nothing was written."
+        )
 
 
 def _produce_into(plan: SavePlan, budget: MemoryBudget, sink: queue.Queue, stop: threading.Event) -> None:
@@ -65,9 +113,16 @@ def _produce_into(plan: SavePlan, budget: MemoryBudget, sink: queue.Queue, stop:
 
 
 def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) -> list[str]:
-    """Merge and stream every planned tensor into shards in ``directory``; return the shard names."""
+    """Merge and stream every planned tensor into shards in ``directory``; return the shard names.
+
+    The disk-space check runs first, before any tensor is merged.
+
+    Raises:
+        DiskSpaceError: the checkpoint does not fit (nothing written), or the disk filled up.
+        NonFiniteError: a tensor holds NaN/Inf (naming it).
+    """
     shards = assign_shards(plan.tensors, options.max_shard_size, options.safe_serialization)
-    check_free_space(plan.total_bytes, directory, options.save_directory)
+    check_space(directory, plan.total_bytes, len(shards))
     writer = ShardWriter(directory, shards, options.safe_serialization)
     budget = MemoryBudget(options.maximum_memory_usage, max((t.nbytes for t in plan.tensors), default=0))
     # Merging overlaps writing: a producer thread runs ahead by at most the budgeted depth.
@@ -105,7 +160,7 @@ def build_merged_plan(model: nn.Module, options: SaveOptions) -> SavePlan:
     return build_plan(model, options.dtype, options.adapter_names)
 
 
-def _save_merged(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: Path) -> dict[str, Any]:
+def _save_merged(model: nn.Module, options: SaveOptions, staging: Path) -> dict[str, Any]:
     root = unwrap_peft(model)
     plan = to_checkpoint_names(root, build_merged_plan(model, options))
     if not options.safe_serialization:
@@ -118,11 +173,10 @@ def _save_merged(model: nn.Module, tokenizer: Any, options: SaveOptions, staging
     shards = write_merged_weights(plan, staging, options)
     write_merged_config(root, staging, plan.dtype, plan.untied_embeddings)
     write_generation_config(root, staging)
-    tokenizer_files = write_tokenizer(tokenizer, staging)
-    return {"plan": plan, "shards": shards, "tokenizer_files": tokenizer_files}
+    return {"plan": plan, "shards": shards}
 
 
-def _save_lora(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: Path) -> dict[str, Any]:
+def _save_lora(model: nn.Module, options: SaveOptions, staging: Path) -> dict[str, Any]:
     if not hasattr(model, "peft_config"):
         raise ValueError(
             "save_method='lora' needs a peft model (or a transformers model with an adapter loaded)"
@@ -131,7 +185,7 @@ def _save_lora(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: 
     if options.adapter_names is not None:
         kwargs["selected_adapters"] = list(options.adapter_names)
     model.save_pretrained(str(staging), **kwargs)
-    return {"tokenizer_files": write_tokenizer(tokenizer, staging)}
+    return {}
 
 
 def _check_model(model: nn.Module, options: SaveOptions) -> None:
@@ -150,34 +204,44 @@ def save_pretrained_merged(
 
     Args:
         model: a peft model (or a transformers model with a LoRA adapter), 4-bit, 8-bit or 16-bit.
-        save_directory: the output directory; it receives the complete checkpoint in one step.
+        save_directory: the output directory; it receives the complete checkpoint in one step and
+            keeps every file that is not part of a checkpoint of this kind.
         tokenizer: its files are saved beside the weights when given.
-        **options: see DESIGN.md / README: save_method, dtype, base_weights, max_shard_size,
-            safe_serialization, maximum_memory_usage, temporary_location, push_to_hub, token,
-            private, revision, commit_message, create_pr, is_main_process, adapter_names.
+        **options: see the README: save_method, dtype, base_weights, max_shard_size,
+            safe_serialization, maximum_memory_usage, temporary_location, replace_in_place,
+            push_to_hub, token, private, revision, commit_message, create_pr, is_main_process,
+            adapter_names.
 
     Returns:
         The saved directory's path, or the hub URL when pushed.
 
     Raises:
-        TypeError: an unknown option. ValueError: an invalid option or a model that cannot be
-            saved as asked. Either way nothing was written.
+        TypeError: an unknown option, or a tokenizer that is not one. ValueError: an invalid
+            option, a save_directory that cannot take this save, or a model that cannot be saved
+            as asked. SaveInProgressError: another save into save_directory is running.
+            DiskSpaceError: not enough room. In every case save_directory keeps what it held.
     """
     opts = parse_options(save_directory, **options)
     _check_model(model, opts)
+    check_tokenizer(tokenizer)
     if not opts.is_main_process:
         return str(opts.save_directory)
     started = time.perf_counter()
     with staging_directory(opts) as staging:
+        # The tokenizer first: quick, and a tokenizer that cannot be saved fails before the merge.
+        tokenizer_files = write_tokenizer(tokenizer, staging)
         if opts.save_method == "lora":
-            report = _save_lora(model, tokenizer, opts, staging)
+            report = _save_lora(model, opts, staging)
         elif opts.save_method == "merged_16bit":
-            report = _save_merged(model, tokenizer, opts, staging)
+            report = _save_merged(model, opts, staging)
         else:
             from fastsave.forced_4bit import save_merged_4bit_forced
 
-            report = save_merged_4bit_forced(model, tokenizer, opts, staging)
+            report = save_merged_4bit_forced(model, None, opts, staging)
+        report["tokenizer_files"] = tokenizer_files
+        pending = pending_save(staging)
         publish(staging, opts.save_directory)
+        report["switch"] = pending.how
     _log_summary(opts, report, time.perf_counter() - started)
     if opts.push_to_hub:
         from fastsave.hub import upload_directory
@@ -221,5 +285,7 @@ def _log_summary(opts: SaveOptions, report: dict[str, Any], seconds: float) -> N
         lines.append(f"  tokenizer files: {', '.join(report['tokenizer_files'])}")
     elif opts.save_method != "lora":
         lines.append("  no tokenizer given: pass one to save its files beside the model")
+    if report.get("switch"):
+        lines.append(f"  {report['switch']}")
     lines.append(f"  peak RSS {peak_rss() / 2**30:.2f} GiB")
     logger.info("\n".join(lines))

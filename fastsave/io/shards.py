@@ -1,0 +1,304 @@
+"""Stream planned tensors into sharded safetensors files in a staging directory.
+
+The safetensors format is an 8-byte little-endian header length, a JSON header giving every
+tensor's dtype, shape and byte range, then the raw bytes. Because the plan knows every shape and
+dtype before any merge runs, each shard's header is written first and tensors are appended as
+they are produced: no shard, and never the whole state dict, is ever held in memory.
+
+On its way to disk every floating tensor is checked for NaN/Inf (fastsave.io.finite) and every
+shard's data is hashed (fastsave.io.checksums); a full disk becomes a DiskSpaceError that says how
+many bytes were still to write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fastsave.errors import DiskSpaceError
+from fastsave.io.checksums import PLACEHOLDER, SHA256_KEY, BackgroundDigest
+from fastsave.io.disk_space import FULL_DISK_ERRNOS, full_disk_error
+from fastsave.io.finite import check_finite
+from fastsave.io.ownership import FASTSAVE_METADATA_KEY
+
+if TYPE_CHECKING:
+    from fastsave.plan import PlannedTensor
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
+
+
+@cache
+def fastsave_version() -> str:
+    """The installed fastsave version, recorded in what it writes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastsave")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+@dataclass
+class Shard:
+    """One output file and the tensors it holds, in write order."""
+
+    filename: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in this shard."""
+        return sum(t.nbytes for t in self.tensors)
+
+
+def assign_shards(
+    tensors: Sequence[PlannedTensor], max_shard_size: int, safe_serialization: bool = True
+) -> list[Shard]:
+    """Cut the plan into shards of at most ``max_shard_size`` bytes, in plan order (like transformers).
+
+    A tensor larger than the limit gets a shard of its own. Names follow transformers:
+    ``model.safetensors`` for one shard, ``model-0000i-of-0000N.safetensors`` for several.
+    """
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    single = WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME
+    stem, ext = single.rsplit(".", 1)
+    if len(groups) == 1:
+        return [Shard(single, groups[0])]
+    count = len(groups)
+    return [Shard(f"{stem}-{i + 1:05d}-of-{count:05d}.{ext}", group) for i, group in enumerate(groups)]
+
+
+def safetensors_header(shard: Shard, metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header of ``shard``, padded so that the data starts 8-aligned."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for tensor in shard.tensors:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"tensor {tensor.name!r} has dtype {tensor.dtype}, which safetensors cannot store"
+            )
+        header[tensor.name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def shard_metadata() -> dict[str, str]:
+    """The ``__metadata__`` of a shard fastsave writes; the digest is a placeholder until closed."""
+    return {"format": "pt", FASTSAVE_METADATA_KEY: fastsave_version(), SHA256_KEY: PLACEHOLDER}
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, with ``__header_bytes__`` (8 + its length) added.
+
+    Raises:
+        ValueError: the file is too short or its header is not a safetensors header.
+    """
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path.name} is shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise ValueError(f"{path.name}: header length {length} is not plausible")
+        raw = handle.read(length)
+    if len(raw) < length:
+        raise ValueError(f"{path.name} ends inside its header")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path.name}: the header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: the header is not a JSON object")
+    header["__header_bytes__"] = 8 + length
+    return header
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class ShardWriter:
+    """Writes shards one tensor at a time, checking each against the plan.
+
+    Use as ``writer.write(tensor)`` in plan order, then ``writer.close()``, which writes the index
+    when there is more than one shard. Each floating tensor is checked for NaN/Inf before its
+    bytes are written; each safetensors shard records the sha256 of its data in its header (and
+    the index, when there is one).
+    """
+
+    def __init__(self, directory: Path, shards: list[Shard], safe_serialization: bool = True) -> None:
+        self.directory = directory
+        self.shards = shards
+        self.safe_serialization = safe_serialization
+        self._order = [(i, t) for i, shard in enumerate(shards) for t in shard.tensors]
+        self._position = 0
+        self._file = None
+        self._open_index = -1
+        self._digest_offset = 0
+        self._bin_buffer: dict[str, torch.Tensor] = {}
+        self._digest = BackgroundDigest() if safe_serialization else None
+        self.digests: dict[str, str] = {}  # shard file name -> sha256 of its data section
+        self._total = sum(s.nbytes for s in shards)
+        self._written = 0
+
+    def _open(self, index: int) -> None:
+        self._finish_current()
+        shard = self.shards[index]
+        path = self.directory / shard.filename
+        if self.safe_serialization:
+            header = safetensors_header(shard, shard_metadata())
+            self._digest_offset = (
+                header.index(f'"{SHA256_KEY}":"{PLACEHOLDER}"'.encode()) + len(SHA256_KEY) + 4
+            )
+            self._file = open(path, "wb")  # noqa: SIM115 - closed in _finish_current
+            self._write_data(header)
+            self._digest.restart()
+        self._open_index = index
+
+    def _write_data(self, data: bytes | memoryview) -> None:
+        """The one place bytes reach a shard file (tests inject faults here)."""
+        self._file.write(data)
+
+    def _finish_current(self) -> None:
+        if self._open_index < 0:
+            return
+        shard = self.shards[self._open_index]
+        if self.safe_serialization and self._file is not None:
+            digest = self._digest.hexdigest()
+            self._file.flush()
+            os.pwrite(self._file.fileno(), digest.encode(), self._digest_offset)
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self.digests[shard.filename] = digest
+        elif not self.safe_serialization:
+            # torch.save needs the whole shard: a legacy format, kept to one shard's worth of RAM.
+            torch.save(self._bin_buffer, self.directory / shard.filename)
+            self._bin_buffer = {}
+        self._open_index = -1
+
+    def write(self, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor; its shape and dtype must match the plan.
+
+        Raises:
+            NonFiniteError: the tensor holds NaN or Inf (naming it).
+            DiskSpaceError: the disk filled up (with the bytes still to write).
+        """
+        if self._position >= len(self._order):
+            raise RuntimeError("more tensors written than planned")
+        index, planned = self._order[self._position]
+        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(
+                f"tensor {planned.name!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
+                f"planned {planned.shape} {planned.dtype}"
+            )
+        check_finite(tensor, planned.name)
+        with self._full_disk_is_disk_space_error():
+            if index != self._open_index:
+                self._open(index)
+            if self.safe_serialization:
+                data = _tensor_bytes(tensor)
+                self._write_data(data)
+                self._digest.update(data, tensor)
+            else:
+                self._bin_buffer[planned.name] = tensor.clone()
+        self._written += planned.nbytes
+        self._position += 1
+
+    def close(self) -> None:
+        """Finish the last shard and write the index; every planned tensor must have been written."""
+        if self._position != len(self._order):
+            raise RuntimeError(f"only {self._position} of {len(self._order)} planned tensors were written")
+        with self._full_disk_is_disk_space_error():
+            self._finish_current()
+            if len(self.shards) > 1:
+                self._write_index()
+        if self._digest is not None:
+            self._digest.close()
+
+    def _write_index(self) -> None:
+        index_name = WEIGHTS_INDEX_NAME if self.safe_serialization else BIN_WEIGHTS_INDEX_NAME
+        metadata: dict[str, Any] = {"total_size": self._total, FASTSAVE_METADATA_KEY: fastsave_version()}
+        if self.digests:
+            metadata[SHA256_KEY] = dict(sorted(self.digests.items()))
+        index = {
+            "metadata": metadata,
+            "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
+        }
+        path = self.directory / index_name
+        with open(path, "w") as handle:
+            handle.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def abort(self) -> None:
+        """Close any open file without finishing it (the staging directory is removed by the caller)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._digest is not None:
+            self._digest.close()
+
+    @contextmanager
+    def _full_disk_is_disk_space_error(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as error:
+            if error.errno in FULL_DISK_ERRNOS and not isinstance(error, DiskSpaceError):
+                raise full_disk_error(self.directory, self._total - self._written) from error
+            raise
