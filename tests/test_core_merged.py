@@ -10,6 +10,14 @@ import stat
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
+from bnb_layouts import (
+    is_repacked,
+    linear4bit_layers,
+    never_repack,
+    repack_for_cpu,
+    run_repacked_anywhere,
+    simulate_cpu_without_avx512_bf16,
+)
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -66,33 +74,80 @@ def test_merged_weights_are_bit_exact(qlora_model, tmp_path, quant_type, double_
         assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
 
 
-def test_model_run_before_saving_merges_what_it_computes(qlora_model, tmp_path):
-    """bitsandbytes repacks 4-bit weights on the first CPU inference (DESIGN.md hazard 1)."""
+def _state_bytes(layers) -> dict[str, tuple]:
+    """Everything a 4-bit layer computes with: packed codes, absmax, layout flag."""
+    state = {}
+    for name, layer in layers.items():
+        weight = layer.get_base_layer().weight
+        qs = weight.quant_state
+        state[name] = (
+            weight.data.clone(),
+            qs.absmax.clone(),
+            qs.nested,
+            qs.dtype,
+            is_repacked(layer.get_base_layer()),
+        )
+    return state
+
+
+def test_model_run_before_saving_merges_what_it_computes(qlora_model, tmp_path, monkeypatch):
+    """A model that ran in inference mode on an AVX512-BF16 CPU holds bitsandbytes' repacked layout
+    (DESIGN.md hazard 1). The layout is produced with bitsandbytes' own conversion, so this runs on
+    every CPU: the merge is what the repacked weights compute, and saving changes nothing."""
     model = qlora_model()
     layers = _lora_layers(model)
     expected = {name + ".weight": _oracle(layer, absmax_to_bf16=True) for name, layer in layers.items()}
-    model.eval()
     ids = torch.tensor([[1, 5, 9, 40, 7]])
+    model.eval()
     with torch.no_grad():
-        before = model(ids).logits
-    repacked = [
-        getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False)
-        for layer in layers.values()
-    ]
-    if not any(repacked):
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
+        trained = model(ids).logits  # bitsandbytes may repack here (AVX512-BF16) or not: either is fine
+    repack_for_cpu(model)
+    assert all(is_repacked(layer.get_base_layer()) for layer in layers.values())
+    before = _state_bytes(layers)
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out)
     saved = _saved_tensors(out)
     for name, reference in expected.items():
         assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+    after = _state_bytes(layers)
+    for name in before:  # saving left the repacked layout exactly as it was
+        assert all(
+            torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+            for a, b in zip(before[name], after[name], strict=True)
+        ), name
+    run_repacked_anywhere(monkeypatch)
     with torch.no_grad():
-        after = model(ids).logits
-    assert torch.equal(before, after), "saving changed what the model computes"
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
+        repacked = model(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert (repacked.float() - trained.float()).abs().max() < 0.1  # the repacked model still computes
+    assert (merged.float() - trained.float()).abs().max() < 0.1
+
+
+def test_without_avx512_bf16_both_layouts_are_saved_exactly(tiny_base_dir, tmp_path, monkeypatch):
+    """On a CPU without AVX512-BF16 (simulated: bitsandbytes' capability check says False) a forward in
+    inference mode does not repack; the repacked layout made by bitsandbytes' conversion still saves
+    exactly. Proves the tests above do not depend on this machine's CPU."""
+    from fastsave.tiny import attach_lora, load_4bit
+
+    simulate_cpu_without_avx512_bf16(monkeypatch)
+    model = attach_lora(load_4bit(tiny_base_dir))
+    assert not any(m.support_avx512bf16_for_cpu for m in linear4bit_layers(model))
+    layers = _lora_layers(model)
+    plain = {name + ".weight": _oracle(layer) for name, layer in layers.items()}
+    bf16_absmax = {name + ".weight": _oracle(layer, absmax_to_bf16=True) for name, layer in layers.items()}
+    model.eval()
     with torch.no_grad():
-        merged = reloaded(ids).logits
-    assert (merged.float() - before.float()).abs().max() < 0.1
+        model(torch.tensor([[1, 5, 9]]))
+    assert not any(is_repacked(m) for m in linear4bit_layers(model)), "repacked without AVX512-BF16"
+    fastsave.save_pretrained_merged(model, tmp_path / "plain")
+    saved = _saved_tensors(tmp_path / "plain")
+    assert all(torch.equal(saved[n], w.to(torch.bfloat16)) for n, w in plain.items())
+    repack_for_cpu(model)
+    fastsave.save_pretrained_merged(model, tmp_path / "repacked")
+    saved = _saved_tensors(tmp_path / "repacked")
+    assert all(torch.equal(saved[n], w.to(torch.bfloat16)) for n, w in bf16_absmax.items())
+    # the bf16 absmax of the repacked layout really changes some bits: the two cases differ
+    assert any(not torch.equal(plain[n].to(torch.bfloat16), bf16_absmax[n].to(torch.bfloat16)) for n in plain)
 
 
 def test_reload_with_plain_transformers_matches_logits(qlora_model, tiny_tokenizer, tmp_path):
@@ -201,7 +256,7 @@ def test_model_still_trains_and_runs_after_saving(qlora_model, tmp_path):
 
 
 def test_error_midway_leaves_nothing(qlora_model, tmp_path, monkeypatch):
-    from fastsave import writer
+    from fastsave.io import shards as writer
 
     model = qlora_model()
     original = writer.ShardWriter.write
@@ -234,8 +289,12 @@ def test_temporary_location_is_used_and_removed(qlora_model, tmp_path, monkeypat
     scratch = tmp_path / "scratch"
     fastsave.save_pretrained_merged(qlora_model(), tmp_path / "out", temporary_location=scratch)
     assert seen and seen[0].parent == scratch
-    assert list(scratch.iterdir()) == []
+    assert not scratch.exists()  # the save created it, so the save removed it
     assert (tmp_path / "out" / "model.safetensors").exists()
+    scratch.mkdir()
+    (scratch / "keep").write_text("the user's")
+    fastsave.save_pretrained_merged(qlora_model(), tmp_path / "out", temporary_location=scratch)
+    assert [p.name for p in scratch.iterdir()] == ["keep"]
 
 
 def test_minimal_memory_budget_still_saves(qlora_model, tmp_path, caplog):
@@ -277,18 +336,24 @@ def test_blocks_straddling_rows_decode_like_bitsandbytes_reference(blocksize, ne
     assert torch.equal(base_weight_float32(layer), reference)
 
 
-@pytest.mark.parametrize("run_first", [False, True], ids=["as-trained", "cpu-repacked"])
-def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path, monkeypatch, run_first):
-    """Blocks of 32 rows (many per weight) against the whole-matrix oracle, plain and repacked 4-bit."""
+@pytest.mark.parametrize("state", ["as-trained", "ran-not-repacked", "cpu-repacked"])
+def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path, monkeypatch, state):
+    """Blocks of 32 rows (many per weight) against the whole-matrix oracle, plain and repacked 4-bit;
+    each layout made deterministically (bitsandbytes' conversion, or its repack switched off)."""
     from fastsave import row_blocks
 
     model = qlora_model()
     layers = _lora_layers(model)
-    expected = {name + ".weight": _oracle(layer, absmax_to_bf16=run_first) for name, layer in layers.items()}
-    if run_first:
+    repacked = state == "cpu-repacked"
+    expected = {name + ".weight": _oracle(layer, absmax_to_bf16=repacked) for name, layer in layers.items()}
+    if state == "ran-not-repacked":
+        never_repack(model)
         model.eval()
         with torch.no_grad():
             model(torch.tensor([[1, 2, 3]]))
+    elif repacked:
+        repack_for_cpu(model)
+    assert all(is_repacked(m) == repacked for m in linear4bit_layers(model))
     monkeypatch.setattr(row_blocks, "BLOCK_BYTES", 4 * 64 * 32)  # 32 rows of 64 float32 columns
     used = []
     real = row_blocks.merge_in_row_blocks

@@ -23,6 +23,7 @@ def test_patch_instance_is_idempotent_and_changes_nothing(qlora_model, tmp_path,
 
     calls = []
     monkeypatch.setattr(save, "_save_merged", lambda *a: calls.append(a) or {"plan": None, "shards": []})
+    monkeypatch.setattr(save, "publish", lambda *a: None)  # the stub wrote nothing to publish
     # The method is a thin layer over the function: both reach the same code path.
     model.save_pretrained_merged(tmp_path / "a")
     fastsave.save_pretrained_merged(model, tmp_path / "b")

@@ -594,17 +594,17 @@ def test_16bit_base(base_dir, tmp_path):
     ("quant_type", "double_quant", "storage"),
     [("nf4", True, torch.uint8), ("fp4", False, torch.uint8), ("nf4", False, torch.bfloat16)],
 )
-def test_cpu_repacked_state(quant_type, double_quant, storage, base_dir, tmp_path):
-    """Run once in eval mode under no_grad: bitsandbytes repacks the weights, absmax kept in bf16."""
+def test_cpu_repacked_state(quant_type, double_quant, storage, base_dir, tmp_path, monkeypatch):
+    """The layout bitsandbytes' CPU forward leaves on an AVX512-BF16 machine (absmax kept in bf16),
+    made with bitsandbytes' own conversion function so that it is tested on every CPU."""
+    from bnb_layouts import is_repacked, linear4bit_layers, repack_for_cpu, run_repacked_anywhere
+
     base = base_dir()
     model = attach_lora(_load(base, quant_type=quant_type, double_quant=double_quant, storage=storage))
     oracle = build_oracle(model, base, absmax_to_bf16=True)  # from the weights before they are repacked
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=torch.tensor([[1, 5, 9, 13]]))
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes did not repack")
+    repack_for_cpu(model)
+    assert all(is_repacked(layer) for layer in linear4bit_layers(model))
+    run_repacked_anywhere(monkeypatch)  # check_exact runs the model: bnb's kernel needs AVX512-BF16
     check_exact(
         model, base, tmp_path, f"CPU-repacked {quant_type} dq={double_quant} {storage}", oracle=oracle
     )

@@ -214,14 +214,22 @@ def _verify_merged(directory: Path, report: VerifyReport, checksums: bool) -> No
 
 
 def _verify_adapter(directory: Path, report: VerifyReport) -> None:
-    _json_object(directory / ADAPTER_CONFIG, report)
-    if (directory / "adapter_model.safetensors").is_file():
-        check_safetensors_file(directory / "adapter_model.safetensors", report)
-    elif (directory / "adapter_model.bin").is_file():
-        report.shards += 1
-        report.notes.append("adapter_model.bin: legacy torch .bin, checked for presence only")
-    else:
-        report.problems.append("adapter_model.safetensors (or .bin) is missing")
+    # peft writes the default adapter at the top, every other one into a sub-folder named after it
+    folders = [directory] if adapter_files(directory) else []
+    folders += [p for p in sorted(directory.iterdir()) if p.is_dir() and (p / ADAPTER_CONFIG).is_file()]
+    if not folders:
+        report.problems.append(f"{ADAPTER_CONFIG} is missing")
+    for folder in folders:
+        where = "" if folder == directory else f"{folder.name}/"
+        if _json_object(folder / ADAPTER_CONFIG, report) is None:
+            continue
+        if (folder / "adapter_model.safetensors").is_file():
+            check_safetensors_file(folder / "adapter_model.safetensors", report)
+        elif (folder / "adapter_model.bin").is_file():
+            report.shards += 1
+            report.notes.append(f"{where}adapter_model.bin: legacy torch .bin, checked for presence only")
+        else:
+            report.problems.append(f"{where}adapter_model.safetensors (or .bin) is missing")
 
 
 def verify_checkpoint(
