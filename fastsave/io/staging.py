@@ -363,17 +363,20 @@ def _freed_bytes(path: Path) -> int:
 
 def _move_contents(source: Path, destination: Path) -> None:
     """Move every entry of ``source`` into ``destination`` (copying across filesystems), then remove it."""
-    cross = not same_filesystem(source, destination)
-    for name in os.listdir(source):
-        if cross:
-            if (source / name).is_dir():
-                shutil.copytree(source / name, destination / name)
-            else:
-                shutil.copy2(source / name, destination / name)
-                fsync_file(destination / name)
-        else:
+    if same_filesystem(source, destination):
+        for name in os.listdir(source):
             os.rename(source / name, destination / name)
-    os.rmdir(source)
+        os.rmdir(source)
+        return
+    for name in os.listdir(source):
+        if (source / name).is_dir():
+            shutil.copytree(source / name, destination / name)
+        else:
+            shutil.copy2(source / name, destination / name)
+    for root, _, files in os.walk(destination):  # a copy is not on disk until synced
+        for name in files:
+            fsync_file(Path(root) / name)
+    remove_tree(source)
 
 
 def _fsync_small_files(directory: Path) -> None:
