@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,7 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
     if save_directory is None or str(save_directory) == "":
         raise ValueError("save_directory must be a directory path (or a hub repo id with push_to_hub=True)")
     path = Path(save_directory).expanduser()
-    if path.exists() and not path.is_dir():
+    if os.path.exists(path) and not os.path.isdir(path):  # (os.path: a too-long name is not an error here)
         raise ValueError(
             f"save_directory {str(path)!r} exists and is a file, not a directory: choose another path"
         )

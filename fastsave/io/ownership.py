@@ -196,11 +196,11 @@ def previous_checkpoint(directory: Path, kind: str, new_names: set[str] = frozen
 
 
 def _is_adapter_folder(path: Path) -> bool:
-    """A sub-folder holding nothing but a non-default adapter as peft saves it."""
+    """A sub-folder holding nothing but a non-default adapter as peft saves it (or nothing at all)."""
     if not path.is_dir() or path.is_symlink():
         return False
     names = set(os.listdir(path))
-    return ADAPTER_CONFIG in names and names <= {*ADAPTER_FILES, MODEL_CARD_NAME}
+    return not names or (ADAPTER_CONFIG in names and names <= {*ADAPTER_FILES, MODEL_CARD_NAME})
 
 
 def plan_replacement(directory: Path, kind: str, staging: Path) -> Replacement:

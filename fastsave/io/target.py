@@ -85,13 +85,13 @@ def inspect_target(save_directory: str | os.PathLike) -> SaveTarget:
             "create that directory first, or save somewhere else. Nothing was written."
         )
     path = Path(os.path.realpath(given))
-    if path.exists() and not path.is_dir():
+    if os.path.exists(path) and not os.path.isdir(path):
         raise TargetError(
             f"save_directory {str(given)!r} exists and is a file, not a directory: choose another path"
         )
-    exists = path.is_dir()
+    exists = os.path.isdir(path)
     anchor = _nearest_existing(path)
-    if not anchor.is_dir():
+    if not os.path.isdir(anchor):
         raise TargetError(
             f"{str(anchor)!r} is a file, so {str(given)!r} cannot be created: choose another path"
         )
