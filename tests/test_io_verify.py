@@ -1,0 +1,130 @@
+"""fastsave verify, the sha256 recorded at write time, and the NaN/Inf check on the way to disk.
+
+Oracles: hashlib over the bytes after the header (parsed here with struct and json, not with
+fastsave's reader), safetensors' own reader, torch.isfinite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import fastsave
+from fastsave.cli import main
+from fastsave.errors import NonFiniteError
+from fastsave.io.finite import check_finite
+from fastsave.io.verify import verify_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _header_and_data(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+@pytest.fixture
+def saved(qlora_model, tiny_tokenizer, tmp_path):
+    """A sharded and a single-file merged save."""
+    model = qlora_model()
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    fastsave.save_pretrained_merged(model, sharded, tiny_tokenizer, max_shard_size="60KB")
+    fastsave.save_pretrained_merged(model, single, tiny_tokenizer)
+    return sharded, single
+
+
+def test_sha256_of_each_shard_is_recorded_in_the_shard_and_the_index(saved):
+    sharded, single = saved
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    recorded = index["metadata"]["fastsave_sha256"]
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert sorted(recorded) == shards and len(shards) > 3
+    for path in [*(sharded / s for s in shards), single / "model.safetensors"]:
+        header, data = _header_and_data(path)
+        digest = hashlib.sha256(data).hexdigest()
+        assert header["__metadata__"]["fastsave_sha256"] == digest, path.name
+        if path.parent == sharded:
+            assert recorded[path.name] == digest
+        with safe_open(path, framework="pt") as handle:  # safetensors itself still reads it
+            assert handle.metadata()["format"] == "pt" and handle.metadata()["fastsave_sha256"] == digest
+    assert index["metadata"]["total_size"] == sum(len(_header_and_data(sharded / s)[1]) for s in shards)
+
+
+def test_verify_a_good_save_and_the_command(saved, capsys):
+    sharded, _ = saved
+    for directory in saved:
+        report = verify_checkpoint(directory, checksums=True)
+        assert report.ok and report.kind == "merged", report.summary()
+        assert report.digests_checked == report.shards > 0 and report.tensors == 21
+    assert main(["verify", str(sharded), "--checksums"]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_verify_finds_each_kind_of_damage(saved, tmp_path, capsys):
+    sharded, single = saved
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0xFF  # one flipped bit in the data: only the checksum sees it
+    shard.write_bytes(bytes(raw))
+    assert verify_checkpoint(sharded).ok
+    report = verify_checkpoint(sharded, checksums=True)
+    assert not report.ok and f"{shard.name}: sha256 of the data is" in report.problems[0]
+    assert main(["verify", str(sharded), "--checksums"]) == 1
+    assert "PROBLEM" in capsys.readouterr().out
+
+    shard.write_bytes(bytes(raw[:-10]))  # truncated
+    assert any("truncated" in p for p in verify_checkpoint(sharded).problems)
+    (single / "model-00002-of-00002.safetensors").write_bytes(b"x")  # stale, beside a single file
+    assert any("expected model.safetensors alone" in p for p in verify_checkpoint(single).problems)
+    (single / "model-00002-of-00002.safetensors").unlink()
+    (sharded / "model.safetensors").write_bytes((single / "model.safetensors").read_bytes())
+    assert any("not named by" in p for p in verify_checkpoint(sharded).problems)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert verify_checkpoint(empty).problems == ["holds no checkpoint (no model weights, no adapter)"]
+
+
+def test_verify_checkpoints_fastsave_did_not_write(qlora_model, tmp_path):
+    model = qlora_model()
+    model.save_pretrained(tmp_path / "adapter")
+    report = verify_checkpoint(tmp_path / "adapter", checksums=True)
+    assert report.ok and report.kind == "adapter", report.summary()
+    model.get_base_model().save_pretrained(tmp_path / "plain")  # transformers' own (4-bit) save
+    report = verify_checkpoint(tmp_path / "plain", checksums=True)
+    assert report.ok and any("no sha256 recorded" in n for n in report.notes), report.summary()
+
+
+_INT_VIEW = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_finite_check_agrees_with_isfinite(dtype):
+    gen = torch.Generator().manual_seed(0)
+    for size in (1, 3, 64, 1000, 65537):
+        for value in ("nan", "inf", "-inf", "negative nan", "none"):
+            tensor = torch.randn(size, generator=gen).to(dtype)
+            position = int(torch.randint(0, size, (1,), generator=gen))
+            if value == "negative nan":  # all bits set: sign, exponent and mantissa
+                tensor.view(_INT_VIEW[dtype])[position] = -1
+            elif value != "none":
+                tensor[position] = float(value)
+            if bool(torch.isfinite(tensor).all()):
+                assert value == "none"
+                check_finite(tensor, "t")
+            else:
+                with pytest.raises(NonFiniteError, match="'t'"):
+                    check_finite(tensor, "t")
+    check_finite(torch.zeros(0, dtype=dtype), "empty")
+    check_finite(torch.tensor([1, 2], dtype=torch.int64), "integers")
