@@ -18,6 +18,7 @@ a half-switched directory never loads as a model.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -192,11 +193,16 @@ def finish_exchange(old_tree: Path, directory: Path, previous: list[str], new: l
 
 def _write_journal(directory: Path, journal: dict) -> None:
     temporary = directory / (JOURNAL_NAME + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(journal, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, directory / JOURNAL_NAME)
+    try:
+        with open(temporary, "w") as handle:
+            json.dump(journal, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, directory / JOURNAL_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     fsync_directory(directory)
 
 
@@ -236,7 +242,17 @@ def switch_into(staging: Path, directory: Path, previous: list[str]) -> None:
     except BaseException:
         _roll_back(directory, journal)
         raise
-    _complete(directory, journal)
+    try:
+        _complete(directory, journal)
+    except OSError as error:  # the new checkpoint is in place; the journal lets the next save tidy up
+        logger.warning(
+            "fastsave: the new checkpoint is in place in %s, but %s and the previous files in %s could not "
+            "be removed (%s); the next save into it removes them",
+            directory,
+            JOURNAL_NAME,
+            journal["backup"],
+            error,
+        )
 
 
 def _paths(directory: Path, journal: dict) -> tuple[Path, Path]:
@@ -280,6 +296,8 @@ def recover(directory: Path) -> str | None:
     Before the journal's ``switched`` mark the previous checkpoint is restored (the staged one is
     removed), after it the new one is kept. Safe to run again after being interrupted itself.
     """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(directory / (JOURNAL_NAME + ".tmp"))  # a journal being written when the save died
     journal = read_journal(directory)
     if journal is None:
         return None

@@ -314,7 +314,10 @@ class PendingSave:
     # ------------------------------------------------------------------ afterwards
 
     def close(self) -> None:
-        """Remove what the save created and did not publish; release the lock. Never raises OSError."""
+        """Remove what the save created and did not publish; release the lock. Never raises OSError.
+
+        A staging directory that a journal still names is left for the next save's recovery.
+        """
         _ACTIVE.pop(self.work, None)
         try:
             journal_pending = self.target.path.is_dir() and switch.read_journal(self.target.path) is not None
@@ -327,8 +330,10 @@ class PendingSave:
             logger.warning(
                 "fastsave: could not remove %s (%s); the next save removes it", self.staging, error
             )
-        finally:
+        try:
             self.lock.release()
+        except OSError as error:  # a stale lock file is taken over by the next save
+            logger.warning("fastsave: could not remove the lock file %s (%s)", self.lock.path, error)
         if not self.published:
             _remove_if_empty([p for p in reversed(self.created) if p != self.temporary_location])
 
