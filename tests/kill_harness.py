@@ -3,7 +3,7 @@
 Run by tests/test_io_kill.py as ``python kill_harness.py WORKDIR RESULT.json``. It builds a tiny
 QLoRA model once, then for every case forks a child that re-saves into a copy of a directory
 holding an old checkpoint (a different shard layout and dtype) and the user's own files. In the
-child every file operation of the save (os.link/mkdir/rename/replace/unlink/rmdir/fsync/pwrite/
+child every file operation of the save (os.link/mkdir/rename/replace/unlink/rmdir/fsync/write/
 symlink/ftruncate, renameat2, each write of shard bytes) is counted, and operation number k gets
 the fault: SIGKILL, SIGINT (a real Ctrl-C), an I/O error, or ENOSPC. The points are chosen from a
 dry run that lists every operation, so the timing is forced, not left to luck.
@@ -45,7 +45,7 @@ OS_OPERATIONS = (
     "unlink",
     "rmdir",
     "fsync",
-    "pwrite",
+    "write",
     "symlink",
     "ftruncate",
 )
@@ -120,7 +120,7 @@ class Faults:
             original = getattr(os, name)
             setattr(os, name, self._wrap(name, original))
         filesystem.renameat2 = self._wrap("renameat2", filesystem.renameat2)
-        shards.ShardWriter._write_data = self._wrap("write", shards.ShardWriter._write_data)
+        shards.ShardWriter._write_data = self._wrap("shard-write", shards.ShardWriter._write_data)
         original_publish = fastsave.io.staging.PendingSave.publish
 
         def publish_phase(pending):
@@ -260,7 +260,7 @@ def main() -> None:
             )
 
         after_renames = [i + 1 for i in renames if i + 1 in switch]
-        shard_writes = [i for i in writing if listing[i - 1][0] == "write"]
+        shard_writes = [i for i in writing if listing[i - 1][0] == "shard-write"]
         others = set(spread(switch, 3)) | set(spread(writing, 2)) | set(spread(shard_writes, 3)[1:2])
         plan = {
             # every rename of the switch (and the operation after it) in two modes; the third

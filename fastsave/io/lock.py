@@ -1,5 +1,7 @@
 """One save per directory: an flock on a small file that also holds the save's owner record.
 
+(Windows: msvcrt's byte-range lock, which its process's death drops too; untested here.)
+
 The lock file sits beside save_directory (inside it where its parent is not writable). The kernel
 drops an flock when its process dies, however it dies, so a lock that can be taken belongs to
 nobody: its record (pid, host, start time, staging directories, phase) then tells the next save
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -19,6 +20,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastsave.errors import SaveInProgressError
+
+try:
+    import fcntl
+except ImportError:  # Windows: a byte-range lock, also dropped when its process dies
+    fcntl = None
+    import msvcrt
+
+_OPEN_FLAGS = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _lock_now(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False when another process holds it."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # pragma: no cover - Windows
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK):
+            return False
+        raise
+    return True
 
 
 @dataclass
@@ -66,19 +89,20 @@ class DirectoryLock:
             SaveInProgressError: another process holds it (its record is in the message).
         """
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, _OPEN_FLAGS | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as error:
+                locked = _lock_now(fd)
+            except OSError:
+                os.close(fd)
+                raise
+            if not locked:
                 holder = OwnerRecord.from_bytes(_read_all(fd))
                 os.close(fd)
-                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
                 who = holder.describe() if holder else "another process"
                 raise SaveInProgressError(
                     f"another save into {record.target!r} is running ({who}); this save did nothing. "
                     f"Wait for it to finish (or stop it), then save again. Lock file: {self.path}"
-                ) from None
+                )
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # the holder unlinked it as we opened it: take the new one
@@ -91,7 +115,8 @@ class DirectoryLock:
         """Replace the owner record (the lock must be held)."""
         data = json.dumps(asdict(record), indent=1).encode("utf-8")
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        os.write(self._fd, data)
         os.fsync(self._fd)
 
     def release(self) -> None:
@@ -115,12 +140,14 @@ class DirectoryLock:
 def try_lock_dead(path: Path) -> DirectoryLock | None:
     """Take the lock at ``path`` if its owner is gone (returns it, holding the dead owner's record)."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = _lock_now(fd)
     except OSError:
+        locked = False
+    if not locked:
         os.close(fd)
         return None  # alive
     if not _same_file(fd, path):
@@ -133,11 +160,10 @@ def try_lock_dead(path: Path) -> DirectoryLock | None:
 
 
 def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
-    offset = 0
-    while chunk := os.pread(fd, 65536, offset):
+    while chunk := os.read(fd, 65536):
         chunks.append(chunk)
-        offset += len(chunk)
     return b"".join(chunks)
 
 

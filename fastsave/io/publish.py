@@ -92,12 +92,19 @@ def exchange_directories(staging: Path, directory: Path) -> None:
     """Swap ``staging`` and ``directory``.
 
     Raises:
-        SwitchUnsupported: the filesystem cannot (EINVAL, ENOSYS, ...), or a mount point (EBUSY, EXDEV).
+        SwitchUnsupported: the filesystem cannot (EINVAL, ENOSYS, ...), a mount point (EBUSY, EXDEV),
+            or no permission to move save_directory itself (EPERM, EACCES).
     """
     try:
         exchange(staging, directory)
     except OSError as error:
-        if error.errno in UNSUPPORTED_ERRNOS or error.errno in (errno.EBUSY, errno.EXDEV):
+        # EPERM/EACCES: a sticky parent (/tmp) lets only a directory's owner rename it
+        if error.errno in UNSUPPORTED_ERRNOS or error.errno in (
+            errno.EBUSY,
+            errno.EXDEV,
+            errno.EPERM,
+            errno.EACCES,
+        ):
             raise SwitchUnsupported(f"renameat2(RENAME_EXCHANGE): {error.strerror}") from error
         raise
 

@@ -219,13 +219,13 @@ class ShardWriter:
             return
         shard = self.shards[self._open_index]
         if self.safe_serialization and self._file is not None:
-            digest = self._digest.hexdigest()
+            self._file.seek(self._digest_offset)
+            self._write_data(self._digest.hexdigest().encode())  # the placeholder's 64 bytes
             self._file.flush()
-            os.pwrite(self._file.fileno(), digest.encode(), self._digest_offset)
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-            self.digests[shard.filename] = digest
+            self.digests[shard.filename] = self._digest.hexdigest()
         elif not self.safe_serialization:
             # torch.save needs the whole shard: a legacy format, kept to one shard's worth of RAM.
             torch.save(self._bin_buffer, self.directory / shard.filename)
