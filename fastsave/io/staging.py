@@ -257,7 +257,7 @@ class PendingSave:
                 "the staged checkpoint does not read back as written: " + "; ".join(report.problems)
             )
         apply_umask_modes(staging)
-        _fsync_small_files(staging)
+        _fsync_files(staging)
         fsync_directory(staging)
         if not target.path.is_dir():
             switch.rename_new(staging, target.path)
@@ -384,13 +384,11 @@ def _move_contents(source: Path, destination: Path) -> None:
     remove_tree(source)
 
 
-def _fsync_small_files(directory: Path) -> None:
-    """config, tokenizer and adapter files: the shards were synced as they were closed."""
+def _fsync_files(directory: Path) -> None:
+    """Every staged file on disk before the switch (the shards, synced when closed, cost nothing more)."""
     for root, _, files in os.walk(directory):
         for name in files:
-            path = Path(root) / name
-            if path.stat().st_size < 256 * 2**20:
-                fsync_file(path)
+            fsync_file(Path(root) / name)
 
 
 def _remove_if_empty(paths: list[Path]) -> None:
