@@ -91,9 +91,9 @@ def _state_bytes(layers) -> dict[str, tuple]:
 
 
 def test_model_run_before_saving_merges_what_it_computes(qlora_model, tmp_path, monkeypatch):
-    """A model that ran in inference mode on an AVX512-BF16 CPU holds bitsandbytes' repacked layout
-    (DESIGN.md hazard 1). The layout is produced with bitsandbytes' own conversion, so this runs on
-    every CPU: the merge is what the repacked weights compute, and saving changes nothing."""
+    """A model that ran in inference mode on an AVX512-BF16 CPU holds bitsandbytes' repacked layout.
+    The layout is produced with bitsandbytes' own conversion, so this runs on every CPU: the merge
+    is what the repacked weights compute, and saving changes nothing."""
     model = qlora_model()
     layers = _lora_layers(model)
     expected = {name + ".weight": _oracle(layer, absmax_to_bf16=True) for name, layer in layers.items()}
