@@ -39,7 +39,9 @@ def _micro(threads: int) -> dict[str, float]:
     for dtype in (torch.bfloat16, torch.float16):
         tensor = torch.randn(128 * 2**20).to(dtype)  # 256 MiB
         best = min(_timed(lambda t=tensor: check_finite(t, "x")) for _ in range(5))
-        result[f"finite check {str(dtype).removeprefix('torch.')}, {threads} thread(s)"] = best / (tensor.numel() * 2 / 1e9)
+        result[f"finite check {str(dtype).removeprefix('torch.')}, {threads} thread(s)"] = best / (
+            tensor.numel() * 2 / 1e9
+        )
     data = memoryview(os.urandom(256 * 2**20))
     best = min(_timed(lambda: hashlib.sha256(data).digest()) for _ in range(3))
     result["sha256, 1 thread"] = best / (len(data) / 1e9)
@@ -97,7 +99,9 @@ def main() -> None:
     real_check = finite.check_finite
 
     def configure(variant: str) -> None:
-        shards.BackgroundDigest = {"no-sha256": NoDigest, "sha256-inline": InlineDigest}.get(variant, BackgroundDigest)
+        shards.BackgroundDigest = {"no-sha256": NoDigest, "sha256-inline": InlineDigest}.get(
+            variant, BackgroundDigest
+        )
         shards.check_finite = (lambda tensor, name: None) if variant == "no-finite-check" else real_check
 
     variants = args.variants.split(",")
