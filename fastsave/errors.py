@@ -7,3 +7,7 @@ class PlanError(ValueError):
 
 class DiskSpaceError(OSError):
     """The checkpoint would not fit on disk; checked before anything is written."""
+
+
+class UnsupportedAdapterError(PlanError):
+    """An adapter fastsave cannot fold into the base weights exactly; nothing has been written."""

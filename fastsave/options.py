@@ -17,6 +17,8 @@ _DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
 }
 _SIZE_UNITS = {
     "B": 1,
@@ -86,13 +88,13 @@ def parse_dtype(value: Any) -> torch.dtype | None:
     if value is None:
         return None
     if isinstance(value, torch.dtype):
-        if value in (torch.float16, torch.bfloat16):
+        if value in (torch.float16, torch.bfloat16, torch.float32):
             return value
     elif isinstance(value, str) and value.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.lower().removeprefix("torch.")]
     raise ValueError(
-        f"dtype={value!r} is not supported: merged weights are saved as torch.float16 or "
-        "torch.bfloat16 (or None to keep the dtype the model computes in)"
+        f"dtype={value!r} is not supported: merged weights are saved as torch.float16, torch.bfloat16 "
+        "or torch.float32 (or None to keep the 16-bit dtype the model computes in)"
     )
 
 

@@ -1,4 +1,10 @@
-"""The one save path that the patched method, the function and the CLI share."""
+"""The one save path: the patched method, the function and the command line all run :func:`run_save`.
+
+Every save goes input -> plan -> producer -> writer -> directory (docs/ARCHITECTURE.md): the input
+(fastsave.inputs) becomes a plan (fastsave.plan), whose items a producer thread computes in order
+(fastsave.merge) while the writer streams them into shards in a staging directory, which is
+published into save_directory in one step.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,14 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastsave.checkpoint_files import write_generation_config, write_merged_config, write_tokenizer
-from fastsave.checkpoint_names import to_checkpoint_names
 from fastsave.disk_space import check_free_space
+from fastsave.inputs.base import SaveInput
+from fastsave.inputs.live_model import LiveModelInput
 from fastsave.memory import MemoryBudget, peak_rss
 from fastsave.options import SaveOptions, parse_options
-from fastsave.plan import SavePlan, build_plan, unwrap_peft
+from fastsave.plan.items import Plan
+from fastsave.plan.layout import to_checkpoint_layout
+from fastsave.plan.walk import unwrap_peft
 from fastsave.writer import ShardWriter, assign_shards, publish
 
 logger = logging.getLogger("fastsave")
@@ -47,10 +55,10 @@ def staging_directory(options: SaveOptions) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _produce_into(plan: SavePlan, budget: MemoryBudget, sink: queue.Queue, stop: threading.Event) -> None:
+def _produce_into(plan: Plan, budget: MemoryBudget, sink: queue.Queue, stop: threading.Event) -> None:
     """Producer thread: merge tensors in plan order; hand each (or the first error) to the writer."""
     try:
-        for planned in plan.tensors:
+        for planned in plan.items:
             if stop.is_set():
                 return
             tensor = planned.produce()
@@ -64,12 +72,12 @@ def _produce_into(plan: SavePlan, budget: MemoryBudget, sink: queue.Queue, stop:
         sink.put(error)
 
 
-def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) -> list[str]:
+def write_merged_weights(plan: Plan, directory: Path, options: SaveOptions) -> list[str]:
     """Merge and stream every planned tensor into shards in ``directory``; return the shard names."""
-    shards = assign_shards(plan.tensors, options.max_shard_size, options.safe_serialization)
+    shards = assign_shards(plan.items, options.max_shard_size, options.safe_serialization)
     check_free_space(plan.total_bytes, directory, options.save_directory)
     writer = ShardWriter(directory, shards, options.safe_serialization)
-    budget = MemoryBudget(options.maximum_memory_usage, max((t.nbytes for t in plan.tensors), default=0))
+    budget = MemoryBudget(options.maximum_memory_usage, max((t.nbytes for t in plan.items), default=0))
     # Merging overlaps writing: a producer thread runs ahead by at most the budgeted depth.
     sink: queue.Queue = queue.Queue(maxsize=budget.prefetch_depth())
     stop = threading.Event()
@@ -77,7 +85,7 @@ def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) 
     producer.start()
     progress = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="fastsave: merging", leave=False)
     try:
-        for planned in plan.tensors:
+        for planned in plan.items:
             item = sink.get()
             if isinstance(item, BaseException):
                 raise item
@@ -96,42 +104,49 @@ def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) 
     return [s.filename for s in shards]
 
 
-def build_merged_plan(model: nn.Module, options: SaveOptions) -> SavePlan:
-    """The 16-bit merged plan, into the dequantized weights or the original checkpoint's (base_weights)."""
-    if options.base_weights == "original":
-        from fastsave.original_base import build_original_plan
+def output_plan(save_input: SaveInput, opts: SaveOptions) -> Plan:
+    """The plan the writer writes: the checked merged plan, re-quantized for a 4-bit save, in checkpoint layout."""
+    plan = save_input.merged_plan(opts)
+    if opts.save_method == "merged_4bit_forced":
+        from fastsave.formats.requantize_4bit import requantize_plan, warn_accuracy_loss
 
-        return build_original_plan(model, options)
-    return build_plan(model, options.dtype, options.adapter_names)
-
-
-def _save_merged(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: Path) -> dict[str, Any]:
-    root = unwrap_peft(model)
-    plan = to_checkpoint_names(root, build_merged_plan(model, options))
-    if not options.safe_serialization:
-        warnings.warn(
-            "safe_serialization=False writes legacy torch .bin shards, which hold one shard in RAM while "
-            "saving and load through pickle; prefer safetensors",
-            UserWarning,
-            stacklevel=3,
-        )
-    shards = write_merged_weights(plan, staging, options)
-    write_merged_config(root, staging, plan.dtype, plan.untied_embeddings)
-    write_generation_config(root, staging)
-    tokenizer_files = write_tokenizer(tokenizer, staging)
-    return {"plan": plan, "shards": shards, "tokenizer_files": tokenizer_files}
+        save_input.quantization_config(plan)  # refuses a model without 4-bit settings before any work
+        warn_accuracy_loss()
+        plan = requantize_plan(plan)
+    return to_checkpoint_layout(save_input.root, plan)
 
 
-def _save_lora(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: Path) -> dict[str, Any]:
-    if not hasattr(model, "peft_config"):
-        raise ValueError(
-            "save_method='lora' needs a peft model (or a transformers model with an adapter loaded)"
-        )
-    kwargs: dict[str, Any] = {"safe_serialization": options.safe_serialization}
-    if options.adapter_names is not None:
-        kwargs["selected_adapters"] = list(options.adapter_names)
-    model.save_pretrained(str(staging), **kwargs)
-    return {"tokenizer_files": write_tokenizer(tokenizer, staging)}
+def run_save(save_input: SaveInput, opts: SaveOptions) -> str:
+    """Save ``save_input`` as ``opts`` asks: plan, merge and write into staging, publish in one step.
+
+    Returns the saved directory's path, or the hub URL when pushed.
+    """
+    started = time.perf_counter()
+    report: dict[str, Any] = {}
+    with staging_directory(opts) as staging:
+        if opts.save_method == "lora":
+            report["tokenizer_files"] = save_input.write_adapter(staging, opts)
+        else:
+            plan = output_plan(save_input, opts)
+            if not opts.safe_serialization:
+                warnings.warn(
+                    "safe_serialization=False writes legacy torch .bin shards, which hold one shard in RAM "
+                    "while saving and load through pickle; prefer safetensors",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            report["shards"] = write_merged_weights(plan, staging, opts)
+            keep_quantization = opts.save_method == "merged_4bit_forced"
+            report["tokenizer_files"] = save_input.write_files(staging, plan, opts, keep_quantization)
+            report["plan"] = plan
+            report["merged_into"] = save_input.describe(plan)
+        publish(staging, opts.save_directory)
+    _log_summary(opts, report, time.perf_counter() - started)
+    if opts.push_to_hub:
+        from fastsave.hub import upload_directory
+
+        return upload_directory(opts)
+    return str(opts.save_directory)
 
 
 def _check_model(model: nn.Module, options: SaveOptions) -> None:
@@ -152,7 +167,7 @@ def save_pretrained_merged(
         model: a peft model (or a transformers model with a LoRA adapter), 4-bit, 8-bit or 16-bit.
         save_directory: the output directory; it receives the complete checkpoint in one step.
         tokenizer: its files are saved beside the weights when given.
-        **options: see DESIGN.md / README: save_method, dtype, base_weights, max_shard_size,
+        **options: see the README: save_method, dtype, base_weights, max_shard_size,
             safe_serialization, maximum_memory_usage, temporary_location, push_to_hub, token,
             private, revision, commit_message, create_pr, is_main_process, adapter_names.
 
@@ -167,52 +182,26 @@ def save_pretrained_merged(
     _check_model(model, opts)
     if not opts.is_main_process:
         return str(opts.save_directory)
-    started = time.perf_counter()
-    with staging_directory(opts) as staging:
-        if opts.save_method == "lora":
-            report = _save_lora(model, tokenizer, opts, staging)
-        elif opts.save_method == "merged_16bit":
-            report = _save_merged(model, tokenizer, opts, staging)
-        else:
-            from fastsave.forced_4bit import save_merged_4bit_forced
-
-            report = save_merged_4bit_forced(model, tokenizer, opts, staging)
-        publish(staging, opts.save_directory)
-    _log_summary(opts, report, time.perf_counter() - started)
-    if opts.push_to_hub:
-        from fastsave.hub import upload_directory
-
-        return upload_directory(opts)
-    return str(opts.save_directory)
-
-
-def _base_kinds(plan: SavePlan) -> str:
-    """'dequantized 4-bit', '8-bit', '16-bit' or a mix, for the save log."""
-    from fastsave.quantized import is_4bit, is_8bit
-
-    kinds = []
-    for target in plan.lora_targets:
-        base = target.layer.get_base_layer()
-        kind = "dequantized 4-bit" if is_4bit(base) else "dequantized 8-bit" if is_8bit(base) else "16-bit"
-        if kind not in kinds:
-            kinds.append(kind)
-    return " and ".join(kinds) or "none"
+    return run_save(LiveModelInput(model, tokenizer), opts)
 
 
 def _log_summary(opts: SaveOptions, report: dict[str, Any], seconds: float) -> None:
-    plan: SavePlan | None = report.get("plan")
+    plan: Plan | None = report.get("plan")
     lines = [f"fastsave: saved {opts.save_method} to {opts.save_directory} in {seconds:.1f}s"]
     if plan is not None:
-        source = (
-            f"the base weights the adapter was trained against ({_base_kinds(plan)})"
-            if opts.base_weights == "dequantized"
-            else "the original 16-bit base checkpoint"
-        )
         lines.append(
-            f"  merged {len(plan.lora_targets)} LoRA modules into {source}; "
-            f"{len(plan.tensors)} tensors, {plan.total_bytes / 1e9:.2f} GB as {str(plan.dtype).removeprefix('torch.')}"
+            f"  merged {len(plan.merged_modules)} LoRA modules into {report['merged_into']}; "
+            f"{len(plan.items)} tensors, {plan.total_bytes / 1e9:.2f} GB as {str(plan.dtype).removeprefix('torch.')}"
             f" in {len(report['shards'])} shard(s)"
         )
+        if opts.save_method == "merged_4bit_forced":
+            from fastsave.formats.requantize_4bit import requantized_settings
+
+            settings = requantized_settings(plan)
+            count = sum(1 for item in plan.items if item.requantize is not None)
+            lines.append(
+                f"  re-quantized {count} weights to 4-bit ({'; '.join(s.describe() for s in settings)})"
+            )
         if plan.untied_embeddings:
             lines.append(
                 "  the adapter changed one of the tied embeddings: both written, tie_word_embeddings=false"
@@ -223,3 +212,32 @@ def _log_summary(opts: SaveOptions, report: dict[str, Any], seconds: float) -> N
         lines.append("  no tokenizer given: pass one to save its files beside the model")
     lines.append(f"  peak RSS {peak_rss() / 2**30:.2f} GiB")
     logger.info("\n".join(lines))
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    quant: Any = None,
+    **options: Any,
+) -> str:
+    """Merge the adapter saved in ``adapter_dir`` into its 16-bit base on disk and save to ``out_dir``.
+
+    The same save as :func:`save_pretrained_merged`, from a saved adapter instead of a model in
+    memory (fastsave.inputs.saved_adapter): ``base`` is the 16-bit base (a local directory or a repo
+    in the local HF cache; default: the adapter's base_model_name_or_path), ``quant`` the 4-bit
+    settings training used (fastsave.sources.bnb_4bit.Quant4bitSettings; default: the QLoRA
+    defaults), ``options`` those of :func:`save_pretrained_merged`.
+
+    Returns:
+        The saved directory's path.
+
+    Raises:
+        PlanError / ValueError: a missing adapter or base, an unsupported adapter, an invalid
+            option; nothing is written then.
+    """
+    from fastsave.inputs.saved_adapter import SavedAdapterInput
+
+    opts = parse_options(out_dir, **options)
+    return run_save(SavedAdapterInput(adapter_dir, base, quant), opts)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastsave.plan import PlannedTensor
+from fastsave.plan.items import PlanItem as PlannedTensor
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",

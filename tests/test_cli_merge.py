@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 import fastsave
-from fastsave.adapter_merge import quantized_module_names
-from fastsave.merge_cli import add_merge_parser, run_merge
+from fastsave.cli.merge import add_merge_parser, run_merge
+from fastsave.sources import quantized_weight_source
+from fastsave.sources.nf4_roundtrip import quantized_module_names
 from fastsave.tiny import (
     attach_lora,
     build_tiny_tokenizer,
@@ -179,8 +180,6 @@ def test_original_differs_from_dequantized(bases, tmp_path):
 def test_merged_4bit_forced_from_the_command_line(bases, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from fastsave.quantized import dequantize_4bit_float32
-
     adapter = tmp_path / "adapter"
     _trained_adapter(bases["base"], bases["tokenizer"], adapter)
     assert _merge([adapter, tmp_path / "m16", "--base", bases["base"]]) == 0
@@ -196,7 +195,8 @@ def test_merged_4bit_forced_from_the_command_line(bases, tmp_path):
     for name, module in reloaded.named_modules():
         if type(module).__name__ == "Linear4bit":
             assert torch.equal(module.weight.data, modules[name].weight.data), name
-            assert torch.equal(dequantize_4bit_float32(module), dequantize_4bit_float32(modules[name])), name
+            ours, theirs = quantized_weight_source(module), quantized_weight_source(modules[name])
+            assert torch.equal(ours.float32(), theirs.float32()), name
             count += 1
     assert count == 14
 

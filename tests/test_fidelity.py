@@ -43,9 +43,10 @@ from transformers import (
 )
 
 import fastsave
-from fastsave.lora_merge import UnsupportedAdapterError, find_lora_targets, merged_weight_float32
-from fastsave.plan import PlanError, unwrap_peft
-from fastsave.quantized import to_checkpoint_layout
+from fastsave.errors import PlanError, UnsupportedAdapterError
+from fastsave.inputs.live_model import LiveModelInput
+from fastsave.options import parse_options
+from fastsave.plan.walk import unwrap_peft
 from fastsave.tiny import attach_lora, tiny_llama_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -239,14 +240,20 @@ def _logits(model, arch: str, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-def _merged_parameter(merged: nn.Module, target) -> torch.Tensor:
-    """The tensor of peft's merged model that ``target`` (a LoRA layer of ours) merges into."""
-    if type(target.layer).__name__ != "ParamWrapper":
-        return merged.get_submodule(target.name).weight
-    module = target.name  # nested ParamWrappers: "....experts", "....experts.base_layer", ...
-    while module.endswith(".base_layer"):
-        module = module.removesuffix(".base_layer")
-    return getattr(merged.get_submodule(module), target.layer.parameter_name)
+def fastsave_float32_merges(peft_model, adapter_names=None) -> dict[str, torch.Tensor]:
+    """fastsave's merge before any rounding: its plan with float32 output, LoRA module -> merged weight.
+
+    Keyed by the LoRA module's name; the value is the tensor under the name the plan writes it.
+    """
+    opts = parse_options("unused-directory", dtype=torch.float32, adapter_names=adapter_names)
+    plan = LiveModelInput(peft_model).merged_plan(opts)
+    return {item.lora_module: (item.name, item.produce()) for item in plan.items if item.lora_module}
+
+
+def _merged_parameter(merged: nn.Module, tensor_name: str) -> torch.Tensor:
+    """The tensor of peft's merged model named ``tensor_name`` (a weight or a bare parameter)."""
+    module, _, attr = tensor_name.rpartition(".")
+    return getattr(merged.get_submodule(module), attr)
 
 
 def check_exact(
@@ -271,13 +278,12 @@ def check_exact(
     assert "quantization_config" not in config
     out_dtype = getattr(torch, config["dtype"])
     # fastsave's float32 merge, before rounding, for the float32 comparison below
-    targets = find_lora_targets(unwrap_peft(peft_model), save_kwargs.get("adapter_names"))
-    ours32 = {t: to_checkpoint_layout(t.layer.get_base_layer(), merged_weight_float32(t)) for t in targets}
+    ours32 = fastsave_float32_merges(peft_model, save_kwargs.get("adapter_names")).values()
 
     merged = oracle.merge_and_unload(adapter_names=save_kwargs.get("adapter_names"))
     worst32, exact32 = 0.0, True
-    for target, weight in ours32.items():
-        want = _merged_parameter(merged, target)
+    for tensor_name, weight in ours32:
+        want = _merged_parameter(merged, tensor_name)
         if not torch.equal(weight, want):
             exact32 = False
             worst32 = max(worst32, (weight - want).abs().max().item())
@@ -494,8 +500,8 @@ def test_several_dora_adapters(base_dir, tmp_path):
         for name, module in unwrap_peft(oracle).named_modules()
         if hasattr(module, "lora_magnitude_vector") and module.lora_magnitude_vector
     }
-    for target in find_lora_targets(unwrap_peft(model), None):
-        assert torch.equal(merged_weight_float32(target), definition[target.name]), target.name
+    for name, (_, weight) in fastsave_float32_merges(model).items():
+        assert torch.equal(weight, definition[name]), name
     check_exact(model, base, tmp_path, "two DoRA adapters active", oracle=oracle, expect_exact=False)
     got = _saved(tmp_path / "out")
     for name, weight in definition.items():
@@ -659,15 +665,16 @@ def test_float16_overflow_in_a_plain_tensor(base_dir, tmp_path):
 
 def test_skipped_lora_module_is_an_error(base_dir, tmp_path, monkeypatch):
     """If the merge missed a LoRA module, the independent count catches it and names it."""
-    import fastsave.plan as plan_module
+    import fastsave.plan.walk as walk_module
 
-    real = plan_module.find_lora_targets
-
-    def drop_one(root, adapter_names):
-        return [t for t in real(root, adapter_names) if t.name != "model.layers.1.mlp.down_proj"]
-
-    monkeypatch.setattr(plan_module, "find_lora_targets", drop_one)
+    real = walk_module.select_adapters
     model = attach_lora(_load(base_dir()))
+    skipped = model.base_model.model.model.layers[1].mlp.down_proj
+
+    def drop_one(layer, adapter_names):
+        return ((), ()) if layer is skipped else real(layer, adapter_names)
+
+    monkeypatch.setattr(walk_module, "select_adapters", drop_one)
     out = tmp_path / "out"
     with pytest.raises(
         PlanError, match=r"13 merged modules.*14 LoRA modules.*model\.layers\.1\.mlp\.down_proj"
@@ -678,11 +685,11 @@ def test_skipped_lora_module_is_an_error(base_dir, tmp_path, monkeypatch):
 
 def test_unrecognised_lora_layer_is_an_error(base_dir, tmp_path, monkeypatch):
     """A LoRA layer the walk does not recognise would leak base_layer / lora_ tensors: refused."""
-    import fastsave.plan as plan_module
+    import fastsave.plan.walk as walk_module
 
-    real = plan_module.is_lora_layer
+    real = walk_module.is_lora_layer
     monkeypatch.setattr(
-        plan_module, "is_lora_layer", lambda m: real(m) and "Embedding" not in type(m).__name__
+        walk_module, "is_lora_layer", lambda m: real(m) and "Embedding" not in type(m).__name__
     )
     model = attach_lora(_load(base_dir()), target_modules=["q_proj", "embed_tokens"])
     with pytest.raises(PlanError, match="embed_tokens"):

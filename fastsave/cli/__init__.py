@@ -10,7 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastsave`` command."""
     from fastsave import __version__
-    from fastsave.merge_cli import add_merge_parser
+    from fastsave.cli.merge import add_merge_parser
 
     parser = argparse.ArgumentParser(
         prog="fastsave", description="Save QLoRA models merged, exactly and in bounded memory."
@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(format_report(report))
         return 0
-    from fastsave.merge_cli import run_merge
-
-    return run_merge(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":
