@@ -389,3 +389,51 @@ def test_moe_checkpoint_layout(tmp_path):
     assert set(expected) == set(weights)
     for name, tensor in weights.items():
         assert torch.equal(tensor, expected[name].to(torch.bfloat16)), name
+
+
+def test_dequantized_merge_against_bitsandbytes_and_peft(bases, tmp_path):
+    """The command line's default, against an oracle built without fastsave: each weight a 4-bit load
+    quantizes goes through bitsandbytes' quantize_4bit + float32 dequantize (QLoRA defaults), peft's
+    own get_delta_weight of the adapter (on a float32 model) is added, one rounding to bfloat16."""
+    import bitsandbytes.functional as bnb_functional
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    _trained_adapter(
+        bases["base"],
+        bases["tokenizer"],
+        adapter,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        use_rslora=True,
+    )
+    assert _merge([adapter, tmp_path / "cli", "--base", bases["base"]]) == 0
+    saved = _weights(tmp_path / "cli")
+    base = load_file(str(bases["base"] / "model.safetensors"))
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(bases["base"]), dtype=torch.float32), str(adapter)
+    )
+    lora = {
+        name.removeprefix("base_model.model.") + ".weight": module
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "get_delta_weight") and hasattr(module, "lora_A")
+    }
+    assert len(lora) == 6
+    linears = {
+        n + ".weight"
+        for n, m in peft_model.get_base_model().named_modules()
+        if type(m).__name__ in ("Linear", "Linear4bit")
+    }
+    quantized = {n for n in linears if not n.startswith("lm_head")} | set(lora)
+    assert set(saved) == set(base)
+    for name, tensor in base.items():
+        expected = tensor.float()
+        if name in quantized:
+            codes, state = bnb_functional.quantize_4bit(
+                tensor, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
+            )
+            state.dtype = torch.float32
+            expected = bnb_functional.dequantize_4bit(codes, state)
+        if name in lora:
+            expected = expected + lora[name].get_delta_weight("default").float()
+        assert torch.equal(saved[name], expected.to(torch.bfloat16)), name

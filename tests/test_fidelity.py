@@ -15,6 +15,7 @@ embedding would otherwise change both sides, which is not what the peft model co
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 
@@ -197,8 +198,18 @@ def _dequantize_8bit(param, module) -> torch.Tensor:
     return bnb_functional.int8_vectorwise_dequant(param.data, scb.float()).float()
 
 
-def build_oracle(peft_model, base: Path, arch: str = "llama", absmax_to_bf16: bool = False):
-    """A float32 peft model holding the same (dequantized) weights and adapters as ``peft_model``."""
+def build_oracle(
+    peft_model,
+    base: Path,
+    arch: str = "llama",
+    absmax_to_bf16: bool = False,
+    dequantized: dict[str, torch.Tensor] | None = None,
+):
+    """A float32 peft model holding the same (dequantized) weights and adapters as ``peft_model``.
+
+    ``dequantized``: parameter name -> float32 weight, for bases whose weights this function cannot
+    dequantize itself (HQQ, torchao): the test computes them with the backend's own API.
+    """
     f32 = _auto(arch).from_pretrained(base, dtype=torch.float32)
     out_emb = f32.get_output_embeddings()
     if out_emb is not None and out_emb.weight is f32.get_input_embeddings().weight:
@@ -211,6 +222,9 @@ def build_oracle(peft_model, base: Path, arch: str = "llama", absmax_to_bf16: bo
     source = dict(peft_model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, param in oracle.named_parameters(remove_duplicate=False):
+            if dequantized is not None and name in dequantized:
+                param.copy_(dequantized[name])
+                continue
             src = source[name]
             owner = peft_model.get_submodule(name.rsplit(".", 1)[0])
             kind = type(src).__name__
@@ -594,6 +608,98 @@ def test_16bit_base(base_dir, tmp_path):
     base = base_dir()
     model = attach_lora(_load(base, bits=None))
     check_exact(model, base, tmp_path, "unquantized bf16 base")
+
+
+# --------------------------------------------------------------------------------------------
+# Other quantized bases peft trains LoRA on: HQQ and torchao, each dequantized by its own API
+
+
+_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("nbits", [4, 8])
+def test_hqq_base(nbits, base_dir, tmp_path):
+    """hqq's HQQLinear (the hqq package's own quantizer, CPU backend): W = hqq's dequantize in float32."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    base = base_dir()
+    model = _auto("llama").from_pretrained(base, dtype=torch.bfloat16)
+    AutoHQQHFModel.quantize_model(
+        model,
+        quant_config=BaseQuantizeConfig(nbits=nbits, group_size=64),
+        compute_dtype=torch.bfloat16,
+        device="cpu",
+    )
+    model = attach_lora(model, target_modules=_LINEARS)
+    dequantized = {}
+    for name, module in model.named_modules():
+        if isinstance(module, HQQLinear):
+            # HQQLinear.dequantize on a copy whose scale, zero and compute dtype are float32
+            float32 = copy.deepcopy(module)
+            float32.meta = {
+                k: (v.float() if k in ("scale", "zero") and torch.is_tensor(v) else v)
+                for k, v in module.meta.items()
+            }
+            float32.meta["compute_dtype"] = float32.compute_dtype = torch.float32
+            dequantized[f"{name}.weight"] = float32.dequantize().float()
+    assert len(dequantized) == 14
+    oracle = build_oracle(model, base, dequantized=dequantized)
+    check_exact(model, base, tmp_path, f"HQQ {nbits}-bit (group 64)", oracle=oracle)
+    _lora_save_is_peft_own(model, tmp_path)
+
+
+def _lora_save_is_peft_own(model, tmp_path: Path) -> None:
+    """save_method='lora' writes what peft's own save_pretrained writes, byte for byte."""
+    model.save_pretrained(tmp_path / "peft-adapter")
+    fastsave.save_pretrained_merged(model, tmp_path / "lora", save_method="lora")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "lora" / name).read_bytes() == (tmp_path / "peft-adapter" / name).read_bytes(), (
+            name
+        )
+
+
+def _affine_dequantize(tensor) -> torch.Tensor:
+    """torchao's affine int dequantization written out: (q - zero_point) * scale per block, in float32."""
+    q = tensor.qdata.to(torch.int32)
+    rows = q.shape[0]
+    block_rows, block_cols = tensor.block_size
+    scale = tensor.scale.float().reshape(rows // block_rows, -1)
+    zero = getattr(tensor, "zero_point", None)
+    if zero is not None:
+        zero = zero.to(torch.int32).reshape(scale.shape)
+        zero = zero.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
+        q = q - zero
+    return q.to(torch.float32) * scale.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
+
+
+@pytest.mark.parametrize("config", ["int8 weight-only", "int4 weight-only (IntxWeightOnlyConfig)"])
+def test_torchao_base(config, base_dir, tmp_path):
+    """torchao weight-only quantized linears (transformers' TorchAoConfig): W = torchao's dequantization."""
+    import torchao.quantization as tq
+    from torchao.quantization.granularity import PerGroup
+    from transformers import TorchAoConfig
+
+    if config.startswith("int8"):
+        quant = tq.Int8WeightOnlyConfig()
+    else:
+        quant = tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    base = base_dir()
+    model = _auto("llama").from_pretrained(
+        base, quantization_config=TorchAoConfig(quant), device_map="cpu", dtype=torch.bfloat16
+    )
+    model = attach_lora(model, target_modules=_LINEARS)
+    dequantized = {}
+    for name, param in model.named_parameters():
+        if hasattr(param, "qdata"):  # a torchao quantized weight
+            expected = _affine_dequantize(param)
+            if "output_dtype" in str(inspect.signature(type(param).dequantize)):
+                assert torch.equal(param.dequantize(output_dtype=torch.float32), expected), name
+            dequantized[name] = expected
+    assert len(dequantized) >= 14
+    oracle = build_oracle(model, base, dequantized=dequantized)
+    check_exact(model, base, tmp_path, f"torchao {config}", oracle=oracle)
+    _lora_save_is_peft_own(model, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,12 @@
 """A torchao-quantized weight (a tensor subclass on a plain nn.Linear), dequantized by torchao in float32.
 
-torchao replaces ``linear.weight`` with a tensor subclass (Int8Tensor for int8 weight-only,
-Int4 tensors, AffineQuantizedTensor in older releases) whose ``dequantize(output_dtype=...)`` is
-the backend's own dequantization; asked for float32, its result has no 16-bit rounding.
+torchao replaces ``linear.weight`` with a tensor subclass: Int8Tensor for int8 weight-only,
+IntxUnpackedToInt8Tensor for ``IntxWeightOnlyConfig`` (int1..int8 values, int4 included, the
+int4 weight-only path torchao runs on a CPU), and others. The merge asks torchao's own
+dequantization for float32, so the values carry no 16-bit rounding: ``dequantize(output_dtype=
+torch.float32)`` where the class takes that argument; for IntxUnpackedToInt8Tensor, whose
+``dequantize()`` always returns its 16-bit dtype, the same ``dequantize_affine`` call it makes,
+with ``output_dtype=torch.float32``. A class fastsave does not know is refused while planning.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import inspect
 
 import torch
 
+from fastsave.errors import UnsupportedAdapterError
 from fastsave.sources.base import Source
 
 try:
@@ -24,6 +29,32 @@ def is_torchao_tensor(tensor: torch.Tensor) -> bool:
     return TorchAOBaseTensor is not None and isinstance(tensor, TorchAOBaseTensor)
 
 
+def _intx_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """IntxUnpackedToInt8Tensor.dequantize's own computation, asked for float32."""
+    from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, dequantize_affine
+
+    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[tensor.target_dtype]
+    return dequantize_affine(
+        tensor.qdata,
+        tensor.block_size,
+        tensor.scale,
+        tensor.zero_point,
+        torch.int8,
+        qmin,
+        qmax,
+        output_dtype=torch.float32,
+    )
+
+
+def _float32_reader(tensor: torch.Tensor):
+    kind = type(tensor)
+    if "output_dtype" in inspect.signature(kind.dequantize).parameters:
+        return lambda: tensor.dequantize(output_dtype=torch.float32)
+    if kind.__name__ == "IntxUnpackedToInt8Tensor":
+        return lambda: _intx_float32(tensor)
+    return None
+
+
 class TorchaoSource(Source):
     """A torchao quantized weight."""
 
@@ -32,11 +63,11 @@ class TorchaoSource(Source):
     def __init__(self, tensor: torch.Tensor) -> None:
         super().__init__(tuple(tensor.shape), tensor.dtype, tensor.device)
         self.tensor = tensor
-        parameters = inspect.signature(type(tensor).dequantize).parameters
-        if "output_dtype" not in parameters:
-            raise TypeError(
-                f"torchao's {type(tensor).__name__} cannot dequantize to float32 (no output_dtype "
-                "argument); fastsave cannot merge it exactly: save with save_method='lora'"
+        self._read = _float32_reader(tensor)
+        if self._read is None:
+            raise UnsupportedAdapterError(
+                f"torchao's {type(tensor).__name__} gives no float32 dequantization fastsave knows, so it "
+                "cannot be merged exactly; save with save_method='lora'"
             )
 
     @property
@@ -45,8 +76,12 @@ class TorchaoSource(Source):
         return True
 
     def float32(self) -> torch.Tensor:
-        """torchao's own dequantize, asked for float32."""
-        return self.tensor.dequantize(output_dtype=torch.float32).contiguous()
+        """torchao's own dequantization, in float32."""
+        return self._read().to(torch.float32).contiguous()
+
+    def as_stored(self) -> torch.Tensor:
+        """Not a stored tensor of plain values: its float32 dequantization."""
+        return self.float32()
 
     def describe(self) -> str:
         """'torchao Int8Tensor' and the like."""
