@@ -437,3 +437,17 @@ def test_dequantized_merge_against_bitsandbytes_and_peft(bases, tmp_path):
         if name in lora:
             expected = expected + lora[name].get_delta_weight("default").float()
         assert torch.equal(saved[name], expected.to(torch.bfloat16)), name
+
+
+def test_lora_on_the_router_parameter(tmp_path):
+    """peft wraps Mixtral's router weight as a bare parameter (ParamWrapper): the command line merges it
+    like the in-memory save, byte for byte (the experts, fused only in memory, are copied as stored)."""
+    base = _tiny_mixtral(tmp_path / "mixtral", seed=9)
+    model = attach_lora(load_4bit(base), target_modules=["q_proj"], target_parameters=["mlp.gate.weight"])
+    assert any(type(m).__name__ == "ParamWrapper" for m in model.modules())
+    model.save_pretrained(str(tmp_path / "adapter"))
+    fastsave.save_pretrained_merged(model, tmp_path / "memory")
+    assert _merge([tmp_path / "adapter", tmp_path / "cli", "--base", base]) == 0
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.safetensors")
+    name = "model.layers.0.block_sparse_moe.gate.weight"
+    assert not torch.equal(_weights(tmp_path / "cli")[name], _weights(base)[name])  # the delta is in
