@@ -70,7 +70,7 @@ def copy_producer(source: Source, dtype: torch.dtype, name: str, transposed: boo
     stored tensor is rounded once to ``dtype`` (every 16-bit value is exact in float32, so a direct
     cast rounds as a float32 detour would), or copied when it is already in ``dtype``.
     """
-    if source.floating and not source.stored_dtype.is_floating_point:
+    if source.computed:
         return weight_producer(source, (), dtype, name, transposed)
 
     def produce() -> torch.Tensor:

@@ -45,11 +45,14 @@ class Source:
             bnb 4-bit weight (used to re-quantize it for save_method="merged_4bit_forced").
         quantized_as_transpose: the weight is stored as a Conv1D's (in, out) and was quantized
             transposed, as transformers quantizes it.
+        computed: the values are computed from a quantized form (so even without a delta they go
+            through the merge dispatcher, in row blocks where the source reads rows).
     """
 
     kind = "tensor"
     quant_settings: Quant4bitSettings | None = None
     quantized_as_transpose = False
+    computed = False  # values are computed (dequantized, round-tripped), not stored as they are
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         self.shape = tuple(int(s) for s in shape)

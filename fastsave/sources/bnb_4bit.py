@@ -124,6 +124,7 @@ class Bnb4bitSource(Source):
     """A Linear4bit's weight, packed as bitsandbytes quantized it, on any device."""
 
     kind = "4-bit"
+    computed = True
 
     def __init__(self, module: nn.Module) -> None:
         weight = module.weight

@@ -21,6 +21,7 @@ class Bnb8bitSource(Source):
     """A Linear8bitLt's weight, dequantized with bitsandbytes' own int8_vectorwise_dequant."""
 
     kind = "8-bit"
+    computed = True
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__(tuple(module.weight.shape), module.weight.dtype, module.weight.device)

@@ -56,6 +56,7 @@ class HqqSource(Source):
     """An HQQLinear's weight."""
 
     kind = "HQQ"
+    computed = True
 
     def __init__(self, module: nn.Module) -> None:
         shape = tuple(module.meta["shape"])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastsave.errors import PlanError
-from fastsave.sources.base import Source
+from fastsave.sources.base import RowReader, Source
 from fastsave.sources.bnb import bnb_functional
 from fastsave.sources.bnb_4bit import Quant4bitSettings
 
@@ -47,6 +47,7 @@ class Nf4RoundTripSource(Source):
     """
 
     kind = "NF4 round trip of the 16-bit checkpoint"
+    computed = True
 
     def __init__(self, inner: Source, settings: Quant4bitSettings, dtype: torch.dtype, conv1d: bool) -> None:
         super().__init__(inner.shape, inner.stored_dtype, inner.device)
@@ -70,6 +71,48 @@ class Nf4RoundTripSource(Source):
     def as_stored(self) -> torch.Tensor:
         """Not a stored tensor: its values are computed."""
         return self.float32()
+
+    def row_reader(self) -> RowReader | None:
+        """Rows of the round trip, the same bits as the whole-tensor quantization (when blocks fit in rows).
+
+        4-bit codes of a block depend only on the block's values and its absmax, so they are computed
+        row block by row block. Double quantization is global (its offset is the mean of every
+        block's absmax), so a first pass reads the rows once to collect the absmax of every block
+        (max |x| is exact in any precision), quantizes that vector as bitsandbytes does, and each
+        row block is then decoded with its part of it.
+        """
+        inner = self.inner.row_reader()
+        settings = self.quant_settings
+        if inner is None or self.conv1d or len(self.shape) != 2 or self.shape[1] % settings.blocksize:
+            return None
+        n_rows, n_cols = self.shape
+        blocks_per_row = n_cols // settings.blocksize
+        step = max(1, (64 << 20) // (4 * n_cols))  # the first pass reads 64 MiB of float32 at a time
+        absmax = torch.cat(
+            [
+                inner.read(i, min(n_rows, i + step))
+                .to(self.load_dtype)
+                .abs()
+                .reshape(-1, settings.blocksize)
+                .amax(1)
+                for i in range(0, n_rows, step)
+            ]
+        ).to(torch.float32)
+        if settings.double_quant:
+            offset = absmax.mean()
+            quantized, state2 = bnb_functional.quantize_blockwise(absmax - offset, blocksize=256)
+            absmax = bnb_functional.dequantize_blockwise(quantized, state2) + offset
+
+        def read(i: int, j: int) -> torch.Tensor:
+            rows = inner.read(i, j).to(self.load_dtype)
+            codes, state = bnb_functional.quantize_4bit(
+                rows, blocksize=settings.blocksize, compress_statistics=False, quant_type=settings.quant_type
+            )
+            state.absmax = absmax[i * blocks_per_row : j * blocks_per_row]
+            state.dtype = torch.float32
+            return bnb_functional.dequantize_4bit(codes, state)
+
+        return RowReader(read)
 
     def describe(self) -> str:
         """How the weight was reproduced."""

@@ -59,6 +59,7 @@ class TorchaoSource(Source):
     """A torchao quantized weight."""
 
     kind = "torchao"
+    computed = True
 
     def __init__(self, tensor: torch.Tensor) -> None:
         super().__init__(tuple(tensor.shape), tensor.dtype, tensor.device)

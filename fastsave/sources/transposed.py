@@ -21,6 +21,7 @@ class TransposedSource(Source):
         self.inner = inner
         self.kind = inner.kind
         self.quant_settings = inner.quant_settings
+        self.computed = inner.computed
 
     def float32(self) -> torch.Tensor:
         """The inner values transposed, contiguous."""
