@@ -305,3 +305,23 @@ def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path
     saved = _saved_tensors(out)
     for name, reference in expected.items():
         assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+
+
+def test_lora_on_embed_tokens_merges_in_row_blocks(qlora_model, tmp_path, monkeypatch):
+    """An embedding's LoRA delta (B @ A).T goes through the row blocks too (its rows are columns of the
+    product, checked against the whole product), with peft's own bits."""
+    from fastsave.merge import dispatch, row_blocks
+
+    model = qlora_model(target_modules=["q_proj", "embed_tokens"])
+    layer = model.base_model.model.model.embed_tokens
+    expected = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
+    monkeypatch.setattr(row_blocks, "BLOCK_BYTES", 4 * 64 * 32)  # 32 rows a block: 10 blocks of the embedding
+    used = []
+    real = row_blocks.merge_in_row_blocks
+    monkeypatch.setattr(
+        dispatch, "merge_in_row_blocks", lambda s, p, d, n: used.append(n) or real(s, p, d, n)
+    )
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert "model.embed_tokens.weight" in used
+    saved = _saved_tensors(tmp_path / "out")
+    assert torch.equal(saved["model.embed_tokens.weight"], expected.to(torch.bfloat16))

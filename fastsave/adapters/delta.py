@@ -46,8 +46,8 @@ class LoraDelta:
         return self.magnitude is not None
 
     @property
-    def rowwise(self) -> bool:
-        """Whether rows i..j of the delta are ``B[i:j] @ A * scaling`` (so it merges in row blocks)."""
+    def plain_linear(self) -> bool:
+        """Plain LoRA on a linear layer in (out, in) layout: ``B @ A * scaling``, nothing else."""
         return self.kind == "linear" and not self.fan_in_fan_out and not self.is_dora
 
     @property

@@ -19,7 +19,7 @@ from fastsave.sources.bnb_4bit import kernels_serve
 def fused_applies(source: Source, deltas: Sequence[LoraDelta]) -> bool:
     """A packed bnb 4-bit weight on a device the kernels serve, with exactly one plain row-wise delta."""
     packed = source.packed_4bit()
-    return packed is not None and len(deltas) == 1 and deltas[0].rowwise and kernels_serve(packed[0])
+    return packed is not None and len(deltas) == 1 and deltas[0].plain_linear and kernels_serve(packed[0])
 
 
 def merge_fused(source: Source, deltas: Sequence[LoraDelta]) -> torch.Tensor:

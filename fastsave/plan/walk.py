@@ -235,19 +235,22 @@ def walk_model(
     refuse_other_tuners(root)
     walk = _Walk(resolver, dtype, adapter_names)
     shared = _shared_parameter_ids(root)
-    skip: list[str] = []
+    handled: set[int] = set()  # modules inside a wrapper the walk has planned as a whole (linear time)
     for name, module in root.named_modules():
-        if skip and any(name.startswith(p) for p in skip):
+        if id(module) in handled:
             continue
         prefix = f"{name}." if name else ""
+        if (
+            is_param_wrapper(module)
+            or is_lora_layer(module)
+            or (ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper))
+        ):
+            handled.update(id(sub) for sub in module.modules())
         if is_param_wrapper(module):
-            skip.append(prefix)
             walk.add_param_wrappers(name, module)
         elif is_lora_layer(module):
-            skip.append(prefix)
             walk.add_lora_layer(name, module)
         elif ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
-            skip.append(prefix)
             saved = _saved_copy(module, adapter_names)
             modified = saved is not module.original_module
             if modified and any(id(p) in shared for p in module.original_module.parameters()):
