@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import shutil
@@ -20,6 +21,10 @@ from tqdm.auto import tqdm
 from fastsave.checkpoint_files import write_generation_config, write_merged_config, write_tokenizer
 from fastsave.checkpoint_names import to_checkpoint_names
 from fastsave.disk_space import check_free_space
+from fastsave.given_state_dict import substitute_given_tensors
+from fastsave.io.adapter_files import apply_save_peft_format
+from fastsave.io.model_card import write_model_card
+from fastsave.io.variant import apply_variant
 from fastsave.memory import MemoryBudget, peak_rss
 from fastsave.options import SaveOptions, parse_options
 from fastsave.plan import SavePlan, build_plan, unwrap_peft
@@ -38,6 +43,7 @@ if not logger.handlers:  # notebooks show INFO lines without the user configurin
 def staging_directory(options: SaveOptions) -> Iterator[Path]:
     """A fresh hidden directory that is removed afterwards, on success, error or Ctrl-C."""
     parent = options.temporary_location or options.save_directory.parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again when empty
     parent.mkdir(parents=True, exist_ok=True)
     path = parent / f".fastsave-staging-{options.save_directory.name}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
@@ -45,6 +51,11 @@ def staging_directory(options: SaveOptions) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        for (
+            directory
+        ) in created:  # innermost first: e.g. temporary_location="_unsloth_temporary_saved_buffers"
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def _produce_into(plan: SavePlan, budget: MemoryBudget, sink: queue.Queue, stop: threading.Event) -> None:
@@ -108,6 +119,7 @@ def build_merged_plan(model: nn.Module, options: SaveOptions) -> SavePlan:
 def _save_merged(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: Path) -> dict[str, Any]:
     root = unwrap_peft(model)
     plan = to_checkpoint_names(root, build_merged_plan(model, options))
+    plan = substitute_given_tensors(plan, options.state_dict)  # state_dict=: given tensors win
     if not options.safe_serialization:
         warnings.warn(
             "safe_serialization=False writes legacy torch .bin shards, which hold one shard in RAM while "
@@ -130,7 +142,10 @@ def _save_lora(model: nn.Module, tokenizer: Any, options: SaveOptions, staging: 
     kwargs: dict[str, Any] = {"safe_serialization": options.safe_serialization}
     if options.adapter_names is not None:
         kwargs["selected_adapters"] = list(options.adapter_names)
+    if options.state_dict is not None:  # peft takes the adapter's tensors from it
+        kwargs["state_dict"] = options.state_dict
     model.save_pretrained(str(staging), **kwargs)
+    apply_save_peft_format(staging, options.save_peft_format)
     return {"tokenizer_files": write_tokenizer(tokenizer, staging)}
 
 
@@ -177,6 +192,8 @@ def save_pretrained_merged(
             from fastsave.forced_4bit import save_merged_4bit_forced
 
             report = save_merged_4bit_forced(model, tokenizer, opts, staging)
+        apply_variant(staging, opts.variant)  # variant=: model.<variant>.safetensors
+        write_model_card(model, opts, staging, report)  # README.md, never over the user's own
         publish(staging, opts.save_directory)
     _log_summary(opts, report, time.perf_counter() - started)
     if opts.push_to_hub:
