@@ -88,7 +88,9 @@ def _adapter_lines(model: nn.Module, adapter_names: tuple[str, ...] | None) -> t
             parts.append(", ".join(e.removeprefix("use_") for e in extras))
         targets = getattr(config, "target_modules", None)
         if targets:  # peft resolves "all-linear" to full module names: the last part says enough
-            targets = [targets] if isinstance(targets, str) else sorted({t.rsplit(".", 1)[-1] for t in targets})
+            targets = (
+                [targets] if isinstance(targets, str) else sorted({t.rsplit(".", 1)[-1] for t in targets})
+            )
             parts.append("on " + ", ".join(targets))
         lines.append("; ".join(parts))
     return lines, base
