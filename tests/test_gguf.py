@@ -241,6 +241,7 @@ def test_disk_space_for_checkpoint_and_gguf_is_checked_first(
         ((True, "iq2_xs"), {}, ValueError, "imatrix_file"),
         ((True,), {"save_method": "lora"}, ValueError, "convert_lora_to_gguf"),
         ((True,), {"first_conversion": "q4_k_m"}, ValueError, "first_conversion"),
+        ((True, "iq2_xs"), {"imatrix_file": True}, ValueError, "never downloads"),
         ((True,), {"bogus": 1}, TypeError, "bogus"),
     ],
 )

@@ -137,8 +137,13 @@ def _export(
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf needs the tokenizer: a GGUF file carries the vocabulary")
     opts = parse_gguf_options(save_directory, **options)
-    if imatrix_file is not None and not Path(imatrix_file).is_file():
-        raise ValueError(f"imatrix_file={str(imatrix_file)!r} is not a file (fastsave never downloads one)")
+    if imatrix_file is False:  # Unsloth's spelling of "none"
+        imatrix_file = None
+    if imatrix_file is not None and (isinstance(imatrix_file, bool) or not Path(imatrix_file).is_file()):
+        raise ValueError(
+            f"imatrix_file={imatrix_file!r} must be the path of an importance-matrix file: fastsave never "
+            "downloads one (Unsloth's imatrix_file=True fetches it from the Hub)"
+        )
     model_dtype = opts.dtype or resolve_output_dtype(unwrap_peft(model), None)
     unquantized = _TYPE_OF_DTYPE[model_dtype]
     methods = normalize_methods(quantization_method, unquantized, imatrix=imatrix_file is not None)
