@@ -274,3 +274,55 @@ def test_an_existing_temporary_location_is_kept(qlora_model, tmp_path):
     (scratch / "mine.txt").write_text("keep")
     fastsave.save_pretrained_merged(qlora_model(), tmp_path / "out", temporary_location=scratch)
     assert [p.name for p in scratch.iterdir()] == ["mine.txt"]
+
+
+# Unsloth's push_to_hub_merged signature (unsloth/save.py), with values a notebook passes.
+UNSLOTH_PUSH_KEYWORDS = {
+    "commit_message": "Trained with Unsloth",
+    "private": True,
+    "token": "hf_dropinTESTtoken",
+    "max_shard_size": None,
+    "create_pr": False,
+    "safe_serialization": True,
+    "revision": None,
+    "commit_description": "Upload model trained with Unsloth 2x faster",
+    "tags": ["unsloth"],
+    "temporary_location": "_unsloth_temporary_saved_buffers",
+    "maximum_memory_usage": 0.75,
+    "datasets": ["yahma/alpaca-cleaned"],
+}
+
+
+@pytest.mark.parametrize("use_temp_dir", [True, None])
+def test_push_to_hub_merged_with_unsloths_keywords(
+    qlora_model, tiny_tokenizer, tmp_path, monkeypatch, use_temp_dir
+):
+    import huggingface_hub
+
+    uploads = []
+
+    class FakeHfApi:
+        def __init__(self, token=None, **kwargs):
+            assert token == UNSLOTH_PUSH_KEYWORDS["token"]
+
+        def create_repo(self, repo_id, **kwargs):
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, folder_path, **kwargs):
+            uploads.append((folder_path, sorted(p.name for p in (tmp_path / folder_path).iterdir()), kwargs))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.chdir(tmp_path)
+    model = fastsave.patch(qlora_model())
+    url = model.push_to_hub_merged(
+        "someone/tiny", tiny_tokenizer, "merged_16bit", use_temp_dir=use_temp_dir, **UNSLOTH_PUSH_KEYWORDS
+    )
+    assert url == "https://huggingface.co/someone/tiny"
+    ((folder, files, kwargs),) = uploads
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
+    assert kwargs["commit_description"] == UNSLOTH_PUSH_KEYWORDS["commit_description"]
+    assert kwargs["commit_message"] == "Trained with Unsloth"
+    if use_temp_dir:  # uploaded from a temporary directory, gone afterwards; nothing left here
+        assert not (tmp_path / folder).exists() and list(tmp_path.iterdir()) == []
+    else:  # as Unsloth's merged push: a local folder named after the repo, kept
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
