@@ -51,9 +51,8 @@ def staging_directory(options: SaveOptions) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-        for (
-            directory
-        ) in created:  # innermost first: e.g. temporary_location="_unsloth_temporary_saved_buffers"
+        # Innermost first; e.g. temporary_location="_unsloth_temporary_saved_buffers" goes again.
+        for directory in created:
             with contextlib.suppress(OSError):
                 directory.rmdir()
 
