@@ -8,6 +8,7 @@ published into save_directory in one step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import shutil
@@ -26,8 +27,12 @@ from tqdm.auto import tqdm
 from fastsave.disk_space import check_free_space
 from fastsave.inputs.base import SaveInput
 from fastsave.inputs.live_model import LiveModelInput
+from fastsave.io.adapter_files import apply_save_peft_format
+from fastsave.io.model_card import write_model_card
+from fastsave.io.variant import apply_variant
 from fastsave.memory import MemoryBudget, peak_rss
 from fastsave.options import SaveOptions, parse_options
+from fastsave.plan.given_tensors import substitute_given_tensors
 from fastsave.plan.items import Plan
 from fastsave.plan.layout import to_checkpoint_layout
 from fastsave.plan.walk import unwrap_peft
@@ -46,6 +51,7 @@ if not logger.handlers:  # notebooks show INFO lines without the user configurin
 def staging_directory(options: SaveOptions) -> Iterator[Path]:
     """A fresh hidden directory that is removed afterwards, on success, error or Ctrl-C."""
     parent = options.temporary_location or options.save_directory.parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again when empty
     parent.mkdir(parents=True, exist_ok=True)
     path = parent / f".fastsave-staging-{options.save_directory.name}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
@@ -53,6 +59,10 @@ def staging_directory(options: SaveOptions) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        # Innermost first; e.g. temporary_location="_unsloth_temporary_saved_buffers" goes again.
+        for directory in created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def _produce_into(plan: Plan, budget: MemoryBudget, sink: queue.Queue, stop: threading.Event) -> None:
@@ -113,7 +123,8 @@ def output_plan(save_input: SaveInput, opts: SaveOptions) -> Plan:
         save_input.quantization_config(plan)  # refuses a model without 4-bit settings before any work
         warn_accuracy_loss()
         plan = requantize_plan(plan)
-    return to_checkpoint_layout(save_input.root, plan)
+    plan = to_checkpoint_layout(save_input.root, plan)
+    return substitute_given_tensors(plan, opts.state_dict)  # state_dict=: given tensors win
 
 
 def run_save(save_input: SaveInput, opts: SaveOptions) -> str:
@@ -126,6 +137,7 @@ def run_save(save_input: SaveInput, opts: SaveOptions) -> str:
     with staging_directory(opts) as staging:
         if opts.save_method == "lora":
             report["tokenizer_files"] = save_input.write_adapter(staging, opts)
+            apply_save_peft_format(staging, opts.save_peft_format)
         else:
             plan = output_plan(save_input, opts)
             if not opts.safe_serialization:
@@ -140,6 +152,9 @@ def run_save(save_input: SaveInput, opts: SaveOptions) -> str:
             report["tokenizer_files"] = save_input.write_files(staging, plan, opts, keep_quantization)
             report["plan"] = plan
             report["merged_into"] = save_input.describe(plan)
+        apply_variant(staging, opts.variant)  # variant=: model.<variant>.safetensors
+        if save_input.model is not None:
+            write_model_card(save_input.model, opts, staging, report)  # README.md, never over the user's own
         publish(staging, opts.save_directory)
     _log_summary(opts, report, time.perf_counter() - started)
     if opts.push_to_hub:

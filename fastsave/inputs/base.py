@@ -16,9 +16,11 @@ class SaveInput(Protocol):
 
     Attributes:
         root: the model's module tree (transformers names), for the checkpoint layout step.
+        model: the peft model (its adapter configs describe the save in the model card), or None.
     """
 
     root: nn.Module
+    model: nn.Module | None
 
     def merged_plan(self, opts: SaveOptions) -> Plan:
         """The checked 16-bit merged plan under the model's names (before any output-format step)."""

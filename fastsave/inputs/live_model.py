@@ -201,6 +201,8 @@ class LiveModelInput:
         kwargs: dict[str, Any] = {"safe_serialization": opts.safe_serialization}
         if opts.adapter_names is not None:
             kwargs["selected_adapters"] = list(opts.adapter_names)
+        if opts.state_dict is not None:  # peft takes the adapter's tensors from it
+            kwargs["state_dict"] = opts.state_dict
         self.model.save_pretrained(str(directory), **kwargs)
         return write_tokenizer(self.tokenizer, directory)
 

@@ -184,6 +184,7 @@ class SavedAdapterInput:
         self.base = base
         self.base_dir: Path | None = None
         self.root: nn.Module | None = None
+        self.model: nn.Module | None = None  # the peft model on the meta device, once planned
         self._how = ""
 
     def _resolve_base(self) -> tuple[Path, SafetensorsCheckpoint, Any]:
@@ -226,7 +227,7 @@ class SavedAdapterInput:
         model = attach_saved_adapter(
             base, self.adapter, base_tensor=lambda n: checkpoint.get(n) if n in checkpoint else None
         )
-        self.root = unwrap_peft(model)
+        self.model, self.root = model, unwrap_peft(model)
         resolver = CheckpointResolver(
             self.root, checkpoint, aliases, quantized, self.quant, dequantize, dtype
         )

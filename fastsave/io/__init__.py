@@ -1,0 +1,1 @@
+"""Writing a checkpoint's files: weights, the non-weight files, the model card."""
