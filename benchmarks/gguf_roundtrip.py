@@ -3,11 +3,13 @@
 llama.cpp is not a dependency and nothing here downloads it. Point --llama-cpp at a llama.cpp
 source tree (a checkout, or the vendor/llama.cpp folder of the llama-cpp-python source
 distribution, which `pip download --no-deps --no-binary :all: llama-cpp-python` fetches from the
-package registry). The script builds a tiny Llama with a sentencepiece tokenizer.model, attaches
-LoRA, saves it merged with fastsave, converts it to GGUF (bf16) in a subprocess, then reads the
-GGUF back and compares tensors llama.cpp does not permute (everything but attn_q/attn_k) with the
-safetensors, bit for bit, and checks that a checkpoint whose adapter untied the embeddings gets
-its own output.weight.
+package registry); without it, FASTSAVE_LLAMA_CPP or ./llama.cpp, as save_pretrained_gguf finds it.
+The script builds a tiny Llama with a sentencepiece tokenizer.model, attaches LoRA, saves it
+merged with fastsave, converts it to GGUF (bf16) with fastsave.export's converter step, then reads
+the GGUF back (gguf-py) and compares tensors llama.cpp does not permute (everything but
+attn_q/attn_k) with the safetensors, bit for bit, and checks that a checkpoint whose adapter untied
+the embeddings gets its own output.weight. It also runs fastsave's own GGUF check (tensor count,
+shapes, vocabulary) and prints each conversion's time and file size.
 
     python benchmarks/gguf_roundtrip.py --llama-cpp PATH/TO/llama.cpp
 """
@@ -15,11 +17,13 @@ its own output.weight.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from fastsave.export.convert import convert_checkpoint
+from fastsave.export.llama_cpp import LlamaCpp, LlamaCppNotFoundError, find_llama_cpp
+from fastsave.export.verify import load_gguf, read_checkpoint_facts, verify_gguf
 
 # safetensors name -> GGUF name, for tensors the converter copies without permuting.
 _UNPERMUTED = {
@@ -66,42 +70,20 @@ def make_checkpoint(work: Path, kind: str) -> Path:
     return out
 
 
-def convert(llama_cpp: Path, checkpoint: Path) -> Path:
-    """Run convert_hf_to_gguf.py on ``checkpoint``; return the GGUF path."""
+def convert(tools: LlamaCpp, checkpoint: Path) -> tuple[Path, float]:
+    """Convert ``checkpoint`` to a bf16 GGUF beside it, as save_pretrained_gguf does; return path and seconds."""
     outfile = checkpoint.with_suffix(".gguf")
-    env = {**os.environ, "PYTHONPATH": f"{llama_cpp / 'gguf-py'}{os.pathsep}{llama_cpp}"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(llama_cpp / "convert_hf_to_gguf.py"),
-            str(checkpoint),
-            "--outfile",
-            str(outfile),
-            "--outtype",
-            "bf16",
-        ],
-        env=env,
-        cwd=checkpoint.parent,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{result.stderr[-3000:]}")
-    return outfile
+    return outfile, convert_checkpoint(tools, checkpoint, outfile, "bf16")
 
 
-def compare(llama_cpp: Path, checkpoint: Path, gguf_path: Path) -> tuple[int, list[str]]:
+def compare(tools: LlamaCpp, checkpoint: Path, gguf_path: Path) -> tuple[int, list[str]]:
     """Compare unpermuted tensors bit for bit; return (count compared, problems)."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
-    sys.path.insert(0, str(llama_cpp / "gguf-py"))
-    from gguf import GGUFReader
-
     saved = load_file(checkpoint / "model.safetensors")
-    reader = GGUFReader(gguf_path)
+    reader = load_gguf(tools).GGUFReader(gguf_path)
     gguf_tensors = {t.name: t for t in reader.tensors}
     problems, compared = [], 0
     layers = 1 + max(int(k.split(".")[2]) for k in saved if k.startswith("model.layers."))
@@ -158,20 +140,35 @@ def compare(llama_cpp: Path, checkpoint: Path, gguf_path: Path) -> tuple[int, li
 def main() -> int:
     """Build, convert and compare; print one line per checkpoint; exit 1 on any problem."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source tree")
+    parser.add_argument(
+        "--llama-cpp",
+        type=Path,
+        default=None,
+        help="llama.cpp source tree (default: FASTSAVE_LLAMA_CPP, ./llama.cpp)",
+    )
     args = parser.parse_args()
-    if not (args.llama_cpp / "convert_hf_to_gguf.py").exists():
-        print(f"no convert_hf_to_gguf.py under {args.llama_cpp}", file=sys.stderr)
+    try:
+        tools = find_llama_cpp(args.llama_cpp)
+    except LlamaCppNotFoundError as error:
+        print(error, file=sys.stderr)
         return 2
     failed = False
     with tempfile.TemporaryDirectory(prefix="fastsave-gguf-") as tmp:
         labels = {"untied": "untied", "tied": "tied embeddings + LoRA on lm_head", "mixtral": "Mixtral (MoE)"}
         for kind, label in labels.items():
             checkpoint = make_checkpoint(Path(tmp), kind)
-            gguf_path = convert(args.llama_cpp, checkpoint)
-            compared, problems = compare(args.llama_cpp, checkpoint, gguf_path)
+            gguf_path, seconds = convert(tools, checkpoint)
+            compared, problems = compare(tools, checkpoint, gguf_path)
+            try:
+                check = verify_gguf(gguf_path, read_checkpoint_facts(checkpoint), load_gguf(tools))
+                verified = f"{check.tensor_count} tensors, vocab {check.vocab_size}"
+            except RuntimeError as error:
+                verified, problems = "verification FAILED", [*problems, str(error)]
             status = "OK" if not problems else "FAILED: " + "; ".join(problems)
-            print(f"{label}: converted, {compared} tensors bit-identical in the GGUF: {status}")
+            print(
+                f"{label}: converted in {seconds:.1f}s to {gguf_path.stat().st_size / 1e3:.0f} kB bf16 "
+                f"({verified}), {compared} tensors bit-identical in the GGUF: {status}"
+            )
             failed |= bool(problems)
     return 1 if failed else 0
 

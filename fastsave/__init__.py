@@ -5,9 +5,20 @@ fastsave.patch(model)
 model.save_pretrained_merged("out", tokenizer, save_method="merged_16bit")
 """
 
+__version__ = "0.1.0"  # before the imports: the model card reads it
+
 from fastsave.errors import DiskSpaceError, PlanError
+from fastsave.export import push_to_hub_gguf, save_pretrained_gguf
 from fastsave.patching import patch, unpatch
 from fastsave.save import save_pretrained_merged
 
-__version__ = "0.1.0"
-__all__ = ["DiskSpaceError", "PlanError", "__version__", "patch", "save_pretrained_merged", "unpatch"]
+__all__ = [
+    "DiskSpaceError",
+    "PlanError",
+    "__version__",
+    "patch",
+    "push_to_hub_gguf",
+    "save_pretrained_gguf",
+    "save_pretrained_merged",
+    "unpatch",
+]

@@ -25,3 +25,7 @@ class SaveInProgressError(RuntimeError):
 
 class VerifyError(RuntimeError):
     """A checkpoint directory does not read back as written (its problems are listed)."""
+
+
+class UnsupportedAdapterError(PlanError):
+    """An adapter fastsave cannot fold into the base weights exactly; nothing has been written."""

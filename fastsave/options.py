@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,9 @@ from typing import Any
 import torch
 
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit_forced")
+# Other spellings notebooks use (Unsloth's zoo accepts "forced_merged_4bit" for the forced 4-bit save).
+# Methods are also matched case-insensitively, with spaces and hyphens read as underscores.
+SAVE_METHOD_ALIASES = {"forced_merged_4bit": "merged_4bit_forced"}
 BASE_WEIGHTS = ("dequantized", "original")
 _DTYPES = {
     "float16": torch.float16,
@@ -18,6 +23,22 @@ _DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+# Keywords of Unsloth's save_pretrained_merged / push_to_hub_merged / save_pretrained_gguf that mean
+# nothing here. They are accepted, so that notebooks written for Unsloth run unchanged, and named in
+# one warning per call. Each value says why it has no effect.
+NO_EFFECT_OPTIONS = {
+    "save_function": "fastsave streams safetensors itself (torch .bin shards with safe_serialization=False)",
+    "calibration_dataset": "only Unsloth's FP8/FP4 compressed exports use calibration data",
+    "num_calibration_samples": "only Unsloth's FP8/FP4 compressed exports use calibration data",
+    "max_seq_length": "only Unsloth's FP8/FP4 compressed exports use calibration data",
+    "install_missing_dependencies": "fastsave never installs anything at run time",
+    "merge_is_disposable": "the temporary 16-bit checkpoint of a GGUF export is always removed",
+    "gguf_shard_size": "fastsave writes each GGUF as one file",
 }
 _SIZE_UNITS = {
     "B": 1,
@@ -57,6 +78,15 @@ class SaveOptions:
     is_main_process: bool = True
     adapter_names: tuple[str, ...] | None = None
     original_base_path: str | None = None
+    # Keywords shared with transformers' save_pretrained / push_to_hub (Unsloth passes them through).
+    variant: str | None = None  # weight files named model.<variant>.safetensors, as transformers names them
+    save_peft_format: bool = True  # False: adapter tensor names without the "base_model.model." prefix
+    tags: tuple[str, ...] = ()  # model card tags
+    datasets: tuple[str, ...] = ()  # model card datasets
+    commit_description: str | None = None  # hub commit description
+    use_temp_dir: bool | None = None  # push_to_hub_*: stage the local copy in a temporary directory
+    # Tensors to write instead of computing them (save_pretrained's state_dict); see fastsave.plan.given_tensors.
+    state_dict: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
 
 def parse_shard_size(value: int | str) -> int:
@@ -86,29 +116,151 @@ def parse_shard_size(value: int | str) -> int:
 
 
 def parse_dtype(value: Any) -> torch.dtype | None:
-    """Accept None, torch.float16/bfloat16 or their names; anything else is a ValueError."""
+    """Accept None, torch.float16/bfloat16/float32 or their names; anything else is a ValueError.
+
+    float32 writes a float32 checkpoint: the float32 merge itself, with no rounding at all.
+    """
     if value is None:
         return None
     if isinstance(value, torch.dtype):
-        if value in (torch.float16, torch.bfloat16):
+        if value in (torch.float16, torch.bfloat16, torch.float32):
             return value
     elif isinstance(value, str) and value.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.lower().removeprefix("torch.")]
     raise ValueError(
-        f"dtype={value!r} is not supported: merged weights are saved as torch.float16 or "
-        "torch.bfloat16 (or None to keep the dtype the model computes in)"
+        f"dtype={value!r} is not supported: merged weights are saved as torch.float16, torch.bfloat16 "
+        "or torch.float32 (or None to keep the 16-bit dtype the model computes in)"
     )
+
+
+def normalize_save_method(value: Any) -> str:
+    """A save method as fastsave names it: case-insensitive, spaces/hyphens as underscores, aliases resolved.
+
+    Raises:
+        ValueError: ``merged_4bit`` (refused, with the reason) or a method fastsave does not know.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"save_method must be a string such as 'merged_16bit', got {value!r}")
+    method = re.sub(r"[\s\-]+", "_", value.strip().lower())
+    method = SAVE_METHOD_ALIASES.get(method, method)
+    if method == "merged_4bit":
+        raise ValueError(
+            "save_method='merged_4bit' is refused: merging a LoRA into 4-bit weights re-quantizes them, "
+            "which loses most of what the adapter learned (the delta is usually smaller than one NF4 "
+            "step). Save 'merged_16bit' for inference and GGUF conversion, or 'lora' to keep the adapter; "
+            "if you really want a 4-bit merged checkpoint, ask for it with save_method='merged_4bit_forced'."
+        )
+    if method not in SAVE_METHODS:
+        raise ValueError(f"save_method={value!r} is unknown: use one of {', '.join(map(repr, SAVE_METHODS))}")
+    return method
+
+
+def _string_list(name: str, value: Any) -> tuple[str, ...]:
+    """tags / datasets: one string or a list of strings (None: none)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def _parse_variant(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*", value):
+        raise ValueError(
+            f"variant={value!r} must be a short name such as 'fp16' (letters, digits, '_', '.', '-'): "
+            "it becomes part of the weight file names (model.<variant>.safetensors)"
+        )
+    return value
+
+
+def _parse_state_dict(value: Any) -> Mapping[str, torch.Tensor] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    ):
+        raise ValueError(
+            "state_dict must be a dict of tensor name -> torch.Tensor (as model.state_dict() gives)"
+        )
+    return value
+
+
+def no_effect_options(kwargs: Mapping[str, Any], save_method: str, purpose: str = "save") -> list[str]:
+    """The given keywords that change nothing for this save, in the order given.
+
+    Unsloth's keywords without a meaning here, plus those whose meaning belongs to another kind of
+    save: ``variant`` names merged weight files (an adapter is always adapter_model.safetensors),
+    ``save_peft_format`` names adapter tensors, and a GGUF export's temporary checkpoint has no
+    file names, shards or serialization format a user sees.
+    """
+    # A keyword left at its default (None for Unsloth's own) asks for nothing, so it is not named.
+    given = [name for name, value in kwargs.items() if value is not None and value != _DEFAULTS.get(name)]
+    ignored = set(NO_EFFECT_OPTIONS) | {"use_temp_dir"}  # push_to_hub_merged/_gguf consume use_temp_dir
+    ignored |= {"variant"} if save_method == "lora" else {"save_peft_format"}
+    if purpose == "gguf":
+        ignored |= {"variant", "max_shard_size", "safe_serialization", "save_peft_format"}
+    return [name for name in given if name in ignored]
+
+
+def warn_no_effect(names: list[str], purpose: str = "save") -> None:
+    """One warning naming every keyword that has no effect on this save."""
+    if not names:
+        return
+    reasons = "; ".join(f"{n}: {NO_EFFECT_OPTIONS.get(n, _CONDITIONAL_REASONS.get(n, ''))}" for n in names)
+    what = "this GGUF export" if purpose == "gguf" else "this save"
+    warnings.warn(
+        f"fastsave: {', '.join(names)} {'has' if len(names) == 1 else 'have'} no effect on {what} "
+        f"(accepted for compatibility with Unsloth notebooks). {reasons}",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+_CONDITIONAL_REASONS = {
+    "variant": "it names merged weight files; an adapter is written as adapter_model.safetensors, and a "
+    "GGUF export's 16-bit checkpoint is temporary",
+    "save_peft_format": "it names adapter tensors, and this save writes no adapter",
+    "max_shard_size": "the 16-bit checkpoint of a GGUF export is temporary",
+    "safe_serialization": "the 16-bit checkpoint of a GGUF export is temporary",
+    "use_temp_dir": "only push_to_hub_merged and push_to_hub_gguf choose where their local copy goes",
+}
 
 
 def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
     """Validate every save option; raise before anything is written.
 
+    A None value means the option's default (Unsloth's ``safe_serialization=None``,
+    ``max_shard_size=None``, ...). Keywords of Unsloth's that mean nothing here are accepted and
+    named in one warning (:data:`NO_EFFECT_OPTIONS`).
+
     Raises:
         TypeError: an unknown keyword argument.
         ValueError: a value that is out of range or unsupported, with what to do instead.
     """
+    return _parse(save_directory, kwargs, "save")
+
+
+def parse_gguf_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
+    """:func:`parse_options` for a GGUF export: the same options, save_method always merged_16bit.
+
+    The options that only shape the temporary 16-bit checkpoint's files (variant, max_shard_size,
+    safe_serialization) are accepted and named in the one warning.
+    """
+    return _parse(save_directory, kwargs, "gguf")
+
+
+_DEFAULTS = {
+    name: f.default for name, f in SaveOptions.__dataclass_fields__.items() if name != "save_directory"
+}
+
+
+def _parse(save_directory: str | Path, kwargs: dict[str, Any], purpose: str) -> SaveOptions:
     known = set(SaveOptions.__dataclass_fields__) - {"save_directory"}
-    unknown = sorted(set(kwargs) - known)
+    unknown = sorted(set(kwargs) - known - set(NO_EFFECT_OPTIONS))
     if unknown:
         raise TypeError(
             f"save_pretrained_merged() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
@@ -122,17 +274,24 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
             f"save_directory {str(path)!r} exists and is a file, not a directory: choose another path"
         )
 
-    method = kwargs.get("save_method", "merged_16bit")
-    if method == "merged_4bit":
+    # None means the default, as in Unsloth (safe_serialization=None, max_shard_size=None, ...).
+    given = kwargs
+    kwargs = {
+        k: v
+        for k, v in kwargs.items()
+        if k not in NO_EFFECT_OPTIONS and not (v is None and _DEFAULTS.get(k) is not None)
+    }
+    method = normalize_save_method(kwargs.get("save_method", "merged_16bit"))
+    if purpose == "gguf" and method != "merged_16bit":
         raise ValueError(
-            "save_method='merged_4bit' is refused: merging a LoRA into 4-bit weights re-quantizes them, "
-            "which loses most of what the adapter learned (the delta is usually smaller than one NF4 "
-            "step). Save 'merged_16bit' for inference and GGUF conversion, or 'lora' to keep the adapter; "
-            "if you really want a 4-bit merged checkpoint, ask for it with save_method='merged_4bit_forced'."
+            f"save_method={kwargs['save_method']!r} cannot be exported to GGUF here: a GGUF export merges "
+            "into a 16-bit checkpoint first (save_method=None or 'merged_16bit'). For a LoRA adapter "
+            "GGUF, save the adapter with save_method='lora' and run llama.cpp's convert_lora_to_gguf.py."
         )
-    if method not in SAVE_METHODS:
+    if kwargs.get("state_dict") is not None and method == "merged_4bit_forced":
         raise ValueError(
-            f"save_method={method!r} is unknown: use one of {', '.join(map(repr, SAVE_METHODS))}"
+            "state_dict is not supported with save_method='merged_4bit_forced': give it to a "
+            "'merged_16bit' save (tensors taken from it) or a 'lora' save (adapter tensors taken from it)"
         )
 
     base_weights = kwargs.get("base_weights", "dequantized")
@@ -151,7 +310,9 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
 
     temporary_location = kwargs.get("temporary_location")
     if temporary_location is not None:
-        temporary_location = Path(temporary_location).expanduser()
+        # Relative paths (notebooks pass "_unsloth_temporary_saved_buffers") are fixed against the
+        # working directory now, so a chdir during the save cannot move them.
+        temporary_location = Path(temporary_location).expanduser().absolute()
         if temporary_location.exists() and not temporary_location.is_dir():
             raise ValueError(f"temporary_location {str(temporary_location)!r} is a file, not a directory")
 
@@ -165,9 +326,23 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
                 f"adapter_names must be a non-empty list of adapter names, got {adapter_names!r}"
             )
 
-    for flag in ("push_to_hub", "safe_serialization", "is_main_process", "create_pr", "replace_in_place"):
+    for flag in (
+        "push_to_hub",
+        "safe_serialization",
+        "is_main_process",
+        "create_pr",
+        "save_peft_format",
+        "replace_in_place",
+    ):
         if flag in kwargs and not isinstance(kwargs[flag], bool):
             raise ValueError(f"{flag} must be True or False, got {kwargs[flag]!r}")
+    if kwargs.get("use_temp_dir") is not None and not isinstance(kwargs["use_temp_dir"], bool):
+        raise ValueError(f"use_temp_dir must be True, False or None, got {kwargs['use_temp_dir']!r}")
+    for text in ("commit_message", "commit_description", "revision", "repo_id"):
+        if kwargs.get(text) is not None and not isinstance(kwargs[text], str):
+            raise ValueError(f"{text} must be a string, got {kwargs[text]!r}")
+
+    warn_no_effect(no_effect_options(given, method, purpose), purpose)
 
     return SaveOptions(
         save_directory=path,
@@ -189,4 +364,11 @@ def parse_options(save_directory: str | Path, **kwargs: Any) -> SaveOptions:
         is_main_process=kwargs.get("is_main_process", True),
         adapter_names=adapter_names,
         original_base_path=kwargs.get("original_base_path"),
+        variant=_parse_variant(kwargs.get("variant")),
+        save_peft_format=kwargs.get("save_peft_format", True),
+        tags=_string_list("tags", kwargs.get("tags")),
+        datasets=_string_list("datasets", kwargs.get("datasets")),
+        commit_description=kwargs.get("commit_description"),
+        use_temp_dir=kwargs.get("use_temp_dir"),
+        state_dict=_parse_state_dict(kwargs.get("state_dict")),
     )

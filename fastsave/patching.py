@@ -1,68 +1,197 @@
-"""Attach fastsave's methods to one model instance, or to the peft/transformers classes."""
+"""Give models fastsave's methods: one model (its peft wrapper and inner model together), or all models.
+
+Libraries such as Unsloth bind their own ``save_pretrained_merged`` (and the GGUF methods) on the
+model instance, when the model is loaded and again in ``get_peft_model``. An instance attribute
+hides a method set on the class, and a later binding replaces an earlier one on the instance, so
+neither plain way of patching survives such a library. fastsave therefore puts one *slot* per
+method name on ``peft.PeftModel`` and ``transformers.PreTrainedModel``: a data descriptor. Python
+asks a class's data descriptor before the instance ``__dict__``, and ``nn.Module.__setattr__``
+stores plain values through it, which gives:
+
+- ``fastsave.patch(model)`` *claims* the model (a peft model and the transformers model inside it
+  alike); a claimed model, or a peft model whose inner model is claimed, gets fastsave's methods
+  whatever another library binds before or after, in either order of ``patch`` and
+  ``get_peft_model``;
+- what another library bound stays in the instance ``__dict__``, untouched, so
+  ``fastsave.unpatch(model)`` gives it back just by releasing the claim;
+- for a model nobody claimed the slot is invisible: the instance's own attribute, else the
+  class's original, else AttributeError (and peft's ``__getattr__`` forwarding as usual);
+- ``fastsave.patch()`` (no argument) gives every model fastsave's methods from the class. A model
+  with its own instance binding hides a class method; the slot then warns, once per model and
+  method, and says to call ``fastsave.patch(model)``.
+
+Patching never changes what a model computes: only the four named methods are involved.
+"""
 
 from __future__ import annotations
 
+import logging
 import types
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from fastsave.save import save_pretrained_merged
+logger = logging.getLogger("fastsave")
 
-_METHOD_NAMES = ("save_pretrained_merged", "push_to_hub_merged")
-_class_originals: dict[tuple[type, str], Any] = {}
 _MISSING = object()
 
 
-def _save_method(self: nn.Module, save_directory: str | Path, tokenizer: Any = None, **options: Any) -> str:
-    """Save this model merged (or as an adapter): see ``fastsave.save_pretrained_merged``."""
-    return save_pretrained_merged(self, save_directory, tokenizer, **options)
+def _save_pretrained_merged(
+    self: nn.Module,
+    save_directory: str | Path,
+    tokenizer: Any = None,
+    save_method: str | None = "merged_16bit",
+    **options: Any,
+) -> str:
+    """Save this model merged (or as an adapter): see ``fastsave.save_pretrained_merged``.
 
-
-def _push_method(self: nn.Module, repo_id: str, tokenizer: Any = None, **options: Any) -> str:
-    """Save this model merged into a local folder named after ``repo_id``, then upload it to the hub."""
-    options.setdefault("repo_id", repo_id)
-    options["push_to_hub"] = True
-    save_directory = options.pop("save_directory", None) or Path(repo_id).name
-    return save_pretrained_merged(self, save_directory, tokenizer, **options)
-
-
-_save_method.__name__ = "save_pretrained_merged"
-_push_method.__name__ = "push_to_hub_merged"
-_FUNCTIONS = {"save_pretrained_merged": _save_method, "push_to_hub_merged": _push_method}
-
-
-def patch(model: nn.Module | None = None) -> nn.Module | None:
-    """Give ``model`` (or, with no argument, every peft and transformers model) fastsave's methods.
-
-    Adds ``save_pretrained_merged`` and ``push_to_hub_merged`` as bound methods. Idempotent; the
-    model computes exactly what it did before. Another library's method of the same name is
-    replaced, since fastsave's was asked for. Returns the model (None for the class patch).
+    ``save_method`` may be given positionally, as Unsloth's method allows.
     """
-    if model is None:
-        for cls in _patchable_classes():
-            for name in _METHOD_NAMES:
-                if (cls, name) not in _class_originals:
-                    _class_originals[(cls, name)] = cls.__dict__.get(name, _MISSING)
-                setattr(cls, name, _FUNCTIONS[name])
-        return None
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fastsave.patch expects a torch.nn.Module, got {type(model).__name__}")
-    for name in _METHOD_NAMES:
-        setattr(model, name, types.MethodType(_FUNCTIONS[name], model))
-    return model
+    from fastsave.save import save_pretrained_merged
+
+    return save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **options)
 
 
-def unpatch() -> None:
-    """Undo ``patch()`` with no argument: restore the classes' own attributes (instances keep theirs)."""
-    for (cls, name), original in list(_class_originals.items()):
-        if original is _MISSING:
-            if name in cls.__dict__:
-                delattr(cls, name)
-        else:
-            setattr(cls, name, original)
-        del _class_originals[(cls, name)]
+def _push_to_hub_merged(
+    self: nn.Module,
+    repo_id: str,
+    tokenizer: Any = None,
+    save_method: str | None = "merged_16bit",
+    **options: Any,
+) -> str:
+    """Save this model merged, then upload it to the hub as ``repo_id``: see ``fastsave.hub``."""
+    from fastsave.hub import push_to_hub_merged
+
+    return push_to_hub_merged(self, repo_id, tokenizer, save_method=save_method, **options)
+
+
+def _save_pretrained_gguf(
+    self: nn.Module,
+    save_directory: str | Path,
+    tokenizer: Any = None,
+    quantization_method: Any = "fast_quantized",
+    **options: Any,
+) -> list[str]:
+    """Merge this model and convert it to GGUF with llama.cpp: see ``fastsave.export.save_pretrained_gguf``."""
+    from fastsave.export.save_gguf import save_pretrained_gguf
+
+    return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, **options)
+
+
+def _push_to_hub_gguf(
+    self: nn.Module,
+    repo_id: str,
+    tokenizer: Any = None,
+    quantization_method: Any = "fast_quantized",
+    **options: Any,
+) -> str:
+    """Export this model to GGUF, then upload it to the hub as ``repo_id``: see ``fastsave.export``."""
+    from fastsave.export.save_gguf import push_to_hub_gguf
+
+    return push_to_hub_gguf(self, repo_id, tokenizer, quantization_method, **options)
+
+
+_FUNCTIONS = {
+    "save_pretrained_merged": _save_pretrained_merged,
+    "push_to_hub_merged": _push_to_hub_merged,
+    "save_pretrained_gguf": _save_pretrained_gguf,
+    "push_to_hub_gguf": _push_to_hub_gguf,
+}
+for _name, _function in _FUNCTIONS.items():
+    _function.__name__ = _function.__qualname__ = _name
+METHOD_NAMES = tuple(_FUNCTIONS)
+
+_claimed: weakref.WeakSet = weakref.WeakSet()  # models fastsave.patch(model) was called on (or found)
+_wrapper_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # inner model -> ref to its peft model
+_warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> method names warned about
+_state = {"global": False}
+_slots: dict[tuple[type, str], _MethodSlot] = {}
+
+
+def _inner_models(model: nn.Module) -> list[nn.Module]:
+    """The transformers model(s) inside a peft model, read without triggering peft's __getattr__."""
+    found = []
+    base = model.__dict__.get("_modules", {}).get("base_model")
+    if isinstance(base, nn.Module):
+        found.append(base)  # prompt-learning peft models wrap the transformers model directly
+        inner = base.__dict__.get("_modules", {}).get("model")
+        if isinstance(inner, nn.Module):
+            found.append(inner)  # LoRA & co: PeftModel -> LoraModel -> transformers model
+    return found
+
+
+def _claim_of(instance: nn.Module) -> nn.Module | None:
+    """The model a call on ``instance`` saves, when ``instance`` is claimed (directly or by its inner model)."""
+    if instance in _claimed:
+        wrapper = _wrapper_of.get(instance)
+        return (wrapper() if wrapper is not None else None) or instance
+    for inner in _inner_models(instance):
+        if inner in _claimed:
+            _wrapper_of[inner] = weakref.ref(instance)  # patch(base) before get_peft_model: the wrapper wins
+            return instance
+    return None
+
+
+class _MethodSlot:
+    """The data descriptor behind one method name on one class (see the module docstring)."""
+
+    def __init__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.function = _FUNCTIONS[name]
+        self.original = owner.__dict__.get(name, _MISSING)
+
+    def __get__(self, instance: nn.Module | None, owner: type) -> Any:
+        if instance is None:
+            if _state["global"]:
+                return self.function
+            if self.original is not _MISSING:
+                return (
+                    self.original.__get__(None, owner) if hasattr(self.original, "__get__") else self.original
+                )
+            raise AttributeError(self.name)
+        target = _claim_of(instance)
+        if target is not None:
+            return types.MethodType(self.function, target)
+        own = instance.__dict__.get(self.name, _MISSING)
+        if own is not _MISSING:
+            if _state["global"]:
+                self._warn_hidden(instance)
+            return own
+        if _state["global"]:
+            return types.MethodType(self.function, instance)
+        if self.original is not _MISSING:
+            return (
+                self.original.__get__(instance, owner) if hasattr(self.original, "__get__") else self.original
+            )
+        raise AttributeError(self.name)
+
+    def __set__(self, instance: nn.Module, value: Any) -> None:
+        # Another library binding its method: kept in the instance __dict__ (unpatch gives it back).
+        instance.__dict__[self.name] = value
+        if _claim_of(instance) is not None:
+            logger.debug("fastsave: %s was bound on a patched model; fastsave's stays in front", self.name)
+
+    def __delete__(self, instance: nn.Module) -> None:
+        if instance.__dict__.pop(self.name, _MISSING) is _MISSING:
+            raise AttributeError(self.name)
+
+    def _warn_hidden(self, instance: nn.Module) -> None:
+        names = _warned.setdefault(instance, set())
+        if self.name in names:
+            return
+        names.add(self.name)
+        bound = instance.__dict__[self.name]
+        source = getattr(getattr(bound, "__func__", bound), "__module__", None) or "another library"
+        warnings.warn(
+            f"fastsave.patch() patched the classes, but this {type(instance).__name__} has its own "
+            f"{self.name} (from {source}), bound on the instance, which hides fastsave's. "
+            f"Call fastsave.patch(model) on it to use fastsave's.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _patchable_classes() -> list[type]:
@@ -71,9 +200,69 @@ def _patchable_classes() -> list[type]:
         from peft import PeftModel
 
         classes.append(PeftModel)
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - peft is a dependency
         pass
     from transformers import PreTrainedModel
 
     classes.append(PreTrainedModel)
     return classes
+
+
+def _install_slots() -> None:
+    for cls in _patchable_classes():
+        for name in METHOD_NAMES:
+            if (cls, name) not in _slots:
+                _slots[(cls, name)] = _MethodSlot(cls, name)
+                setattr(cls, name, _slots[(cls, name)])
+
+
+def _remove_slots_if_unused() -> None:
+    if _state["global"] or len(_claimed):
+        return
+    for (cls, name), slot in list(_slots.items()):
+        if cls.__dict__.get(name) is slot:
+            if slot.original is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, slot.original)
+        del _slots[(cls, name)]
+
+
+def patch(model: nn.Module | None = None) -> nn.Module | None:
+    """Give ``model`` (or, with no argument, every peft and transformers model) fastsave's methods.
+
+    The methods: ``save_pretrained_merged``, ``push_to_hub_merged``, ``save_pretrained_gguf`` and
+    ``push_to_hub_gguf``. ``patch(model)`` covers a peft model and the transformers model inside
+    it, whichever of the two it is given and whether it is called before or after
+    ``get_peft_model``; it wins over another library's methods of the same names, bound before or
+    after, and remembers them for :func:`unpatch`. Idempotent; the model computes exactly what it
+    did before. Returns the model (None for the class patch).
+    """
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"fastsave.patch expects a torch.nn.Module, got {type(model).__name__}")
+    _install_slots()
+    if model is None:
+        _state["global"] = True
+        return None
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: patch the model it holds
+    _claimed.add(model)
+    for inner in _inner_models(model):
+        _claimed.add(inner)
+        _wrapper_of[inner] = weakref.ref(model)
+    return model
+
+
+def unpatch(model: nn.Module | None = None) -> None:
+    """Undo :func:`patch`: for ``model`` (and its inner model), or with no argument the class patch.
+
+    A model gets back whatever it had before: another library's methods bound on it (also those
+    bound while it was patched), else none. ``unpatch()`` leaves models patched one by one as they are.
+    """
+    if model is None:
+        _state["global"] = False
+    else:
+        model = getattr(model, "_orig_mod", model)
+        for member in (model, *_inner_models(model)):
+            _claimed.discard(member)
+            _wrapper_of.pop(member, None)
+    _remove_slots_if_unused()

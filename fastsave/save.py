@@ -1,15 +1,19 @@
-"""The one save path that the patched method, the function and the CLI share.
+"""The one save path: the patched method, the function and the command line all run :func:`run_save`.
 
-Its flow, in this order, so that nothing is written before everything checkable was checked and
-save_directory only ever holds its previous contents or the complete new checkpoint:
+Every save goes input -> plan -> producer -> writer -> directory (docs/ARCHITECTURE.md): the input
+(fastsave.inputs) becomes a plan (fastsave.plan), whose items a producer thread computes in order
+(fastsave.merge) while the writer streams them into shards in a staging directory, which is
+published into save_directory in one step. In this order, so that nothing is written before
+everything checkable was checked and save_directory only ever holds its previous contents or the
+complete new checkpoint:
 
 1. parse the options (fastsave.options) and check the model and the tokenizer;
 2. preflight (:func:`staging_directory`, fastsave.io.staging): save_directory's path, kind and
    permissions, the lock, what dead saves left behind, a fresh staging directory;
-3. build the plan (the merge plan's own code: one call);
+3. build the plan (the input's own code: one call);
 4. check the disk space for the planned bytes (room for the previous and the new checkpoint, or
-   the explicit ``replace_in_place``), then merge and write into the staging directory: the
-   tokenizer first, the weights streamed (NaN/Inf checked and sha256 hashed on the way), config;
+   the explicit ``replace_in_place``), then merge and write into the staging directory (NaN/Inf
+   checked and sha256 hashed on the way), config and tokenizer files;
 5. publish (fastsave.io.publish): verify the staged files, switch them in atomically;
 6. on any error or Ctrl-C, remove what the save created; save_directory is untouched.
 """
@@ -29,16 +33,22 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastsave.checkpoint_names import to_checkpoint_names
 from fastsave.errors import DiskSpaceError
-from fastsave.io.checkpoint_files import write_generation_config, write_merged_config, write_tokenizer
+from fastsave.inputs.base import SaveInput
+from fastsave.inputs.live_model import LiveModelInput
+from fastsave.io.adapter_files import apply_save_peft_format
 from fastsave.io.disk_space import FULL_DISK_ERRNOS
+from fastsave.io.model_card import write_model_card
 from fastsave.io.publish import publish
 from fastsave.io.shards import ShardWriter, assign_shards
 from fastsave.io.staging import PendingSave, check_space, pending_save
+from fastsave.io.variant import apply_variant
 from fastsave.memory import MemoryBudget, peak_rss
 from fastsave.options import SaveOptions, parse_options
-from fastsave.plan import SavePlan, build_plan, unwrap_peft
+from fastsave.plan.given_tensors import substitute_given_tensors
+from fastsave.plan.items import Plan
+from fastsave.plan.layout import to_checkpoint_layout
+from fastsave.plan.walk import unwrap_peft
 
 logger = logging.getLogger("fastsave")
 if not logger.handlers:  # notebooks show INFO lines without the user configuring logging
@@ -50,7 +60,7 @@ if not logger.handlers:  # notebooks show INFO lines without the user configurin
 
 
 @contextmanager
-def staging_directory(options: SaveOptions) -> Iterator[Path]:
+def staging_directory(options: SaveOptions, kind: str | None = None) -> Iterator[Path]:
     """Preflight a save into ``options.save_directory`` and yield the directory to write it into.
 
     On entry, before any merge: save_directory is checked (a file, a dangling symlink, a name too
@@ -60,13 +70,21 @@ def staging_directory(options: SaveOptions) -> Iterator[Path]:
     yielded directory, then call :func:`fastsave.io.publish.publish` with it. On exit, whatever the
     save created and did not publish is removed and the lock released: on success, error or Ctrl-C.
 
+    ``kind``: what the save writes (fastsave.io.ownership: ADAPTER, MERGED, GGUF); None: from
+    ``options.save_method``.
+
     Raises:
         TargetError, MixedKindsError (ValueError): save_directory cannot take this save.
         SaveInProgressError: another save into save_directory is running.
         DiskSpaceError: the disk filled up (ENOSPC) while writing: nothing was published.
     """
     pending = PendingSave(
-        options.save_directory, options.save_method, options.temporary_location, options.replace_in_place
+        options.save_directory,
+        options.save_method,
+        options.temporary_location,
+        options.replace_in_place,
+        kind=kind,
+        variant=options.variant,
     )
     try:
         yield pending.prepare()
@@ -95,10 +113,10 @@ def check_tokenizer(tokenizer: Any) -> None:
         )
 
 
-def _produce_into(plan: SavePlan, budget: MemoryBudget, sink: queue.Queue, stop: threading.Event) -> None:
+def _produce_into(plan: Plan, budget: MemoryBudget, sink: queue.Queue, stop: threading.Event) -> None:
     """Producer thread: merge tensors in plan order; hand each (or the first error) to the writer."""
     try:
-        for planned in plan.tensors:
+        for planned in plan.items:
             if stop.is_set():
                 return
             tensor = planned.produce()
@@ -112,7 +130,7 @@ def _produce_into(plan: SavePlan, budget: MemoryBudget, sink: queue.Queue, stop:
         sink.put(error)
 
 
-def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) -> list[str]:
+def write_merged_weights(plan: Plan, directory: Path, options: SaveOptions) -> list[str]:
     """Merge and stream every planned tensor into shards in ``directory``; return the shard names.
 
     The disk-space check runs first, before any tensor is merged.
@@ -121,10 +139,10 @@ def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) 
         DiskSpaceError: the checkpoint does not fit (nothing written), or the disk filled up.
         NonFiniteError: a tensor holds NaN/Inf (naming it).
     """
-    shards = assign_shards(plan.tensors, options.max_shard_size, options.safe_serialization)
+    shards = assign_shards(plan.items, options.max_shard_size, options.safe_serialization)
     check_space(directory, plan.total_bytes, len(shards))
     writer = ShardWriter(directory, shards, options.safe_serialization)
-    budget = MemoryBudget(options.maximum_memory_usage, max((t.nbytes for t in plan.tensors), default=0))
+    budget = MemoryBudget(options.maximum_memory_usage, max((t.nbytes for t in plan.items), default=0))
     # Merging overlaps writing: a producer thread runs ahead by at most the budgeted depth.
     sink: queue.Queue = queue.Queue(maxsize=budget.prefetch_depth())
     stop = threading.Event()
@@ -132,7 +150,7 @@ def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) 
     producer.start()
     progress = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="fastsave: merging", leave=False)
     try:
-        for planned in plan.tensors:
+        for planned in plan.items:
             item = sink.get()
             if isinstance(item, BaseException):
                 raise item
@@ -151,41 +169,56 @@ def write_merged_weights(plan: SavePlan, directory: Path, options: SaveOptions) 
     return [s.filename for s in shards]
 
 
-def build_merged_plan(model: nn.Module, options: SaveOptions) -> SavePlan:
-    """The 16-bit merged plan, into the dequantized weights or the original checkpoint's (base_weights)."""
-    if options.base_weights == "original":
-        from fastsave.original_base import build_original_plan
+def output_plan(save_input: SaveInput, opts: SaveOptions) -> Plan:
+    """The plan the writer writes: the checked merged plan, re-quantized for a 4-bit save, in checkpoint layout."""
+    plan = save_input.merged_plan(opts)
+    if opts.save_method == "merged_4bit_forced":
+        from fastsave.formats.requantize_4bit import requantize_plan, warn_accuracy_loss
 
-        return build_original_plan(model, options)
-    return build_plan(model, options.dtype, options.adapter_names)
-
-
-def _save_merged(model: nn.Module, options: SaveOptions, staging: Path) -> dict[str, Any]:
-    root = unwrap_peft(model)
-    plan = to_checkpoint_names(root, build_merged_plan(model, options))
-    if not options.safe_serialization:
-        warnings.warn(
-            "safe_serialization=False writes legacy torch .bin shards, which hold one shard in RAM while "
-            "saving and load through pickle; prefer safetensors",
-            UserWarning,
-            stacklevel=3,
-        )
-    shards = write_merged_weights(plan, staging, options)
-    write_merged_config(root, staging, plan.dtype, plan.untied_embeddings)
-    write_generation_config(root, staging)
-    return {"plan": plan, "shards": shards}
+        save_input.quantization_config(plan)  # refuses a model without 4-bit settings before any work
+        warn_accuracy_loss()
+        plan = requantize_plan(plan)
+    plan = to_checkpoint_layout(save_input.root, plan)
+    return substitute_given_tensors(plan, opts.state_dict)  # state_dict=: given tensors win
 
 
-def _save_lora(model: nn.Module, options: SaveOptions, staging: Path) -> dict[str, Any]:
-    if not hasattr(model, "peft_config"):
-        raise ValueError(
-            "save_method='lora' needs a peft model (or a transformers model with an adapter loaded)"
-        )
-    kwargs: dict[str, Any] = {"safe_serialization": options.safe_serialization}
-    if options.adapter_names is not None:
-        kwargs["selected_adapters"] = list(options.adapter_names)
-    model.save_pretrained(str(staging), **kwargs)
-    return {}
+def run_save(save_input: SaveInput, opts: SaveOptions) -> str:
+    """Save ``save_input`` as ``opts`` asks: plan, merge and write into staging, publish in one step.
+
+    Returns the saved directory's path, or the hub URL when pushed.
+    """
+    started = time.perf_counter()
+    report: dict[str, Any] = {}
+    with staging_directory(opts) as staging:
+        if opts.save_method == "lora":
+            report["tokenizer_files"] = save_input.write_adapter(staging, opts)
+            apply_save_peft_format(staging, opts.save_peft_format)
+        else:
+            plan = output_plan(save_input, opts)
+            if not opts.safe_serialization:
+                warnings.warn(
+                    "safe_serialization=False writes legacy torch .bin shards, which hold one shard in RAM "
+                    "while saving and load through pickle; prefer safetensors",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            report["shards"] = write_merged_weights(plan, staging, opts)
+            keep_quantization = opts.save_method == "merged_4bit_forced"
+            report["tokenizer_files"] = save_input.write_files(staging, plan, opts, keep_quantization)
+            report["plan"] = plan
+            report["merged_into"] = save_input.describe(plan)
+        apply_variant(staging, opts.variant)  # variant=: model.<variant>.safetensors
+        if save_input.model is not None:
+            write_model_card(save_input.model, opts, staging, report)  # README.md, never over the user's own
+        pending = pending_save(staging)
+        publish(staging, opts.save_directory)
+        report["switch"] = pending.how
+    _log_summary(opts, report, time.perf_counter() - started)
+    if opts.push_to_hub:
+        from fastsave.hub import upload_directory
+
+        return upload_directory(opts)
+    return str(opts.save_directory)
 
 
 def _check_model(model: nn.Module, options: SaveOptions) -> None:
@@ -208,9 +241,8 @@ def save_pretrained_merged(
             keeps every file that is not part of a checkpoint of this kind.
         tokenizer: its files are saved beside the weights when given.
         **options: see the README: save_method, dtype, base_weights, max_shard_size,
-            safe_serialization, maximum_memory_usage, temporary_location, replace_in_place,
-            push_to_hub, token, private, revision, commit_message, create_pr, is_main_process,
-            adapter_names.
+            safe_serialization, maximum_memory_usage, temporary_location, push_to_hub, token,
+            private, revision, commit_message, create_pr, is_main_process, adapter_names.
 
     Returns:
         The saved directory's path, or the hub URL when pushed.
@@ -226,57 +258,26 @@ def save_pretrained_merged(
     check_tokenizer(tokenizer)
     if not opts.is_main_process:
         return str(opts.save_directory)
-    started = time.perf_counter()
-    with staging_directory(opts) as staging:
-        # The tokenizer first: quick, and a tokenizer that cannot be saved fails before the merge.
-        tokenizer_files = write_tokenizer(tokenizer, staging)
-        if opts.save_method == "lora":
-            report = _save_lora(model, opts, staging)
-        elif opts.save_method == "merged_16bit":
-            report = _save_merged(model, opts, staging)
-        else:
-            from fastsave.forced_4bit import save_merged_4bit_forced
-
-            report = save_merged_4bit_forced(model, None, opts, staging)
-        report["tokenizer_files"] = tokenizer_files
-        pending = pending_save(staging)
-        publish(staging, opts.save_directory)
-        report["switch"] = pending.how
-    _log_summary(opts, report, time.perf_counter() - started)
-    if opts.push_to_hub:
-        from fastsave.hub import upload_directory
-
-        return upload_directory(opts)
-    return str(opts.save_directory)
-
-
-def _base_kinds(plan: SavePlan) -> str:
-    """'dequantized 4-bit', '8-bit', '16-bit' or a mix, for the save log."""
-    from fastsave.quantized import is_4bit, is_8bit
-
-    kinds = []
-    for target in plan.lora_targets:
-        base = target.layer.get_base_layer()
-        kind = "dequantized 4-bit" if is_4bit(base) else "dequantized 8-bit" if is_8bit(base) else "16-bit"
-        if kind not in kinds:
-            kinds.append(kind)
-    return " and ".join(kinds) or "none"
+    return run_save(LiveModelInput(model, tokenizer), opts)
 
 
 def _log_summary(opts: SaveOptions, report: dict[str, Any], seconds: float) -> None:
-    plan: SavePlan | None = report.get("plan")
+    plan: Plan | None = report.get("plan")
     lines = [f"fastsave: saved {opts.save_method} to {opts.save_directory} in {seconds:.1f}s"]
     if plan is not None:
-        source = (
-            f"the base weights the adapter was trained against ({_base_kinds(plan)})"
-            if opts.base_weights == "dequantized"
-            else "the original 16-bit base checkpoint"
-        )
         lines.append(
-            f"  merged {len(plan.lora_targets)} LoRA modules into {source}; "
-            f"{len(plan.tensors)} tensors, {plan.total_bytes / 1e9:.2f} GB as {str(plan.dtype).removeprefix('torch.')}"
+            f"  merged {len(plan.merged_modules)} LoRA modules into {report['merged_into']}; "
+            f"{len(plan.items)} tensors, {plan.total_bytes / 1e9:.2f} GB as {str(plan.dtype).removeprefix('torch.')}"
             f" in {len(report['shards'])} shard(s)"
         )
+        if opts.save_method == "merged_4bit_forced":
+            from fastsave.formats.requantize_4bit import requantized_settings
+
+            settings = requantized_settings(plan)
+            count = sum(1 for item in plan.items if item.requantize is not None)
+            lines.append(
+                f"  re-quantized {count} weights to 4-bit ({'; '.join(s.describe() for s in settings)})"
+            )
         if plan.untied_embeddings:
             lines.append(
                 "  the adapter changed one of the tied embeddings: both written, tie_word_embeddings=false"
@@ -289,3 +290,32 @@ def _log_summary(opts: SaveOptions, report: dict[str, Any], seconds: float) -> N
         lines.append(f"  {report['switch']}")
     lines.append(f"  peak RSS {peak_rss() / 2**30:.2f} GiB")
     logger.info("\n".join(lines))
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    quant: Any = None,
+    **options: Any,
+) -> str:
+    """Merge the adapter saved in ``adapter_dir`` into its 16-bit base on disk and save to ``out_dir``.
+
+    The same save as :func:`save_pretrained_merged`, from a saved adapter instead of a model in
+    memory (fastsave.inputs.saved_adapter): ``base`` is the 16-bit base (a local directory or a repo
+    in the local HF cache; default: the adapter's base_model_name_or_path), ``quant`` the 4-bit
+    settings training used (fastsave.sources.bnb_4bit.Quant4bitSettings; default: the QLoRA
+    defaults), ``options`` those of :func:`save_pretrained_merged`.
+
+    Returns:
+        The saved directory's path.
+
+    Raises:
+        PlanError / ValueError: a missing adapter or base, an unsupported adapter, an invalid
+            option; nothing is written then.
+    """
+    from fastsave.inputs.saved_adapter import SavedAdapterInput
+
+    opts = parse_options(out_dir, **options)
+    return run_save(SavedAdapterInput(adapter_dir, base, quant), opts)

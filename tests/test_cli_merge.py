@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 import fastsave
-from fastsave.adapter_merge import quantized_module_names
-from fastsave.merge_cli import add_merge_parser, run_merge
+from fastsave.cli.merge import add_merge_parser, run_merge
+from fastsave.sources import quantized_weight_source
+from fastsave.sources.nf4_roundtrip import quantized_module_names
 from fastsave.tiny import (
     attach_lora,
     build_tiny_tokenizer,
@@ -179,8 +180,6 @@ def test_original_differs_from_dequantized(bases, tmp_path):
 def test_merged_4bit_forced_from_the_command_line(bases, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from fastsave.quantized import dequantize_4bit_float32
-
     adapter = tmp_path / "adapter"
     _trained_adapter(bases["base"], bases["tokenizer"], adapter)
     assert _merge([adapter, tmp_path / "m16", "--base", bases["base"]]) == 0
@@ -196,7 +195,8 @@ def test_merged_4bit_forced_from_the_command_line(bases, tmp_path):
     for name, module in reloaded.named_modules():
         if type(module).__name__ == "Linear4bit":
             assert torch.equal(module.weight.data, modules[name].weight.data), name
-            assert torch.equal(dequantize_4bit_float32(module), dequantize_4bit_float32(modules[name])), name
+            ours, theirs = quantized_weight_source(module), quantized_weight_source(modules[name])
+            assert torch.equal(ours.float32(), theirs.float32()), name
             count += 1
     assert count == 14
 
@@ -389,3 +389,83 @@ def test_moe_checkpoint_layout(tmp_path):
     assert set(expected) == set(weights)
     for name, tensor in weights.items():
         assert torch.equal(tensor, expected[name].to(torch.bfloat16)), name
+
+
+def test_dequantized_merge_against_bitsandbytes_and_peft(bases, tmp_path):
+    """The command line's default, against an oracle built without fastsave: each weight a 4-bit load
+    quantizes goes through bitsandbytes' quantize_4bit + float32 dequantize (QLoRA defaults), peft's
+    own get_delta_weight of the adapter (on a float32 model) is added, one rounding to bfloat16."""
+    import bitsandbytes.functional as bnb_functional
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    _trained_adapter(
+        bases["base"],
+        bases["tokenizer"],
+        adapter,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        use_rslora=True,
+    )
+    assert _merge([adapter, tmp_path / "cli", "--base", bases["base"]]) == 0
+    saved = _weights(tmp_path / "cli")
+    base = load_file(str(bases["base"] / "model.safetensors"))
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(bases["base"]), dtype=torch.float32), str(adapter)
+    )
+    lora = {
+        name.removeprefix("base_model.model.") + ".weight": module
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "get_delta_weight") and hasattr(module, "lora_A")
+    }
+    assert len(lora) == 6
+    linears = {
+        n + ".weight"
+        for n, m in peft_model.get_base_model().named_modules()
+        if type(m).__name__ in ("Linear", "Linear4bit")
+    }
+    quantized = {n for n in linears if not n.startswith("lm_head")} | set(lora)
+    assert set(saved) == set(base)
+    for name, tensor in base.items():
+        expected = tensor.float()
+        if name in quantized:
+            codes, state = bnb_functional.quantize_4bit(
+                tensor, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
+            )
+            state.dtype = torch.float32
+            expected = bnb_functional.dequantize_4bit(codes, state)
+        if name in lora:
+            expected = expected + lora[name].get_delta_weight("default").float()
+        assert torch.equal(saved[name], expected.to(torch.bfloat16)), name
+
+
+def test_lora_on_the_router_parameter(tmp_path):
+    """peft wraps Mixtral's router weight as a bare parameter (ParamWrapper): the command line merges it
+    like the in-memory save, byte for byte (the experts, fused only in memory, are copied as stored)."""
+    base = _tiny_mixtral(tmp_path / "mixtral", seed=9)
+    model = attach_lora(load_4bit(base), target_modules=["q_proj"], target_parameters=["mlp.gate.weight"])
+    assert any(type(m).__name__ == "ParamWrapper" for m in model.modules())
+    model.save_pretrained(str(tmp_path / "adapter"))
+    fastsave.save_pretrained_merged(model, tmp_path / "memory")
+    assert _merge([tmp_path / "adapter", tmp_path / "cli", "--base", base]) == 0
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.safetensors")
+    name = "model.layers.0.block_sparse_moe.gate.weight"
+    assert not torch.equal(_weights(tmp_path / "cli")[name], _weights(base)[name])  # the delta is in
+
+
+@pytest.mark.parametrize("base_weights", ["dequantized", "original"])
+def test_command_line_merges_in_row_blocks(bases, tmp_path, monkeypatch, base_weights):
+    """The command line uses the in-memory save's dispatcher: every 4-bit-loaded weight, LoRA or not,
+    is produced in row blocks read from disk, never as a whole float32 matrix."""
+    from fastsave.merge import dispatch, whole_matrix
+
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["base"], bases["tokenizer"], adapter, steps=0)
+    blocks, whole = [], []
+    real_blocks, real_whole = dispatch.merge_in_row_blocks, whole_matrix.merge_whole
+    monkeypatch.setattr(
+        dispatch, "merge_in_row_blocks", lambda s, p, d, n: blocks.append(n) or real_blocks(s, p, d, n)
+    )
+    monkeypatch.setattr(dispatch, "merge_whole", lambda s, d: whole.append(s) or real_whole(s, d))
+    assert _merge([adapter, tmp_path / "out", "--base", bases["base"], "--base-weights", base_weights]) == 0
+    assert len(blocks) == 14 and not whole, (blocks, whole)

@@ -22,7 +22,7 @@ def test_reversal_that_cannot_be_applied_group_by_group_is_refused(qlora_model, 
             raise KeyError("a source tensor of the conversion is missing")
         return {f"renamed.{name}": tensor for name, tensor in state_dict.items()}
 
-    monkeypatch.setattr("fastsave.checkpoint_names._reverter", lambda: revert)
+    monkeypatch.setattr("fastsave.plan.layout._reverter", lambda: revert)
     with pytest.raises(
         PlanError, match=r"(?s)cannot reverse group by group.*save_method='lora'.*Nothing was written"
     ):
@@ -47,7 +47,7 @@ def test_renaming_reversal_is_applied_to_the_data(qlora_model, tmp_path, monkeyp
             for n, t in state_dict.items()
         }
 
-    monkeypatch.setattr("fastsave.checkpoint_names._reverter", lambda: revert)
+    monkeypatch.setattr("fastsave.plan.layout._reverter", lambda: revert)
     fastsave.save_pretrained_merged(model, tmp_path / "renamed")
     plain, renamed = (
         load_file(tmp_path / "plain" / "model.safetensors"),

@@ -8,7 +8,8 @@ import time
 import psutil
 
 import fastsave
-from fastsave.plan import build_plan
+from fastsave.inputs.live_model import LiveModelInput
+from fastsave.options import parse_options
 from fastsave.tiny import attach_lora, load_4bit, save_random_model, tiny_llama_config
 
 
@@ -18,9 +19,9 @@ def test_peak_rss_during_save_is_far_below_the_checkpoint_size(tmp_path):
     config.num_attention_heads, config.num_key_value_heads = 8, 2
     save_random_model(config, base)
     model = attach_lora(load_4bit(base), r=16)
-    plan = build_plan(model, None, None)
+    plan = LiveModelInput(model).merged_plan(parse_options(tmp_path / "out"))
     checkpoint_bytes = plan.total_bytes
-    largest = max(t.nbytes for t in plan.tensors)
+    largest = max(t.nbytes for t in plan.items)
     assert checkpoint_bytes > 30 * largest  # the test only means something if one tensor is small
 
     process = psutil.Process()

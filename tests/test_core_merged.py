@@ -313,7 +313,7 @@ def test_blocks_straddling_rows_decode_like_bitsandbytes_reference(blocksize, ne
     import bitsandbytes as bnb
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-    from fastsave.quantized import base_weight_float32
+    from fastsave.sources import quantized_weight_source
 
     torch.manual_seed(blocksize)
     layer = bnb.nn.Linear4bit(96, 40, bias=False, quant_type="nf4", compress_statistics=nested)
@@ -333,14 +333,14 @@ def test_blocks_straddling_rows_decode_like_bitsandbytes_reference(blocksize, ne
     reference = _dequantize_4bit_compute(
         layer.weight.data.reshape(-1), absmax.float(), state.code, blocksize, state.shape, torch.float32
     )
-    assert torch.equal(base_weight_float32(layer), reference)
+    assert torch.equal(quantized_weight_source(layer).float32(), reference)
 
 
 @pytest.mark.parametrize("state", ["as-trained", "ran-not-repacked", "cpu-repacked"])
 def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path, monkeypatch, state):
     """Blocks of 32 rows (many per weight) against the whole-matrix oracle, plain and repacked 4-bit;
     each layout made deterministically (bitsandbytes' conversion, or its repack switched off)."""
-    from fastsave import row_blocks
+    from fastsave.merge import dispatch, row_blocks
 
     model = qlora_model()
     layers = _lora_layers(model)
@@ -358,15 +358,35 @@ def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path
     used = []
     real = row_blocks.merge_in_row_blocks
 
-    def spy(module, deltas, dtype, name):
-        result = real(module, deltas, dtype, name)
-        used.append(result is not None)
-        return result
+    def spy(source, blocks, dtype, name):
+        used.append(name)
+        return real(source, blocks, dtype, name)
 
-    monkeypatch.setattr("fastsave.plan.merge_in_row_blocks", spy)
+    monkeypatch.setattr(dispatch, "merge_in_row_blocks", spy)
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out)
-    assert len(used) == 14 and all(used), used  # every LoRA linear went through the row blocks
+    # every LoRA linear went through the row blocks (and the 4-bit weights without LoRA too)
+    assert {name + ".weight" for name in layers} <= set(used), used
     saved = _saved_tensors(out)
     for name, reference in expected.items():
         assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+
+
+def test_lora_on_embed_tokens_merges_in_row_blocks(qlora_model, tmp_path, monkeypatch):
+    """An embedding's LoRA delta (B @ A).T goes through the row blocks too (its rows are columns of the
+    product, checked against the whole product), with peft's own bits."""
+    from fastsave.merge import dispatch, row_blocks
+
+    model = qlora_model(target_modules=["q_proj", "embed_tokens"])
+    layer = model.base_model.model.model.embed_tokens
+    expected = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
+    monkeypatch.setattr(row_blocks, "BLOCK_BYTES", 4 * 64 * 32)  # 32 rows a block: 10 blocks of the embedding
+    used = []
+    real = row_blocks.merge_in_row_blocks
+    monkeypatch.setattr(
+        dispatch, "merge_in_row_blocks", lambda s, p, d, n: used.append(n) or real(s, p, d, n)
+    )
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert "model.embed_tokens.weight" in used
+    saved = _saved_tensors(tmp_path / "out")
+    assert torch.equal(saved["model.embed_tokens.weight"], expected.to(torch.bfloat16))

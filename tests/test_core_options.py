@@ -19,7 +19,7 @@ from fastsave.options import parse_shard_size
         ({"maximum_memory_usage": "half"}, ValueError, "fraction"),
         ({"max_shard_size": "5 gigs"}, ValueError, "not a size"),
         ({"max_shard_size": -1}, ValueError, "positive"),
-        ({"dtype": torch.float32}, ValueError, "float16"),
+        ({"dtype": torch.int8}, ValueError, "float16"),
         ({"base_weights": "fp32"}, ValueError, "dequantized"),
         ({"save_methd": "lora"}, TypeError, "save_methd"),
         ({"adapter_names": []}, ValueError, "adapter_names"),

@@ -15,6 +15,7 @@ embedding would otherwise change both sides, which is not what the peft model co
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 
@@ -43,9 +44,10 @@ from transformers import (
 )
 
 import fastsave
-from fastsave.lora_merge import UnsupportedAdapterError, find_lora_targets, merged_weight_float32
-from fastsave.plan import PlanError, unwrap_peft
-from fastsave.quantized import to_checkpoint_layout
+from fastsave.errors import PlanError, UnsupportedAdapterError
+from fastsave.inputs.live_model import LiveModelInput
+from fastsave.options import parse_options
+from fastsave.plan.walk import unwrap_peft
 from fastsave.tiny import attach_lora, tiny_llama_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -196,8 +198,18 @@ def _dequantize_8bit(param, module) -> torch.Tensor:
     return bnb_functional.int8_vectorwise_dequant(param.data, scb.float()).float()
 
 
-def build_oracle(peft_model, base: Path, arch: str = "llama", absmax_to_bf16: bool = False):
-    """A float32 peft model holding the same (dequantized) weights and adapters as ``peft_model``."""
+def build_oracle(
+    peft_model,
+    base: Path,
+    arch: str = "llama",
+    absmax_to_bf16: bool = False,
+    dequantized: dict[str, torch.Tensor] | None = None,
+):
+    """A float32 peft model holding the same (dequantized) weights and adapters as ``peft_model``.
+
+    ``dequantized``: parameter name -> float32 weight, for bases whose weights this function cannot
+    dequantize itself (HQQ, torchao): the test computes them with the backend's own API.
+    """
     f32 = _auto(arch).from_pretrained(base, dtype=torch.float32)
     out_emb = f32.get_output_embeddings()
     if out_emb is not None and out_emb.weight is f32.get_input_embeddings().weight:
@@ -210,6 +222,9 @@ def build_oracle(peft_model, base: Path, arch: str = "llama", absmax_to_bf16: bo
     source = dict(peft_model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, param in oracle.named_parameters(remove_duplicate=False):
+            if dequantized is not None and name in dequantized:
+                param.copy_(dequantized[name])
+                continue
             src = source[name]
             owner = peft_model.get_submodule(name.rsplit(".", 1)[0])
             kind = type(src).__name__
@@ -239,14 +254,20 @@ def _logits(model, arch: str, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-def _merged_parameter(merged: nn.Module, target) -> torch.Tensor:
-    """The tensor of peft's merged model that ``target`` (a LoRA layer of ours) merges into."""
-    if type(target.layer).__name__ != "ParamWrapper":
-        return merged.get_submodule(target.name).weight
-    module = target.name  # nested ParamWrappers: "....experts", "....experts.base_layer", ...
-    while module.endswith(".base_layer"):
-        module = module.removesuffix(".base_layer")
-    return getattr(merged.get_submodule(module), target.layer.parameter_name)
+def fastsave_float32_merges(peft_model, adapter_names=None) -> dict[str, torch.Tensor]:
+    """fastsave's merge before any rounding: its plan with float32 output, LoRA module -> merged weight.
+
+    Keyed by the LoRA module's name; the value is the tensor under the name the plan writes it.
+    """
+    opts = parse_options("unused-directory", dtype=torch.float32, adapter_names=adapter_names)
+    plan = LiveModelInput(peft_model).merged_plan(opts)
+    return {item.lora_module: (item.name, item.produce()) for item in plan.items if item.lora_module}
+
+
+def _merged_parameter(merged: nn.Module, tensor_name: str) -> torch.Tensor:
+    """The tensor of peft's merged model named ``tensor_name`` (a weight or a bare parameter)."""
+    module, _, attr = tensor_name.rpartition(".")
+    return getattr(merged.get_submodule(module), attr)
 
 
 def check_exact(
@@ -271,13 +292,12 @@ def check_exact(
     assert "quantization_config" not in config
     out_dtype = getattr(torch, config["dtype"])
     # fastsave's float32 merge, before rounding, for the float32 comparison below
-    targets = find_lora_targets(unwrap_peft(peft_model), save_kwargs.get("adapter_names"))
-    ours32 = {t: to_checkpoint_layout(t.layer.get_base_layer(), merged_weight_float32(t)) for t in targets}
+    ours32 = fastsave_float32_merges(peft_model, save_kwargs.get("adapter_names")).values()
 
     merged = oracle.merge_and_unload(adapter_names=save_kwargs.get("adapter_names"))
     worst32, exact32 = 0.0, True
-    for target, weight in ours32.items():
-        want = _merged_parameter(merged, target)
+    for tensor_name, weight in ours32:
+        want = _merged_parameter(merged, tensor_name)
         if not torch.equal(weight, want):
             exact32 = False
             worst32 = max(worst32, (weight - want).abs().max().item())
@@ -494,8 +514,8 @@ def test_several_dora_adapters(base_dir, tmp_path):
         for name, module in unwrap_peft(oracle).named_modules()
         if hasattr(module, "lora_magnitude_vector") and module.lora_magnitude_vector
     }
-    for target in find_lora_targets(unwrap_peft(model), None):
-        assert torch.equal(merged_weight_float32(target), definition[target.name]), target.name
+    for name, (_, weight) in fastsave_float32_merges(model).items():
+        assert torch.equal(weight, definition[name]), name
     check_exact(model, base, tmp_path, "two DoRA adapters active", oracle=oracle, expect_exact=False)
     got = _saved(tmp_path / "out")
     for name, weight in definition.items():
@@ -590,6 +610,98 @@ def test_16bit_base(base_dir, tmp_path):
     check_exact(model, base, tmp_path, "unquantized bf16 base")
 
 
+# --------------------------------------------------------------------------------------------
+# Other quantized bases peft trains LoRA on: HQQ and torchao, each dequantized by its own API
+
+
+_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("nbits", [4, 8])
+def test_hqq_base(nbits, base_dir, tmp_path):
+    """hqq's HQQLinear (the hqq package's own quantizer, CPU backend): W = hqq's dequantize in float32."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    base = base_dir()
+    model = _auto("llama").from_pretrained(base, dtype=torch.bfloat16)
+    AutoHQQHFModel.quantize_model(
+        model,
+        quant_config=BaseQuantizeConfig(nbits=nbits, group_size=64),
+        compute_dtype=torch.bfloat16,
+        device="cpu",
+    )
+    model = attach_lora(model, target_modules=_LINEARS)
+    dequantized = {}
+    for name, module in model.named_modules():
+        if isinstance(module, HQQLinear):
+            # HQQLinear.dequantize on a copy whose scale, zero and compute dtype are float32
+            float32 = copy.deepcopy(module)
+            float32.meta = {
+                k: (v.float() if k in ("scale", "zero") and torch.is_tensor(v) else v)
+                for k, v in module.meta.items()
+            }
+            float32.meta["compute_dtype"] = float32.compute_dtype = torch.float32
+            dequantized[f"{name}.weight"] = float32.dequantize().float()
+    assert len(dequantized) == 14
+    oracle = build_oracle(model, base, dequantized=dequantized)
+    check_exact(model, base, tmp_path, f"HQQ {nbits}-bit (group 64)", oracle=oracle)
+    _lora_save_is_peft_own(model, tmp_path)
+
+
+def _lora_save_is_peft_own(model, tmp_path: Path) -> None:
+    """save_method='lora' writes what peft's own save_pretrained writes, byte for byte."""
+    model.save_pretrained(tmp_path / "peft-adapter")
+    fastsave.save_pretrained_merged(model, tmp_path / "lora", save_method="lora")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "lora" / name).read_bytes() == (tmp_path / "peft-adapter" / name).read_bytes(), (
+            name
+        )
+
+
+def _affine_dequantize(tensor) -> torch.Tensor:
+    """torchao's affine int dequantization written out: (q - zero_point) * scale per block, in float32."""
+    q = tensor.qdata.to(torch.int32)
+    rows = q.shape[0]
+    block_rows, block_cols = tensor.block_size
+    scale = tensor.scale.float().reshape(rows // block_rows, -1)
+    zero = getattr(tensor, "zero_point", None)
+    if zero is not None:
+        zero = zero.to(torch.int32).reshape(scale.shape)
+        zero = zero.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
+        q = q - zero
+    return q.to(torch.float32) * scale.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
+
+
+@pytest.mark.parametrize("config", ["int8 weight-only", "int4 weight-only (IntxWeightOnlyConfig)"])
+def test_torchao_base(config, base_dir, tmp_path):
+    """torchao weight-only quantized linears (transformers' TorchAoConfig): W = torchao's dequantization."""
+    import torchao.quantization as tq
+    from torchao.quantization.granularity import PerGroup
+    from transformers import TorchAoConfig
+
+    if config.startswith("int8"):
+        quant = tq.Int8WeightOnlyConfig()
+    else:
+        quant = tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    base = base_dir()
+    model = _auto("llama").from_pretrained(
+        base, quantization_config=TorchAoConfig(quant), device_map="cpu", dtype=torch.bfloat16
+    )
+    model = attach_lora(model, target_modules=_LINEARS)
+    dequantized = {}
+    for name, param in model.named_parameters():
+        if hasattr(param, "qdata"):  # a torchao quantized weight
+            expected = _affine_dequantize(param)
+            if "output_dtype" in str(inspect.signature(type(param).dequantize)):
+                assert torch.equal(param.dequantize(output_dtype=torch.float32), expected), name
+            dequantized[name] = expected
+    assert len(dequantized) >= 14
+    oracle = build_oracle(model, base, dequantized=dequantized)
+    check_exact(model, base, tmp_path, f"torchao {config}", oracle=oracle)
+    _lora_save_is_peft_own(model, tmp_path)
+
+
 @pytest.mark.parametrize(
     ("quant_type", "double_quant", "storage"),
     [("nf4", True, torch.uint8), ("fp4", False, torch.uint8), ("nf4", False, torch.bfloat16)],
@@ -659,15 +771,16 @@ def test_float16_overflow_in_a_plain_tensor(base_dir, tmp_path):
 
 def test_skipped_lora_module_is_an_error(base_dir, tmp_path, monkeypatch):
     """If the merge missed a LoRA module, the independent count catches it and names it."""
-    import fastsave.plan as plan_module
+    import fastsave.plan.walk as walk_module
 
-    real = plan_module.find_lora_targets
-
-    def drop_one(root, adapter_names):
-        return [t for t in real(root, adapter_names) if t.name != "model.layers.1.mlp.down_proj"]
-
-    monkeypatch.setattr(plan_module, "find_lora_targets", drop_one)
+    real = walk_module.select_adapters
     model = attach_lora(_load(base_dir()))
+    skipped = model.base_model.model.model.layers[1].mlp.down_proj
+
+    def drop_one(layer, adapter_names):
+        return ((), ()) if layer is skipped else real(layer, adapter_names)
+
+    monkeypatch.setattr(walk_module, "select_adapters", drop_one)
     out = tmp_path / "out"
     with pytest.raises(
         PlanError, match=r"13 merged modules.*14 LoRA modules.*model\.layers\.1\.mlp\.down_proj"
@@ -678,11 +791,11 @@ def test_skipped_lora_module_is_an_error(base_dir, tmp_path, monkeypatch):
 
 def test_unrecognised_lora_layer_is_an_error(base_dir, tmp_path, monkeypatch):
     """A LoRA layer the walk does not recognise would leak base_layer / lora_ tensors: refused."""
-    import fastsave.plan as plan_module
+    import fastsave.plan.walk as walk_module
 
-    real = plan_module.is_lora_layer
+    real = walk_module.is_lora_layer
     monkeypatch.setattr(
-        plan_module, "is_lora_layer", lambda m: real(m) and "Embedding" not in type(m).__name__
+        walk_module, "is_lora_layer", lambda m: real(m) and "Embedding" not in type(m).__name__
     )
     model = attach_lora(_load(base_dir()), target_modules=["q_proj", "embed_tokens"])
     with pytest.raises(PlanError, match="embed_tokens"):

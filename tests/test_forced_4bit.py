@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import fastsave
-from fastsave.forced_4bit import Quant4bitSettings, quantized_layout, settings_of
-from fastsave.quantized import dequantize_4bit_float32
+from fastsave.formats.requantize_4bit import quantized_layout
+from fastsave.sources import quantized_weight_source
+from fastsave.sources.bnb_4bit import Quant4bitSettings, settings_of
 from fastsave.tiny import (
     attach_lora,
     build_tiny_tokenizer,
@@ -73,9 +74,8 @@ def test_reloads_4bit_and_equals_quantizing_the_merged_16bit_weights(base, tmp_p
         )
         assert torch.equal(module.weight.data, codes), name
         state.dtype = torch.float32
-        assert torch.equal(dequantize_4bit_float32(module), bnb_functional.dequantize_4bit(codes, state)), (
-            name
-        )
+        ours = quantized_weight_source(module).float32()
+        assert torch.equal(ours, bnb_functional.dequantize_4bit(codes, state)), name
         assert settings_of(module) == settings
         checked += 1
     assert checked == 14

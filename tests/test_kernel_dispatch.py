@@ -21,9 +21,8 @@ SCRIPT = textwrap.dedent(
     import json, sys, torch
     from safetensors.torch import load_file
     import fastsave
-    import fastsave.kernels as K
-    import fastsave.lora_merge as lm
-    from fastsave import quantized
+    from fastsave import kernels
+    from fastsave.merge import triton_fused
     from fastsave.tiny import attach_lora, load_4bit, save_random_model, tiny_llama_config
 
     base = sys.argv[1]
@@ -33,30 +32,23 @@ SCRIPT = textwrap.dedent(
         n.removeprefix("base_model.model.") + ".weight" for n, m in model.named_modules() if hasattr(m, "lora_A")
     )
     fastsave.save_pretrained_merged(model, base + "/reference")
-
-    def forced(tensor):  # dispatch as for CUDA tensors
-        return True
-
-    quantized.use_kernels = forced
-    lm.use_kernels = forced  # (row_blocks asks quantized.use_kernels, patched above)
-    real, fused = K.merge_lora_4bit, []
-
-    def counting(qweight, state, a, b, scaling, dtype=None):
-        fused.append(tuple(state.shape))
-        return real(qweight, state, a, b, scaling, dtype=dtype)
-
-    K.merge_lora_4bit = counting
+    calls = []
+    real = kernels.merge_lora_4bit
+    def counted(*args, **kwargs):  # the real fused kernel, counted
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    kernels.merge_lora_4bit = counted
+    triton_fused.kernels_serve = lambda tensor: True  # the dispatch a CUDA tensor gets
     fastsave.save_pretrained_merged(model, base + "/kernels")
     # What reaches the file is the kernel's result: a kernel returning 3.0 everywhere must show
     # in exactly the LoRA weights.
-    K.merge_lora_4bit = lambda q, state, a, b, s, dtype=None: torch.full(tuple(state.shape), 3.0, dtype=dtype)
+    kernels.merge_lora_4bit = lambda q, state, a, b, s, dtype=None: torch.full(tuple(state.shape), 3.0, dtype=dtype)
     fastsave.save_pretrained_merged(model, base + "/constant")
     ref, ker, const = (load_file(base + f"/{d}/model.safetensors") for d in ("reference", "kernels", "constant"))
     assert ref.keys() == ker.keys() == const.keys()
+    print("CALLS", len(calls), "DIFF", [k for k in ref if not torch.equal(ref[k], ker[k])])
     print("RESULT" + json.dumps({
         "lora": lora,
-        "fused": len(fused),
-        "diff": [k for k in ref if not torch.equal(ref[k], ker[k])],
         "constant": sorted(k for k in const if bool((const[k] == 3.0).all())),
         "others_equal": all(torch.equal(const[k], ref[k]) for k in ref if k not in lora),
     }))
@@ -77,9 +69,12 @@ def test_forced_kernel_dispatch_matches_reference_path(tmp_path, quant_type):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    found = json.loads(line.removeprefix("RESULT"))
-    assert len(found["lora"]) == 7, found  # q k v o gate up down of one layer
-    assert found["fused"] == 7, found  # every LoRA linear went through the fused kernel, once
-    assert found["diff"] == [], found  # r=8: the rank sum is exact, so bit-identical
+    line = next(line for line in result.stdout.splitlines() if line.startswith("CALLS"))
+    calls = int(line.split()[1])
+    assert calls == 7, line  # each of the layer's seven LoRA linears went through the fused kernel once
+    assert line.endswith("DIFF []"), line  # r=8: the rank sum is exact, so bit-identical
+    found = json.loads(
+        next(x for x in result.stdout.splitlines() if x.startswith("RESULT")).removeprefix("RESULT")
+    )
+    assert len(found["lora"]) == 7, found
     assert found["constant"] == found["lora"] and found["others_equal"], found  # its result is what is saved

@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import fastsave
+from fastsave.inputs.live_model import LiveModelInput
 from fastsave.options import parse_options
-from fastsave.original_base import build_original_plan
-from fastsave.plan import build_plan
 from fastsave.tiny import (
     attach_lora,
     build_tiny_tokenizer,
@@ -92,12 +91,12 @@ def test_dora_against_peft(base, tokenizer, tmp_path):
 
 def test_plan_has_the_same_names_shapes_and_dtypes(base, tokenizer):
     model = _trained(base, tokenizer, steps=0, modules_to_save=["lm_head"])
-    normal = build_plan(model, None, None)
-    original = build_original_plan(model, parse_options("unused", base_weights="original"))
-    assert [(t.name, t.shape, t.dtype, t.lora_module) for t in normal.tensors] == [
-        (t.name, t.shape, t.dtype, t.lora_module) for t in original.tensors
+    normal = LiveModelInput(model).merged_plan(parse_options("unused"))
+    original = LiveModelInput(model).merged_plan(parse_options("unused", base_weights="original"))
+    assert [(t.name, t.shape, t.dtype, t.lora_module) for t in normal.items] == [
+        (t.name, t.shape, t.dtype, t.lora_module) for t in original.items
     ]
-    swapped = {t.name for t in original.tensors if "_original_producer" in t.produce.__qualname__}
+    swapped = {t.name for t in original.items if t.source_kind.startswith("16-bit checkpoint")}
     assert len(swapped) == 14 and "lm_head.weight" not in swapped and "model.norm.weight" not in swapped
 
 

@@ -14,7 +14,8 @@ any crash, kill, Ctrl-C or full disk. One module per job:
 - ``publish``: the switch (renameat2 RENAME_EXCHANGE, or a journaled rename sequence) and recovery;
 - ``filesystem``: the system calls those need (renameat2, hard-linked trees, directory fsync);
 - ``verify``: re-reading a saved directory (``fastsave verify``);
-- ``disk_space``, ``checkpoint_files``: room on disk; config, generation config and tokenizer files.
+- ``disk_space``, ``checkpoint_files``: room on disk; config, generation config and tokenizer files;
+- ``model_card``, ``adapter_files``, ``variant``: the model card, peft's file format, weight-name variants.
 
 Nothing here imports transformers or peft.
 """

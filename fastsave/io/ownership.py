@@ -9,10 +9,11 @@ for byte, through the switch:
   every weight file an index names, ``config.json``, ``generation_config.json``;
 - adapter (``lora``): ``adapter_config.json``, ``adapter_model.safetensors`` / ``.bin``, and the
   sub-folders of non-default adapters that the new save writes;
-- both: the tokenizer files the new save writes (and, when the previous checkpoint was written by
+- GGUF export: the ``.gguf`` files it writes;
+- all: the tokenizer files the new save writes (and, when the previous checkpoint was written by
   fastsave, its stale tokenizer files), and a ``README.md`` only when it carries
-  :data:`MODEL_CARD_MARKER` (a card fastsave wrote). A user's own README.md is never replaced:
-  a card the new save would write is then left out.
+  :data:`MODEL_CARD_MARKER` (a card fastsave wrote; fastsave.io.model_card puts it there). A
+  user's own README.md is never replaced: a card the new save would write is then left out.
 
 A merged checkpoint is never written into a directory holding an adapter, nor an adapter into one
 holding merged weights (:func:`check_kinds_do_not_mix`).
@@ -26,21 +27,27 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastsave.io.model_card import MODEL_CARD_MARKER, README_NAME, is_fastsave_card  # noqa: F401 - the rule's marker
+
 ADAPTER = "adapter"
 MERGED = "merged"
+GGUF = "gguf"
 
-MODEL_CARD_NAME = "README.md"
-# The card writer puts this line into every README.md it writes (after any YAML front matter, which
-# the hub needs on the first line); only a README.md carrying it belongs to a save.
-MODEL_CARD_MARKER = "<!-- fastsave:model-card -->"
-_MARKER_SEARCH_BYTES = 16384
+MODEL_CARD_NAME = README_NAME
+# The card writer puts MODEL_CARD_MARKER into every README.md it writes (after any YAML front
+# matter, which the hub needs on the first line); only a README.md carrying it belongs to a save.
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 INDEX_NAMES = (SAFETENSORS_INDEX, BIN_INDEX)
+# transformers' names, with its variants (``modeling_utils._add_variant``): model.safetensors,
+# model-00001-of-00003.safetensors, model.fp16.safetensors, model.fp16-00001-of-00003.safetensors,
+# pytorch_model*.bin alike; indexes model.safetensors.index.json, model.safetensors.index.fp16.json.
 _WEIGHT_FILE = re.compile(
-    r"(?:model(?:-\d{5}-of-\d{5})?\.safetensors|pytorch_model(?:-\d{5}-of-\d{5})?\.bin)"
+    r"(?:model|pytorch_model)(?:\.(?P<variant>[^./]+?))?(?:-\d{5}-of-\d{5})?\.(?P<ext>safetensors|bin)"
 )
+_INDEX_FILE = re.compile(r"(?:model\.safetensors|pytorch_model\.bin)\.index(?:\.(?P<variant>[^./]+))?\.json")
+_ANY = object()  # any variant
 MERGED_FILES = ("config.json", "generation_config.json")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
@@ -67,19 +74,29 @@ def kind_of(save_method: str) -> str:
     return ADAPTER if save_method == "lora" else MERGED
 
 
-def is_fastsave_model_card(path: Path) -> bool:
-    """Whether ``path`` is a README.md that fastsave wrote (it carries :data:`MODEL_CARD_MARKER`)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(_MARKER_SEARCH_BYTES)
-    except OSError:
+def is_weight_file_name(name: str, variant: object = _ANY) -> bool:
+    """``model.safetensors``, ``model-00001-of-00003.safetensors``, ``pytorch_model.bin``, ... (of
+    ``variant``: None for the plain names, a string for transformers' ``variant=``; any by default).
+
+    A ``pytorch_model.bin`` beside safetensors is the same checkpoint's twin. ``model-best.safetensors``
+    or ``model_backup.safetensors`` is not a weight file of a checkpoint.
+    """
+    match = _WEIGHT_FILE.fullmatch(name)
+    if match is None or (match["ext"] == "bin") != name.startswith("pytorch_model"):
         return False
-    return MODEL_CARD_MARKER.encode() in head
+    return variant is _ANY or match["variant"] == variant
 
 
-def is_weight_file_name(name: str) -> bool:
-    """``model.safetensors``, ``model-00001-of-00003.safetensors``, ``pytorch_model.bin``, ... ."""
-    return _WEIGHT_FILE.fullmatch(name) is not None
+def is_index_name(name: str, variant: object = _ANY) -> bool:
+    """``model.safetensors.index.json`` (``.index.<variant>.json``) and the .bin index."""
+    match = _INDEX_FILE.fullmatch(name)
+    return match is not None and (variant is _ANY or match["variant"] == variant)
+
+
+def variant_of(name: str) -> str | None:
+    """The transformers variant in a weight file or index name (None: the plain names)."""
+    match = _WEIGHT_FILE.fullmatch(name) or _INDEX_FILE.fullmatch(name)
+    return match["variant"] if match else None
 
 
 def _read_index(path: Path) -> dict | None:
@@ -104,12 +121,15 @@ def files_named_by_index(directory: Path, index_name: str) -> list[str]:
     return sorted(n for n in names if (directory / n).is_file())
 
 
-def merged_weight_files(directory: Path) -> list[str]:
-    """Weight files and indexes of a merged (transformers) checkpoint in ``directory``."""
+def merged_weight_files(directory: Path, variant: object = _ANY) -> list[str]:
+    """Weight files and indexes of a merged (transformers) checkpoint in ``directory``: of one
+    ``variant`` (None: the plain names), or of any by default."""
     if not directory.is_dir():
         return []
-    found = {n for n in os.listdir(directory) if is_weight_file_name(n) or n in INDEX_NAMES}
-    for index_name in INDEX_NAMES:
+    names = os.listdir(directory)
+    found = {n for n in names if is_weight_file_name(n, variant)}
+    for index_name in (n for n in names if is_index_name(n, variant)):
+        found.add(index_name)
         found.update(files_named_by_index(directory, index_name))
     return sorted(n for n in found if (directory / n).is_file())
 
@@ -121,19 +141,27 @@ def adapter_files(directory: Path) -> list[str]:
     return [n for n in ADAPTER_FILES if (directory / n).is_file()]
 
 
-def written_by_fastsave(directory: Path) -> bool:
-    """Whether the merged checkpoint in ``directory`` carries fastsave's metadata key."""
+def written_by_fastsave(directory: Path, variant: str | None = None) -> bool:
+    """Whether the merged checkpoint (of ``variant``) in ``directory`` carries fastsave's metadata key."""
     from fastsave.io.shards import read_safetensors_header
 
-    for index_name in INDEX_NAMES:
-        index = _read_index(directory / index_name)
-        if index and isinstance(index.get("metadata"), dict) and FASTSAVE_METADATA_KEY in index["metadata"]:
-            return True
-    try:
-        header = read_safetensors_header(directory / "model.safetensors")
-    except (OSError, ValueError):
-        return False
-    return FASTSAVE_METADATA_KEY in (header.get("__metadata__") or {})
+    for name in merged_weight_files(directory, variant):
+        if is_index_name(name):
+            index = _read_index(directory / name)
+            if (
+                index
+                and isinstance(index.get("metadata"), dict)
+                and FASTSAVE_METADATA_KEY in index["metadata"]
+            ):
+                return True
+        elif name.endswith(".safetensors"):
+            try:
+                header = read_safetensors_header(directory / name)
+            except (OSError, ValueError):
+                continue
+            if FASTSAVE_METADATA_KEY in (header.get("__metadata__") or {}):
+                return True
+    return False
 
 
 class MixedKindsError(ValueError):
@@ -146,6 +174,8 @@ def check_kinds_do_not_mix(directory: Path, kind: str) -> None:
     Raises:
         MixedKindsError: naming the files found and suggesting another directory.
     """
+    if kind == GGUF:
+        return  # GGUF files may sit beside either (Unsloth's layout puts them beside the merged model)
     if kind == MERGED:
         found = adapter_files(directory)
         what, ours = "a LoRA adapter", "a merged model"
@@ -171,26 +201,29 @@ class Replacement:
     conflicts: list[str] = field(default_factory=list)  # new entries that would overwrite user data
 
 
-def previous_checkpoint(directory: Path, kind: str, new_names: set[str] = frozenset()) -> list[str]:
+def previous_checkpoint(
+    directory: Path, kind: str, new_names: set[str] = frozenset(), variant: str | None = None
+) -> list[str]:
     """Top-level names of the checkpoint of ``kind`` already in ``directory`` (replaced or removed).
 
     ``new_names`` (the new save's top-level entries) decide two things: whether the save writes a
     tokenizer (then a previous fastsave save's stale tokenizer files go too), and which adapter
-    sub-folders an adapter save replaces.
+    sub-folders an adapter save replaces. A merged save of one ``variant`` replaces the weights of
+    that variant only (transformers keeps a repository's fp16 and plain variants side by side).
     """
     if not directory.is_dir():
         return []
     existing = set(os.listdir(directory))
     owned: set[str] = set()
     if kind == MERGED:
-        owned.update(merged_weight_files(directory))
+        owned.update(merged_weight_files(directory, variant))
         owned.update(n for n in MERGED_FILES if n in existing)
-        if new_names & set(TOKENIZER_FILES) and written_by_fastsave(directory):
+        if new_names & set(TOKENIZER_FILES) and written_by_fastsave(directory, variant):
             owned.update(n for n in TOKENIZER_FILES if n in existing)  # stale files of our previous save
-    else:
+    elif kind == ADAPTER:
         owned.update(adapter_files(directory))
         owned.update(n for n in new_names & existing if _is_adapter_folder(directory / n))
-    if MODEL_CARD_NAME in existing and is_fastsave_model_card(directory / MODEL_CARD_NAME):
+    if MODEL_CARD_NAME in existing and is_fastsave_card(directory / MODEL_CARD_NAME):
         owned.add(MODEL_CARD_NAME)
     return sorted(owned)
 
@@ -203,7 +236,7 @@ def _is_adapter_folder(path: Path) -> bool:
     return not names or (ADAPTER_CONFIG in names and names <= {*ADAPTER_FILES, MODEL_CARD_NAME})
 
 
-def plan_replacement(directory: Path, kind: str, staging: Path) -> Replacement:
+def plan_replacement(directory: Path, kind: str, staging: Path, variant: str | None = None) -> Replacement:
     """What switching the checkpoint staged in ``staging`` into ``directory`` replaces and keeps.
 
     A new file replaces a same-named file (tokenizer files the save writes now are its own), except
@@ -211,7 +244,7 @@ def plan_replacement(directory: Path, kind: str, staging: Path) -> Replacement:
     replace an adapter sub-folder; over anything else it is a conflict.
     """
     new_names = set(os.listdir(staging))
-    replacement = Replacement(remove=previous_checkpoint(directory, kind, new_names))
+    replacement = Replacement(remove=previous_checkpoint(directory, kind, new_names, variant))
     if not directory.is_dir():
         return replacement
     for name in sorted(new_names - set(replacement.remove)):

@@ -31,7 +31,7 @@ from fastsave.io.finite import check_finite
 from fastsave.io.ownership import FASTSAVE_METADATA_KEY
 
 if TYPE_CHECKING:
-    from fastsave.plan import PlannedTensor
+    from fastsave.plan.items import PlanItem as PlannedTensor
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",

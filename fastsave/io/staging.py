@@ -89,8 +89,11 @@ class PendingSave:
         save_method: str,
         temporary_location: Path | None = None,
         replace_in_place: bool = False,
+        kind: str | None = None,
+        variant: str | None = None,
     ) -> None:
-        self.kind = kind_of(save_method)
+        self.kind = kind or kind_of(save_method)
+        self.variant = variant  # transformers' variant= of the weight files: replaced per variant
         self.target: SaveTarget = inspect_target(save_directory)
         self.temporary_location = temporary_location
         self.replace_in_place = replace_in_place
@@ -220,7 +223,11 @@ class PendingSave:
         Raises:
             DiskSpaceError: what is needed and free, where, and what to do. Nothing was written.
         """
-        previous = previous_checkpoint(self.target.path, self.kind) if self.target.exists else []
+        previous = (
+            previous_checkpoint(self.target.path, self.kind, variant=self.variant)
+            if self.target.exists
+            else []
+        )
         previous_bytes = sum(_freed_bytes(self.target.path / n) for n in previous)
         room: Room = check_room(
             needed_bytes(data_bytes, files),
@@ -263,7 +270,7 @@ class PendingSave:
             switch.rename_new(staging, target.path)
             self._published("written")
             return
-        replacement = plan_replacement(target.path, self.kind, staging)
+        replacement = plan_replacement(target.path, self.kind, staging, self.variant)
         if replacement.conflicts:
             raise TargetError(
                 f"the new checkpoint would replace {', '.join(replacement.conflicts)} in {target.path}, which "

@@ -17,11 +17,12 @@ from fastsave.io.checksums import PLACEHOLDER, SHA256_KEY, data_digest
 from fastsave.io.ownership import (
     ADAPTER,
     ADAPTER_CONFIG,
-    BIN_INDEX,
+    GGUF,
     MERGED,
-    SAFETENSORS_INDEX,
     adapter_files,
+    is_index_name,
     is_weight_file_name,
+    variant_of,
 )
 from fastsave.io.publish import JOURNAL_NAME
 from fastsave.io.shards import DTYPE_SIZES, read_safetensors_header
@@ -47,7 +48,9 @@ class VerifyReport:
 
     def summary(self) -> str:
         """One paragraph for a person: what was checked, and every problem."""
-        what = {MERGED: "merged checkpoint", ADAPTER: "LoRA adapter"}.get(self.kind or "", "directory")
+        what = {MERGED: "merged checkpoint", ADAPTER: "LoRA adapter", GGUF: "GGUF export"}.get(
+            self.kind or "", "directory"
+        )
         lines = [
             f"{self.directory}: {what}, {self.shards} weight file(s), {self.tensors} tensors, "
             f"{self.data_bytes / 1e9:.3f} GB of tensor data"
@@ -130,15 +133,26 @@ def _check_digest(path: Path, recorded: str | None, report: VerifyReport, where:
 
 def _verify_merged(directory: Path, report: VerifyReport, checksums: bool) -> None:
     _json_object(directory / "config.json", report)
-    weight_files = sorted(n for n in os.listdir(directory) if is_weight_file_name(n))
-    index_path = next(
-        (directory / n for n in (SAFETENSORS_INDEX, BIN_INDEX) if (directory / n).is_file()), None
+    names = os.listdir(directory)
+    variants = {variant_of(n) for n in names if is_weight_file_name(n) or is_index_name(n)}
+    if not variants:
+        report.problems.append("no weight files (model.safetensors, or shards and their index)")
+    for variant in sorted(variants, key=lambda v: v or ""):  # transformers' variant=: each on its own
+        _verify_weights(directory, report, checksums, variant)
+
+
+def _verify_weights(directory: Path, report: VerifyReport, checksums: bool, variant: str | None) -> None:
+    names = sorted(os.listdir(directory))
+    weight_files = [n for n in names if is_weight_file_name(n, variant)]
+    index_names = sorted(
+        (n for n in names if is_index_name(n, variant)), key=lambda n: not n.startswith("model.")
     )
+    index_path = directory / index_names[0] if index_names else None
     if index_path is None:
         if len(weight_files) != 1:
             report.problems.append(
                 f"no index, and {len(weight_files)} weight files ({', '.join(weight_files) or 'none'}): "
-                "expected model.safetensors alone"
+                "expected one file (model.safetensors, or model.<variant>.safetensors)"
             )
         for name in weight_files:
             if name.endswith(".safetensors"):
@@ -205,7 +219,7 @@ def _verify_merged(directory: Path, report: VerifyReport, checksums: bool) -> No
             report.notes.append(f"{shard}: no sha256 recorded in the index (not written by fastsave)")
     declared = metadata.get("total_size")
     if (
-        index_path.name == SAFETENSORS_INDEX
+        index_path.name.startswith("model.safetensors")
         and isinstance(declared, int)
         and declared != total
         and not report.problems
@@ -251,9 +265,7 @@ def verify_checkpoint(
             "directory completes or rolls it back"
         )
     has_adapter = bool(adapter_files(directory))
-    has_weights = any(
-        is_weight_file_name(n) or n in (SAFETENSORS_INDEX, BIN_INDEX) for n in os.listdir(directory)
-    )
+    has_weights = any(is_weight_file_name(n) or is_index_name(n) for n in os.listdir(directory))
     if kind is None:
         if has_adapter and has_weights:
             report.problems.append(
@@ -265,6 +277,9 @@ def verify_checkpoint(
         report.problems.append("holds no checkpoint (no model weights, no adapter)")
     elif kind == ADAPTER:
         _verify_adapter(directory, report)
+    elif kind == GGUF:  # the export checks each file against the checkpoint itself (fastsave.export)
+        if not any(name.endswith(".gguf") for name in os.listdir(directory)):
+            report.problems.append("holds no .gguf file")
     else:
         _verify_merged(directory, report, checksums)
     return report

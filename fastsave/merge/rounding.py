@@ -25,3 +25,8 @@ def round_once(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Ten
             f"tensor {name!r} overflows float16 (|w| > 65504 after merging); save with dtype=torch.bfloat16"
         )
     return rounded
+
+
+def to_output(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Round ``tensor`` once to ``dtype`` and bring it to the CPU, contiguous, for the writer."""
+    return round_once(tensor, dtype, name).detach().to("cpu").contiguous()

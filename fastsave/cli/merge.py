@@ -1,4 +1,4 @@
-"""``fastsave merge ADAPTER_DIR OUT_DIR``: the command-line front of fastsave.adapter_merge."""
+"""``fastsave merge ADAPTER_DIR OUT_DIR``: the command-line front of fastsave.save.merge_adapter."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from fastsave.adapter_merge import merge_adapter
 from fastsave.errors import SaveInProgressError, VerifyError
-from fastsave.forced_4bit import Quant4bitSettings
+from fastsave.save import merge_adapter
+from fastsave.sources.bnb_4bit import Quant4bitSettings
 
 
 def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -101,11 +101,8 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- the saved adapter
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastsave.merge_cli ADAPTER_DIR OUT_DIR ...``: the merge command on its own."""
+    """``python -m fastsave.cli.merge ADAPTER_DIR OUT_DIR ...``: the merge command on its own."""
     parser = argparse.ArgumentParser(prog="fastsave")
     add_merge_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["merge", *(sys.argv[1:] if argv is None else argv)])

@@ -10,7 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastsave`` command."""
     from fastsave import __version__
-    from fastsave.merge_cli import add_merge_parser
+    from fastsave.cli.merge import add_merge_parser
 
     parser = argparse.ArgumentParser(
         prog="fastsave", description="Save QLoRA models merged, exactly and in bounded memory."
@@ -29,7 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--checksums", action="store_true", help="also re-hash every shard against its recorded sha256"
     )
+    verify.set_defaults(func=run_verify)
     return parser
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """``fastsave verify DIR [--checksums]``: print what was checked; 1 when there is a problem."""
+    from fastsave.io.verify import verify_checkpoint
+
+    report = verify_checkpoint(args.directory, checksums=args.checksums)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,15 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(format_report(report))
         return 0
-    if args.command == "verify":
-        from fastsave.io.verify import verify_checkpoint
-
-        report = verify_checkpoint(args.directory, checksums=args.checksums)
-        print(report.summary())
-        return 0 if report.ok else 1
-    from fastsave.merge_cli import run_merge
-
-    return run_merge(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,262 @@
+"""``save_pretrained_gguf`` / ``push_to_hub_gguf``: the merged model as GGUF files, from the same one line.
+
+1. Everything is checked before any work: options, quantization methods, the tokenizer (a GGUF
+   carries its vocabulary), llama.cpp (and llama-quantize when a type needs it), and disk space for
+   the temporary 16-bit checkpoint and the GGUF files together.
+2. The model is merged into a temporary 16-bit checkpoint by ``fastsave.save_pretrained_merged``,
+   the one save function (streamed, exact, bounded in memory as always); float32 when f32 is asked.
+3. llama.cpp's own convert_hf_to_gguf.py converts it (f32, f16, bf16 and q8_0 directly); the
+   checkpoint is removed; llama-quantize makes every other type from that first file.
+4. Every GGUF is verified against the checkpoint with the gguf package (tensor count, shapes,
+   vocabulary size), gets a model card, and is published into ``save_directory`` in one step; the
+   log gives each file's path and size.
+
+Files are named as Unsloth names them: ``<model>.<TYPE>.gguf`` (``llama-3-8b.Q4_K_M.gguf``).
+Unlike Unsloth, the 16-bit checkpoint is not kept (save it with ``save_pretrained_merged`` when you
+want it) and the GGUF files go into ``save_directory`` itself, not ``save_directory + "_gguf"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastsave.export.convert import convert_checkpoint, quantize_gguf
+from fastsave.export.llama_cpp import find_llama_cpp
+from fastsave.export.methods import DEFAULT_METHOD, file_type_name, normalize_methods
+from fastsave.export.methods import first_conversion as choose_first_conversion
+from fastsave.export.space import check_export_space, logical_parameter_count
+from fastsave.export.verify import load_gguf, read_checkpoint_facts, verify_gguf
+from fastsave.io.model_card import facts_from_model, place_model_card, render_model_card
+from fastsave.options import SaveOptions, parse_gguf_options
+
+logger = logging.getLogger("fastsave")
+
+_NAME_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit")
+_TYPE_OF_DTYPE = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+_DTYPE_OF_TYPE = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
+def gguf_stem(model: nn.Module) -> str:
+    """The model part of the GGUF file names: the base model's name, without Unsloth's 4-bit suffix."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    name = str(getattr(getattr(inner, "config", None), "_name_or_path", "") or "").rstrip("/\\")
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in _NAME_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name if name and name not in (".", "..") else "model"
+
+
+def _merge_options(opts: SaveOptions, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The options of the temporary checkpoint's save: what shapes the weights, nothing about files."""
+    merge = {
+        "save_method": "merged_16bit",
+        "dtype": dtype,
+        "base_weights": opts.base_weights,
+        "maximum_memory_usage": opts.maximum_memory_usage,
+        "temporary_location": opts.temporary_location,
+        "adapter_names": opts.adapter_names,
+        "state_dict": opts.state_dict,
+    }
+    if opts.original_base_path is not None:
+        merge["original_base_path"] = opts.original_base_path
+    return merge
+
+
+def save_pretrained_gguf(
+    model: nn.Module,
+    save_directory: str | Path,
+    tokenizer: Any = None,
+    quantization_method: Any = DEFAULT_METHOD,
+    *,
+    llama_cpp: str | Path | None = None,
+    first_conversion: str | None = None,
+    imatrix_file: str | Path | None = None,
+    **options: Any,
+) -> list[str]:
+    """Merge ``model`` and write it as GGUF file(s) into ``save_directory`` (see the module docstring).
+
+    Args:
+        model: a peft model (or a transformers model with a LoRA adapter), 4-bit, 8-bit or 16-bit.
+        save_directory: receives ``<model>.<TYPE>.gguf`` per method, and a README.md model card.
+        tokenizer: required: the GGUF file carries the vocabulary.
+        quantization_method: Unsloth's names: "fast_quantized" (q8_0, the default), "quantized"
+            (q4_k_m), "not_quantized" (the checkpoint's 16-bit dtype), or f32, f16, bf16, q8_0, or a
+            llama-quantize type (q4_k_m, q5_k_m, q6_k, ...); or a list of them.
+        llama_cpp: a llama.cpp checkout (else ``FASTSAVE_LLAMA_CPP``, else ./llama.cpp).
+        first_conversion: the converter's output type when quantizing further (default: 16-bit).
+        imatrix_file: an importance matrix for llama-quantize (needed by the iq* types).
+        **options: the options of ``save_pretrained_merged`` (dtype, base_weights, temporary_location,
+            maximum_memory_usage, adapter_names, tags, datasets, push_to_hub, token, ...).
+
+    Returns:
+        The paths of the GGUF files written (also with ``push_to_hub=True``; the URL is logged).
+
+    Raises:
+        ValueError / TypeError: an invalid option or method, or no tokenizer; LlamaCppNotFoundError:
+        no llama.cpp (or llama-quantize when needed); DiskSpaceError: no room. All before any work.
+        GGUFConversionError / GGUFVerificationError: llama.cpp failed, or wrote a file that does not
+        match the checkpoint; nothing is published then.
+    """
+    paths, _ = _export(
+        model,
+        save_directory,
+        tokenizer,
+        quantization_method,
+        llama_cpp,
+        first_conversion,
+        imatrix_file,
+        options,
+    )
+    return paths
+
+
+def _export(
+    model: nn.Module,
+    save_directory: str | Path,
+    tokenizer: Any,
+    quantization_method: Any,
+    llama_cpp: str | Path | None,
+    first_conversion: str | None,
+    imatrix_file: str | Path | None,
+    options: dict[str, Any],
+) -> tuple[list[str], str | None]:
+    """The export behind both public functions; returns the GGUF paths and the hub URL when pushed."""
+    from fastsave.io.ownership import GGUF
+    from fastsave.plan.dtype import output_dtype as resolve_output_dtype
+    from fastsave.plan.walk import unwrap_peft
+    from fastsave.save import publish, save_pretrained_merged, staging_directory
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if tokenizer is None:
+        raise ValueError("save_pretrained_gguf needs the tokenizer: a GGUF file carries the vocabulary")
+    opts = parse_gguf_options(save_directory, **options)
+    if imatrix_file is False:  # Unsloth's spelling of "none"
+        imatrix_file = None
+    if imatrix_file is not None and (isinstance(imatrix_file, bool) or not Path(imatrix_file).is_file()):
+        raise ValueError(
+            f"imatrix_file={imatrix_file!r} must be the path of an importance-matrix file: fastsave never "
+            "downloads one (Unsloth's imatrix_file=True fetches it from the Hub)"
+        )
+    model_dtype = opts.dtype or resolve_output_dtype(unwrap_peft(model), None)
+    unquantized = _TYPE_OF_DTYPE[model_dtype]
+    methods = normalize_methods(quantization_method, unquantized, imatrix=imatrix_file is not None)
+    first = choose_first_conversion(methods, unquantized, first_conversion)
+    if not opts.is_main_process:
+        return [], None
+    tools = find_llama_cpp(llama_cpp, need_quantize=any(m != first for m in methods))
+    checkpoint_dtype = opts.dtype or _DTYPE_OF_TYPE.get(first, model_dtype)
+    n_weights = logical_parameter_count(model)
+    gguf = load_gguf(tools)
+    stem = gguf_stem(model)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with staging_directory(opts, kind=GGUF) as work:
+        sizes = check_export_space(
+            n_weights,
+            torch.empty((), dtype=checkpoint_dtype).element_size(),
+            first,
+            methods,
+            work,
+            opts.save_directory,
+        )
+        checkpoint = work / "checkpoint"
+        tick = time.perf_counter()
+        save_pretrained_merged(model, checkpoint, tokenizer, **_merge_options(opts, checkpoint_dtype))
+        timings["merge"] = time.perf_counter() - tick
+        facts = read_checkpoint_facts(checkpoint)
+        first_file = work / f"{stem}.{file_type_name(first)}.gguf"
+        timings["convert"] = convert_checkpoint(tools, checkpoint, first_file, first)
+        shutil.rmtree(checkpoint)  # the temporary 16-bit checkpoint goes before any quantize pass
+        outputs = []
+        for method in methods:
+            target = work / f"{stem}.{file_type_name(method)}.gguf"
+            if method != first:
+                timings[f"quantize {method}"] = quantize_gguf(
+                    tools, first_file, target, method, Path(imatrix_file) if imatrix_file else None
+                )
+            outputs.append(target)
+        if first not in methods:
+            first_file.unlink()
+        checks = [verify_gguf(path, facts, gguf) for path in outputs]
+        card = facts_from_model(
+            model,
+            "gguf",
+            adapter_names=opts.adapter_names,
+            base_weights=opts.base_weights,
+            dtype=checkpoint_dtype,
+            tags=opts.tags,
+            datasets=opts.datasets,
+            files=[(c.path.name, c.size_bytes, c.file_type) for c in checks],
+        )
+        place_model_card(render_model_card(card, opts.save_directory.name), work, opts.save_directory)
+        publish(work, opts.save_directory)
+    paths = [opts.save_directory / check.path.name for check in checks]
+    _log_summary(checks, paths, timings, time.perf_counter() - started, sizes, tools.root)
+    url = None
+    if opts.push_to_hub:
+        from fastsave.hub import upload_directory
+
+        url = upload_directory(opts)
+    return [str(path) for path in paths], url
+
+
+def _log_summary(checks, paths, timings, seconds, sizes, root) -> None:
+    lines = [
+        f"fastsave: GGUF export in {seconds:.1f}s ("
+        + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+        + ")"
+    ]
+    for check, path in zip(checks, paths, strict=True):
+        lines.append(
+            f"  {path}  {check.size_bytes / 1e6:.1f} MB, {check.file_type}, {check.architecture}, "
+            f"{check.tensor_count} tensors ({check.shapes_checked} shapes checked against the checkpoint), "
+            f"vocab {check.vocab_size}"
+        )
+        lines += [f"    note: {note}" for note in check.notes]
+    lines.append(
+        f"  converted with {root}; the temporary 16-bit checkpoint ({sizes['checkpoint'] / 1e6:.1f} MB) was removed"
+    )
+    logger.info("\n".join(lines))
+
+
+def push_to_hub_gguf(
+    model: nn.Module,
+    repo_id: str,
+    tokenizer: Any = None,
+    quantization_method: Any = DEFAULT_METHOD,
+    *,
+    use_temp_dir: bool | None = None,
+    **options: Any,
+) -> str:
+    """Export to GGUF (as :func:`save_pretrained_gguf`), then upload the files to the hub as ``repo_id``.
+
+    As in Unsloth, ``use_temp_dir`` None or True exports into a temporary directory that is removed
+    after the upload; False keeps the files in a local folder named after the repo. Returns the URL
+    (of the pull request with ``create_pr=True``).
+    """
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"repo_id must be a hub repo id such as 'user/model-gguf', got {repo_id!r}")
+    llama_cpp = options.pop("llama_cpp", None)
+    first = options.pop("first_conversion", None)
+    imatrix_file = options.pop("imatrix_file", None)
+    options = {**options, "push_to_hub": True, "repo_id": options.get("repo_id") or repo_id}
+    if use_temp_dir is False:
+        _, url = _export(
+            model, Path(repo_id).name, tokenizer, quantization_method, llama_cpp, first, imatrix_file, options
+        )
+        return url or ""
+    with tempfile.TemporaryDirectory(prefix="fastsave-gguf-push-") as temporary:
+        local = Path(temporary) / Path(repo_id).name
+        _, url = _export(
+            model, local, tokenizer, quantization_method, llama_cpp, first, imatrix_file, options
+        )
+    return url or ""

@@ -1,0 +1,147 @@
+"""Write the checkpoint's own tensor names and layout, not the model's in-memory ones.
+
+transformers 5 converts some checkpoints while loading them: it renames tensors (Mixtral's
+``block_sparse_moe`` becomes ``mlp``) and fuses per-expert weights into one 3D tensor a layer
+(``experts.{e}.w1.weight`` and ``w3`` become ``experts.gate_up_proj``); HrmText's checkpoint fuses
+projections that it splits. Its ``save_pretrained`` reverses that on the way out, and vLLM and
+llama.cpp's converter read only the checkpoint layout. The plan is built under the in-memory names;
+this step maps it to the checkpoint layout with transformers' own reversal
+(``revert_weight_conversion``): planned on shape-only meta tensors, then applied to one group of
+produced tensors at a time as the merge streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from fastsave.errors import PlanError
+from fastsave.plan.items import Plan, PlanItem, SharedProducer
+
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def _reverter() -> Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 converts nothing while loading
+        return None
+    return revert_weight_conversion
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> Layout:
+    return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+
+
+def _groups(items: list[PlanItem], outputs: dict[str, Layout]) -> list[list[PlanItem]]:
+    """Items joined by the checkpoint tensors their reversals write, in plan order (union-find)."""
+    by_output: dict[str, list[str]] = {}
+    for name, layout in outputs.items():
+        for out in layout:
+            by_output.setdefault(out, []).append(name)
+    parent = {item.name: item.name for item in items}
+
+    def root_of(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for names in by_output.values():
+        for other in names[1:]:
+            parent[root_of(other)] = root_of(names[0])
+    groups: dict[str, list[PlanItem]] = {}
+    for item in items:
+        groups.setdefault(root_of(item.name), []).append(item)
+    return list(groups.values())
+
+
+def stored_as(
+    root: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors (name -> shape) that hold the model's tensor ``name``.
+
+    ``{name: shape}`` when transformers converts nothing for it; several entries for a fused MoE
+    expert tensor; one entry under another name for a renamed one.
+    """
+    revert = _reverter()
+    if revert is None or getattr(root, "_weight_conversions", None) == []:
+        return {name: tuple(shape)}
+    meta = torch.empty(shape, dtype=dtype, device="meta")
+    return {key: tuple(value.shape) for key, value in revert(root, {name: meta}).items()}
+
+
+def to_checkpoint_layout(root: nn.Module, plan: Plan) -> Plan:
+    """The plan under the names and shapes transformers' ``save_pretrained`` would write.
+
+    Most models convert nothing while loading; their plan is returned as it is. For the others each
+    item's reversal is planned on meta tensors; items whose reversals write the same checkpoint
+    tensor are produced together. Items already named as the checkpoint names them pass through.
+
+    Raises:
+        PlanError: transformers' reversal, applied group by group, does not give the layout it
+            gives for the whole model. Nothing is written.
+    """
+    revert = _reverter()
+    if revert is None or getattr(root, "_weight_conversions", None) == []:
+        return plan
+    convertible = [i for i in plan.items if not i.checkpoint_named]
+    metas = {i.name: torch.empty(i.shape, dtype=i.dtype, device="meta") for i in convertible}
+    whole = _layout(revert(root, dict(metas)))
+    if whole == _layout(metas):
+        return plan
+    refusal = PlanError(
+        f"transformers converted this {type(root).__name__} checkpoint while loading it in a way fastsave "
+        "cannot reverse group by group; save with save_method='lora' and merge with transformers, or "
+        "report the model. Nothing was written."
+    )
+    try:
+        outputs = {i.name: _layout(revert(root, {i.name: metas[i.name]})) for i in convertible}
+        by_first: dict[str, list[PlanItem]] = {}
+        for members in _groups(convertible, outputs):
+            by_first[members[0].name] = _convert_group(members, outputs, metas, revert, root)
+    except Exception as error:  # a reversal that needs tensors the group lacks
+        raise refusal from error
+    converted = [item for group in by_first.values() for item in group]
+    if {i.name: (tuple(i.shape), i.dtype) for i in converted} != whole or len(converted) != len(whole):
+        raise refusal
+    # plan order: a group's items where its first member stood, checkpoint-named items in place
+    items: list[PlanItem] = []
+    for item in plan.items:
+        if item.checkpoint_named:
+            items.append(item)
+        elif item.name in by_first:
+            items.extend(by_first[item.name])
+    return replace(plan, items=items)
+
+
+def _convert_group(
+    members: list[PlanItem],
+    outputs: dict[str, Layout],
+    metas: dict[str, torch.Tensor],
+    revert: Callable,
+    root: nn.Module,
+) -> list[PlanItem]:
+    """The checkpoint items of one group of plan items."""
+    first = members[0]
+    if len(members) == 1:
+        pieces = outputs[first.name]
+        if pieces == {first.name: (first.shape, first.dtype)}:
+            return [first]  # not converted
+    else:
+        pieces = _layout(revert(root, {m.name: metas[m.name] for m in members}))
+    group = SharedProducer(_converted_group(members, revert, root))
+    return [
+        PlanItem(name, shape, dtype, group.part(name), source_kind=first.source_kind)
+        for name, (shape, dtype) in pieces.items()
+    ]
+
+
+def _converted_group(
+    members: list[PlanItem], revert: Callable, root: nn.Module
+) -> Callable[[], dict[str, torch.Tensor]]:
+    """Produce the group's tensors of the model, then let transformers turn them into checkpoint ones."""
+    return lambda: revert(root, {member.name: member.produce() for member in members})

@@ -1,0 +1,269 @@
+"""The one plan walk: any model (live, or built on the meta device around a saved adapter) to a plan.
+
+The walk visits the model's modules once, in order, and turns each tensor the checkpoint holds
+into a plan item: a *source* of its values (fastsave.sources) x the *deltas* on it
+(fastsave.adapters) -> an output tensor, produced by the merge dispatcher (fastsave.merge). What
+differs between a save from a trained model in memory, one into the original 16-bit base, and
+the command line's merge of a saved adapter into a base on disk is only how a tensor's source is
+resolved: the save's *input* (fastsave.inputs) answers that through :class:`Resolver`.
+
+Module kinds, each decided once, by what the module is:
+
+* a peft LoRA layer: its base layer's tensors, the weight merged with the selected adapters'
+  deltas, the bias with lora_bias adapters'; names without ``base_layer``;
+* peft's ParamWrapper (LoRA on bare parameters, possibly nested): the wrapped module's tensors,
+  the wrapped parameters merged;
+* peft's ModulesToSaveWrapper: the trained copy replaces the original;
+* any other module: its own parameters and persistent buffers, as held (a quantized weight
+  dequantized).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fastsave.adapters.delta import LoraDelta
+from fastsave.adapters.live_peft import (
+    deltas_of,
+    is_lora_layer,
+    is_param_wrapper,
+    refuse_other_tuners,
+    select_adapters,
+)
+from fastsave.errors import PlanError
+from fastsave.merge.dispatch import bias_producer, copy_producer, weight_producer
+from fastsave.plan.items import Plan, PlanItem
+from fastsave.plan.ties import TiedWeights
+from fastsave.sources import ModuleTensor, module_tensors
+from fastsave.sources.safetensors_file import StoredPiecesSource
+
+try:
+    from peft.utils.other import ModulesToSaveWrapper
+except ImportError:  # pragma: no cover - peft is a dependency
+    ModulesToSaveWrapper = ()
+
+
+class Resolver(Protocol):
+    """How a save's input turns a module's tensor into its source (fastsave.inputs)."""
+
+    def resolve(self, name: str, module: nn.Module, entry: ModuleTensor, merged: bool) -> ModuleTensor | None:
+        """``entry`` with its source set (or replaced); None: the checkpoint does not hold this tensor.
+
+        Args:
+            name: the tensor's name in the model (no peft prefixes, no ``base_layer``).
+            module: the module that holds it (a LoRA layer's base layer).
+            entry: what fastsave.sources found; ``entry.source`` is None for a meta tensor.
+            merged: whether deltas will be added to it.
+
+        Raises:
+            PlanError: the tensor's values cannot be found.
+        """
+        ...
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (or the model itself), under any torch.compile wrapper."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _saved_copy(wrapper: nn.Module, adapter_names: Sequence[str] | None) -> nn.Module:
+    """The module a ModulesToSaveWrapper saves: the selected (or active) adapter's trained copy."""
+    copies = wrapper.modules_to_save
+    wanted = [a for a in (adapter_names or []) if a in copies]
+    if not wanted:
+        active = wrapper.active_adapter
+        wanted = [a for a in (active if isinstance(active, list) else [active]) if a in copies]
+    if not wanted or getattr(wrapper, "disable_adapters", False):
+        return wrapper.original_module
+    return copies[wanted[0]]
+
+
+class _Walk:
+    """The state of one walk: the items so far, tied weights, the resolver and the output dtype."""
+
+    def __init__(self, resolver: Resolver, dtype: torch.dtype, adapter_names: Sequence[str] | None) -> None:
+        self.resolver = resolver
+        self.dtype = dtype
+        self.adapter_names = adapter_names
+        self.items: list[PlanItem] = []
+        self.ties = TiedWeights()
+
+    def add(
+        self,
+        name: str,
+        module: nn.Module,
+        entry: ModuleTensor,
+        role: str = "copy",
+        deltas: Sequence[LoraDelta] = (),
+        merged_before: Sequence[LoraDelta] = (),
+        modified: bool = False,
+        lora_module: str | None = None,
+    ) -> None:
+        """Plan one tensor; ``role``: "weight" (merged), "bias" (merged lora_bias) or "copy"."""
+        entry = self.resolver.resolve(name, module, entry, merged=bool(deltas) or bool(merged_before))
+        if entry is None:
+            return
+        if entry.without_merged_adapters:  # the source has none of the adapters the model merged
+            deltas = (*merged_before, *deltas)
+        if not self.ties.should_write(name, entry.tensor, modified):
+            return
+        source = entry.source
+        if isinstance(source, StoredPiecesSource):
+            if deltas:
+                source.float32()  # raises, naming the pieces
+            for piece, piece_source in source.pieces.items():
+                produce = copy_producer(piece_source, self.dtype, piece)
+                out_dtype = self.dtype if piece_source.floating else piece_source.stored_dtype
+                self.items.append(
+                    PlanItem(
+                        piece,
+                        piece_source.shape,
+                        out_dtype,
+                        produce,
+                        source_kind=source.kind,
+                        checkpoint_named=True,
+                    )
+                )
+            return
+        shape = source.shape[::-1] if entry.transposed else source.shape
+        out_dtype = self.dtype if source.floating else source.stored_dtype
+        if role == "weight":
+            produce = weight_producer(source, deltas, self.dtype, name, entry.transposed)
+        elif role == "bias":
+            produce = bias_producer(source, deltas, self.dtype, name)
+        else:
+            produce = copy_producer(source, self.dtype, name, entry.transposed)
+        self.items.append(
+            PlanItem(
+                name,
+                tuple(shape),
+                out_dtype,
+                produce,
+                lora_module=lora_module,
+                source_kind=source.describe(),
+                requantize=source.quant_settings if entry.attr == "weight" else None,
+                requantize_transposed=entry.transposed or source.quantized_as_transpose,
+            )
+        )
+
+    def add_module(self, prefix: str, module: nn.Module, modified: bool = False) -> None:
+        """A module's own tensors, as held."""
+        for entry in module_tensors(module):
+            self.add(prefix + entry.attr, module, entry, modified=modified)
+
+    def add_lora_layer(self, name: str, layer: nn.Module) -> None:
+        """A LoRA layer: its base layer's weight merged, its bias merged with lora_bias adapters."""
+        prefix = f"{name}." if name else ""
+        base = layer.get_base_layer()
+        to_add, merged = select_adapters(layer, self.adapter_names)
+        has_bias = isinstance(getattr(base, "bias", None), torch.Tensor)
+        deltas = deltas_of(layer, to_add, merged, name, has_bias) if to_add else ()
+        merged_before = deltas_of(layer, merged, (), name, has_bias) if merged else ()
+        lora_module = name if (to_add or merged) else None
+        for entry in module_tensors(base):
+            full = prefix + entry.attr
+            if entry.attr == "weight":
+                self.add(full, base, entry, "weight", deltas, merged_before, bool(to_add), lora_module)
+            elif entry.attr == "bias":
+                changed = any(d.bias is not None for d in deltas)
+                self.add(full, base, entry, "bias", deltas, merged_before, changed)
+            else:
+                self.add(full, base, entry)
+
+    def add_param_wrappers(self, name: str, wrapper: nn.Module) -> None:
+        """Nested ParamWrappers (one a wrapped parameter): the innermost module's tensors, wrapped ones merged."""
+        prefix = f"{name}." if name else ""
+        wrapped: dict[str, tuple[str, nn.Module]] = {}
+        layer_name, inner = name, wrapper
+        while is_param_wrapper(inner):
+            wrapped[inner.parameter_name] = (layer_name, inner)
+            layer_name, inner = f"{layer_name}.base_layer", inner.base_layer
+        for sub_name, sub in inner.named_modules():
+            sub_prefix = prefix + (f"{sub_name}." if sub_name else "")
+            for entry in module_tensors(sub):
+                target = wrapped.get(entry.attr) if not sub_name else None
+                if target is None:
+                    self.add(sub_prefix + entry.attr, sub, entry)
+                    continue
+                layer_name, layer = target
+                to_add, merged = select_adapters(layer, self.adapter_names)
+                if not to_add and not merged:
+                    self.add(sub_prefix + entry.attr, sub, entry)
+                    continue
+                if not entry.tensor.is_floating_point() and entry.tensor.device.type != "meta":
+                    raise PlanError(
+                        f"LoRA on {layer_name} wraps a {entry.tensor.dtype} parameter (quantized?), which "
+                        "fastsave cannot merge; save it with save_method='lora'"
+                    )
+                deltas = deltas_of(layer, to_add, merged, layer_name, has_base_bias=False) if to_add else ()
+                merged_before = (
+                    deltas_of(layer, merged, (), layer_name, has_base_bias=False) if merged else ()
+                )
+                self.add(
+                    sub_prefix + entry.attr,
+                    sub,
+                    entry,
+                    "weight",
+                    deltas,
+                    merged_before,
+                    bool(to_add),
+                    layer_name,
+                )
+
+
+def walk_model(
+    root: nn.Module,
+    resolver: Resolver,
+    dtype: torch.dtype,
+    adapter_names: Sequence[str] | None,
+    census: list[str],
+) -> Plan:
+    """Walk ``root`` once and plan every tensor of its merged checkpoint, under the model's names.
+
+    ``census``: the LoRA modules found independently of this walk (fastsave.plan.checks compares).
+
+    Raises:
+        PlanError / UnsupportedAdapterError: an adapter that cannot be merged exactly, a tensor whose
+            values cannot be found. Nothing is written then.
+    """
+    refuse_other_tuners(root)
+    walk = _Walk(resolver, dtype, adapter_names)
+    shared = _shared_parameter_ids(root)
+    handled: set[int] = set()  # modules inside a wrapper the walk has planned as a whole (linear time)
+    for name, module in root.named_modules():
+        if id(module) in handled:
+            continue
+        prefix = f"{name}." if name else ""
+        if (
+            is_param_wrapper(module)
+            or is_lora_layer(module)
+            or (ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper))
+        ):
+            handled.update(id(sub) for sub in module.modules())
+        if is_param_wrapper(module):
+            walk.add_param_wrappers(name, module)
+        elif is_lora_layer(module):
+            walk.add_lora_layer(name, module)
+        elif ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
+            saved = _saved_copy(module, adapter_names)
+            modified = saved is not module.original_module
+            if modified and any(id(p) in shared for p in module.original_module.parameters()):
+                walk.ties.untied = True  # the trained copy replaces one side of a tied pair
+            for sub_name, sub in saved.named_modules():
+                walk.add_module(prefix + (f"{sub_name}." if sub_name else ""), sub, modified)
+        else:
+            walk.add_module(prefix, module)
+    return Plan(walk.items, dtype, census, walk.ties.untied, walk.ties.written_once)
+
+
+def _shared_parameter_ids(root: nn.Module) -> set[int]:
+    counts: dict[int, int] = {}
+    for _, param in root.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    return {key for key, count in counts.items() if count > 1}

@@ -1,0 +1,103 @@
+"""Where the values of each output tensor come from: one module per backend.
+
+``module_tensors(module)`` is the one place that decides, from what a module and its tensors are,
+which source gives each of the module's own tensors and under which name the checkpoint stores it.
+A new quantization backend is one new module here plus one branch below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastsave.sources.base import RowReader, Source
+from fastsave.sources.bnb import converted_from_conv1d, is_4bit_module, is_8bit_module
+from fastsave.sources.bnb_4bit import bnb_4bit_source, compute_dtype_of
+from fastsave.sources.bnb_8bit import Bnb8bitSource, compute_dtype_of_8bit
+from fastsave.sources.dense import DenseSource
+from fastsave.sources.hqq import HqqSource, is_hqq_module
+from fastsave.sources.torchao import TorchaoSource, is_torchao_tensor
+
+__all__ = ["ModuleTensor", "RowReader", "Source", "module_compute_dtype", "module_tensors"]
+
+
+@dataclass
+class ModuleTensor:
+    """One of a module's own tensors as the checkpoint stores it.
+
+    Attributes:
+        attr: its name under the module in the checkpoint ("weight", "bias", a buffer's name).
+        tensor: the parameter or buffer object the model holds (its identity tells tied weights
+            apart; it is on the meta device when the values live elsewhere).
+        source: where the values come from; None for a meta tensor, which the save's input resolves.
+        transposed: the checkpoint stores the transpose of the compute layout (a Conv1D weight that
+            transformers quantized as a Linear).
+        without_merged_adapters: the source holds the base weight before any adapter was merged into
+            it (a checkpoint on disk), so adapters the model had already merged are added again.
+    """
+
+    attr: str
+    tensor: torch.Tensor
+    source: Source | None
+    transposed: bool = False
+    without_merged_adapters: bool = False
+
+
+def _tensor_source(tensor: torch.Tensor) -> Source | None:
+    if tensor.device.type == "meta":
+        return None
+    if is_torchao_tensor(tensor):
+        return TorchaoSource(tensor)
+    return DenseSource(tensor)
+
+
+def quantized_weight_source(module: nn.Module) -> Source | None:
+    """The source of a quantized linear's weight (bitsandbytes 4/8-bit, HQQ), or None for any other module."""
+    if is_4bit_module(module):
+        return bnb_4bit_source(module)
+    if is_8bit_module(module):
+        return Bnb8bitSource(module)
+    if is_hqq_module(module):
+        return HqqSource(module)
+    return None
+
+
+def module_tensors(module: nn.Module, persistent_buffers: bool = True) -> list[ModuleTensor]:
+    """The module's own tensors (not its children's) under their checkpoint names, each with its source.
+
+    A quantized linear gives ``weight`` (from its codes, whatever attribute holds them) and ``bias``;
+    any other module gives its parameters and, with ``persistent_buffers``, its persistent buffers.
+    """
+    weight = quantized_weight_source(module)
+    if weight is not None:
+        if weight.device.type == "meta":
+            raise ValueError("a quantized weight on the meta device cannot be read")
+        identity = module.W_q if is_hqq_module(module) else module.weight
+        tensors = [ModuleTensor("weight", identity, weight, converted_from_conv1d(module))]
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            tensors.append(ModuleTensor("bias", bias, _tensor_source(bias)))
+        return tensors
+    tensors = [ModuleTensor(attr, p, _tensor_source(p)) for attr, p in module.named_parameters(recurse=False)]
+    if persistent_buffers:
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        for attr, buffer in module.named_buffers(recurse=False):
+            if attr not in non_persistent and buffer is not None:
+                tensors.append(ModuleTensor(attr, buffer, _tensor_source(buffer)))
+    return tensors
+
+
+def module_compute_dtype(module: nn.Module) -> torch.dtype | None:
+    """The 16-bit dtype a quantized module's weight stands for, or None for a plain module."""
+    if is_4bit_module(module):
+        return compute_dtype_of(module)
+    if is_8bit_module(module):
+        return compute_dtype_of_8bit(module)
+    if is_hqq_module(module):
+        return getattr(module, "compute_dtype", None)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and is_torchao_tensor(weight):
+        return weight.dtype
+    return None

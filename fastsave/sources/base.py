@@ -1,0 +1,94 @@
+"""What every source of a weight offers the merge: its shape, float32 values, and rows on request.
+
+A *source* is where the values of one output tensor come from before any adapter is added: a
+bitsandbytes 4-bit or 8-bit weight, an HQQ or torchao weight, a plain tensor in memory, a tensor
+in a safetensors file on disk, the NF4 round trip of such a tensor. The merge dispatcher
+(fastsave.merge.dispatch) knows nothing of these kinds; it asks a source only for what can be
+measured (device, shape, whether it reads by rows) and for values.
+
+Values are always given in the *compute layout*: the layout the module multiplies with
+((out_features, in_features) for a linear layer), which is the layout the LoRA delta is defined in.
+The plan's layout step turns that into the checkpoint's layout where they differ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from fastsave.sources.bnb_4bit import Quant4bitSettings
+
+# read(i, j) -> rows i..j of the float32 weight as a new tensor
+RowRead = Callable[[int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RowReader:
+    """Rows of a 2-D weight on demand: ``read(i, j)`` (a new float32 tensor), in steps of ``alignment`` rows."""
+
+    read: RowRead
+    alignment: int = 1
+
+
+class Source:
+    """The values of one tensor, before adapters are added. Subclasses say where they come from.
+
+    Attributes:
+        shape: the shape in the compute layout.
+        kind: a few words for the save log ("4-bit", "16-bit", "safetensors file", ...).
+        quant_settings: the bitsandbytes 4-bit settings the weight was trained with, when it was a
+            bnb 4-bit weight (used to re-quantize it for save_method="merged_4bit_forced").
+        quantized_as_transpose: the weight is stored as a Conv1D's (in, out) and was quantized
+            transposed, as transformers quantizes it.
+        computed: the values are computed from a quantized form (so even without a delta they go
+            through the merge dispatcher, in row blocks where the source reads rows).
+    """
+
+    kind = "tensor"
+    quant_settings: Quant4bitSettings | None = None
+    quantized_as_transpose = False
+    computed = False  # values are computed (dequantized, round-tripped), not stored as they are
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.stored_dtype = dtype  # the dtype of the values as stored (the codes' dtype when quantized)
+        self.device = torch.device(device)
+
+    # ------------------------------------------------------------------ what kinds override
+
+    @property
+    def floating(self) -> bool:
+        """Whether the values are floating point (quantized weights represent floating values)."""
+        return self.stored_dtype.is_floating_point
+
+    def float32(self) -> torch.Tensor:
+        """The values as a new float32 tensor on :attr:`device` (never a view of the model's storage)."""
+        raise NotImplementedError(f"{type(self).__name__} does not give float32 values")
+
+    def as_stored(self) -> torch.Tensor:
+        """The values in their own dtype, for a tensor copied without any arithmetic (may be a view)."""
+        return self.float32()
+
+    def row_reader(self) -> RowReader | None:
+        """Rows on demand, when this source can give them without materializing the whole tensor."""
+        return None
+
+    def packed_4bit(self) -> tuple[torch.Tensor, object] | None:
+        """``(codes, quant_state)`` of a bitsandbytes packed 4-bit weight, for the fused Triton kernel."""
+        return None
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    def describe(self) -> str:
+        """The log's words for this source."""
+        return self.kind

@@ -1,0 +1,219 @@
+"""A bitsandbytes 4-bit (NF4/FP4) weight, in the layout it is in now.
+
+This is the "W" of W + delta: exactly what the model computes with. A packed weight is
+dequantized with bitsandbytes' own dequantize asked for float32 (a shallow copy of the quant
+state with dtype float32: code * absmax with no intermediate rounding), or with fastsave's Triton
+kernel on CUDA. bitsandbytes repacks a weight for its AVX512-BF16 CPU kernel the first time the
+model runs in inference mode on such a CPU (layout changed, absmax un-nested and stored as bf16,
+``quant_state.packing_format_for_cpu = True``); that layout is decoded here without touching the
+model, because bitsandbytes' inverse re-quantizes a nested absmax and would change the weights the
+user trained and evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from fastsave.sources.base import RowReader, Source
+from fastsave.sources.bnb import bnb_functional
+
+# Same layout constants as bitsandbytes' _convert_weight_packed_for_cpu: 32 rows a block, the low
+# nibbles of a 64-value run first, then the high nibbles.
+CPU_PACK_ROWS = 32
+_CPU_PACK_HALF = 32
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class Quant4bitSettings:
+    """How one weight is quantized: the arguments of ``bitsandbytes.functional.quantize_4bit``."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    quant_storage: torch.dtype = torch.uint8
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(
+                f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}"
+            )
+
+    def describe(self) -> str:
+        """'nf4, blocksize 64, double quant True', for logs."""
+        return f"{self.quant_type}, blocksize {self.blocksize}, double quant {self.double_quant}"
+
+
+def settings_of(module: nn.Module) -> Quant4bitSettings:
+    """The settings a bitsandbytes Linear4bit was quantized with (also after bitsandbytes' CPU repacking)."""
+    weight = module.weight
+    state = weight.quant_state
+    repacked = getattr(state, "packing_format_for_cpu", False)
+    nested = getattr(state, "original_nested", state.nested) if repacked else state.nested
+    storage = getattr(weight, "quant_storage", None)
+    if storage is None:
+        storage = getattr(state, "original_storage_type", None) or (torch.uint8 if repacked else weight.dtype)
+    return Quant4bitSettings(state.quant_type, int(state.blocksize), bool(nested), storage)
+
+
+def compute_dtype_of(module: nn.Module) -> torch.dtype:
+    """The 16-bit dtype a Linear4bit's weight was quantized from."""
+    state = module.weight.quant_state
+    # After CPU repacking, quant_state.dtype is forced to bfloat16; original_dtype is the truth.
+    return getattr(state, "original_dtype", None) or state.dtype
+
+
+def absmax_float32(state) -> torch.Tensor:
+    """The per-block absmax of a 4-bit QuantState in float32, the double-quantized one decoded."""
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return absmax.to(torch.float32)
+
+
+def decode_flat_blocks(codes: torch.Tensor, state) -> torch.Tensor:
+    """code[nibble] * absmax[i // blocksize] over the flattened weight, high nibble first, in float32.
+
+    bitsandbytes' native CPU kernel (0.50) indexes absmax per row, which is wrong when a
+    quantization block straddles two rows; this decodes the flat blocks instead.
+    """
+    absmax = absmax_float32(state)
+    count = math.prod(state.shape)
+    flat = codes.reshape(-1)
+    nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:count]
+    values = state.code.to(device=codes.device, dtype=torch.float32)[nibbles.long()]
+    scale = absmax.repeat_interleave(state.blocksize)[:count]
+    return (values * scale).reshape(tuple(state.shape))
+
+
+def decode_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
+    """Decode bitsandbytes' AVX512-BF16 CPU layout ([N, K/2] nibbles, absmax [K/bs, N] in bf16)."""
+    n_rows, half_k = packed.shape
+    k = half_k * 2
+    runs = packed.reshape(-1, _CPU_PACK_HALF)
+    nibbles = torch.cat([runs & 0xF, runs >> 4], dim=-1)  # the 64 values of one run, in order
+    codes = (
+        nibbles.reshape(n_rows // CPU_PACK_ROWS, half_k, CPU_PACK_ROWS, 2).transpose(1, 2).reshape(n_rows, k)
+    )
+    table = state.code.to(device=packed.device, dtype=torch.float32)
+    absmax = state.absmax.t().to(torch.float32)  # [N, K / blocksize]
+    values = table[codes.long()].reshape(n_rows, k // state.blocksize, state.blocksize)
+    return (values * absmax.unsqueeze(-1)).reshape(n_rows, k)
+
+
+def kernels_serve(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` is on CUDA and fastsave.kernels can run there (FASTSAVE_REFERENCE_PATH=1: never)."""
+    if tensor.device.type != "cuda":
+        return False
+    try:
+        from fastsave import kernels
+    except ImportError:
+        return False
+    return bool(kernels.available(tensor.device))
+
+
+class Bnb4bitSource(Source):
+    """A Linear4bit's weight, packed as bitsandbytes quantized it, on any device."""
+
+    kind = "4-bit"
+    computed = True
+
+    def __init__(self, module: nn.Module) -> None:
+        weight = module.weight
+        state = weight.quant_state
+        super().__init__(tuple(state.shape), weight.dtype, weight.device)
+        self.module = module
+        self.quant_settings = settings_of(module)
+
+    @property
+    def floating(self) -> bool:
+        """Quantized codes of a floating-point weight."""
+        return True
+
+    def _codes(self) -> torch.Tensor:
+        data = self.module.weight.data
+        return data if data.dtype == torch.uint8 else data.view(torch.uint8)
+
+    def float32(self) -> torch.Tensor:
+        """bitsandbytes' dequantize in float32 (fastsave.kernels on CUDA), the model left unchanged."""
+        state = self.module.weight.quant_state
+        codes = self._codes()
+        if kernels_serve(codes):
+            from fastsave import kernels
+
+            return kernels.dequantize_4bit(self.module.weight.data, state, dtype=torch.float32)
+        if codes.device.type == "cpu" and state.shape[-1] % state.blocksize != 0:
+            return decode_flat_blocks(codes, state)
+        # A shallow copy with dtype float32 asks bitsandbytes for code * absmax in float32 with no
+        # intermediate rounding; the model's own state object is left alone.
+        state32 = copy.copy(state)
+        state32.dtype = torch.float32
+        return bnb_functional.dequantize_4bit(codes, state32)
+
+    def packed_4bit(self) -> tuple[torch.Tensor, object]:
+        """The packed codes and quant state, for fastsave.kernels' fused merge."""
+        return self.module.weight.data, self.module.weight.quant_state
+
+    def row_reader(self) -> RowReader | None:
+        """Rows decoded by bitsandbytes' own dequantize, on the CPU, when blocks do not straddle rows."""
+        state = self.module.weight.quant_state
+        codes = self._codes()
+        if codes.device.type != "cpu" or len(state.shape) != 2:
+            return None
+        n_cols = state.shape[-1]
+        if n_cols % state.blocksize or n_cols % 2:
+            return None
+        absmax = absmax_float32(state)  # decoded once a weight, not once a block
+        flat = codes.reshape(-1)
+        blocks_per_row = n_cols // state.blocksize
+
+        def read(i: int, j: int) -> torch.Tensor:
+            rows = copy.copy(state)
+            rows.nested, rows.state2, rows.offset = False, None, None
+            rows.absmax = absmax[i * blocks_per_row : j * blocks_per_row]
+            rows.shape, rows.dtype = torch.Size([j - i, n_cols]), torch.float32
+            return bnb_functional.dequantize_4bit(
+                flat[i * n_cols // 2 : j * n_cols // 2].reshape(-1, 1), rows
+            )
+
+        return RowReader(read)
+
+
+class Bnb4bitCpuRepackedSource(Bnb4bitSource):
+    """A Linear4bit's weight after bitsandbytes repacked it for its AVX512-BF16 CPU kernel."""
+
+    kind = "4-bit (CPU-repacked)"
+
+    def float32(self) -> torch.Tensor:
+        """Decoded from the repacked layout (absmax as bitsandbytes keeps it there: bfloat16)."""
+        return decode_cpu_packed(self.module.weight.data, self.module.weight.quant_state)
+
+    def packed_4bit(self) -> None:
+        """Not the layout the fused kernel reads."""
+        return None
+
+    def row_reader(self) -> RowReader:
+        """Rows in groups of 32, the repacked layout's row blocks."""
+        packed = self.module.weight.data
+        state = self.module.weight.quant_state
+
+        def read(i: int, j: int) -> torch.Tensor:
+            rows = SimpleNamespace(code=state.code, blocksize=state.blocksize, absmax=state.absmax[:, i:j])
+            return decode_cpu_packed(packed[i:j], rows)
+
+        return RowReader(read, CPU_PACK_ROWS)
+
+
+def bnb_4bit_source(module: nn.Module) -> Bnb4bitSource:
+    """The source for a Linear4bit's weight, in whichever layout bitsandbytes holds it now."""
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        return Bnb4bitCpuRepackedSource(module)
+    return Bnb4bitSource(module)

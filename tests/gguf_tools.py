@@ -1,0 +1,77 @@
+"""llama.cpp's converter for the tests: from the llama-cpp-python source distribution, fetched once.
+
+``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`` (76 MB) holds llama.cpp's
+source in vendor/llama.cpp; only the converter, its ``conversion`` package and gguf-py (about
+2 MB) are unpacked and kept under ~/.cache/fastsave-tests (``FASTSAVE_TEST_CACHE`` to move it).
+The tests skip, saying why, only when the package registry cannot be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+_SDIST = "llama_cpp_python-0.3.36.tar.gz"
+_VENDOR = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+_KEEP = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/")
+
+
+def cache_dir() -> Path:
+    """Where the unpacked converter is kept between test runs."""
+    return Path(os.environ.get("FASTSAVE_TEST_CACHE", Path.home() / ".cache" / "fastsave-tests"))
+
+
+def llama_cpp_checkout() -> Path:
+    """A llama.cpp folder with convert_hf_to_gguf.py and gguf-py (fetched on first use), or a skip."""
+    target = cache_dir() / "llama.cpp-0.3.36"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+        result = subprocess.run(
+            [*command, LLAMA_CPP_PYTHON, "-d", scratch],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        sdist = Path(scratch) / _SDIST
+        if result.returncode != 0 or not sdist.is_file():
+            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(
+                f"llama.cpp's converter ({LLAMA_CPP_PYTHON}) could not be fetched from the package registry: {reason}"
+            )
+        unpacked = Path(scratch) / "llama.cpp"
+        with tarfile.open(sdist) as archive:
+            for member in archive.getmembers():
+                relative = member.name.removeprefix(_VENDOR)
+                if member.name.startswith(_VENDOR) and relative.startswith(_KEEP) and member.isfile():
+                    member.name = relative
+                    archive.extract(member, unpacked, filter="data")
+        if not target.exists():
+            os.replace(unpacked, target)
+    return target
+
+
+def write_fake_quantize(directory: Path) -> Path:
+    """A stand-in for llama-quantize: records its arguments and what sat beside its input, copies."""
+    script = directory / "llama-quantize"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, shutil, sys\n"
+        "src, dst = sys.argv[-4], sys.argv[-3]\n"
+        "log = os.path.join(os.path.dirname(os.path.realpath(__file__)), 'calls.jsonl')\n"
+        "with open(log, 'a') as f:\n"
+        "    f.write(json.dumps({'argv': sys.argv[1:], 'beside': sorted(os.listdir(os.path.dirname(src)))}) + '\\n')\n"
+        "shutil.copyfile(src, dst)\n"
+    )
+    script.chmod(0o755)
+    return script

@@ -1,0 +1,254 @@
+"""save_pretrained_gguf / push_to_hub_gguf with llama.cpp's own converter (from llama-cpp-python's sdist).
+
+Oracles: llama.cpp's gguf reader (gguf-py) reads the files back; the merged weights are
+bitsandbytes' float32 dequantize + peft's own delta.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+
+import bitsandbytes.functional as bnb_functional
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from gguf_tools import llama_cpp_checkout, write_fake_quantize
+
+import fastsave
+from fastsave.errors import DiskSpaceError
+from fastsave.export import space
+from fastsave.export.llama_cpp import LlamaCppNotFoundError
+from fastsave.export.verify import CheckpointFacts, GGUFVerificationError, verify_gguf
+from fastsave.io.model_card import MODEL_CARD_MARKER
+from fastsave.tiny import (
+    attach_lora,
+    build_sentencepiece_tokenizer,
+    load_4bit,
+    save_random_model,
+    tiny_llama_config,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# llama.cpp tensor name -> checkpoint name, for the tensors its converter does not permute.
+UNPERMUTED = {
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp() -> Path:
+    return llama_cpp_checkout()
+
+
+@pytest.fixture(scope="module")
+def gguf(llama_cpp):
+    sys.path.insert(0, str(llama_cpp / "gguf-py"))
+    import gguf as module
+
+    return module
+
+
+@pytest.fixture(scope="module")
+def spm_base(tmp_path_factory):
+    """A tiny Llama with a sentencepiece tokenizer.model, as llama.cpp's converter reads it."""
+    directory = tmp_path_factory.mktemp("gguf-base") / "tiny-llama-bnb-4bit"
+    save_random_model(tiny_llama_config(vocab_size=300), directory)
+    return directory, build_sentencepiece_tokenizer(directory)
+
+
+@pytest.fixture
+def logs():
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("fastsave").addHandler(handler)
+    yield records
+    logging.getLogger("fastsave").removeHandler(handler)
+
+
+@torch.no_grad()
+def _float32_oracle(layer) -> torch.Tensor:
+    base = layer.get_base_layer()
+    state = copy.deepcopy(base.weight.quant_state)
+    state.dtype = torch.float32
+    weight = bnb_functional.dequantize_4bit(base.weight.data.view(torch.uint8), state)
+    return weight + layer.get_delta_weight("default").float()
+
+
+def _layers(model):
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+
+
+def test_default_q8_0_next_to_the_users_readme(spm_base, llama_cpp, gguf, tmp_path, logs):
+    base, tokenizer = spm_base
+    model = fastsave.patch(attach_lora(load_4bit(base)))
+    out = tmp_path / "model_gguf"
+    out.mkdir()
+    (out / "README.md").write_text("my own notes\n")
+    paths = model.save_pretrained_gguf(out, tokenizer, llama_cpp=llama_cpp)  # Unsloth's default method
+
+    assert paths == [str(out / "tiny-llama.Q8_0.gguf")]  # "-bnb-4bit" dropped, as Unsloth names it
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "tiny-llama.Q8_0.gguf"]
+    assert (out / "README.md").read_text() == "my own notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_gguf"]  # no temporary checkpoint left
+    assert any("kept" in line and "README.md" in line for line in logs)
+    summary = next(line for line in logs if line.startswith("fastsave: GGUF export"))
+    assert "tiny-llama.Q8_0.gguf" in summary and "MB" in summary
+
+    reader = gguf.GGUFReader(paths[0])
+    assert gguf.LlamaFileType(reader.fields["general.file_type"].contents()).name == "MOSTLY_Q8_0"
+    assert len(reader.tensors) == 21  # the checkpoint's 21 tensors, lm_head untied
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 300
+    # The file holds the merged weights, not the base: q8_0 of the merge is far closer to the merge.
+    tensors = {t.name: t for t in reader.tensors}
+    layer = _layers(model)["model.layers.1.mlp.down_proj"]
+    merged = _float32_oracle(layer).numpy()
+    base_only = merged - layer.get_delta_weight("default").detach().float().numpy()
+    got = gguf.dequantize(tensors["blk.1.ffn_down.weight"].data, tensors["blk.1.ffn_down.weight"].tensor_type)
+    got = got.reshape(merged.shape)
+    assert np.abs(got - merged).max() < 0.05 * np.abs(got - base_only).max()
+
+    facts = CheckpointFacts({"model.embed_tokens.weight": (300, 64)}, vocab_size=301, num_layers=2)
+    with pytest.raises(GGUFVerificationError, match="vocab_size=301"):
+        verify_gguf(Path(paths[0]), facts, gguf)
+
+
+TOKEN = "hf_fastsaveGGUFtestTokenNeverWritten0123"
+
+
+def test_f32_pushed_from_a_temporary_directory_is_the_exact_merge(spm_base, llama_cpp, gguf, monkeypatch):
+    base, tokenizer = spm_base
+    model = attach_lora(load_4bit(base))
+    expected = {name + ".weight": _float32_oracle(layer) for name, layer in _layers(model).items()}
+    uploads = []
+
+    class FakeHfApi:
+        def __init__(self, token=None, **kwargs):
+            assert token == TOKEN
+
+        def create_repo(self, repo_id, **kwargs):
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, folder_path, **kwargs):
+            folder = Path(folder_path)
+            files = sorted(p.name for p in folder.iterdir())
+            reader = gguf.GGUFReader(str(folder / "tiny-llama.F32.gguf"))
+            tensors = {
+                t.name: np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors
+            }
+            uploads.append((folder, files, (folder / "README.md").read_text(), tensors, kwargs))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    url = fastsave.push_to_hub_gguf(
+        model,
+        "someone/tiny-gguf",
+        tokenizer,
+        "f32",
+        llama_cpp=llama_cpp,
+        token=TOKEN,
+        tags=["my-tag"],
+        datasets=["someone/data"],
+        commit_description="float32 GGUF",
+    )
+    assert url == "https://huggingface.co/someone/tiny-gguf"
+    ((folder, files, card, tensors, kwargs),) = uploads
+    assert not folder.exists()  # use_temp_dir=None: a temporary directory, removed after the upload
+    assert files == ["README.md", "tiny-llama.F32.gguf"]
+    assert kwargs["commit_description"] == "float32 GGUF"
+    metadata = huggingface_hub.ModelCard(card).data
+    assert MODEL_CARD_MARKER in card and "my-tag" in metadata.tags and "gguf" in metadata.tags
+    assert metadata.datasets == ["someone/data"] and "F32" in card
+    compared = 0
+    for i in range(2):
+        for gguf_name, hf_name in UNPERMUTED.items():
+            reference = expected[hf_name.format(i=i)].numpy()
+            assert np.array_equal(tensors[gguf_name.format(i=i)], reference), gguf_name.format(i=i)
+            compared += 1
+    assert compared == 10
+
+
+def test_k_quants_go_through_llama_quantize_after_the_checkpoint_is_gone(
+    spm_base, llama_cpp, gguf, tmp_path, monkeypatch
+):
+    base, tokenizer = spm_base
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    monkeypatch.setenv("FASTSAVE_LLAMA_QUANTIZE", str(write_fake_quantize(tools)))
+    out = tmp_path / "out"
+    paths = fastsave.save_pretrained_gguf(
+        attach_lora(load_4bit(base)), out, tokenizer, ["not_quantized", "Q4_K_M"], llama_cpp=llama_cpp
+    )
+    assert paths == [str(out / "tiny-llama.BF16.gguf"), str(out / "tiny-llama.Q4_K_M.gguf")]
+    (call,) = [json.loads(line) for line in (tools / "calls.jsonl").read_text().splitlines()]
+    source, target, kind = call["argv"][-4:-1]
+    assert Path(source).name == "tiny-llama.BF16.gguf" and Path(target).name == "tiny-llama.Q4_K_M.gguf"
+    assert kind == "Q4_K_M"
+    assert call["beside"] == ["tiny-llama.BF16.gguf"]  # the 16-bit checkpoint was removed first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "out"]
+    assert MODEL_CARD_MARKER in (out / "README.md").read_text()
+
+
+def test_no_llama_cpp_is_a_clear_error_before_any_work(qlora_model, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTSAVE_LLAMA_CPP", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LlamaCppNotFoundError, match="git clone") as error:
+        fastsave.save_pretrained_gguf(qlora_model(), "out", tiny_tokenizer)
+    assert "FASTSAVE_LLAMA_CPP" in str(error.value) and "never downloads" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_k_quant_without_llama_quantize_is_refused_before_any_work(
+    qlora_model, tiny_tokenizer, llama_cpp, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("FASTSAVE_LLAMA_QUANTIZE", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(LlamaCppNotFoundError, match="llama-quantize"):
+        fastsave.save_pretrained_gguf(
+            qlora_model(), tmp_path / "out", tiny_tokenizer, "quantized", llama_cpp=llama_cpp
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_space_for_checkpoint_and_gguf_is_checked_first(
+    qlora_model, tiny_tokenizer, llama_cpp, tmp_path, monkeypatch
+):
+    real = space.shutil.disk_usage
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda path: real(path)._replace(free=10**6))
+    with pytest.raises(DiskSpaceError, match="temporary 16-bit checkpoint"):
+        fastsave.save_pretrained_gguf(qlora_model(), tmp_path / "out", tiny_tokenizer, llama_cpp=llama_cpp)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "words"),
+    [
+        ((), {}, ValueError, "tokenizer"),
+        ((True, "q9_9"), {}, ValueError, "unknown"),
+        ((True, "iq2_xs"), {}, ValueError, "imatrix_file"),
+        ((True,), {"save_method": "lora"}, ValueError, "convert_lora_to_gguf"),
+        ((True,), {"first_conversion": "q4_k_m"}, ValueError, "first_conversion"),
+        ((True, "iq2_xs"), {"imatrix_file": True}, ValueError, "never downloads"),
+        ((True,), {"bogus": 1}, TypeError, "bogus"),
+    ],
+)
+def test_invalid_requests_are_refused_before_any_work(
+    qlora_model, tiny_tokenizer, tmp_path, args, kwargs, error, words
+):
+    positional = [tiny_tokenizer if args and args[0] is True else None, *args[1:]]
+    with pytest.raises(error, match=words):
+        fastsave.save_pretrained_gguf(qlora_model(), tmp_path / "out", *positional, **kwargs)
+    assert list(tmp_path.iterdir()) == []
