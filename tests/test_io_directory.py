@@ -460,3 +460,37 @@ def test_nan_anywhere_is_refused_naming_the_tensor(qlora_model, tmp_path):
     with pytest.raises(PlanError, match=r"(?s)'model\.norm\.weight'.*overflow.*dtype=torch.bfloat16"):
         fastsave.save_pretrained_merged(model, out, dtype=torch.float16)
     assert snapshot(out) == before and leftovers(tmp_path, out) == []
+
+
+def test_a_variant_replaces_only_its_own_weights(qlora_model, tmp_path):
+    """transformers keeps variants side by side (model.fp16.safetensors beside model.safetensors)."""
+    from fastsave.io.verify import verify_checkpoint
+
+    model = qlora_model()
+    out = tmp_path / "out"
+    fastsave.save_pretrained_merged(model, out, variant="fp16", dtype=torch.float16, max_shard_size="60KB")
+    fp16 = {k: v for k, v in snapshot(out).items() if ".fp16" in k}
+    assert len(fp16) > 3
+    fastsave.save_pretrained_merged(model, out)  # the plain names: the fp16 variant stays
+    assert {k: v for k, v in snapshot(out).items() if ".fp16" in k} == fp16
+    plain = snapshot(out)["model.safetensors"]
+    fastsave.save_pretrained_merged(model, out, variant="fp16", dtype=torch.float16)  # one file now
+    names = set(os.listdir(out))
+    assert "model.fp16.safetensors" in names and not any(n.startswith("model.fp16-") for n in names)
+    assert "model.safetensors.index.fp16.json" not in names and snapshot(out)["model.safetensors"] == plain
+    assert verify_checkpoint(out, checksums=True).ok
+
+
+def test_a_gguf_export_owns_only_the_files_it_writes(tmp_path):
+    from fastsave.io.ownership import GGUF, check_kinds_do_not_mix, plan_replacement
+
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    out.mkdir()
+    staging.mkdir()
+    for name in ("model.safetensors", "config.json", "model.Q8_0.gguf", "other.gguf"):
+        (out / name).write_text("x")
+    (out / "README.md").write_text(f"---\n---\n{MODEL_CARD_MARKER}\nold card\n")
+    (staging / "model.Q8_0.gguf").write_text("new")
+    (staging / "README.md").write_text("new card")
+    check_kinds_do_not_mix(out, GGUF)  # beside a merged checkpoint: allowed
+    assert plan_replacement(out, GGUF, staging).remove == ["README.md", "model.Q8_0.gguf"]
