@@ -20,7 +20,7 @@ from __future__ import annotations
 if __name__ != "__main__":
     # Imported, not run: Python found this file as `kernels` because a script in benchmarks/ put
     # this folder first on sys.path, and bitsandbytes or transformers probed `import kernels` (the
-    # Hugging Face package; DESIGN.md hazard 2). Without __file__ and __version__ it reads as "not
+    # Hugging Face package). Without __file__ and __version__ it reads as "not
     # installed" to transformers, and bitsandbytes' `from kernels import get_kernel` fails as it
     # expects. Everything below only defines functions; all heavy imports happen inside them.
     del __file__

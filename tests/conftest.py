@@ -72,3 +72,20 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(line)
     if os.environ.get("FASTSAVE_FIDELITY_MATRIX"):
         Path(os.environ["FASTSAVE_FIDELITY_MATRIX"]).write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def fastsave_log(caplog):
+    """caplog that also sees the "fastsave" logger's records (it does not propagate to the root logger,
+    so that notebooks show its lines once, through its own handler)."""
+    import logging
+
+    logger = logging.getLogger("fastsave")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)

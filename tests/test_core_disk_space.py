@@ -81,7 +81,7 @@ def test_margin_is_proportional_to_the_checkpoint(qlora_model, tmp_path, monkeyp
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_room_for_old_and_new_or_an_explicit_replace_in_place(qlora_model, tmp_path, monkeypatch, caplog):
+def test_room_for_old_and_new_or_an_explicit_replace_in_place(qlora_model, tmp_path, monkeypatch, fastsave_log):
     model = qlora_model()
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out)
@@ -99,9 +99,9 @@ def test_room_for_old_and_new_or_an_explicit_replace_in_place(qlora_model, tmp_p
     assert _snapshot(out) == before and _leftovers(tmp_path, out) == []
     monkeypatch.undo()
     monkeypatch.setattr(shutil, "disk_usage", _fake_disk_usage({tmp_path.resolve(): free}))
-    with caplog.at_level("WARNING", logger="fastsave"):
+    with fastsave_log.at_level("WARNING", logger="fastsave"):
         fastsave.save_pretrained_merged(model, out, dtype=torch.float16, replace_in_place=True)
-    assert "deleted before writing" in caplog.text
+    assert "deleted before writing" in fastsave_log.text
     assert (out / "notes.txt").read_text() == "mine"
     assert next(iter(fastsave.io.verify.verify_checkpoint(out).problems), None) is None
     with pytest.raises(ValueError, match="replace_in_place must be True or False"):

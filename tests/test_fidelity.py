@@ -184,7 +184,7 @@ def _perturb(model: nn.Module, seed: int = 1) -> None:
 def _dequantize_4bit(param, absmax_to_bf16: bool = False) -> torch.Tensor:
     state = copy.copy(param.quant_state)
     state.dtype = torch.float32
-    if absmax_to_bf16:  # what bitsandbytes' CPU repacking keeps (DESIGN.md hazard 1)
+    if absmax_to_bf16:  # what bitsandbytes' CPU repacking keeps (docs/ARCHITECTURE.md)
         absmax = state.absmax
         if state.nested:
             absmax = bnb_functional.dequantize_blockwise(absmax, state.state2) + state.offset

@@ -291,7 +291,7 @@ def test_a_symlinked_target_is_written_into_and_stays_a_symlink(qlora_model, tmp
     assert leftovers(tmp_path, real) == []
 
 
-def test_a_mount_point_or_the_working_directory_is_written_into(qlora_model, tmp_path, monkeypatch, caplog):
+def test_a_mount_point_or_the_working_directory_is_written_into(qlora_model, tmp_path, monkeypatch, fastsave_log):
     """A mount point cannot be replaced (EBUSY) and replacing the working directory would leave the
     process in a deleted one: both keep their inode; the files are switched in under a journal."""
     model = qlora_model()
@@ -302,10 +302,10 @@ def test_a_mount_point_or_the_working_directory_is_written_into(qlora_model, tmp
     real_ismount = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mount or real_ismount(p))
     assert inspect_target(mount).mode == "into" and inspect_target(mount).home == mount
-    with caplog.at_level("INFO", logger="fastsave"):
+    with fastsave_log.at_level("INFO", logger="fastsave"):
         fastsave.save_pretrained_merged(model, mount)
         fastsave.save_pretrained_merged(model, mount, max_shard_size="60KB")
-    assert "it is a mount point" in caplog.text
+    assert "it is a mount point" in fastsave_log.text
     assert mount.stat().st_ino == inode and (mount / "notes.txt").read_text() == "mine"
     assert leftovers(mount, tmp_path) == []
     assert fastsave.io.verify.verify_checkpoint(mount, checksums=True).ok
@@ -319,7 +319,7 @@ def test_a_mount_point_or_the_working_directory_is_written_into(qlora_model, tmp
     assert leftovers(work, tmp_path) == []
 
 
-def test_without_rename_exchange_the_journaled_sequence_is_used(qlora_model, tmp_path, monkeypatch, caplog):
+def test_without_rename_exchange_the_journaled_sequence_is_used(qlora_model, tmp_path, monkeypatch, fastsave_log):
     def no_exchange(a, b):
         raise OSError(errno.EINVAL, "Invalid argument")
 
@@ -329,10 +329,10 @@ def test_without_rename_exchange_the_journaled_sequence_is_used(qlora_model, tmp
     out = tmp_path / "out"
     user_files(out)
     mine = only_user(snapshot(out))
-    with caplog.at_level("INFO", logger="fastsave"):
+    with fastsave_log.at_level("INFO", logger="fastsave"):
         fastsave.save_pretrained_merged(model, out, max_shard_size="60KB")
         fastsave.save_pretrained_merged(model, out)
-    assert "no atomic directory exchange" in caplog.text
+    assert "no atomic directory exchange" in fastsave_log.text
     assert only_user(snapshot(out)) == mine and (out / "model.safetensors").is_file()
     assert not list(out.glob("model-0*")) and leftovers(tmp_path, out) == []
 
@@ -373,7 +373,7 @@ HOLD_LOCK = textwrap.dedent(
 )
 
 
-def test_another_process_holding_the_lock_and_dead_saves_cleaned_up(qlora_model, tmp_path, caplog):
+def test_another_process_holding_the_lock_and_dead_saves_cleaned_up(qlora_model, tmp_path, fastsave_log):
     """A live save's lock and staging are left alone; once its process is gone (SIGKILL) the next
     save removes its staging directory and says whose it was."""
     model = qlora_model()
@@ -402,11 +402,11 @@ def test_another_process_holding_the_lock_and_dead_saves_cleaned_up(qlora_model,
     recent = tmp_path / ".fastsave-staging-other-5e6f7a8b"
     recent.mkdir()
     os.utime(legacy, (time.time() - 3600, time.time() - 3600))
-    with caplog.at_level("INFO", logger="fastsave"):
+    with fastsave_log.at_level("INFO", logger="fastsave"):
         fastsave.save_pretrained_merged(model, out)
     assert not staging.exists() and not legacy.exists()
     assert recent.is_dir()  # too fresh to be known dead: may belong to a running save of an old version
-    assert f"removed {staging}" in caplog.text and f"pid {holder.pid} on host h" in caplog.text
+    assert f"removed {staging}" in fastsave_log.text and f"pid {holder.pid} on host h" in fastsave_log.text
     assert not target.lock_path.exists()
     recent.rmdir()
     assert leftovers(tmp_path, out) == []

@@ -1,7 +1,7 @@
 """The repo's kernels/ folder must never be importable as a top-level ``kernels`` module.
 
 bitsandbytes and transformers probe ``import kernels`` (the Hugging Face kernels package); if ours
-answered, they would try to use it (DESIGN.md, hazard 2). It ships as ``fastsave.kernels`` only.
+answered, they would try to use it (docs/ARCHITECTURE.md). It ships as ``fastsave.kernels`` only.
 """
 
 from __future__ import annotations
