@@ -81,7 +81,9 @@ def test_margin_is_proportional_to_the_checkpoint(qlora_model, tmp_path, monkeyp
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_room_for_old_and_new_or_an_explicit_replace_in_place(qlora_model, tmp_path, monkeypatch, fastsave_log):
+def test_room_for_old_and_new_or_an_explicit_replace_in_place(
+    qlora_model, tmp_path, monkeypatch, fastsave_log
+):
     model = qlora_model()
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out)

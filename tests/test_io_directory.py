@@ -291,7 +291,9 @@ def test_a_symlinked_target_is_written_into_and_stays_a_symlink(qlora_model, tmp
     assert leftovers(tmp_path, real) == []
 
 
-def test_a_mount_point_or_the_working_directory_is_written_into(qlora_model, tmp_path, monkeypatch, fastsave_log):
+def test_a_mount_point_or_the_working_directory_is_written_into(
+    qlora_model, tmp_path, monkeypatch, fastsave_log
+):
     """A mount point cannot be replaced (EBUSY) and replacing the working directory would leave the
     process in a deleted one: both keep their inode; the files are switched in under a journal."""
     model = qlora_model()
@@ -319,7 +321,9 @@ def test_a_mount_point_or_the_working_directory_is_written_into(qlora_model, tmp
     assert leftovers(work, tmp_path) == []
 
 
-def test_without_rename_exchange_the_journaled_sequence_is_used(qlora_model, tmp_path, monkeypatch, fastsave_log):
+def test_without_rename_exchange_the_journaled_sequence_is_used(
+    qlora_model, tmp_path, monkeypatch, fastsave_log
+):
     def no_exchange(a, b):
         raise OSError(errno.EINVAL, "Invalid argument")
 
