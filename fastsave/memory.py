@@ -1,14 +1,51 @@
-"""The memory budget: how much the save may hold in flight, from the process's RSS and system RAM."""
+"""The memory bound of a save: how many bytes its work may hold, measured as anonymous memory.
+
+``maximum_memory_usage`` is a fraction of the memory the process may use: the machine's RAM, or
+the container's limit (cgroup ``memory.max``) when that is smaller, as on Colab and Kaggle. What
+counts against it is anonymous memory (RssAnon: heap and private mappings); the page cache of
+memory-mapped checkpoint files is reclaimable, and spilled buffers live in files, so neither
+counts. The save's allowance is that limit minus what the process holds when the save starts
+(the model, the libraries). Work is admitted by bytes against the allowance (:class:`ByteBudget`):
+produced chunks waiting for the writer, and the working set of the tensor being merged. A budget
+already exceeded is not an error: the save keeps the smallest working set (one chunk in flight,
+anything bigger spilled to disk) and says so.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import sys
+import threading
+from pathlib import Path
 
 import psutil
 
 logger = logging.getLogger("fastsave")
+
+MIB = 2**20
+# Below this allowance the save runs with the smallest working set it has (and says so).
+MINIMAL_ALLOWANCE = 64 * MIB
+# More in flight than this gains nothing: the producer is then ahead of the disk by seconds.
+MAX_IN_FLIGHT = 512 * MIB
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def anonymous_memory() -> int:
+    """This process's anonymous resident memory (RssAnon) in bytes; its RSS where the kernel does not say."""
+    kib = _status_kib("RssAnon")
+    return kib * 1024 if kib is not None else psutil.Process().memory_info().rss
 
 
 def current_rss() -> int:
@@ -22,33 +59,153 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-class MemoryBudget:
-    """What the save may hold beyond what the process already holds.
+def _cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 memory.max, v1 memory.limit_in_bytes), if any."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, path = parts[1], parts[2].lstrip("/")
+        if controllers == "":  # cgroup v2
+            candidates = [Path("/sys/fs/cgroup") / path / "memory.max", Path("/sys/fs/cgroup/memory.max")]
+        elif "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory")
+            candidates = [base / path / "memory.limit_in_bytes", base / "memory.limit_in_bytes"]
+        else:
+            continue
+        for candidate in candidates:
+            try:
+                value = candidate.read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 2**60:
+                return int(value)
+    return None
 
-    ``fraction`` of system RAM is the ceiling for the whole process. The in-flight allowance is
-    what is left under it, never less than one tensor: a budget already exceeded is not an error,
-    the save then keeps the smallest working set (one tensor in flight) and says so.
+
+def memory_limit() -> int:
+    """The memory this process may use: RAM, or the container's limit when that is smaller."""
+    total = psutil.virtual_memory().total
+    limit = _cgroup_limit()
+    return min(total, limit) if limit else total
+
+
+def _address_space_limit() -> int | None:
+    """RLIMIT_DATA, when set: anonymous memory beyond it fails to allocate (what a test cap uses)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+class MemoryBudget:
+    """What the save may hold beyond what the process held when it started.
+
+    Attributes:
+        limit: ``fraction`` of :func:`memory_limit` (bytes of anonymous memory for the whole process).
+        allowance: the bytes the save's work may hold at once (never below one small chunk).
+        minimal: the allowance is below :data:`MINIMAL_ALLOWANCE`: the smallest working set is kept.
     """
 
-    def __init__(self, fraction: float, largest_tensor_bytes: int) -> None:
+    def __init__(self, fraction: float) -> None:
         self.fraction = fraction
-        self.limit = int(psutil.virtual_memory().total * fraction)
-        self.largest = largest_tensor_bytes
-        # A merge holds the float32 working copy (4 bytes an element) and the rounded output.
-        headroom = self.limit - current_rss()
-        self.minimal = headroom < 3 * largest_tensor_bytes
-        self.in_flight_bytes = max(largest_tensor_bytes, headroom // 3)
+        self.limit = int(memory_limit() * fraction)
+        held = anonymous_memory()
+        headroom = self.limit - held
+        data_limit = _address_space_limit()
+        if data_limit is not None:  # RLIMIT_DATA counts virtual size: keep under it with a margin
+            virtual = (_status_kib("VmData") or 0) * 1024
+            headroom = min(headroom, (data_limit - virtual) * 3 // 4)
+        self.minimal = headroom < MINIMAL_ALLOWANCE
+        self.allowance = (
+            max(MIB, min(headroom, MAX_IN_FLIGHT)) if not self.minimal else max(MIB, headroom // 2)
+        )
         if self.minimal:
             logger.warning(
                 "fastsave: maximum_memory_usage=%.2f allows %.1f GB but the process already holds %.1f GB; "
-                "keeping the smallest working set (one tensor in flight)",
+                "keeping the smallest working set (merging in small blocks, one in flight, anything larger "
+                "spilled to disk)",
                 fraction,
                 self.limit / 1e9,
-                current_rss() / 1e9,
+                held / 1e9,
             )
 
-    def prefetch_depth(self) -> int:
-        """How many produced tensors may wait for the writer at once."""
-        if self.minimal:
-            return 1
-        return int(max(1, min(8, self.in_flight_bytes // max(1, self.largest))))
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` of work fits the allowance at all (else it is produced in pieces or spilled)."""
+        return nbytes <= self.allowance
+
+
+class ByteBudget:
+    """A semaphore counted in bytes between the producer thread and the writer.
+
+    Two kinds of bytes are held: the working set of the tensor the producer is computing
+    (:meth:`reserve`, one tensor at a time) and the produced pieces waiting for the writer
+    (:meth:`acquire`, given back with :meth:`release` once written). A request waits while it would
+    take the total past ``limit``, but never while no piece is waiting: the writer could then give
+    nothing back, and a request larger than the whole allowance runs alone instead of deadlocking
+    (the producer keeps such work small: row blocks, spilled buffers).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0  # pieces waiting for the writer
+        self.reserved = 0  # the working set of the tensor being produced
+        self.peak = 0
+        self._condition = threading.Condition()
+
+    def _wait(self, nbytes: int, stop: threading.Event | None) -> bool:
+        while self.held > 0 and self.reserved + self.held + nbytes > self.limit:
+            if stop is not None and stop.is_set():
+                return False
+            self._condition.wait(timeout=0.1)
+        return True
+
+    def reserve(self, nbytes: int, stop: threading.Event | None = None) -> bool:
+        """Hold ``nbytes`` of working set for the next tensor; False when ``stop`` was set while waiting."""
+        with self._condition:
+            if not self._wait(nbytes, stop):
+                return False
+            self.reserved = nbytes
+            self.peak = max(self.peak, self.reserved + self.held)
+            return True
+
+    def unreserve(self) -> None:
+        """The tensor is produced: its working set is given back."""
+        with self._condition:
+            self.reserved = 0
+            self._condition.notify_all()
+
+    def acquire(self, nbytes: int, stop: threading.Event | None = None) -> bool:
+        """Wait until a piece of ``nbytes`` fits; False when ``stop`` was set while waiting."""
+        with self._condition:
+            if not self._wait(nbytes, stop):
+                return False
+            self.held += nbytes
+            self.peak = max(self.peak, self.reserved + self.held)
+            return True
+
+    def release(self, nbytes: int) -> None:
+        """A piece of ``nbytes`` was written."""
+        with self._condition:
+            self.held -= nbytes
+            self._condition.notify_all()
+
+
+def spill_directory(preferred: Path | None, staging: Path) -> Path:
+    """Where spilled buffers go (made on first use): inside ``temporary_location`` when given, else in
+    the staging directory's parent, so that the spill shares the disk the checkpoint was checked for.
+
+    Spilled files are unlinked as soon as they are mapped, so a killed save leaves at most this empty
+    directory, which the next save's cleanup removes with the staging directories of dead saves.
+    """
+    place = preferred if preferred is not None else staging.parent
+    return place / f"{staging.name}-spill"
+
+
+def remove_spill_directory(path: Path | None) -> None:
+    """Remove the (empty) spill directory, if it was made."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.rmdir()

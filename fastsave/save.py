@@ -43,7 +43,8 @@ from fastsave.io.publish import publish
 from fastsave.io.shards import ShardWriter, assign_shards
 from fastsave.io.staging import PendingSave, check_space, pending_save
 from fastsave.io.variant import apply_variant
-from fastsave.memory import MemoryBudget, peak_rss
+from fastsave.memory import ByteBudget, MemoryBudget, peak_rss, remove_spill_directory, spill_directory
+from fastsave.merge.assemble import Assembler, assembling
 from fastsave.options import SaveOptions, parse_options
 from fastsave.plan.given_tensors import substitute_given_tensors
 from fastsave.plan.items import Plan
@@ -113,27 +114,57 @@ def check_tokenizer(tokenizer: Any) -> None:
         )
 
 
-def _produce_into(plan: Plan, budget: MemoryBudget, sink: queue.Queue, stop: threading.Event) -> None:
-    """Producer thread: merge tensors in plan order; hand each (or the first error) to the writer."""
+_END = object()  # marks the end of one tensor's pieces in the queue
+
+
+def _produce_into(
+    plan: Plan, budget: ByteBudget, assembler: Assembler, sink: queue.Queue, stop: threading.Event
+) -> None:
+    """Producer thread: each planned tensor's pieces in plan order, admitted by bytes, then _END.
+
+    An item's working memory is admitted before it is produced and given back when it is done;
+    each piece is admitted before it is queued and given back when the writer has written it. The
+    first error is handed to the writer thread, which re-raises it.
+    """
     try:
-        for planned in plan.items:
-            if stop.is_set():
-                return
-            tensor = planned.produce()
-            while not stop.is_set():
+        with assembling(assembler):
+            for item in plan.items:
+                if not budget.reserve(item.working_bytes, stop):
+                    return
                 try:
-                    sink.put(tensor, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+                    for piece in item.pieces():
+                        nbytes = piece.numel() * piece.element_size()
+                        if not budget.acquire(nbytes, stop):
+                            return
+                        if not _put(sink, (piece, nbytes), stop):
+                            return
+                        del piece
+                finally:
+                    budget.unreserve()
+                if not _put(sink, _END, stop):
+                    return
     except BaseException as error:  # handed to the writer thread, which re-raises it
         sink.put(error)
+
+
+def _put(sink: queue.Queue, value: object, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            sink.put(value, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def write_merged_weights(plan: Plan, directory: Path, options: SaveOptions) -> list[str]:
     """Merge and stream every planned tensor into shards in ``directory``; return the shard names.
 
-    The disk-space check runs first, before any tensor is merged.
+    The disk-space check runs first, before any tensor is merged. A producer thread computes the
+    tensors' pieces ahead of the writer, as far as ``maximum_memory_usage`` allows
+    (fastsave.memory): pieces waiting for the writer and the working memory of the tensor being
+    merged are admitted by bytes; a tensor needed whole beyond the allowance is spilled to disk
+    (fastsave.merge.assemble).
 
     Raises:
         DiskSpaceError: the checkpoint does not fit (nothing written), or the disk filled up.
@@ -142,21 +173,33 @@ def write_merged_weights(plan: Plan, directory: Path, options: SaveOptions) -> l
     shards = assign_shards(plan.items, options.max_shard_size, options.safe_serialization)
     check_space(directory, plan.total_bytes, len(shards))
     writer = ShardWriter(directory, shards, options.safe_serialization)
-    budget = MemoryBudget(options.maximum_memory_usage, max((t.nbytes for t in plan.items), default=0))
-    # Merging overlaps writing: a producer thread runs ahead by at most the budgeted depth.
-    sink: queue.Queue = queue.Queue(maxsize=budget.prefetch_depth())
+    memory = MemoryBudget(options.maximum_memory_usage)
+    budget = ByteBudget(memory.allowance)
+    assembler = Assembler(spill_directory(options.temporary_location, directory), memory.allowance // 2)
+    sink: queue.Queue = queue.Queue()  # bounded by the byte budget, not by a count
     stop = threading.Event()
-    producer = threading.Thread(target=_produce_into, args=(plan, budget, sink, stop), daemon=True)
+    producer = threading.Thread(
+        target=_produce_into,
+        args=(plan, budget, assembler, sink, stop),
+        daemon=True,
+        name="fastsave-producer",
+    )
     producer.start()
     progress = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="fastsave: merging", leave=False)
     try:
-        for planned in plan.items:
-            item = sink.get()
-            if isinstance(item, BaseException):
-                raise item
-            writer.write(item)
-            progress.update(planned.nbytes)
-            del item
+        for _ in plan.items:
+            while True:
+                item = sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _END:
+                    writer.end_tensor()
+                    break
+                piece, nbytes = item
+                writer.write_piece(piece)
+                del piece, item
+                budget.release(nbytes)
+                progress.update(nbytes)
         writer.close()
     except BaseException:
         stop.set()
@@ -166,6 +209,13 @@ def write_merged_weights(plan: Plan, directory: Path, options: SaveOptions) -> l
         progress.close()
         stop.set()
         producer.join(timeout=60)
+        remove_spill_directory(assembler.spill_directory)
+    if assembler.spilled_bytes:
+        logger.info(
+            "fastsave: %.2f GB of tensors needed whole were kept on disk (%s), not in memory",
+            assembler.spilled_bytes / 1e9,
+            assembler.spill_directory,
+        )
     return [s.filename for s in shards]
 
 

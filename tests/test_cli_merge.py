@@ -457,14 +457,14 @@ def test_lora_on_the_router_parameter(tmp_path):
 def test_command_line_merges_in_row_blocks(bases, tmp_path, monkeypatch, base_weights):
     """The command line uses the in-memory save's dispatcher: every 4-bit-loaded weight, LoRA or not,
     is produced in row blocks read from disk, never as a whole float32 matrix."""
-    from fastsave.merge import dispatch, whole_matrix
+    from fastsave.merge import dispatch, row_blocks
 
     adapter = tmp_path / "adapter"
     _trained_adapter(bases["base"], bases["tokenizer"], adapter, steps=0)
     blocks, whole = [], []
-    real_blocks, real_whole = dispatch.merge_in_row_blocks, whole_matrix.merge_whole
+    real_blocks, real_whole = row_blocks.merged_rows, dispatch.merge_whole
     monkeypatch.setattr(
-        dispatch, "merge_in_row_blocks", lambda s, p, d, n: blocks.append(n) or real_blocks(s, p, d, n)
+        row_blocks, "merged_rows", lambda merge: blocks.append(merge.name) or real_blocks(merge)
     )
     monkeypatch.setattr(dispatch, "merge_whole", lambda s, d: whole.append(s) or real_whole(s, d))
     assert _merge([adapter, tmp_path / "out", "--base", bases["base"], "--base-weights", base_weights]) == 0

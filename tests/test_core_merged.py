@@ -259,16 +259,16 @@ def test_error_midway_leaves_nothing(qlora_model, tmp_path, monkeypatch):
     from fastsave.io import shards as writer
 
     model = qlora_model()
-    original = writer.ShardWriter.write
+    original = writer.ShardWriter.write_piece
     calls = {"n": 0}
 
-    def failing_write(self, tensor):
+    def failing_write(self, piece):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt  # Ctrl-C in the middle of a save
-        return original(self, tensor)
+        return original(self, piece)
 
-    monkeypatch.setattr(writer.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(writer.ShardWriter, "write_piece", failing_write)
     with pytest.raises(KeyboardInterrupt):
         fastsave.save_pretrained_merged(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -340,7 +340,7 @@ def test_blocks_straddling_rows_decode_like_bitsandbytes_reference(blocksize, ne
 def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path, monkeypatch, state):
     """Blocks of 32 rows (many per weight) against the whole-matrix oracle, plain and repacked 4-bit;
     each layout made deterministically (bitsandbytes' conversion, or its repack switched off)."""
-    from fastsave.merge import dispatch, row_blocks
+    from fastsave.merge import row_blocks
 
     model = qlora_model()
     layers = _lora_layers(model)
@@ -356,13 +356,13 @@ def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path
     assert all(is_repacked(m) == repacked for m in linear4bit_layers(model))
     monkeypatch.setattr(row_blocks, "BLOCK_BYTES", 4 * 64 * 32)  # 32 rows of 64 float32 columns
     used = []
-    real = row_blocks.merge_in_row_blocks
+    real = row_blocks.merged_rows
 
-    def spy(source, blocks, dtype, name):
-        used.append(name)
-        return real(source, blocks, dtype, name)
+    def spy(merge):
+        used.append(merge.name)
+        return real(merge)
 
-    monkeypatch.setattr(dispatch, "merge_in_row_blocks", spy)
+    monkeypatch.setattr(row_blocks, "merged_rows", spy)
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out)
     # every LoRA linear went through the row blocks (and the 4-bit weights without LoRA too)
@@ -375,17 +375,15 @@ def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path
 def test_lora_on_embed_tokens_merges_in_row_blocks(qlora_model, tmp_path, monkeypatch):
     """An embedding's LoRA delta (B @ A).T goes through the row blocks too (its rows are columns of the
     product, checked against the whole product), with peft's own bits."""
-    from fastsave.merge import dispatch, row_blocks
+    from fastsave.merge import row_blocks
 
     model = qlora_model(target_modules=["q_proj", "embed_tokens"])
     layer = model.base_model.model.model.embed_tokens
     expected = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
     monkeypatch.setattr(row_blocks, "BLOCK_BYTES", 4 * 64 * 32)  # 32 rows a block: 10 blocks of the embedding
     used = []
-    real = row_blocks.merge_in_row_blocks
-    monkeypatch.setattr(
-        dispatch, "merge_in_row_blocks", lambda s, p, d, n: used.append(n) or real(s, p, d, n)
-    )
+    real = row_blocks.merged_rows
+    monkeypatch.setattr(row_blocks, "merged_rows", lambda merge: used.append(merge.name) or real(merge))
     fastsave.save_pretrained_merged(model, tmp_path / "out")
     assert "model.embed_tokens.weight" in used
     saved = _saved_tensors(tmp_path / "out")

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from fastsave.io.finite import check_finite
+from fastsave.merge.assemble import assemble
 from fastsave.plan.items import Plan, PlanItem, SharedProducer
 from fastsave.sources.bnb_4bit import Quant4bitSettings
 
@@ -114,7 +116,10 @@ class _QuantizedGroup:
     def _quantize(self) -> dict[str, torch.Tensor]:
         import bitsandbytes.functional as bnb_functional
 
-        weight = self.source.produce()  # merged, rounded once to the 16-bit output dtype, on the CPU
+        # merged, rounded once to the 16-bit output dtype (spilled to disk when the budget cannot hold
+        # it); checked here, since NaN quantizes into codes the writer cannot see
+        weight = assemble(self.source)
+        check_finite(weight, self.source.name)
         if self.transposed:
             weight = weight.T.contiguous()
         codes, state = bnb_functional.quantize_4bit(

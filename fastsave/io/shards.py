@@ -175,8 +175,9 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 class ShardWriter:
     """Writes shards one tensor at a time, checking each against the plan.
 
-    Use as ``writer.write(tensor)`` in plan order, then ``writer.close()``, which writes the index
-    when there is more than one shard. Each floating tensor is checked for NaN/Inf before its
+    Use as ``writer.write(tensor)`` in plan order (or ``write_piece`` for each piece of a tensor,
+    then ``end_tensor``), then ``writer.close()``, which writes the index when there is more than
+    one shard. Each floating tensor is checked for NaN/Inf before its
     bytes are written; each safetensors shard records the sha256 of its data in its header (and
     the index, when there is one).
     """
@@ -195,6 +196,8 @@ class ShardWriter:
         self.digests: dict[str, str] = {}  # shard file name -> sha256 of its data section
         self._total = sum(s.nbytes for s in shards)
         self._written = 0
+        self._piece_bytes = 0  # bytes of the current tensor written so far
+        self._bin_pieces: list[torch.Tensor] = []
 
     def _open(self, index: int) -> None:
         self._finish_current()
@@ -233,7 +236,7 @@ class ShardWriter:
         self._open_index = -1
 
     def write(self, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor; its shape and dtype must match the plan.
+        """Append the next planned tensor whole; its shape and dtype must match the plan.
 
         Raises:
             NonFiniteError: the tensor holds NaN or Inf (naming it).
@@ -241,23 +244,65 @@ class ShardWriter:
         """
         if self._position >= len(self._order):
             raise RuntimeError("more tensors written than planned")
-        index, planned = self._order[self._position]
+        _, planned = self._order[self._position]
         if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
             raise RuntimeError(
                 f"tensor {planned.name!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
                 f"planned {planned.shape} {planned.dtype}"
             )
-        check_finite(tensor, planned.name)
+        self.write_piece(tensor)
+        self.end_tensor()
+
+    def write_piece(self, piece: torch.Tensor) -> None:
+        """Append the next piece of the planned tensor being written (its flattened values, in order).
+
+        A tensor streamed block by block reaches the file without ever existing whole in memory;
+        each piece is checked for NaN/Inf and hashed as it passes.
+
+        Raises:
+            NonFiniteError: the piece holds NaN or Inf (naming the tensor).
+            DiskSpaceError: the disk filled up (with the bytes still to write).
+        """
+        if self._position >= len(self._order):
+            raise RuntimeError("more tensors written than planned")
+        index, planned = self._order[self._position]
+        if piece.dtype != planned.dtype:
+            raise RuntimeError(
+                f"a piece of tensor {planned.name!r} came out as {piece.dtype}, planned {planned.dtype}"
+            )
+        nbytes = piece.numel() * piece.element_size()
+        if self._piece_bytes + nbytes > planned.nbytes:
+            raise RuntimeError(
+                f"tensor {planned.name!r} came out larger than its planned {planned.nbytes} bytes"
+            )
+        check_finite(piece, planned.name)
         with self._full_disk_is_disk_space_error():
             if index != self._open_index:
                 self._open(index)
             if self.safe_serialization:
-                data = _tensor_bytes(tensor)
+                data = _tensor_bytes(piece)
                 self._write_data(data)
-                self._digest.update(data, tensor)
+                self._digest.update(data, piece)
             else:
-                self._bin_buffer[planned.name] = tensor.clone()
-        self._written += planned.nbytes
+                self._bin_pieces.append(piece.detach().reshape(-1).clone())
+        self._piece_bytes += nbytes
+        self._written += nbytes
+
+    def end_tensor(self) -> None:
+        """Finish the planned tensor being written; its pieces must add up to its planned size."""
+        index, planned = self._order[self._position]
+        if index != self._open_index:  # an empty tensor opens its shard too
+            with self._full_disk_is_disk_space_error():
+                self._open(index)
+        if self._piece_bytes != planned.nbytes:
+            raise RuntimeError(
+                f"tensor {planned.name!r} came out as {self._piece_bytes} bytes, planned {planned.nbytes}"
+            )
+        if not self.safe_serialization:
+            pieces, self._bin_pieces = self._bin_pieces, []
+            flat = torch.cat(pieces) if pieces else torch.empty(0, dtype=planned.dtype)
+            self._bin_buffer[planned.name] = flat.reshape(planned.shape)
+        self._piece_bytes = 0
         self._position += 1
 
     def close(self) -> None:

@@ -6,84 +6,183 @@ from), in this order:
 1. ``triton``: a packed bitsandbytes 4-bit weight on a CUDA device the kernels serve, one plain
    LoRA delta: one fused kernel reads the codes once (fastsave.merge.triton_fused).
 2. ``row blocks``: a 2-D source that reads rows on the CPU (4-bit, 8-bit, 16-bit in memory, a
-   tensor on disk) and row-wise deltas: 4 MiB blocks merged and rounded in the cache
-   (fastsave.merge.row_blocks).
-3. ``whole``: the whole weight in float32, then one rounding (fastsave.merge.whole_matrix).
+   tensor on disk) and LoRA (or DoRA) deltas of linear layers and embeddings: 4 MiB blocks merged
+   and rounded in the cache, streamed to the writer block by block (fastsave.merge.row_blocks).
+3. ``experts``: a 3-D expert stack with LoRA on the stack (peft's ParamWrapper): one expert at a
+   time, streamed (fastsave.merge.expert_stacks).
+4. ``whole``: the whole weight in float32, then one rounding (fastsave.merge.whole_matrix).
 
 Every strategy gives the same bits (the tests hold each to the float32 reference). A weight with
-no delta is produced by the same dispatcher, so a quantized weight is dequantized in row blocks too.
+no delta is produced by the same dispatcher, so a quantized weight is dequantized in row blocks
+too; a stored tensor is copied (cast where its dtype differs) in flat chunks, without a copy of
+the whole.
+
+Each producer is a :class:`Production`: the whole tensor on demand, its consecutive pieces when it
+streams, and the working memory it holds beyond its output, which the save's memory budget admits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from fastsave.adapters.delta import LoraDelta, merged_bias_float32
+from fastsave.merge.assemble import fill, spilled_buffer
+from fastsave.merge.expert_stacks import expert_merge_plan, stream_experts
 from fastsave.merge.rounding import to_output
-from fastsave.merge.row_blocks import merge_in_row_blocks, row_block_plan
+from fastsave.merge.row_blocks import merge_in_row_blocks, row_merge_plan, stream_row_blocks
 from fastsave.merge.triton_fused import fused_applies, merge_fused
 from fastsave.merge.whole_matrix import merge_whole
 from fastsave.sources.base import Source
 
 Produce = Callable[[], torch.Tensor]
+COPY_CHUNK_BYTES = 4 << 20
+
+
+@dataclass
+class Production:
+    """How one output tensor is computed.
+
+    Attributes:
+        produce: the whole tensor (output dtype, CPU, contiguous).
+        stream: the same values as consecutive pieces of the flattened tensor, when it can be
+            produced in pieces (None: only whole).
+        working_bytes: memory held while producing it, beyond the output pieces themselves.
+        strategy: "triton", "row blocks", "experts", "whole" or "copy", for logs and tests.
+    """
+
+    produce: Produce
+    stream: Callable[[], Iterator[torch.Tensor]] | None
+    working_bytes: int
+    strategy: str
 
 
 def strategy_for(source: Source, deltas: Sequence[LoraDelta]) -> str:
-    """The name of the strategy :func:`weight_producer` would use (for logs and tests)."""
+    """The name of the strategy :func:`weight_producer` uses (for logs and tests)."""
     if deltas and fused_applies(source, deltas):
         return "triton"
-    if row_block_plan(source, deltas) is not None:
+    if row_merge_plan(source, deltas) is not None:
         return "row blocks"
+    if expert_merge_plan(source, deltas) is not None:
+        return "experts"
     return "whole"
+
+
+def _whole_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
+    # W in float32, one dense delta, its scaled copy (and DoRA's base copy)
+    copies = 3 + any(d.is_dora for d in deltas) if deltas else 1
+    return copies * 4 * source.numel
 
 
 def weight_producer(
     source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtype, name: str, transposed: bool = False
-) -> Produce:
+) -> Production:
     """The producer of one output weight: W from ``source`` plus ``deltas``, rounded once to ``dtype``.
 
     ``transposed``: the checkpoint stores the transpose of the compute layout (the merge runs in the
-    compute layout, the result is transposed once at the end).
+    compute layout, the result is transposed once at the end, so it does not stream).
     """
     deltas = tuple(deltas)
+    if deltas and fused_applies(source, deltas):
+        return Production(
+            lambda: _transposed(to_output(merge_fused(source, deltas), dtype, name), transposed),
+            None,
+            2 * 4 * source.numel,
+            "triton",
+        )
+    rows = row_merge_plan(source, deltas, name)
+    if rows is not None:
+        if transposed:  # merged by rows in the compute layout, then read out by columns
+            return Production(
+                lambda: _transposed(merge_in_row_blocks(rows, dtype), True),
+                lambda: _transposed_pieces(
+                    fill(spilled_buffer(source.shape, dtype), stream_row_blocks(rows, dtype))
+                ),
+                rows.working_bytes,
+                "row blocks",
+            )
+        return Production(
+            lambda: merge_in_row_blocks(rows, dtype),
+            lambda: stream_row_blocks(rows, dtype),
+            rows.working_bytes,
+            "row blocks",
+        )
+    experts = None if transposed else expert_merge_plan(source, deltas)
+    if experts is not None:
+        return Production(
+            lambda: torch.stack(list(stream_experts(experts, dtype))),
+            lambda: stream_experts(experts, dtype),
+            experts.working_bytes,
+            "experts",
+        )
+    return Production(
+        lambda: _transposed(to_output(merge_whole(source, deltas), dtype, name), transposed),
+        None,
+        _whole_bytes(source, deltas),
+        "whole",
+    )
 
-    def produce() -> torch.Tensor:
-        if deltas and fused_applies(source, deltas):
-            merged = to_output(merge_fused(source, deltas), dtype, name)
-        else:
-            blocks = row_block_plan(source, deltas)
-            if blocks is not None:
-                merged = merge_in_row_blocks(source, blocks, dtype, name)
-            else:
-                merged = to_output(merge_whole(source, deltas), dtype, name)
-        return merged.T.contiguous() if transposed else merged
 
-    return produce
+def _transposed(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return tensor.T.contiguous() if transposed else tensor
 
 
-def copy_producer(source: Source, dtype: torch.dtype, name: str, transposed: bool = False) -> Produce:
+def _transposed_pieces(matrix: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The rows of ``matrix.T`` (columns of ``matrix``) a few MiB at a time, never the whole transpose."""
+    n_rows, n_cols = matrix.shape
+    step = max(1, COPY_CHUNK_BYTES // max(1, n_rows * matrix.element_size()))
+    for start in range(0, n_cols, step):
+        yield matrix[:, start : start + step].T.contiguous()
+
+
+def _flat_chunks(tensor: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """``tensor`` flattened, cast to ``dtype`` a few MiB at a time (views when the dtype already matches)."""
+    flat = tensor.reshape(-1)
+    step = max(
+        1, COPY_CHUNK_BYTES // max(1, flat.element_size(), torch.empty((), dtype=dtype).element_size())
+    )
+    for start in range(0, flat.numel(), step):
+        yield flat[start : start + step].to(dtype)
+
+
+def copy_producer(source: Source, dtype: torch.dtype, name: str, transposed: bool = False) -> Production:
     """The producer of a tensor written without any delta: floating values in ``dtype``, others as stored.
 
     A quantized weight goes through the dispatcher (dequantized in row blocks where it can be); a
     stored tensor is rounded once to ``dtype`` (every 16-bit value is exact in float32, so a direct
-    cast rounds as a float32 detour would), or copied when it is already in ``dtype``.
+    cast rounds as a float32 detour would), or copied when it is already in ``dtype``, in flat
+    chunks: no whole copy is made.
     """
     if source.computed:
         return weight_producer(source, (), dtype, name, transposed)
 
+    def output_dtype(values: torch.Tensor) -> torch.dtype:
+        return dtype if values.is_floating_point() else values.dtype
+
     def produce() -> torch.Tensor:
         values = source.as_stored()
-        tensor = to_output(values, dtype if values.is_floating_point() else values.dtype, name)
+        tensor = to_output(values, output_dtype(values), name)
         return tensor.T.contiguous() if transposed else tensor
 
-    return produce
+    def stream() -> Iterator[torch.Tensor]:
+        values = source.as_stored().detach().to("cpu")
+        yield from _flat_chunks(
+            values if values.is_contiguous() else values.contiguous(), output_dtype(values)
+        )
+
+    return Production(produce, None if transposed else stream, 0, "copy")
 
 
-def bias_producer(source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtype, name: str) -> Produce:
+def bias_producer(source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtype, name: str) -> Production:
     """The producer of a LoRA layer's bias: the base bias plus every lora_bias adapter's, rounded once."""
     deltas = tuple(d for d in deltas if d.bias is not None)
     if not deltas:
         return copy_producer(source, dtype, name)
-    return lambda: to_output(merged_bias_float32(source.as_stored(), list(deltas)), dtype, name)
+    return Production(
+        lambda: to_output(merged_bias_float32(source.as_stored(), list(deltas)), dtype, name),
+        None,
+        4 * source.numel,
+        "whole",
+    )

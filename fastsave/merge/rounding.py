@@ -1,32 +1,19 @@
-"""The one rounding of a float32 result to the output dtype, with the checks that go with it."""
+"""The one rounding of a float32 result to the output dtype.
+
+NaN, Inf and float16 overflow are caught where every written byte passes, in the output dtype
+(fastsave.io.finite, called by the shard writer), so they are not scanned here a second time.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from fastsave.errors import PlanError
-
-
-def round_once(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """``tensor`` rounded to ``dtype``; a tensor already in ``dtype`` (or not floating) as it is.
-
-    Raises:
-        PlanError: NaN/Inf in the tensor before rounding, or a float16 overflow, naming the tensor.
-    """
-    if not tensor.is_floating_point() or dtype == tensor.dtype:
-        return tensor
-    if not torch.isfinite(tensor).all():
-        raise PlanError(
-            f"merged tensor {name!r} holds NaN or Inf; the adapter or base weight is broken, nothing was saved"
-        )
-    rounded = tensor.to(dtype)
-    if dtype == torch.float16 and not torch.isfinite(rounded).all():
-        raise PlanError(
-            f"tensor {name!r} overflows float16 (|w| > 65504 after merging); save with dtype=torch.bfloat16"
-        )
-    return rounded
-
 
 def to_output(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """Round ``tensor`` once to ``dtype`` and bring it to the CPU, contiguous, for the writer."""
-    return round_once(tensor, dtype, name).detach().to("cpu").contiguous()
+    """``tensor`` rounded once to ``dtype`` (floating tensors only), on the CPU, contiguous, for the writer.
+
+    ``name`` is the output tensor's, for errors raised on the way.
+    """
+    if tensor.is_floating_point() and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor.detach().to("cpu").contiguous()

@@ -1,29 +1,37 @@
-"""Merge (or just dequantize) a weight in blocks of rows that stay in the CPU cache.
+"""Merge (or just dequantize) a weight in blocks of rows that stay in the CPU cache, streamed out.
 
-The whole-matrix path materialises several float32 copies of the weight (dequantized W, B @ A,
-its scaled copy, the isfinite mask) and pays a page fault for every fresh 4 KiB of each: measured
-on 2 cores for a 14336x4096 NF4 weight with r=16, 2.0 s against 0.17 s in 4 MiB row blocks. Every
-element is computed by the same operations in the same order (W in float32; the product of the
-LoRA factors rounded to float32; times scaling; added; one rounding to the output dtype), so the
-result is the same to the bit, with one condition this module checks instead of assuming: that
-the BLAS gives a block of the product the bits of the whole product. Rows of a linear delta are
-``B[i:j] @ A`` against ``(B @ A)[i:j]``; rows of an embedding delta ``(B @ A).T`` are columns of the
-product, ``B @ A[:, i:j]`` against ``(B @ A)[:, i:j]``. Each is verified once per shape in each
-process, against the full product, and a shape that fails goes back to the whole-matrix path.
+The whole-matrix path materialises several float32 copies of the weight (dequantized W, the
+LoRA product, its scaled copy) and pays a page fault for every fresh 4 KiB of each: measured on 2
+cores for a 14336x4096 NF4 weight with r=16, 2.0 s against 0.17 s in 4 MiB row blocks. Blocks
+are rounded to the output dtype and handed to the writer one by one, so the merged tensor never
+exists whole in memory.
+
+Every element is computed by the same operations in the same order as the whole-matrix path (W in
+float32; the product of the LoRA factors rounded to float32; times scaling; added in peft's order;
+DoRA's row norm and rescale; one rounding to the output dtype), so the result is the same to the
+bit, on conditions this module checks instead of assuming:
+
+* rows of a linear delta ``B @ A`` are ``B[i:j] @ A``: the BLAS must give a block of the product the
+  bits of the whole product. Rows of a transposed delta ``(B @ A).T`` (an embedding, or a linear
+  with fan_in_fan_out) are columns of the product, ``B @ A[:, i:j]``. Each is verified once per
+  shape in each process against the full product;
+* DoRA's row norm ``||W + delta||`` over a block of rows must equal the norm over the whole matrix,
+  row by row: verified once per shape on random values (the reduction order does not depend on them);
+* a shape that fails goes back to the whole-matrix path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from fastsave.adapters.delta import LoraDelta
-from fastsave.merge.rounding import round_once
 from fastsave.sources.base import RowReader, Source
 
 BLOCK_BYTES = 4 << 20  # float32 working set of one block: fits in L2/L3 next to its copies
-_block_product_is_exact: dict[tuple, bool] = {}
+_exact_shapes: dict[tuple, bool] = {}
 
 DeltaRows = Callable[[int, int], torch.Tensor]  # rows i..j of one delta, float32, scaled
 
@@ -34,8 +42,10 @@ def rows_per_block(n_cols: int, alignment: int) -> int:
     return rows - rows % alignment
 
 
-def _exact(key: tuple, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool) -> bool:
-    if key not in _block_product_is_exact:
+def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> bool:
+    """Whether blocks of ``step`` rows (or columns) of ``b @ a`` computed alone give the full product's bits."""
+    key = ("product", tuple(b.shape), tuple(a.shape), step, columns, torch.get_num_threads())
+    if key not in _exact_shapes:
         full = b @ a
         if columns:
             blocks = (
@@ -45,70 +55,118 @@ def _exact(key: tuple, b: torch.Tensor, a: torch.Tensor, step: int, columns: boo
             blocks = (
                 torch.equal(full[i : i + step], b[i : i + step] @ a) for i in range(0, b.shape[0], step)
             )
-        _block_product_is_exact[key] = all(blocks)
-    return _block_product_is_exact[key]
+        _exact_shapes[key] = all(blocks)
+    return _exact_shapes[key]
 
 
-def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> bool:
-    """Whether blocks of ``step`` rows (or columns) of ``b @ a`` computed alone give the full product's bits."""
-    key = (tuple(b.shape), tuple(a.shape), step, columns, torch.get_num_threads())
-    return _exact(key, b, a, step, columns)
+def blockwise_row_norm_is_exact(n_rows: int, n_cols: int, step: int) -> bool:
+    """Whether ``linalg.norm(x[i:j], dim=1)`` gives the bits of ``linalg.norm(x, dim=1)[i:j]`` for this shape."""
+    key = ("norm", n_rows, n_cols, step, torch.get_num_threads())
+    if key not in _exact_shapes:
+        # the reduction order depends on the shape and the threads, not on the values: a sample of
+        # the same width over a few blocks (kept small: the weight itself may not fit the budget)
+        rows = min(n_rows, 3 * step + 1)
+        sample = torch.randn(rows, n_cols, generator=torch.Generator().manual_seed(0))
+        full = torch.linalg.norm(sample, dim=1)
+        _exact_shapes[key] = all(
+            torch.equal(full[i : i + step], torch.linalg.norm(sample[i : i + step], dim=1))
+            for i in range(0, rows, step)
+        )
+    return _exact_shapes[key]
 
 
-def _delta_rows(delta: LoraDelta, step: int) -> DeltaRows | None:
+def delta_rows(delta: LoraDelta, step: int) -> DeltaRows | None:
     """Rows i..j of ``delta`` computed alone, when that gives the whole delta's bits; else None."""
-    if delta.is_dora or delta.fan_in_fan_out or delta.kind not in ("linear", "embedding"):
+    if delta.kind not in ("linear", "embedding"):
         return None
     b, a = delta.factors_float32("cpu")
     scaling = delta.scaling
-    if delta.kind == "linear":
+    transposed = delta.kind == "embedding" or delta.fan_in_fan_out
+    if not transposed:
         if not blockwise_product_is_exact(b, a, step):
             return None
         return lambda i, j: (b[i:j] @ a) * scaling
-    # embedding: peft's delta is (B @ A).T, so rows of the delta are columns of the product
+    # peft's delta is (B @ A).T: rows of the delta are columns of the product
     if not blockwise_product_is_exact(b, a, step, columns=True):
         return None
     return lambda i, j: (b @ a[:, i:j]).T * scaling
 
 
-def row_block_plan(
-    source: Source, deltas: Sequence[LoraDelta]
-) -> tuple[RowReader, int, list[DeltaRows]] | None:
-    """``(reader, step, delta rows)`` when ``source`` and ``deltas`` merge exactly in row blocks, else None.
+@dataclass
+class RowMerge:
+    """How one weight merges by rows: its rows reader, the block step, each delta's rows."""
 
-    Applies to a 2-D source that reads rows on the CPU and deltas of plain LoRA on linear layers and
-    embeddings (not DoRA, whose norm needs whole rows of W + delta and a second pass; not
-    fan_in_fan_out, whose delta is transposed; not bare-parameter stacks).
+    source: Source
+    reader: RowReader
+    step: int
+    deltas: list[tuple[LoraDelta, DeltaRows]]
+    name: str = ""  # the output tensor's, for logs and tests
+
+    @property
+    def working_bytes(self) -> int:
+        """float32 bytes held while one block merges: the block, a delta's rows, DoRA's base copy."""
+        copies = 3 + any(d.is_dora for d, _ in self.deltas)
+        return copies * 4 * self.step * self.source.shape[1]
+
+
+def row_merge_plan(source: Source, deltas: Sequence[LoraDelta], name: str = "") -> RowMerge | None:
+    """The row merge of ``source`` + ``deltas`` when it gives the whole-matrix bits, else None.
+
+    Applies to a 2-D source that reads rows on the CPU and LoRA deltas on linear layers and
+    embeddings (DoRA on a linear layer too; not DoRA on an embedding, whose norm runs down whole
+    columns, nor on fan_in_fan_out, nor bare-parameter stacks, which stream by expert elsewhere).
     """
     if len(source.shape) != 2 or source.device.type != "cpu":
         return None
-    if any(d.is_dora or d.fan_in_fan_out or d.kind not in ("linear", "embedding") for d in deltas):
+    if any(d.is_dora and (d.kind != "linear" or d.fan_in_fan_out) for d in deltas):
         return None
     reader = source.row_reader()
     if reader is None:
         return None
     step = rows_per_block(source.shape[1], reader.alignment)
-    rows = [_delta_rows(d, step) for d in deltas]
+    if any(d.is_dora for d in deltas) and not blockwise_row_norm_is_exact(*source.shape, step):
+        return None
+    rows = [delta_rows(d, step) for d in deltas]
     if any(r is None for r in rows):
         return None
-    return reader, step, rows
+    return RowMerge(source, reader, step, list(zip(deltas, rows, strict=True)), name)
 
 
-def merge_in_row_blocks(
-    source: Source, plan: tuple[RowReader, int, list[DeltaRows]], dtype: torch.dtype, name: str
-) -> torch.Tensor:
-    """``W + every delta`` rounded once to ``dtype``, block by block.
+def _dora_rows(
+    delta: LoraDelta, base: torch.Tensor, current: torch.Tensor, dense: torch.Tensor, i: int, j: int
+):
+    """fastsave.adapters.dora.dora_rescale restricted to rows i..j (a linear layer's norm is per row)."""
+    magnitude = delta.magnitude.detach()[i:j].to(torch.float32)
+    norm = torch.linalg.norm(base + 1 * dense, dim=1)
+    return (magnitude / norm).view(-1, 1) * (current + dense)
 
-    Raises:
-        PlanError: NaN/Inf in the merged weight, or a float16 overflow, naming the tensor.
-    """
-    reader, step, deltas = plan
-    n_rows, n_cols = source.shape
-    out = torch.empty((n_rows, n_cols), dtype=dtype)
-    for i in range(0, n_rows, step):
-        j = min(n_rows, i + step)
-        block = reader.read(i, j)
-        for rows in deltas:
-            block.add_(rows(i, j))
-        out[i:j] = round_once(block, dtype, name)
+
+def merged_rows(merge: RowMerge) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(i, j, rows i..j of W + every delta)`` in float32, block after block."""
+    n_rows = merge.source.shape[0]
+    dora = any(d.is_dora for d, _ in merge.deltas)
+    for i in range(0, n_rows, merge.step):
+        j = min(n_rows, i + merge.step)
+        block = merge.reader.read(i, j)
+        base = block.clone() if dora else None
+        for delta, rows in merge.deltas:
+            dense = rows(i, j)
+            if delta.is_dora:
+                block = _dora_rows(delta, base, block, dense, i, j)
+            else:
+                block.add_(dense)
+        yield i, j, block
+
+
+def stream_row_blocks(merge: RowMerge, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The merged weight, rounded once to ``dtype``, as consecutive blocks of rows."""
+    for _, _, block in merged_rows(merge):
+        yield block.to(dtype)
+
+
+def merge_in_row_blocks(merge: RowMerge, dtype: torch.dtype) -> torch.Tensor:
+    """The whole merged weight, rounded once to ``dtype``, computed block by block."""
+    out = torch.empty(merge.source.shape, dtype=dtype)
+    for i, j, block in merged_rows(merge):
+        out[i:j] = block
     return out

@@ -77,8 +77,17 @@ def substitute_given_tensors(plan: Plan, state_dict: Mapping[str, torch.Tensor] 
             )
         out_dtype = planned.dtype if planned_floating else tensor.dtype
         # the given tensor is a source like any other: one rounding to the plan's dtype, checked
-        produce = copy_producer(DenseSource(tensor.detach().to("cpu")), out_dtype, planned.name)
-        tensors.append(replace(planned, dtype=out_dtype, produce=produce, source_kind="the given state_dict"))
+        production = copy_producer(DenseSource(tensor.detach().to("cpu")), out_dtype, planned.name)
+        tensors.append(
+            replace(
+                planned,
+                dtype=out_dtype,
+                produce=production.produce,
+                stream=production.stream,
+                working_bytes=production.working_bytes,
+                source_kind="the given state_dict",
+            )
+        )
         taken += 1
     logger.info("fastsave: %d tensor(s) taken from the given state_dict instead of the model", taken)
     return replace(plan, items=tensors)

@@ -8,7 +8,7 @@ is written.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,9 @@ class PlanItem:
             quantized (a Conv1D).
         checkpoint_named: the name is already the checkpoint's (a piece copied from a checkpoint on
             disk), so the layout step leaves it alone.
+        stream: the tensor as consecutive pieces of its flattened values (fastsave.merge.dispatch),
+            when it can be produced in pieces; the writer takes them one by one.
+        working_bytes: memory held while producing it, beyond its output (the memory budget admits it).
     """
 
     name: str
@@ -43,6 +46,14 @@ class PlanItem:
     requantize: Quant4bitSettings | None = None
     requantize_transposed: bool = False
     checkpoint_named: bool = False
+    stream: Callable[[], Iterator[torch.Tensor]] | None = field(default=None, repr=False)
+    working_bytes: int = 0
+
+    def pieces(self) -> Iterator[torch.Tensor]:
+        """The tensor's values as consecutive pieces (one piece: the whole tensor, when it does not stream)."""
+        if self.stream is not None:
+            return self.stream()
+        return iter([self.produce()])
 
     @property
     def nbytes(self) -> int:

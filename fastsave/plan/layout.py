@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fastsave.errors import PlanError
+from fastsave.merge.assemble import assemble
 from fastsave.plan.items import Plan, PlanItem, SharedProducer
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -144,4 +145,5 @@ def _converted_group(
     members: list[PlanItem], revert: Callable, root: nn.Module
 ) -> Callable[[], dict[str, torch.Tensor]]:
     """Produce the group's tensors of the model, then let transformers turn them into checkpoint ones."""
-    return lambda: revert(root, {member.name: member.produce() for member in members})
+    # each member whole (spilled to disk when the budget cannot hold it), then transformers' reversal
+    return lambda: revert(root, {member.name: assemble(member) for member in members})

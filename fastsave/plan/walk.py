@@ -118,37 +118,41 @@ class _Walk:
             if deltas:
                 source.float32()  # raises, naming the pieces
             for piece, piece_source in source.pieces.items():
-                produce = copy_producer(piece_source, self.dtype, piece)
+                production = copy_producer(piece_source, self.dtype, piece)
                 out_dtype = self.dtype if piece_source.floating else piece_source.stored_dtype
                 self.items.append(
                     PlanItem(
                         piece,
                         piece_source.shape,
                         out_dtype,
-                        produce,
+                        production.produce,
                         source_kind=source.kind,
                         checkpoint_named=True,
+                        stream=production.stream,
+                        working_bytes=production.working_bytes,
                     )
                 )
             return
         shape = source.shape[::-1] if entry.transposed else source.shape
         out_dtype = self.dtype if source.floating else source.stored_dtype
         if role == "weight":
-            produce = weight_producer(source, deltas, self.dtype, name, entry.transposed)
+            production = weight_producer(source, deltas, self.dtype, name, entry.transposed)
         elif role == "bias":
-            produce = bias_producer(source, deltas, self.dtype, name)
+            production = bias_producer(source, deltas, self.dtype, name)
         else:
-            produce = copy_producer(source, self.dtype, name, entry.transposed)
+            production = copy_producer(source, self.dtype, name, entry.transposed)
         self.items.append(
             PlanItem(
                 name,
                 tuple(shape),
                 out_dtype,
-                produce,
+                production.produce,
                 lora_module=lora_module,
                 source_kind=source.describe(),
                 requantize=source.quant_settings if entry.attr == "weight" else None,
                 requantize_transposed=entry.transposed or source.quantized_as_transpose,
+                stream=production.stream,
+                working_bytes=production.working_bytes,
             )
         )
 

@@ -1,0 +1,103 @@
+"""Whole tensors for the steps that need one, in memory when they fit the budget, else spilled to disk.
+
+Most plan items stream to the writer piece by piece. A few steps need a produced tensor whole:
+transformers' checkpoint-layout reversal (fused MoE experts split back per expert, projections
+joined), the 4-bit re-quantization of ``merged_4bit_forced``, and a Conv1D weight that is merged in
+its compute layout and stored transposed. Such a tensor is assembled from its pieces into a buffer:
+anonymous memory when it fits what the budget allows, otherwise a file in the spill directory
+(``temporary_location``, or beside the staging directory) mapped shared, whose pages are page
+cache that the kernel writes back and reclaims, not anonymous memory. The file is unlinked as soon
+as it is mapped, so nothing is left on disk even if the process is killed.
+
+The producer thread sets the active assembler (:func:`assembling`); without one (planning,
+tests), tensors are assembled in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from fastsave.plan.items import PlanItem
+
+_ACTIVE: contextvars.ContextVar[Assembler | None] = contextvars.ContextVar("fastsave_assembler", default=None)
+
+
+class Assembler:
+    """Builds whole tensors: in memory up to ``allowance`` bytes, spilled into ``spill_directory`` beyond."""
+
+    def __init__(self, spill_directory: Path | None, allowance: int) -> None:
+        self.spill_directory = spill_directory
+        self.allowance = allowance
+        self.spilled_bytes = 0
+        self._names = itertools.count()
+
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor: anonymous memory when it fits the allowance, else a spilled file."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if self.spill_directory is None or nbytes <= self.allowance or numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        self.spill_directory.mkdir(parents=True, exist_ok=True)
+        path = self.spill_directory / f"spill-{os.getpid()}-{uuid.uuid4().hex[:8]}-{next(self._names)}"
+        try:
+            tensor = torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # the mapping keeps the pages; the name goes now
+        self.spilled_bytes += nbytes
+        return tensor.view(shape)
+
+
+def _active() -> Assembler:
+    return _ACTIVE.get() or Assembler(None, 0)
+
+
+@contextlib.contextmanager
+def assembling(assembler: Assembler) -> Iterator[Assembler]:
+    """Make ``assembler`` the one :func:`assemble` uses in this thread (the producer's)."""
+    token = _ACTIVE.set(assembler)
+    try:
+        yield assembler
+    finally:
+        _ACTIVE.reset(token)
+
+
+def assemble(item: PlanItem) -> torch.Tensor:
+    """``item``'s whole tensor, built from its pieces in the active assembler's buffer."""
+    if item.stream is None:
+        return item.produce()
+    return fill(_active().buffer(tuple(item.shape), item.dtype), item.stream())
+
+
+def fill(out: torch.Tensor, pieces: Iterator[torch.Tensor]) -> torch.Tensor:
+    """Copy consecutive flat ``pieces`` into ``out`` (contiguous); returns ``out``.
+
+    Raises:
+        RuntimeError: the pieces do not add up to ``out``'s size.
+    """
+    flat = out.view(-1)
+    position = 0
+    for piece in pieces:
+        count = piece.numel()
+        flat[position : position + count] = piece.reshape(-1)
+        position += count
+    if position != flat.numel():
+        raise RuntimeError(f"pieces of {position} values for a tensor of {flat.numel()}")
+    return out
+
+
+def spilled_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A buffer from the active assembler (in memory, or spilled when too big for the budget)."""
+    return _active().buffer(shape, dtype)
