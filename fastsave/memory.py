@@ -29,6 +29,8 @@ MIB = 2**20
 MINIMAL_ALLOWANCE = 64 * MIB
 # More in flight than this gains nothing: the producer is then ahead of the disk by seconds.
 MAX_IN_FLIGHT = 512 * MIB
+# Never less than this: a few row blocks.
+MIN_ALLOWANCE = MIB
 
 
 def _status_kib(field: str) -> int | None:
@@ -119,9 +121,8 @@ class MemoryBudget:
             virtual = (_status_kib("VmData") or 0) * 1024
             headroom = min(headroom, (data_limit - virtual) * 3 // 4)
         self.minimal = headroom < MINIMAL_ALLOWANCE
-        self.allowance = (
-            max(MIB, min(headroom, MAX_IN_FLIGHT)) if not self.minimal else max(MIB, headroom // 2)
-        )
+        wanted = min(headroom, MAX_IN_FLIGHT) if not self.minimal else headroom // 2
+        self.allowance = max(MIN_ALLOWANCE, wanted)
         if self.minimal:
             logger.warning(
                 "fastsave: maximum_memory_usage=%.2f allows %.1f GB but the process already holds %.1f GB; "

@@ -862,3 +862,31 @@ def test_lora_on_moe_parameters(case, lora_kwargs, base_dir, tmp_path):
     changed = "block_sparse_moe.gate" if case == "router" else "block_sparse_moe.experts.1.w3"
     name = f"model.layers.0.{changed}.weight"
     assert not torch.equal(_saved(tmp_path / "out")[name], _saved(base)[name])  # the delta is in
+
+
+def test_fused_experts_spilled_to_disk_under_a_tiny_budget(base_dir, tmp_path, monkeypatch):
+    """With almost no memory allowed, the merged expert stacks that the checkpoint-layout step needs
+    whole are assembled in spilled files instead of memory: still bit-exact, and nothing is left."""
+    from fastsave import memory
+    from fastsave.merge import assemble
+
+    spilled = []
+    real_buffer = assemble.Assembler.buffer
+
+    def counting(self, shape, dtype):
+        tensor = real_buffer(self, shape, dtype)
+        if self.spilled_bytes:
+            spilled.append(shape)
+        return tensor
+
+    monkeypatch.setattr(memory, "MAX_IN_FLIGHT", 64 * 1024)  # a 64 KiB allowance: every stack spills
+    monkeypatch.setattr(memory, "MIN_ALLOWANCE", 64 * 1024)
+    monkeypatch.setattr(assemble.Assembler, "buffer", counting)
+    base = base_dir("mixtral")
+    lora = dict(
+        target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    )
+    model = attach_lora(_load(base, "mixtral"), seed=5, **lora)
+    check_exact(model, base, tmp_path, "Mixtral fused experts, spilled (64 KiB budget)", arch="mixtral")
+    assert spilled, "nothing was spilled"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]

@@ -1,0 +1,96 @@
+"""The memory bound's pieces: the byte semaphore between producer and writer, the limit, the spill."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import torch
+
+from fastsave.memory import ByteBudget, MemoryBudget, anonymous_memory, memory_limit
+from fastsave.merge.assemble import Assembler, assembling, spilled_buffer
+
+
+def test_byte_budget_bounds_what_is_held_and_never_deadlocks():
+    """A producer reserving working sets and queueing pieces, a consumer giving them back: what is held
+    never passes the limit except for one request larger than the limit, which then runs alone."""
+    budget = ByteBudget(limit=1000)
+    rng = random.Random(0)
+    queue: list[int] = []
+    lock = threading.Condition()
+    done = threading.Event()
+    seen_over = []
+
+    def consumer():
+        while not (done.is_set() and not queue):
+            with lock:
+                if not queue:
+                    lock.wait(timeout=0.01)
+                    continue
+                size = queue.pop(0)
+            budget.release(size)
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    for _ in range(300):
+        working = rng.choice([0, 100, 400, 1500])  # 1500: more than the whole limit
+        assert budget.reserve(working)
+        for _ in range(rng.randint(1, 5)):
+            piece = rng.choice([10, 200, 700])
+            assert budget.acquire(piece)
+            held = budget.reserved + budget.held
+            if held > budget.limit:
+                seen_over.append((working, piece, held))
+                assert budget.held == piece  # only when nothing else waited: it runs alone
+            with lock:
+                queue.append(piece)
+                lock.notify()
+        budget.unreserve()
+    done.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert budget.held == 0 and budget.reserved == 0
+
+
+def test_a_stopped_save_does_not_wait_forever():
+    budget = ByteBudget(limit=10)
+    assert budget.acquire(8)
+    stop = threading.Event()
+    stop.set()
+    assert budget.acquire(8, stop) is False  # would wait for the writer, but the save is stopping
+
+
+def test_limit_and_allowance():
+    limit = memory_limit()
+    assert 0 < limit <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget = MemoryBudget(0.5)
+    assert budget.limit == int(limit * 0.5)
+    assert anonymous_memory() > 0
+    tiny = MemoryBudget(1e-9)  # below what the process holds: the smallest working set, no error
+    assert tiny.minimal and tiny.allowance > 0
+
+
+def test_spilled_buffer_is_a_deleted_file_mapping(tmp_path):
+    """Beyond the allowance a buffer is a shared mapping of an unlinked file: page cache, not anonymous
+    memory, and nothing left in the directory even if the process died now."""
+    spill = tmp_path / "spill"
+    with assembling(Assembler(spill, allowance=1024)):
+        small = spilled_buffer((16,), torch.float32)  # 64 bytes: in memory
+        big = spilled_buffer((1024, 256), torch.bfloat16)  # 512 KiB: spilled
+    big.fill_(1.5)
+    assert float(big.float().sum()) == 1.5 * big.numel()
+    assert list(spill.iterdir()) == []
+    with open("/proc/self/maps") as handle:
+        maps = handle.read().splitlines()
+    address = big.data_ptr()
+
+    def mapping_of(pointer):
+        for line in maps:
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            if low <= pointer < high:
+                return line
+        return ""
+
+    assert str(spill) in mapping_of(address) and "(deleted)" in mapping_of(address)
+    assert str(spill) not in mapping_of(small.data_ptr())
