@@ -1,0 +1,253 @@
+"""fastsave.sources.sharded on 2 CPU ranks (gloo): FSDP2, FSDP1 (with and without use_orig_params),
+bitsandbytes 4-bit under FSDP, and DeepSpeed ZeRO-3.
+
+The oracle is the unsharded model itself: each rank builds the same model (same seed) once more
+without wrapping it, and every module gathered from the sharded model must equal (torch.equal,
+same name) that model's state dict; the walk must list the unsharded model's modules in its order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from distributed_harness import run_ranks, values
+
+from fastsave.sources.sharded import ShardedModel, Sharding, clean_name, detect_sharding
+from fastsave.tiny import attach_lora, tiny_llama_config
+
+Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _tiny_peft(dtype: torch.dtype = torch.bfloat16):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(), dtype=dtype)
+    return attach_lora(model, seed=0)
+
+
+def _walk_order(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # bit equality: torch.equal alone calls two NaNs unequal, and packed 4-bit bytes stored as
+    # bf16 (bnb_4bit_quant_storage) contain NaN patterns
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _compare(sharded: ShardedModel, reference: torch.nn.Module) -> dict:
+    """Gather every module, one at a time, and compare with the unsharded reference."""
+    expected = reference.state_dict()
+    sharded.check_walk()
+    seen: dict[str, bool] = {}
+    for entry in sharded.entries():
+        with sharded.gathered(entry) as tensors:
+            assert list(tensors) == [entry.full_name(p) for p in entry.parameters]
+            for name, tensor in tensors.items():
+                seen[name] = _same_bits(tensor, expected[name])
+    with sharded.gathered(sharded.subtree(Q_PROJ)) as lora:
+        lora_names = sorted(lora)
+        lora_equal = all(_same_bits(t, expected[n]) for n, t in lora.items())
+    return {
+        "kind": sharded.kind.value,
+        "unequal": sorted(n for n, ok in seen.items() if not ok),
+        # bitsandbytes writes a 4-bit weight's quant_state as extra keys under the weight's name
+        # (weight.absmax, weight.quant_map, ...): they travel as the gathered weight's quant_state
+        "missing": sorted(
+            k for k in set(expected) - set(seen) if k.rpartition(".weight.")[0] + ".weight" not in seen
+        ),
+        "extra": sorted(set(seen) - set(expected)),
+        "order": [e.name for e in sharded.entries()] == _walk_order(reference),
+        "shapes": all(
+            tuple(expected[e.full_name(p)].shape) == s
+            for e in sharded.entries()
+            for p, s in zip(e.parameters, e.shapes, strict=True)
+        ),
+        "lora_names": lora_names,
+        "lora_equal": lora_equal,
+        "lora_layers": len(sharded.lora_layers()),
+    }
+
+
+def _fsdp2_worker(rank: int, world: int) -> list[dict]:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    reference = _tiny_peft()
+    model = _tiny_peft()
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    reports = [_compare(ShardedModel(model), reference)]
+    # after a forward FSDP2 leaves the root unsharded; gathering must still work (and reshard it)
+    with torch.no_grad():
+        model(input_ids=torch.arange(8)[None])
+    reports.append(_compare(ShardedModel(model), reference))
+    reports[-1]["still_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
+    return reports
+
+
+def _fsdp1_worker(rank: int, world: int) -> list[dict]:
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    reference = _tiny_peft()
+    reports = []
+    for use_orig_params in (False, True):
+        model = _tiny_peft()
+        # peft's policy puts the float32 LoRA leaves in units of their own: FSDP1 flattens one
+        # dtype per unit (the bf16 base and the fp32 adapters cannot share one).
+        wrapped = FSDP(
+            model,
+            auto_wrap_policy=fsdp_auto_wrap_policy(model),
+            use_orig_params=use_orig_params,
+            device_id=torch.device("cpu"),  # FSDP1 refuses CPU unless told
+        )
+        with torch.no_grad():
+            wrapped(input_ids=torch.arange(8)[None])
+        reports.append(_compare(ShardedModel(wrapped), reference))
+    return reports
+
+
+def _check(report: dict) -> None:
+    assert report["unequal"] == [] and report["missing"] == [] and report["extra"] == [], report
+    assert report["order"] and report["shapes"]
+    assert report["lora_names"] == [
+        f"{Q_PROJ}.base_layer.weight",
+        f"{Q_PROJ}.lora_A.default.weight",
+        f"{Q_PROJ}.lora_B.default.weight",
+    ]
+    assert report["lora_equal"]
+    assert report["lora_layers"] == 14  # 7 linears x 2 layers, all-linear
+
+
+def test_fsdp2_gathers_each_module_equal_to_the_unsharded_model():
+    reports = values(run_ranks(_fsdp2_worker))
+    for rank_reports in reports:
+        for report in rank_reports:
+            assert report["kind"] == "fsdp2"
+            _check(report)
+        assert rank_reports[-1]["still_sharded"]
+
+
+def test_fsdp1_gathers_each_module_equal_to_the_unsharded_model():
+    reports = values(run_ranks(_fsdp1_worker))
+    for rank_reports in reports:
+        assert len(rank_reports) == 2  # use_orig_params False and True
+        for report in rank_reports:
+            assert report["kind"] == "fsdp1"
+            _check(report)
+
+
+def _bnb_worker(rank: int, world: int, base_dir: str) -> list[dict]:
+    import bitsandbytes.functional as F
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+
+    from fastsave.tiny import load_4bit
+
+    def make():
+        # quant_storage=bfloat16: the packed 4-bit bytes are stored as bf16 so FSDP can shard them
+        return attach_lora(load_4bit(base_dir, quant_storage=torch.bfloat16), seed=0)
+
+    reference = make()
+    ref_linear = reference.get_submodule(f"{Q_PROJ}.base_layer")
+    ref_weight = F.dequantize_4bit(ref_linear.weight.data, ref_linear.weight.quant_state)
+    reports = []
+    for engine in ("fsdp2", "fsdp1"):
+        model = make()
+        if engine == "fsdp2":
+            for layer in model.base_model.model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            model = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"))
+        sharded = ShardedModel(model)
+        report = _compare(sharded, reference)
+        with sharded.gathered(sharded.entry(f"{Q_PROJ}.base_layer")) as tensors:
+            packed = tensors[f"{Q_PROJ}.base_layer.weight"]
+            report["packed_equal"] = torch.equal(
+                packed.view(torch.uint8), ref_linear.weight.data.view(torch.uint8)
+            )
+            report["dequantized_equal"] = torch.equal(
+                F.dequantize_4bit(packed, packed.quant_state), ref_weight
+            )
+        reports.append(report)
+    return reports
+
+
+def test_bnb_4bit_under_fsdp_gathers_the_packed_weight_and_its_quant_state(tiny_base_dir):
+    reports = values(run_ranks(_bnb_worker, str(tiny_base_dir)))
+    for rank_reports in reports:
+        assert [r["kind"] for r in rank_reports] == ["fsdp2", "fsdp1"]
+        for report in rank_reports:
+            _check(report)
+            assert report["packed_equal"] and report["dequantized_equal"]
+
+
+def _zero3_worker(rank: int, world: int) -> dict:
+    import os
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    reference = _tiny_peft()
+    model = _tiny_peft()
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
+        "zero_allow_untested_optimizer": True,
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=trainable)
+    sharded = ShardedModel(engine)  # the engine is unwrapped to its .module
+    report = _compare(sharded, reference)
+    report["partitioned"] = all(p.numel() == 0 for p in engine.module.parameters())
+    return report
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_zero3_gathers_each_module_equal_to_the_unsharded_model():
+    reports = values(run_ranks(_zero3_worker, join_timeout_s=300))
+    for report in reports:
+        assert report["kind"] == "zero3"
+        assert report["partitioned"]
+        _check(report)
+
+
+def test_an_unsharded_model_is_read_in_place_without_a_process_group():
+    model = _tiny_peft()
+    sharded = ShardedModel(model)
+    assert sharded.kind is Sharding.NONE
+    report = _compare(sharded, model)
+    _check(report)
+    with sharded.gathered(sharded.entry(f"{Q_PROJ}.base_layer")) as tensors:
+        assert tensors[f"{Q_PROJ}.base_layer.weight"] is model.get_submodule(f"{Q_PROJ}.base_layer").weight
+
+
+def test_wrapper_segments_are_removed_from_names():
+    assert (
+        clean_name("_fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module.mlp")
+        == "base_model.model.model.layers.0.mlp"
+    )
+    assert clean_name("_orig_mod.model.layers.1._checkpoint_wrapped_module.self_attn") == (
+        "model.layers.1.self_attn"
+    )
+    assert clean_name("") == ""
+
+
+def test_detect_sharding_reads_zero3_marks():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert detect_sharding(model) is Sharding.NONE
+    # ZeRO-3 marks each parameter it partitions with ds_id and ds_status (ZeRO-1/2 do not)
+    for parameter in model[1].parameters():
+        parameter.ds_id, parameter.ds_status, parameter.ds_shape = 0, "NOT_AVAILABLE", parameter.shape
+    assert detect_sharding(model) is Sharding.ZERO3
