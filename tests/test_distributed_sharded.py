@@ -14,7 +14,7 @@ import pytest
 import torch
 from distributed_harness import run_ranks, values
 
-from fastsave.sources.sharded import ShardedModel, Sharding, clean_name, detect_sharding
+from fastsave.sources.sharded import ShardedModel, Sharding, ShardingError, clean_name, detect_sharding
 from fastsave.tiny import attach_lora, tiny_llama_config
 
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -176,6 +176,16 @@ def _bnb_worker(rank: int, world: int, base_dir: str) -> list[dict]:
             report["dequantized_equal"] = torch.equal(
                 F.dequantize_4bit(packed, packed.quant_state), ref_weight
             )
+            copy = packed.clone()
+        # What an eval-mode forward does on a CPU with AVX512-BF16 (hazard 1), with bitsandbytes'
+        # own conversion so it happens on every machine: the transient full weight is repacked and
+        # the module's quant_state rewritten in place, while the shards keep the original layout.
+        F._convert_weight_packed_for_cpu(copy, model.get_submodule(f"{Q_PROJ}.base_layer").quant_state)
+        try:
+            with sharded.gathered(sharded.entry(f"{Q_PROJ}.base_layer")):
+                report["repacked"] = "not refused"
+        except ShardingError as exc:
+            report["repacked"] = str(exc)
         reports.append(report)
     return reports
 
@@ -187,6 +197,7 @@ def test_bnb_4bit_under_fsdp_gathers_the_packed_weight_and_its_quant_state(tiny_
         for report in rank_reports:
             _check(report)
             assert report["packed_equal"] and report["dequantized_equal"]
+            assert report["repacked"].startswith(f"{Q_PROJ}.base_layer.weight: bitsandbytes repacked")
 
 
 def _zero3_worker(rank: int, world: int) -> dict:

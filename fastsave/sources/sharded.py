@@ -365,7 +365,32 @@ def _with_quant_state(
         quant_state = getattr(entry.module, "quant_state", None)
         if quant_state is None or "weight" not in entry.parameters:
             continue
-        weight = tensors[entry.full_name("weight")]
+        name = entry.full_name("weight")
+        weight = tensors[name]
         if getattr(weight, "quant_state", None) is None:
             weight.quant_state = quant_state
+        _check_cpu_packing(name, weight, weight.quant_state)
     return tensors
+
+
+def _check_cpu_packing(name: str, weight: torch.Tensor, quant_state: object) -> None:
+    """Refuse a 4-bit weight whose quant_state says "repacked for CPU" while its data is not.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit weight during its first
+    eval-mode forward and rewrites the quant_state in place (absmax un-nested, stored as bf16).
+    Under FSDP or ZeRO-3 only the transient unsharded copy is repacked: the shards keep the
+    original layout, the shared quant_state does not, and from then on the model computes with
+    mismatched data. The original absmax is gone, so the weight cannot be read exactly.
+    """
+    if not getattr(quant_state, "packing_format_for_cpu", False):
+        return
+    rows, cols = tuple(quant_state.shape)[-2:]
+    if weight.dtype == torch.uint8 and tuple(weight.shape) == (rows, cols // 2):
+        return  # data and quant_state agree: repacked before sharding, read as repacked
+    raise ShardingError(
+        f"{name}: bitsandbytes repacked this 4-bit weight for the CPU (an eval-mode forward on a CPU "
+        "with AVX512-BF16) while the sharding engine kept its shards in the original layout, so the "
+        "weight and its quant_state no longer match and the model computes wrong outputs. The weight "
+        "cannot be read exactly: reload the model and save it without running eval-mode forward "
+        "passes on CPU first (train mode, or inputs that require grad, do not repack)."
+    )
