@@ -72,6 +72,22 @@ def _compare(sharded: ShardedModel, reference: torch.nn.Module) -> dict:
     }
 
 
+def _materialized(model: torch.nn.Module, sharded: ShardedModel, reference: torch.nn.Module) -> dict:
+    """Inside materialized(), peft's own code on the live layer sees whole tensors; after it, shards."""
+    layer, ref_layer = model.get_submodule(Q_PROJ), reference.get_submodule(Q_PROJ)
+    before = [type(p) for p in layer.parameters()]
+    with sharded.materialized(sharded.subtree(Q_PROJ)):
+        delta_equal = torch.equal(layer.get_delta_weight("default"), ref_layer.get_delta_weight("default"))
+        base_equal = _same_bits(layer.base_layer.weight.data, ref_layer.base_layer.weight.data)
+        base_type = type(layer.base_layer.weight).__name__
+    return {
+        "delta_equal": delta_equal,
+        "base_equal": base_equal,
+        "base_type": base_type,
+        "restored": [type(p) for p in layer.parameters()] == before,
+    }
+
+
 def _fsdp2_worker(rank: int, world: int) -> list[dict]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -81,11 +97,15 @@ def _fsdp2_worker(rank: int, world: int) -> list[dict]:
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    reports = [_compare(ShardedModel(model), reference)]
+    sharded = ShardedModel(model)
+    reports = [_compare(sharded, reference) | _materialized(model, sharded, reference)]
     # after a forward FSDP2 leaves the root unsharded; gathering must still work (and reshard it)
-    with torch.no_grad():
-        model(input_ids=torch.arange(8)[None])
+    with torch.no_grad():  # the model still computes what the unsharded one does
+        logits_equal = torch.equal(
+            model(input_ids=torch.arange(8)[None]).logits, reference(input_ids=torch.arange(8)[None]).logits
+        )
     reports.append(_compare(ShardedModel(model), reference))
+    reports[-1]["logits_equal"] = logits_equal
     reports[-1]["still_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
     return reports
 
@@ -108,7 +128,8 @@ def _fsdp1_worker(rank: int, world: int) -> list[dict]:
         )
         with torch.no_grad():
             wrapped(input_ids=torch.arange(8)[None])
-        reports.append(_compare(ShardedModel(wrapped), reference))
+        sharded = ShardedModel(wrapped)
+        reports.append(_compare(sharded, reference) | _materialized(model, sharded, reference))
     return reports
 
 
@@ -122,6 +143,8 @@ def _check(report: dict) -> None:
     ]
     assert report["lora_equal"]
     assert report["lora_layers"] == 14  # 7 linears x 2 layers, all-linear
+    if "delta_equal" in report:
+        assert report["delta_equal"] and report["base_equal"] and report["restored"], report
 
 
 def test_fsdp2_gathers_each_module_equal_to_the_unsharded_model():
@@ -130,7 +153,8 @@ def test_fsdp2_gathers_each_module_equal_to_the_unsharded_model():
         for report in rank_reports:
             assert report["kind"] == "fsdp2"
             _check(report)
-        assert rank_reports[-1]["still_sharded"]
+        assert rank_reports[-1]["still_sharded"] and rank_reports[-1]["logits_equal"]
+        assert rank_reports[0]["base_type"] == "Parameter"
 
 
 def test_fsdp1_gathers_each_module_equal_to_the_unsharded_model():
@@ -167,7 +191,7 @@ def _bnb_worker(rank: int, world: int, base_dir: str) -> list[dict]:
         else:
             model = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"))
         sharded = ShardedModel(model)
-        report = _compare(sharded, reference)
+        report = _compare(sharded, reference) | _materialized(model, sharded, reference)
         with sharded.gathered(sharded.entry(f"{Q_PROJ}.base_layer")) as tensors:
             packed = tensors[f"{Q_PROJ}.base_layer.weight"]
             report["packed_equal"] = torch.equal(
@@ -197,6 +221,7 @@ def test_bnb_4bit_under_fsdp_gathers_the_packed_weight_and_its_quant_state(tiny_
         for report in rank_reports:
             _check(report)
             assert report["packed_equal"] and report["dequantized_equal"]
+            assert report["base_type"] == "Params4bit"
             assert report["repacked"].startswith(f"{Q_PROJ}.base_layer.weight: bitsandbytes repacked")
 
 
@@ -218,7 +243,7 @@ def _zero3_worker(rank: int, world: int) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=trainable)
     sharded = ShardedModel(engine)  # the engine is unwrapped to its .module
-    report = _compare(sharded, reference)
+    report = _compare(sharded, reference) | _materialized(engine.module, sharded, reference)
     report["partitioned"] = all(p.numel() == 0 for p in engine.module.parameters())
     return report
 

@@ -25,8 +25,12 @@ removed, and a DeepSpeed engine is unwrapped to its ``.module``. peft's names
 unsharded peft model has, and the plan's layout step already maps them to checkpoint names.
 
 A bitsandbytes 4-bit weight stored in a float dtype (``bnb_4bit_quant_storage``, what lets FSDP
-shard it) comes back as the packed bytes in that dtype; FSDP drops the ``Params4bit`` class, so
-the yielded tensor carries the module's ``quant_state`` as an attribute, as ``Params4bit`` does.
+shard it) comes back as the packed bytes in that dtype. FSDP drops the ``Params4bit`` class; the
+yielded tensor is a ``Params4bit`` again (sharing the gathered storage) with the module's
+``quant_state``, so a source that reads a live unsharded 4-bit weight reads it unchanged.
+
+:meth:`ShardedModel.materialized` goes one step further for code written for a live model: it
+puts the gathered tensors into the modules themselves for the duration of the block.
 """
 
 from __future__ import annotations
@@ -308,6 +312,36 @@ class ShardedModel:
                 {e.full_name(p): getattr(e.module, p) for e in entries for p in e.parameters}, entries
             )
 
+    @contextmanager
+    def materialized(self, entries: ModuleEntry | Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
+        """:meth:`gathered`, with the full tensors also set on the live modules inside the block.
+
+        Code written for an unsharded model (``module.weight``, ``layer.lora_A["default"].weight``)
+        then reads whole tensors, unchanged. The sharded parameters are put back on exit, also on
+        error. Same collective contract as :meth:`gathered`; no forward pass inside the block.
+        """
+        if isinstance(entries, ModuleEntry):
+            entries = [entries]
+        with self.gathered(entries) as tensors:
+            swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+            try:
+                for entry in entries:
+                    for name in entry.parameters:
+                        full = tensors[entry.full_name(name)]
+                        current = entry.module._parameters.get(name)
+                        if current is full or name not in entry.module._parameters:
+                            continue
+                        if not isinstance(full, nn.Parameter):
+                            full = nn.Parameter(full, requires_grad=False)
+                        swapped.append((entry.module, name, current))
+                        # _parameters directly: FSDP2 swaps its own registrations the same way,
+                        # and __setattr__ would refuse replacing a DTensor parameter by a tensor
+                        entry.module._parameters[name] = full
+                yield tensors
+            finally:
+                for module, name, original in reversed(swapped):
+                    module._parameters[name] = original
+
     def _gathered_fsdp2(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
         dtensor = _dtensor_class()
         out: dict[str, torch.Tensor] = {}
@@ -368,9 +402,26 @@ def _with_quant_state(
         name = entry.full_name("weight")
         weight = tensors[name]
         if getattr(weight, "quant_state", None) is None:
-            weight.quant_state = quant_state
+            weight = tensors[name] = _as_params4bit(weight, quant_state, entry.module)
         _check_cpu_packing(name, weight, weight.quant_state)
     return tensors
+
+
+def _as_params4bit(data: torch.Tensor, quant_state, module: nn.Module) -> torch.Tensor:
+    """The gathered packed bytes as the ``Params4bit`` an unsharded model holds (no copy)."""
+    from bitsandbytes.nn import Params4bit
+
+    return Params4bit(
+        data=data,
+        requires_grad=False,
+        quant_state=quant_state,
+        blocksize=quant_state.blocksize,
+        compress_statistics=quant_state.nested,
+        quant_type=quant_state.quant_type,
+        quant_storage=data.dtype,
+        module=module,
+        bnb_quantized=True,
+    )
 
 
 def _check_cpu_packing(name: str, weight: torch.Tensor, quant_state: object) -> None:
