@@ -225,36 +225,53 @@ def test_bnb_4bit_under_fsdp_gathers_the_packed_weight_and_its_quant_state(tiny_
             assert report["repacked"].startswith(f"{Q_PROJ}.base_layer.weight: bitsandbytes repacked")
 
 
-def _zero3_worker(rank: int, world: int) -> dict:
+def _zero3_worker(rank: int, world: int, base_dir: str) -> list[dict]:
     import os
 
     os.environ["DS_ACCELERATOR"] = "cpu"
+    import bitsandbytes.functional as F
     import deepspeed
 
+    from fastsave.tiny import load_4bit
+
     deepspeed.init_distributed(dist_backend="gloo")
-    reference = _tiny_peft()
-    model = _tiny_peft()
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": 3},
         "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
         "zero_allow_untested_optimizer": True,
     }
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=trainable)
-    sharded = ShardedModel(engine)  # the engine is unwrapped to its .module
-    report = _compare(sharded, reference) | _materialized(engine.module, sharded, reference)
-    report["partitioned"] = all(p.numel() == 0 for p in engine.module.parameters())
-    return report
+    reports = []
+    # a bf16 base, and a bitsandbytes 4-bit base stored as bf16 (what ZeRO-3 QLoRA uses)
+    for make in (_tiny_peft, lambda: attach_lora(load_4bit(base_dir, quant_storage=torch.bfloat16), seed=0)):
+        reference, model = make(), make()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=trainable)
+        sharded = ShardedModel(engine)  # the engine is unwrapped to its .module
+        report = _compare(sharded, reference) | _materialized(engine.module, sharded, reference)
+        report["partitioned"] = all(p.numel() == 0 for p in engine.module.parameters())
+        ref_linear = reference.get_submodule(f"{Q_PROJ}.base_layer")
+        with sharded.gathered(sharded.entry(f"{Q_PROJ}.base_layer")) as tensors:
+            weight = tensors[f"{Q_PROJ}.base_layer.weight"]
+            report["dequantized_equal"] = getattr(
+                ref_linear.weight, "quant_state", None
+            ) is None or torch.equal(
+                F.dequantize_4bit(weight, weight.quant_state),
+                F.dequantize_4bit(ref_linear.weight.data, ref_linear.weight.quant_state),
+            )
+        reports.append(report)
+    return reports
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
-def test_zero3_gathers_each_module_equal_to_the_unsharded_model():
-    reports = values(run_ranks(_zero3_worker, join_timeout_s=300))
-    for report in reports:
-        assert report["kind"] == "zero3"
-        assert report["partitioned"]
-        _check(report)
+def test_zero3_gathers_each_module_equal_to_the_unsharded_model(tiny_base_dir):
+    reports = values(run_ranks(_zero3_worker, str(tiny_base_dir), join_timeout_s=300))
+    for rank_reports in reports:
+        assert [r["base_type"] for r in rank_reports] == ["Parameter", "Params4bit"]
+        for report in rank_reports:
+            assert report["kind"] == "zero3"
+            assert report["partitioned"] and report["dequantized_equal"]
+            _check(report)
 
 
 def test_an_unsharded_model_is_read_in_place_without_a_process_group():
