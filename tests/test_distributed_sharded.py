@@ -88,6 +88,34 @@ def _materialized(model: torch.nn.Module, sharded: ShardedModel, reference: torc
     }
 
 
+def _rows_report(sharded: ShardedModel, reference: torch.nn.Module) -> dict:
+    """gathered_rows against slices of the unsharded parameter, windows across the rank boundary."""
+    from torch.distributed.fsdp import fully_shard
+
+    embed = "base_model.model.model.embed_tokens"
+    full = reference.get_submodule(embed).weight
+    results = {}
+    for start, stop in [(0, 0), (0, 320), (150, 170), (10, 20), (300, 320), (160, 161)]:
+        with sharded.gathered_rows(sharded.entry(embed), "weight", start, stop) as rows:
+            results[(start, stop)] = _same_bits(rows, full[start:stop])
+    # 7 rows on 2 ranks: chunks of 4 and 3 (uneven)
+    torch.manual_seed(1)
+    odd, odd_reference = torch.nn.Linear(5, 7), None
+    odd_reference = odd.weight.detach().clone()
+    fully_shard(odd)
+    odd_sharded = ShardedModel(odd)
+    for start in range(8):
+        for stop in range(start, 8):
+            with odd_sharded.gathered_rows(odd_sharded.entry(""), "weight", start, stop) as rows:
+                results[("odd", start, stop)] = _same_bits(rows, odd_reference[start:stop])
+    try:
+        with sharded.gathered_rows(sharded.entry(embed), "weight", 10, 400):
+            pass
+    except ValueError as exc:
+        results["out of range"] = "outside" in str(exc)
+    return {"rows_wrong": sorted(str(k) for k, ok in results.items() if not ok), "rows_checked": len(results)}
+
+
 def _fsdp2_worker(rank: int, world: int) -> list[dict]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -98,7 +126,11 @@ def _fsdp2_worker(rank: int, world: int) -> list[dict]:
         fully_shard(layer)
     fully_shard(model)
     sharded = ShardedModel(model)
-    reports = [_compare(sharded, reference) | _materialized(model, sharded, reference)]
+    reports = [
+        _compare(sharded, reference)
+        | _materialized(model, sharded, reference)
+        | _rows_report(sharded, reference)
+    ]
     # after a forward FSDP2 leaves the root unsharded; gathering must still work (and reshard it)
     with torch.no_grad():  # the model still computes what the unsharded one does
         logits_equal = torch.equal(
@@ -155,6 +187,7 @@ def test_fsdp2_gathers_each_module_equal_to_the_unsharded_model():
             _check(report)
         assert rank_reports[-1]["still_sharded"] and rank_reports[-1]["logits_equal"]
         assert rank_reports[0]["base_type"] == "Parameter"
+        assert rank_reports[0]["rows_wrong"] == [] and rank_reports[0]["rows_checked"] == 6 + 36 + 1
 
 
 def test_fsdp1_gathers_each_module_equal_to_the_unsharded_model():

@@ -342,6 +342,34 @@ class ShardedModel:
                 for module, name, original in reversed(swapped):
                     module._parameters[name] = original
 
+    @contextmanager
+    def gathered_rows(
+        self, entry: ModuleEntry, parameter: str, start: int, stop: int
+    ) -> Iterator[torch.Tensor]:
+        """Rows ``start:stop`` (dim 0) of one parameter, whole, on every rank; freed on exit.
+
+        For tensors too big to hold whole even once: a vocabulary-sized embedding or head, or a
+        fused MoE expert stack (``[experts, ...]``, one expert per row). Under FSDP2's row sharding
+        (``Shard(0)`` on a one-dimensional mesh) only the ranks that hold those rows send them
+        (one broadcast each), so memory is the window, not the parameter. Other layouts (FSDP1,
+        ZeRO-3, other placements) gather the parameter and slice it: correct, without the saving.
+        Collective, like :meth:`gathered`; the result is valid inside the block only.
+        """
+        rows = entry.shapes[entry.parameters.index(parameter)][0]
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"rows {start}:{stop} are outside {entry.full_name(parameter)} ({rows} rows)")
+        value = getattr(entry.module, parameter)
+        dtensor = _dtensor_class()
+        if self.kind is Sharding.FSDP2 and isinstance(value, dtensor) and _row_sharded(value):
+            window = _broadcast_rows(value, start, stop)
+            try:
+                yield window
+            finally:
+                del window
+            return
+        with self.gathered(entry) as tensors:
+            yield tensors[entry.full_name(parameter)][start:stop]
+
     def _gathered_fsdp2(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
         dtensor = _dtensor_class()
         out: dict[str, torch.Tensor] = {}
@@ -388,6 +416,37 @@ class ShardedModel:
                 yield _with_quant_state(out, entries)
             finally:
                 out.clear()
+
+
+def _row_sharded(value: torch.Tensor) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return value.device_mesh.ndim == 1 and len(value.placements) == 1 and value.placements[0] == Shard(0)
+
+
+def _broadcast_rows(value: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a row-sharded DTensor, sent by the ranks that hold them."""
+    import torch.distributed as dist
+
+    mesh = value.device_mesh
+    group = mesh.get_group()
+    world = mesh.size()
+    rows = value.shape[0]
+    chunk = -(-rows // world)  # DTensor's Shard(0) splits like torch.chunk: ceil-sized chunks
+    local = value.to_local()
+    me = mesh.get_local_rank()
+    device = local.device if local.device.type == mesh.device_type else torch.device(mesh.device_type)
+    window = torch.empty((stop - start, *value.shape[1:]), dtype=value.dtype, device=device)
+    for holder in range(world):
+        first, last = max(start, holder * chunk), min(stop, (holder + 1) * chunk, rows)
+        if first >= last:
+            continue
+        piece = window[first - start : last - start]
+        if holder == me:
+            piece.copy_(local[first - holder * chunk : last - holder * chunk])
+        if world > 1:  # a dim-0 slice of a fresh tensor is contiguous: received in place
+            dist.broadcast(piece, src=dist.get_global_rank(group, holder), group=group)
+    return window
 
 
 def _with_quant_state(
