@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import socket
 import threading
@@ -102,12 +103,21 @@ def worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace
     if mode == "module":
         sharded = ShardedModel(model)
         sharded.check_walk()
+        window_bytes = int(args.row_window_mib * 1024 * 1024)
         for entry in sharded.entries():
             t0 = time.perf_counter()
-            with sharded.gathered(entry) as tensors:
-                touched = sum(int(t.view(-1)[-1].float().item() != 0.5) for t in tensors.values())
+            if window_bytes and entry.nbytes > window_bytes:
+                # in row windows: only the window is ever whole
+                for name, shape, dtype in zip(entry.parameters, entry.shapes, entry.dtypes, strict=True):
+                    step = max(1, window_bytes // (math.prod(shape[1:]) * dtype.itemsize))
+                    for first in range(0, shape[0], step):
+                        with sharded.gathered_rows(entry, name, first, min(first + step, shape[0])) as rows:
+                            float(rows.view(-1)[-1])
+            else:
+                with sharded.gathered(entry) as tensors:
+                    for t in tensors.values():
+                        float(t.view(-1)[-1])
             timings.append((entry.name, entry.nbytes, time.perf_counter() - t0))
-            del touched
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -172,6 +182,12 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--modes", default="module,full")
+    parser.add_argument(
+        "--row-window-mib",
+        type=float,
+        default=0.0,
+        help="module mode: gather tensors above this size in row windows",
+    )
     args = parser.parse_args()
     mib = 1024 * 1024
     for mode in args.modes.split(","):
