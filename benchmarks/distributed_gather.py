@@ -23,6 +23,7 @@ import argparse
 import datetime
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -78,6 +79,24 @@ def build(args: argparse.Namespace):
     return get_peft_model(model, lora)
 
 
+def gather_one(sharded, entry, window_bytes: int, timings: list) -> None:
+    """Gather one module (in row windows when it is bigger than window_bytes), touching the data."""
+    t0 = time.perf_counter()
+    if window_bytes and entry.nbytes > window_bytes:
+        # in row windows: only the window is ever whole (FSDP1 cannot: hold its unit once instead)
+        with sharded.holding(entry):
+            for name, shape, dtype in zip(entry.parameters, entry.shapes, entry.dtypes, strict=True):
+                step = max(1, window_bytes // (math.prod(shape[1:]) * dtype.itemsize))
+                for first in range(0, shape[0], step):
+                    with sharded.gathered_rows(entry, name, first, min(first + step, shape[0])) as rows:
+                        float(rows.view(-1)[-1])
+    else:
+        with sharded.gathered(entry) as tensors:
+            for t in tensors.values():
+                float(t.view(-1)[-1])
+    timings.append((entry.name, entry.nbytes, time.perf_counter() - t0))
+
+
 def worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace, results) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -89,9 +108,18 @@ def worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace
     model = build(args)
     total_params = sum(p.numel() for p in model.parameters())
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    if args.engine == "fsdp1":
+        from peft.utils.other import fsdp_auto_wrap_policy
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        # peft's policy: decoder layers and each trainable LoRA leaf are units of their own
+        model = FullyShardedDataParallel(
+            model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu")
+        )
+    else:
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
     import gc
 
     gc.collect()
@@ -104,20 +132,19 @@ def worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace
         sharded = ShardedModel(model)
         sharded.check_walk()
         window_bytes = int(args.row_window_mib * 1024 * 1024)
+        # groups of consecutive entries: one decoder layer each with --hold-layers, else one entry
+        groups: list[list] = []
         for entry in sharded.entries():
-            t0 = time.perf_counter()
-            if window_bytes and entry.nbytes > window_bytes:
-                # in row windows: only the window is ever whole
-                for name, shape, dtype in zip(entry.parameters, entry.shapes, entry.dtypes, strict=True):
-                    step = max(1, window_bytes // (math.prod(shape[1:]) * dtype.itemsize))
-                    for first in range(0, shape[0], step):
-                        with sharded.gathered_rows(entry, name, first, min(first + step, shape[0])) as rows:
-                            float(rows.view(-1)[-1])
+            layer = re.match(r"(.*\.layers\.\d+)\.", entry.name)
+            key = layer.group(1) if layer and args.hold_layers else entry.name
+            if groups and groups[-1][0] == key:
+                groups[-1][1].append(entry)
             else:
-                with sharded.gathered(entry) as tensors:
-                    for t in tensors.values():
-                        float(t.view(-1)[-1])
-            timings.append((entry.name, entry.nbytes, time.perf_counter() - t0))
+                groups.append((key, [entry]))
+        for _key, members in groups:
+            with sharded.holding(members if len(members) > 1 else []):
+                for entry in members:
+                    gather_one(sharded, entry, window_bytes, timings)
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -181,6 +208,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--engine", choices=["fsdp2", "fsdp1"], default="fsdp2")
+    parser.add_argument(
+        "--hold-layers", action="store_true", help="module mode: hold each decoder layer (FSDP1)"
+    )
     parser.add_argument("--modes", default="module,full")
     parser.add_argument(
         "--row-window-mib",
@@ -194,7 +225,7 @@ def main() -> None:
         reports = run(mode, args)
         first = reports[0]
         print(
-            f"\n## {mode}: {first['params'] / 1e6:.0f}M params, {first['bytes'] / mib:.0f} MiB, "
+            f"\n## {args.engine} {mode}: {first['params'] / 1e6:.0f}M params, {first['bytes'] / mib:.0f} MiB, "
             f"{args.world} ranks (gloo, 1 thread each)"
         )
         for r in reports:

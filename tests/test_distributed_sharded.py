@@ -161,7 +161,17 @@ def _fsdp1_worker(rank: int, world: int) -> list[dict]:
         with torch.no_grad():
             wrapped(input_ids=torch.arange(8)[None])
         sharded = ShardedModel(wrapped)
-        reports.append(_compare(sharded, reference) | _materialized(model, sharded, reference))
+        report = _compare(sharded, reference) | _materialized(model, sharded, reference)
+        # one decoder layer held: its modules gathered one by one inside, without re-summoning
+        expected = reference.state_dict()
+        layer = sharded.subtree("base_model.model.model.layers.1")
+        held_equal = []
+        with sharded.holding(layer):
+            for entry in layer:
+                with sharded.gathered(entry) as tensors:
+                    held_equal += [_same_bits(t, expected[n]) for n, t in tensors.items()]
+        report["held_equal"] = len(held_equal) == 9 + 14 and all(held_equal)
+        reports.append(report)
     return reports
 
 
@@ -197,6 +207,7 @@ def test_fsdp1_gathers_each_module_equal_to_the_unsharded_model():
         for report in rank_reports:
             assert report["kind"] == "fsdp1"
             _check(report)
+            assert report["held_equal"]
 
 
 def _bnb_worker(rank: int, world: int, base_dir: str) -> list[dict]:

@@ -175,6 +175,7 @@ class ShardedModel:
         # by value and the model outlives this object).
         self._fsdp1_units: dict[tuple[int, str], nn.Module] = {}
         self._fsdp1_meta: dict[int, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+        self._held: list[nn.Module] = []  # FSDP1 units kept summoned by holding()
         if self.kind is Sharding.FSDP2:
             self._reshard_fsdp2()
         elif self.kind is Sharding.FSDP1:
@@ -389,14 +390,43 @@ class ShardedModel:
         finally:
             out.clear()
 
-    def _gathered_fsdp1(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
-        fsdp1 = _fsdp1_class()
+    @contextmanager
+    def holding(self, entries: ModuleEntry | Sequence[ModuleEntry]) -> Iterator[None]:
+        """Keep ``entries`` gathered across the :meth:`gathered` calls inside the block.
+
+        FSDP1 can only materialize a whole FSDP unit (the wrap policy's granularity, typically a
+        decoder layer), so gathering the modules of one layer one by one summons that layer once
+        per module. Holding the layer summons it once: same peak memory (a unit is the floor under
+        FSDP1), far fewer collectives. FSDP2 and ZeRO-3 gather per parameter: there it does
+        nothing. Collective, like :meth:`gathered`; may not be nested for the same unit.
+        """
+        if isinstance(entries, ModuleEntry):
+            entries = [entries]
+        if self.kind is not Sharding.FSDP1:
+            yield
+            return
+        units = [u for u in self._fsdp1_units_of(entries) if all(u is not h for h in self._held)]
+        with ExitStack() as stack:
+            for unit in units:
+                stack.enter_context(_fsdp1_class().summon_full_params(unit, recurse=False, writeback=False))
+            self._held.extend(units)
+            try:
+                yield
+            finally:
+                del self._held[len(self._held) - len(units) :]
+
+    def _fsdp1_units_of(self, entries: Sequence[ModuleEntry]) -> list[nn.Module]:
         units: list[nn.Module] = []  # distinct units, in first-use order (identical on every rank)
         for entry in entries:
             for name in entry.parameters:
                 unit = self._fsdp1_units.get((id(entry.module), name))
                 if unit is not None and all(unit is not u for u in units):
                     units.append(unit)
+        return units
+
+    def _gathered_fsdp1(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
+        fsdp1 = _fsdp1_class()
+        units = [u for u in self._fsdp1_units_of(entries) if all(u is not h for h in self._held)]
         with ExitStack() as stack:
             for unit in units:
                 stack.enter_context(fsdp1.summon_full_params(unit, recurse=False, writeback=False))
