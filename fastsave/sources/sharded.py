@@ -31,6 +31,9 @@ yielded tensor is a ``Params4bit`` again (sharing the gathered storage) with the
 
 :meth:`ShardedModel.materialized` goes one step further for code written for a live model: it
 puts the gathered tensors into the modules themselves for the duration of the block.
+:meth:`ShardedModel.gathered_rows` materializes a row window of one tensor (a vocabulary-sized head,
+a fused MoE expert stack), and :meth:`ShardedModel.holding` keeps FSDP1 units summoned across
+several gathers (FSDP1 cannot materialize less than a unit).
 """
 
 from __future__ import annotations
