@@ -1,0 +1,539 @@
+"""Weights of a model whose parameters are sharded across ranks (FSDP2, FSDP1, DeepSpeed ZeRO-3).
+
+Under FSDP or ZeRO-3 each rank holds a slice of every parameter. To save the model, the ranks
+materialize the full parameters of ONE module at a time with the sharding engine's own
+collective (FSDP2: ``DTensor.full_tensor()`` per parameter; FSDP1: ``summon_full_params`` of the
+FSDP unit that holds the module, with ``recurse=False``; ZeRO-3: ``deepspeed.zero.GatheredParameters``
+on the module's parameters), use them, and free them before the next module. No rank then holds
+more than one module (for FSDP1: one FSDP unit, the wrap policy's granularity) beyond its shard.
+
+The collective contract, which every caller must keep:
+
+- Every rank builds a :class:`ShardedModel` of the same model, and enters :meth:`ShardedModel.gathered`
+  for the same entries, in the same order, the same number of times. A rank that skips one
+  leaves the others waiting in the collective until the process group's timeout. Walk the
+  model with :meth:`ShardedModel.entries` (identical order on every rank; :meth:`ShardedModel.check_walk`
+  verifies it collectively) and never branch on the rank around a gather.
+- The tensors yielded are valid only inside the ``with`` block (FSDP1 frees their storage on
+  exit); clone what must outlive it. Never write to them (FSDP1 discards the write).
+- No forward or backward pass runs inside the block.
+
+Names are those of the unsharded model: FSDP1's ``_fsdp_wrapped_module``, activation
+checkpointing's ``_checkpoint_wrapped_module`` and torch.compile's ``_orig_mod`` segments are
+removed, and a DeepSpeed engine is unwrapped to its ``.module``. peft's names
+(``base_model.model.``, ``.base_layer``, ``lora_A.<adapter>``) are kept: they are the names the
+unsharded peft model has, and the plan's layout step already maps them to checkpoint names.
+
+A bitsandbytes 4-bit weight stored in a float dtype (``bnb_4bit_quant_storage``, what lets FSDP
+shard it) comes back as the packed bytes in that dtype. FSDP drops the ``Params4bit`` class; the
+yielded tensor is a ``Params4bit`` again (sharing the gathered storage) with the module's
+``quant_state``, so a source that reads a live unsharded 4-bit weight reads it unchanged.
+
+:meth:`ShardedModel.materialized` goes one step further for code written for a live model: it
+puts the gathered tensors into the modules themselves for the duration of the block.
+:meth:`ShardedModel.gathered_rows` materializes a row window of one tensor (a vocabulary-sized head,
+a fused MoE expert stack), and :meth:`ShardedModel.holding` keeps FSDP1 units summoned across
+several gathers (FSDP1 cannot materialize less than a unit).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastsave.parallel import ranks
+
+# Name segments that wrappers insert and the unsharded model does not have.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+class Sharding(enum.Enum):
+    """How a model's parameters are spread over ranks."""
+
+    NONE = "none"  # every rank (or the only process) holds every parameter whole
+    FSDP2 = "fsdp2"  # torch.distributed.fsdp.fully_shard: parameters are DTensors
+    FSDP1 = "fsdp1"  # FullyShardedDataParallel: parameters flattened into FlatParameters
+    ZERO3 = "zero3"  # DeepSpeed ZeRO stage 3: parameters partitioned, ds_* attributes
+
+
+class ShardingError(RuntimeError):
+    """The model's sharding cannot be read (mixed engines, or an unsupported layout)."""
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One module that has parameters of its own, as the walk lists it.
+
+    ``name`` is the module's name in the unsharded model ("" for the root); ``parameters`` its own
+    parameters' local names (not its children's), ``shapes`` and ``dtypes`` their full (unsharded)
+    shapes and dtypes, in the same order.
+    """
+
+    name: str
+    module: nn.Module
+    parameters: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+
+    def full_name(self, parameter: str) -> str:
+        """The parameter's name in the unsharded model's state dict."""
+        return f"{self.name}.{parameter}" if self.name else parameter
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the module's own parameters take when materialized whole."""
+        return sum(
+            math.prod(shape) * dtype.itemsize for shape, dtype in zip(self.shapes, self.dtypes, strict=True)
+        )
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the segments that FSDP1, activation checkpointing and torch.compile insert."""
+    return ".".join(part for part in name.split(".") if part and part not in _WRAPPER_SEGMENTS)
+
+
+def _dtensor_class() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: no FSDP2 either
+        return None
+    return DTensor
+
+
+def _fsdp1_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return None
+    return FullyShardedDataParallel
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model a save walks: a DeepSpeed engine's ``.module``; anything else unchanged.
+
+    FSDP1 wrappers are kept (their summon needs them); their name segments are removed by
+    :func:`clean_name` instead.
+    """
+    deepspeed = sys.modules.get("deepspeed")  # only a process that trains with DeepSpeed has it
+    if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine):
+        return model.module
+    return model
+
+
+def _is_flat_parameter(parameter: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.fsdp import FlatParameter
+    except ImportError:
+        return False
+    return isinstance(parameter, FlatParameter)
+
+
+def _is_zero3(parameter: torch.Tensor) -> bool:
+    # ZeRO-3 marks every parameter it partitions with ds_id/ds_status; ZeRO-1/2 leave them whole.
+    return hasattr(parameter, "ds_id") and hasattr(parameter, "ds_status")
+
+
+def detect_sharding(model: nn.Module) -> Sharding:
+    """How ``model``'s parameters are sharded; raises :class:`ShardingError` for a mix of engines."""
+    model = unwrap(model)
+    dtensor = _dtensor_class()
+    fsdp1 = _fsdp1_class()
+    found: set[Sharding] = set()
+    if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
+        found.add(Sharding.FSDP1)
+    for parameter in model.parameters():
+        if dtensor is not None and isinstance(parameter, dtensor):
+            found.add(Sharding.FSDP2)
+        elif _is_zero3(parameter):
+            found.add(Sharding.ZERO3)
+    if len(found) > 1:
+        kinds = ", ".join(sorted(kind.value for kind in found))
+        raise ShardingError(
+            f"the model is sharded by more than one engine ({kinds}); fastsave reads one at a time. "
+            "Save from a model wrapped by one of them."
+        )
+    return found.pop() if found else Sharding.NONE
+
+
+class ShardedModel:
+    """A model's modules, walked the same way on every rank, and their parameters gathered whole.
+
+    Build one on every rank after wrapping (and after any training step); see the module
+    docstring for the collective contract. With :attr:`kind` ``Sharding.NONE`` nothing is
+    collective and :meth:`gathered` yields the parameters themselves.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = unwrap(model)
+        self.kind = detect_sharding(self.model)
+        # FSDP1: which FSDP unit holds each (module, parameter name); per module, the full
+        # shape and dtype of each of its parameters (modules keyed by id: they are not hashable
+        # by value and the model outlives this object).
+        self._fsdp1_units: dict[tuple[int, str], nn.Module] = {}
+        self._fsdp1_meta: dict[int, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+        self._held: list[nn.Module] = []  # FSDP1 units kept summoned by holding()
+        if self.kind is Sharding.FSDP2:
+            self._reshard_fsdp2()
+        elif self.kind is Sharding.FSDP1:
+            self._index_fsdp1()
+        self._entries = self._walk()
+        self._by_name = {entry.name: entry for entry in self._entries}
+
+    # -- engine-specific set-up ---------------------------------------------------------------
+
+    def _reshard_fsdp2(self) -> None:
+        # After a forward, FSDP2 leaves the root (reshard_after_forward=False) unsharded, with plain
+        # tensors registered; its own state_dict reshards first, and so do we: every parameter is
+        # then a DTensor and gathering it is always the same collective on every rank.
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def _index_fsdp1(self) -> None:
+        # FSDP1 flattens a unit's parameters into one FlatParameter and (without use_orig_params)
+        # removes them from their modules; the FlatParameter's records say where each came from.
+        fsdp1 = _fsdp1_class()
+        for root in fsdp1.fsdp_modules(self.model, root_only=True):
+            root.check_is_root()  # lazy init from the real root before summoning an inner unit
+        for unit in fsdp1.fsdp_modules(self.model):
+            flat = unit._flat_param  # the FlatParameter of this unit (None if it manages none)
+            if flat is None:
+                continue
+            for info, shape in zip(flat._param_infos, flat._shapes, strict=True):
+                self._fsdp1_units[(id(info.module), info.param_name)] = unit
+                meta = (tuple(shape), flat.dtype)
+                self._fsdp1_meta.setdefault(id(info.module), {})[info.param_name] = meta
+            for shared in flat._shared_param_infos:  # a tied parameter's second (third...) owner
+                self._fsdp1_units[(id(shared.module), shared.param_name)] = unit
+                meta = self._fsdp1_meta[id(shared.prim_module)][shared.prim_param_name]
+                self._fsdp1_meta.setdefault(id(shared.module), {})[shared.param_name] = meta
+
+    # -- the walk -----------------------------------------------------------------------------
+
+    def _own_parameters(self, module: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        own: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        flattened = self._fsdp1_meta.get(id(module), {})
+        for name, parameter in module.named_parameters(recurse=False):
+            if name in flattened:  # FSDP1 with use_orig_params: a view of this rank's slice
+                own[name] = flattened[name]
+            elif _is_flat_parameter(parameter):
+                continue  # an FSDP1 unit's flat buffer, listed below under its original names
+            elif _is_zero3(parameter):
+                own[name] = (tuple(parameter.ds_shape), parameter.dtype)
+            else:  # a DTensor reports its global shape; a plain tensor is whole
+                own[name] = (tuple(parameter.shape), parameter.dtype)
+        for name, meta in flattened.items():  # FSDP1 without use_orig_params: not registered now
+            own.setdefault(name, meta)
+        return [(name, shape, dtype) for name, (shape, dtype) in own.items()]
+
+    def _walk(self) -> list[ModuleEntry]:
+        fsdp1 = _fsdp1_class()
+        entries = []
+        seen: set[str] = set()
+        for raw_name, module in self.model.named_modules():
+            if fsdp1 is not None and isinstance(module, fsdp1):
+                continue  # a wrapper: its module is walked under the same clean name
+            own = self._own_parameters(module)
+            if not own:
+                continue
+            name = clean_name(raw_name)
+            if name in seen:
+                raise ShardingError(f"two modules are both named {name!r} once wrapper names are removed")
+            seen.add(name)
+            entries.append(
+                ModuleEntry(
+                    name=name,
+                    module=module,
+                    parameters=tuple(p for p, _, _ in own),
+                    shapes=tuple(s for _, s, _ in own),
+                    dtypes=tuple(d for _, _, d in own),
+                )
+            )
+        return entries
+
+    def entries(self) -> list[ModuleEntry]:
+        """Every module with parameters of its own, in the model's module order (the same on every rank)."""
+        return list(self._entries)
+
+    def entry(self, name: str) -> ModuleEntry:
+        """The module named ``name`` in the unsharded model (KeyError if it has no own parameters)."""
+        return self._by_name[name]
+
+    def subtree(self, name: str) -> list[ModuleEntry]:
+        """The module ``name`` and every module under it that has own parameters, in walk order.
+
+        For a peft LoRA layer this is its base layer and its lora_A/lora_B (lora_embedding_A/B,
+        lora_magnitude_vector) of every adapter: what one merged output tensor needs.
+        """
+        prefix = f"{name}." if name else ""
+        return [e for e in self._entries if e.name == name or e.name.startswith(prefix)]
+
+    def lora_layers(self) -> list[str]:
+        """Names of the peft LoRA layers (modules that carry adapters), in walk order."""
+        from peft.tuners.lora import LoraLayer
+
+        fsdp1 = _fsdp1_class()
+        names = []
+        for raw_name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and not (fsdp1 is not None and isinstance(module, fsdp1)):
+                names.append(clean_name(raw_name))
+        return names
+
+    def check_walk(self) -> None:
+        """Collectively verify that every rank walks the same modules with the same shapes, in the same order."""
+        signature = [(e.name, e.parameters, e.shapes, [str(d) for d in e.dtypes]) for e in self._entries]
+        ranks.check_same_on_all_ranks((self.kind.value, signature), "the module walk of the sharded model")
+
+    # -- gathering ----------------------------------------------------------------------------
+
+    @contextmanager
+    def gathered(self, entries: ModuleEntry | Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
+        """Materialize the own parameters of ``entries`` whole on every rank; free them on exit.
+
+        Collective: every rank enters it for the same entries in the same order. Yields
+        ``{full name in the unsharded model: full tensor}``. The tensors are valid only inside
+        the block and must not be modified.
+        """
+        if isinstance(entries, ModuleEntry):
+            entries = [entries]
+        if self.kind is Sharding.FSDP2:
+            yield from self._gathered_fsdp2(entries)
+        elif self.kind is Sharding.FSDP1:
+            yield from self._gathered_fsdp1(entries)
+        elif self.kind is Sharding.ZERO3:
+            yield from self._gathered_zero3(entries)
+        else:
+            yield _with_quant_state(
+                {e.full_name(p): getattr(e.module, p) for e in entries for p in e.parameters}, entries
+            )
+
+    @contextmanager
+    def materialized(self, entries: ModuleEntry | Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
+        """:meth:`gathered`, with the full tensors also set on the live modules inside the block.
+
+        Code written for an unsharded model (``module.weight``, ``layer.lora_A["default"].weight``)
+        then reads whole tensors, unchanged. The sharded parameters are put back on exit, also on
+        error. Same collective contract as :meth:`gathered`; no forward pass inside the block.
+        """
+        if isinstance(entries, ModuleEntry):
+            entries = [entries]
+        with self.gathered(entries) as tensors:
+            swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+            try:
+                for entry in entries:
+                    for name in entry.parameters:
+                        full = tensors[entry.full_name(name)]
+                        current = entry.module._parameters.get(name)
+                        if current is full or name not in entry.module._parameters:
+                            continue
+                        if not isinstance(full, nn.Parameter):
+                            full = nn.Parameter(full, requires_grad=False)
+                        swapped.append((entry.module, name, current))
+                        # _parameters directly: FSDP2 swaps its own registrations the same way,
+                        # and __setattr__ would refuse replacing a DTensor parameter by a tensor
+                        entry.module._parameters[name] = full
+                yield tensors
+            finally:
+                for module, name, original in reversed(swapped):
+                    module._parameters[name] = original
+
+    @contextmanager
+    def gathered_rows(
+        self, entry: ModuleEntry, parameter: str, start: int, stop: int
+    ) -> Iterator[torch.Tensor]:
+        """Rows ``start:stop`` (dim 0) of one parameter, whole, on every rank; freed on exit.
+
+        For tensors too big to hold whole even once: a vocabulary-sized embedding or head, or a
+        fused MoE expert stack (``[experts, ...]``, one expert per row). Under FSDP2's row sharding
+        (``Shard(0)`` on a one-dimensional mesh) only the ranks that hold those rows send them
+        (one broadcast each), so memory is the window, not the parameter. Other layouts (FSDP1,
+        ZeRO-3, other placements) gather the parameter and slice it: correct, without the saving.
+        Collective, like :meth:`gathered`; the result is valid inside the block only.
+        """
+        rows = entry.shapes[entry.parameters.index(parameter)][0]
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"rows {start}:{stop} are outside {entry.full_name(parameter)} ({rows} rows)")
+        value = getattr(entry.module, parameter)
+        dtensor = _dtensor_class()
+        if self.kind is Sharding.FSDP2 and isinstance(value, dtensor) and _row_sharded(value):
+            window = _broadcast_rows(value, start, stop)
+            try:
+                yield window
+            finally:
+                del window
+            return
+        with self.gathered(entry) as tensors:
+            yield tensors[entry.full_name(parameter)][start:stop]
+
+    def _gathered_fsdp2(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
+        dtensor = _dtensor_class()
+        out: dict[str, torch.Tensor] = {}
+        for entry in entries:
+            for name in entry.parameters:
+                parameter = getattr(entry.module, name)
+                if isinstance(parameter, dtensor):
+                    mesh_device = parameter.device_mesh.device_type
+                    if parameter.to_local().device.type != mesh_device:
+                        # CPU-offloaded shards: the collective runs on the mesh's device (nccl).
+                        parameter = parameter.to(mesh_device)
+                    out[entry.full_name(name)] = parameter.full_tensor().detach()
+                else:  # not managed by fully_shard: whole on every rank already
+                    out[entry.full_name(name)] = parameter.detach()
+        try:
+            yield _with_quant_state(out, entries)
+        finally:
+            out.clear()
+
+    @contextmanager
+    def holding(self, entries: ModuleEntry | Sequence[ModuleEntry]) -> Iterator[None]:
+        """Keep ``entries`` gathered across the :meth:`gathered` calls inside the block.
+
+        FSDP1 can only materialize a whole FSDP unit (the wrap policy's granularity, typically a
+        decoder layer), so gathering the modules of one layer one by one summons that layer once
+        per module. Holding the layer summons it once: same peak memory (a unit is the floor under
+        FSDP1), far fewer collectives. FSDP2 and ZeRO-3 gather per parameter: there it does
+        nothing. Collective, like :meth:`gathered`; may not be nested for the same unit.
+        """
+        if isinstance(entries, ModuleEntry):
+            entries = [entries]
+        if self.kind is not Sharding.FSDP1:
+            yield
+            return
+        units = [u for u in self._fsdp1_units_of(entries) if all(u is not h for h in self._held)]
+        with ExitStack() as stack:
+            for unit in units:
+                stack.enter_context(_fsdp1_class().summon_full_params(unit, recurse=False, writeback=False))
+            self._held.extend(units)
+            try:
+                yield
+            finally:
+                del self._held[len(self._held) - len(units) :]
+
+    def _fsdp1_units_of(self, entries: Sequence[ModuleEntry]) -> list[nn.Module]:
+        units: list[nn.Module] = []  # distinct units, in first-use order (identical on every rank)
+        for entry in entries:
+            for name in entry.parameters:
+                unit = self._fsdp1_units.get((id(entry.module), name))
+                if unit is not None and all(unit is not u for u in units):
+                    units.append(unit)
+        return units
+
+    def _gathered_fsdp1(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
+        fsdp1 = _fsdp1_class()
+        units = [u for u in self._fsdp1_units_of(entries) if all(u is not h for h in self._held)]
+        with ExitStack() as stack:
+            for unit in units:
+                stack.enter_context(fsdp1.summon_full_params(unit, recurse=False, writeback=False))
+            out = {e.full_name(p): getattr(e.module, p).detach() for e in entries for p in e.parameters}
+            try:
+                yield _with_quant_state(out, entries)
+            finally:
+                out.clear()
+
+    def _gathered_zero3(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
+        import deepspeed
+
+        parameters = [getattr(e.module, p) for e in entries for p in e.parameters]
+        with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
+            out = {e.full_name(p): getattr(e.module, p).data for e in entries for p in e.parameters}
+            try:
+                yield _with_quant_state(out, entries)
+            finally:
+                out.clear()
+
+
+def _row_sharded(value: torch.Tensor) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return value.device_mesh.ndim == 1 and len(value.placements) == 1 and value.placements[0] == Shard(0)
+
+
+def _broadcast_rows(value: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a row-sharded DTensor, sent by the ranks that hold them."""
+    import torch.distributed as dist
+
+    mesh = value.device_mesh
+    group = mesh.get_group()
+    world = mesh.size()
+    rows = value.shape[0]
+    chunk = -(-rows // world)  # DTensor's Shard(0) splits like torch.chunk: ceil-sized chunks
+    local = value.to_local()
+    me = mesh.get_local_rank()
+    device = local.device if local.device.type == mesh.device_type else torch.device(mesh.device_type)
+    window = torch.empty((stop - start, *value.shape[1:]), dtype=value.dtype, device=device)
+    for holder in range(world):
+        first, last = max(start, holder * chunk), min(stop, (holder + 1) * chunk, rows)
+        if first >= last:
+            continue
+        piece = window[first - start : last - start]
+        if holder == me:
+            piece.copy_(local[first - holder * chunk : last - holder * chunk])
+        if world > 1:  # a dim-0 slice of a fresh tensor is contiguous: received in place
+            dist.broadcast(piece, src=dist.get_global_rank(group, holder), group=group)
+    return window
+
+
+def _with_quant_state(
+    tensors: dict[str, torch.Tensor], entries: Iterable[ModuleEntry]
+) -> dict[str, torch.Tensor]:
+    # bitsandbytes keeps a copy of a 4-bit weight's quant_state on the Linear4bit module for
+    # exactly this case (FSDP re-creates the weight as a plain tensor); put it back on the tensor.
+    for entry in entries:
+        quant_state = getattr(entry.module, "quant_state", None)
+        if quant_state is None or "weight" not in entry.parameters:
+            continue
+        name = entry.full_name("weight")
+        weight = tensors[name]
+        if getattr(weight, "quant_state", None) is None:
+            weight = tensors[name] = _as_params4bit(weight, quant_state, entry.module)
+        _check_cpu_packing(name, weight, weight.quant_state)
+    return tensors
+
+
+def _as_params4bit(data: torch.Tensor, quant_state, module: nn.Module) -> torch.Tensor:
+    """The gathered packed bytes as the ``Params4bit`` an unsharded model holds (no copy)."""
+    from bitsandbytes.nn import Params4bit
+
+    return Params4bit(
+        data=data,
+        requires_grad=False,
+        quant_state=quant_state,
+        blocksize=quant_state.blocksize,
+        compress_statistics=quant_state.nested,
+        quant_type=quant_state.quant_type,
+        quant_storage=data.dtype,
+        module=module,
+        bnb_quantized=True,
+    )
+
+
+def _check_cpu_packing(name: str, weight: torch.Tensor, quant_state: object) -> None:
+    """Refuse a 4-bit weight whose quant_state says "repacked for CPU" while its data is not.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit weight during its first
+    eval-mode forward and rewrites the quant_state in place (absmax un-nested, stored as bf16).
+    Under FSDP or ZeRO-3 only the transient unsharded copy is repacked: the shards keep the
+    original layout, the shared quant_state does not, and from then on the model computes with
+    mismatched data. The original absmax is gone, so the weight cannot be read exactly.
+    """
+    if not getattr(quant_state, "packing_format_for_cpu", False):
+        return
+    rows, cols = tuple(quant_state.shape)[-2:]
+    if weight.dtype == torch.uint8 and tuple(weight.shape) == (rows, cols // 2):
+        return  # data and quant_state agree: repacked before sharding, read as repacked
+    raise ShardingError(
+        f"{name}: bitsandbytes repacked this 4-bit weight for the CPU (an eval-mode forward on a CPU "
+        "with AVX512-BF16) while the sharding engine kept its shards in the original layout, so the "
+        "weight and its quant_state no longer match and the model computes wrong outputs. The weight "
+        "cannot be read exactly: reload the model and save it without running eval-mode forward "
+        "passes on CPU first (train mode, or inputs that require grad, do not repack)."
+    )
