@@ -15,6 +15,7 @@ from torch import nn
 from fastsave.adapters.delta import DeltaKind, LoraDelta
 from fastsave.errors import PlanError, UnsupportedAdapterError
 from fastsave.sources.offloaded import offloaded_value
+from fastsave.sources.sharded import clean_name
 
 try:
     from peft.tuners.lora import LoraLayer
@@ -117,7 +118,7 @@ def lora_module_census(root: nn.Module, adapter_names: Sequence[str] | None) -> 
             active = getattr(module, "active_adapter", None)
             wanted = {active} if isinstance(active, str) else set(active or ())
         if keys & wanted:
-            names.append(name)
+            names.append(clean_name(name))
     return names
 
 
@@ -140,10 +141,13 @@ def layer_kind(layer: nn.Module, name: str) -> DeltaKind:
     )
 
 
-def _value(module: nn.Module, attr: str, where: str) -> torch.Tensor:
-    """``module.<attr>``, read from accelerate's offload map when the model left it on the meta device."""
+def _value(module: nn.Module, attr: str, where: str, meta_ok: bool = False) -> torch.Tensor:
+    """``module.<attr>``, read from accelerate's offload map when the model left it on the meta device.
+
+    ``meta_ok``: a placeholder of a sharded model, planned from its shape only: kept as it is.
+    """
     tensor = getattr(module, attr)
-    if tensor.device.type != "meta":
+    if tensor.device.type != "meta" or meta_ok:
         return tensor
     value = offloaded_value(module, attr)
     if value is None:
@@ -168,8 +172,13 @@ def _check_variant(layer: nn.Module, adapter: str, where: str) -> bool:
     )
 
 
-def delta_of(layer: nn.Module, adapter: str, name: str, has_base_bias: bool) -> LoraDelta:
+def delta_of(
+    layer: nn.Module, adapter: str, name: str, has_base_bias: bool, meta_ok: bool = False
+) -> LoraDelta:
     """One adapter's delta on a live peft LoRA layer, with every unsupported feature refused.
+
+    ``meta_ok``: the layer holds placeholders (a sharded model planned from shapes only): the delta
+    is checked and described, its factors are the placeholders.
 
     Raises:
         UnsupportedAdapterError: a LoRA variant other than DoRA, lora_bias without a base bias, a
@@ -180,13 +189,13 @@ def delta_of(layer: nn.Module, adapter: str, name: str, has_base_bias: bool) -> 
     dora = _check_variant(layer, adapter, where)
     scaling = float(layer.scaling[adapter])
     if kind == "embedding":
-        a = _value(layer.lora_embedding_A, adapter, f"{name}.lora_embedding_A.{adapter}")
-        b = _value(layer.lora_embedding_B, adapter, f"{name}.lora_embedding_B.{adapter}")
+        a = _value(layer.lora_embedding_A, adapter, f"{name}.lora_embedding_A.{adapter}", meta_ok)
+        b = _value(layer.lora_embedding_B, adapter, f"{name}.lora_embedding_B.{adapter}", meta_ok)
         bias = None
     else:
         lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-        a = _value(lora_a, "weight", f"{name}.lora_A.{adapter}.weight")
-        b = _value(lora_b, "weight", f"{name}.lora_B.{adapter}.weight")
+        a = _value(lora_a, "weight", f"{name}.lora_A.{adapter}.weight", meta_ok)
+        b = _value(lora_b, "weight", f"{name}.lora_B.{adapter}.weight", meta_ok)
         bias = None
         if getattr(layer, "lora_bias", {}).get(adapter, False):
             if not has_base_bias:
@@ -195,11 +204,11 @@ def delta_of(layer: nn.Module, adapter: str, name: str, has_base_bias: bool) -> 
                     "no bias, so a plain checkpoint of this architecture has nowhere to put it (peft cannot "
                     "merge it either); save it with save_method='lora' instead"
                 )
-            bias = _value(lora_b, "bias", f"{name}.lora_B.{adapter}.bias")
+            bias = _value(lora_b, "bias", f"{name}.lora_B.{adapter}.bias", meta_ok)
     magnitude = None
     if dora:
         holder = layer.lora_magnitude_vector[adapter]
-        magnitude = _value(holder, "weight", f"{name}.lora_magnitude_vector.{adapter}")
+        magnitude = _value(holder, "weight", f"{name}.lora_magnitude_vector.{adapter}", meta_ok)
     return LoraDelta(
         adapter=adapter,
         kind=kind,
@@ -216,15 +225,20 @@ def delta_of(layer: nn.Module, adapter: str, name: str, has_base_bias: bool) -> 
 
 
 def deltas_of(
-    layer: nn.Module, adapters: Sequence[str], already_merged: Sequence[str], name: str, has_base_bias: bool
+    layer: nn.Module,
+    adapters: Sequence[str],
+    already_merged: Sequence[str],
+    name: str,
+    has_base_bias: bool,
+    meta_ok: bool = False,
 ) -> tuple[LoraDelta, ...]:
-    """The deltas of ``adapters`` on ``layer``, in peft's order.
+    """The deltas of ``adapters`` on ``layer``, in peft's order (``meta_ok``: see :func:`delta_of`).
 
     Raises:
         UnsupportedAdapterError: see :func:`delta_of`; also DoRA on top of adapters already merged
             into the base weight (DoRA's norm needs the unmerged weight).
     """
-    deltas = tuple(delta_of(layer, adapter, name, has_base_bias) for adapter in adapters)
+    deltas = tuple(delta_of(layer, adapter, name, has_base_bias, meta_ok) for adapter in adapters)
     if already_merged and any(d.is_dora for d in deltas):
         raise UnsupportedAdapterError(
             f"{name}: DoRA adapter(s) {list(adapters)} would be merged on top of adapters already merged into "

@@ -111,7 +111,7 @@ class _QuantizedGroup:
         self.transposed = transposed
         shape = source.shape[::-1] if transposed else source.shape
         self.layout = quantized_layout(source.name, shape, source.dtype, settings)
-        self._shared = SharedProducer(self._quantize)
+        self._shared = SharedProducer(self._quantize, source.participate)
 
     def _quantize(self) -> dict[str, torch.Tensor]:
         import bitsandbytes.functional as bnb_functional
@@ -161,7 +161,9 @@ def requantize_plan(plan: Plan) -> Plan:
         group = _QuantizedGroup(item, item.requantize, item.requantize_transposed)
         for index, (name, shape, dtype) in enumerate(group.layout):
             lora = item.lora_module if index == 0 else None
-            items.append(PlanItem(name, shape, dtype, group._shared.part(name), lora, item.source_kind))
+            items.append(
+                group._shared.item(name, shape, dtype, lora_module=lora, source_kind=item.source_kind)
+            )
     return replace(plan, items=items)
 
 

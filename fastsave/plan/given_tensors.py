@@ -86,6 +86,8 @@ def substitute_given_tensors(plan: Plan, state_dict: Mapping[str, torch.Tensor] 
                 stream=production.stream,
                 working_bytes=production.working_bytes,
                 source_kind="the given state_dict",
+                participate=None,  # nothing to gather: the tensor is given
+                group=None,
             )
         )
         taken += 1

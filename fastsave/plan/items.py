@@ -35,6 +35,11 @@ class PlanItem:
         stream: the tensor as consecutive pieces of its flattened values (fastsave.merge.dispatch),
             when it can be produced in pieces; the writer takes them one by one.
         working_bytes: memory held while producing it, beyond its output (the memory budget admits it).
+        planned_by: the walk unit (fastsave.plan.walk.walk_units) that planned it, when a walk did.
+        participate: the collective operations producing it takes part in (the gathers of a sharded
+            model), run instead of producing it by a rank that does not write it, so that every rank
+            enters the same collectives in the same order; None: producing it involves none.
+        group: the :class:`SharedProducer` that makes it together with other items, if any.
     """
 
     name: str
@@ -48,6 +53,9 @@ class PlanItem:
     checkpoint_named: bool = False
     stream: Callable[[], Iterator[torch.Tensor]] | None = field(default=None, repr=False)
     working_bytes: int = 0
+    planned_by: str | None = None
+    participate: Callable[[], None] | None = field(default=None, repr=False)
+    group: SharedProducer | None = field(default=None, repr=False, compare=False)
 
     def pieces(self) -> Iterator[torch.Tensor]:
         """The tensor's values as consecutive pieces (one piece: the whole tensor, when it does not stream)."""
@@ -72,6 +80,8 @@ class Plan:
             the walk that built ``items`` (fastsave.plan.checks compares the two).
         untied_embeddings: tied input/output embeddings that the adapter made differ.
         tied_written_once: (kept name, dropped name) for tied tensors written once.
+        release: gives back what producing the items held at the end (a sharded model's last
+            gathered module); called once the items are produced, also after an error.
     """
 
     items: list[PlanItem]
@@ -79,6 +89,7 @@ class Plan:
     census: list[str]
     untied_embeddings: bool = False
     tied_written_once: list[tuple[str, str]] = field(default_factory=list)
+    release: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def total_bytes(self) -> int:
@@ -105,21 +116,52 @@ class SharedProducer:
     The first part asked for runs ``make`` (name -> tensor); each part is then handed out once.
     The producer asks for tensors in plan order and a group's parts stand together there, so only
     one group's parts are held at a time.
+
+    When ranks share a save, a rank writes only some of the parts: :meth:`keep` names them (the
+    others are dropped as soon as they are made), and a rank that writes none of them runs
+    ``participate`` once instead of ``make`` (the collectives ``make`` would enter: the gathers of
+    the members it is made from).
     """
 
-    def __init__(self, make: Callable[[], dict[str, torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        make: Callable[[], dict[str, torch.Tensor]],
+        participate: Callable[[], None] | None = None,
+    ) -> None:
         self._make = make
         self._parts: dict[str, torch.Tensor] | None = None
+        self._keep: set[str] | None = None
+        self._done = False  # made, or took part: the group's collectives are behind this rank
+        self.participate = participate
+
+    def keep(self, names: set[str]) -> None:
+        """Only the parts ``names`` will be asked for: the others are dropped as soon as they are made."""
+        self._keep = set(names)
+
+    def take_part(self) -> None:
+        """Enter the collectives making the group still involves, without making it (none once made)."""
+        if self._done:
+            return
+        self._done = True
+        if self.participate is not None:
+            self.participate()
 
     def part(self, name: str) -> Callable[[], torch.Tensor]:
         """The produce function of the part ``name``."""
 
         def produce() -> torch.Tensor:
             if self._parts is None:
-                self._parts = dict(self._make())
+                made = self._make()
+                self._done = True
+                self._parts = dict(made if self._keep is None else {k: made[k] for k in self._keep})
+                del made
             tensor = self._parts.pop(name)
             if not self._parts:
                 self._parts = None
             return tensor
 
         return produce
+
+    def item(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, **fields: object) -> PlanItem:
+        """The plan item of the part ``name`` (``fields``: other PlanItem fields)."""
+        return PlanItem(name, shape, dtype, self.part(name), group=self, **fields)

@@ -134,16 +134,40 @@ def _convert_group(
             return [first]  # not converted
     else:
         pieces = _layout(revert(root, {m.name: metas[m.name] for m in members}))
-    group = SharedProducer(_converted_group(members, revert, root))
+    made = _GroupMembers(members, revert, root)
+    group = SharedProducer(made.make, made.participate if made.collective else None)
     return [
-        PlanItem(name, shape, dtype, group.part(name), source_kind=first.source_kind)
+        group.item(name, shape, dtype, source_kind=first.source_kind)
         for name, (shape, dtype) in pieces.items()
     ]
 
 
-def _converted_group(
-    members: list[PlanItem], revert: Callable, root: nn.Module
-) -> Callable[[], dict[str, torch.Tensor]]:
-    """Produce the group's tensors of the model, then let transformers turn them into checkpoint ones."""
-    # each member whole (spilled to disk when the budget cannot hold it), then transformers' reversal
-    return lambda: revert(root, {member.name: assemble(member) for member in members})
+class _GroupMembers:
+    """The members of one group: produced whole, then transformers' reversal of them all.
+
+    ``participate`` enters the collectives of the members not produced yet (a rank that writes none
+    of the group's parts, or whose making of it failed part way), so every rank enters each
+    member's gathers exactly once.
+    """
+
+    def __init__(self, members: list[PlanItem], revert: Callable, root: nn.Module) -> None:
+        self.members = members
+        self.revert = revert
+        self.root = root
+        self.next = 0  # the first member whose production has not begun
+        self.collective = any(m.participate is not None for m in members)
+
+    def make(self) -> dict[str, torch.Tensor]:
+        # each member whole (spilled to disk when the budget cannot hold it), then transformers' reversal
+        tensors = {}
+        for index, member in enumerate(self.members):
+            self.next = index  # if it stops part way, participate() resumes here (a module is gathered once)
+            tensors[member.name] = assemble(member)
+        self.next = len(self.members)
+        return self.revert(self.root, tensors)
+
+    def participate(self) -> None:
+        for member in self.members[self.next :]:
+            if member.participate is not None:
+                member.participate()
+        self.next = len(self.members)

@@ -16,11 +16,18 @@ Module kinds, each decided once, by what the module is:
 * peft's ModulesToSaveWrapper: the trained copy replaces the original;
 * any other module: its own parameters and persistent buffers, as held (a quantized weight
   dequantized).
+
+Each of these is a *walk unit* (:func:`walk_units`): the module whose tensors it plans, with or
+without its subtree. Every item remembers the unit that planned it (``PlanItem.planned_by``), so an
+input that can read a module's tensors only for a moment (a sharded model, fastsave.inputs.sharded_model)
+plans once on placeholders of the right shape (``shapes_only``) and later plans each unit again
+(:func:`plan_unit`) while its tensors are at hand. Names are the unwrapped model's: the segments that
+FSDP, activation checkpointing and torch.compile insert are removed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -40,6 +47,7 @@ from fastsave.plan.items import Plan, PlanItem
 from fastsave.plan.ties import TiedWeights
 from fastsave.sources import ModuleTensor, module_tensors
 from fastsave.sources.safetensors_file import StoredPiecesSource
+from fastsave.sources.sharded import clean_name
 
 try:
     from peft.utils.other import ModulesToSaveWrapper
@@ -84,15 +92,34 @@ def _saved_copy(wrapper: nn.Module, adapter_names: Sequence[str] | None) -> nn.M
     return copies[wanted[0]]
 
 
-class _Walk:
-    """The state of one walk: the items so far, tied weights, the resolver and the output dtype."""
+def _planned_only() -> torch.Tensor:
+    raise RuntimeError(
+        "this plan item was planned from shapes only (shapes_only=True); its input produces it"
+    )
 
-    def __init__(self, resolver: Resolver, dtype: torch.dtype, adapter_names: Sequence[str] | None) -> None:
+
+class _Walk:
+    """The state of one walk: the items so far, tied weights, the resolver and the output dtype.
+
+    ``shapes_only``: the model holds placeholders (meta tensors of the right shapes and dtypes), so
+    items get their names, shapes, dtypes and census entries, every adapter is checked, but nothing
+    is set up to produce values (the input plans each unit again when its tensors are at hand).
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        dtype: torch.dtype,
+        adapter_names: Sequence[str] | None,
+        shapes_only: bool = False,
+    ) -> None:
         self.resolver = resolver
         self.dtype = dtype
         self.adapter_names = adapter_names
+        self.shapes_only = shapes_only
         self.items: list[PlanItem] = []
         self.ties = TiedWeights()
+        self.unit: str | None = None  # the walk unit being planned (PlanItem.planned_by)
 
     def add(
         self,
@@ -106,6 +133,7 @@ class _Walk:
         lora_module: str | None = None,
     ) -> None:
         """Plan one tensor; ``role``: "weight" (merged), "bias" (merged lora_bias) or "copy"."""
+        name = clean_name(name)
         entry = self.resolver.resolve(name, module, entry, merged=bool(deltas) or bool(merged_before))
         if entry is None:
             return
@@ -115,6 +143,8 @@ class _Walk:
             return
         source = entry.source
         if isinstance(source, StoredPiecesSource):
+            if self.shapes_only:
+                raise PlanError(f"{name}: a tensor stored in pieces cannot be planned from shapes only")
             if deltas:
                 source.float32()  # raises, naming the pieces
             for piece, piece_source in source.pieces.items():
@@ -135,7 +165,9 @@ class _Walk:
             return
         shape = source.shape[::-1] if entry.transposed else source.shape
         out_dtype = self.dtype if source.floating else source.stored_dtype
-        if role == "weight":
+        if self.shapes_only:
+            production = None
+        elif role == "weight":
             production = weight_producer(source, deltas, self.dtype, name, entry.transposed)
         elif role == "bias":
             production = bias_producer(source, deltas, self.dtype, name)
@@ -146,19 +178,20 @@ class _Walk:
                 name,
                 tuple(shape),
                 out_dtype,
-                production.produce,
-                lora_module=lora_module,
+                production.produce if production else _planned_only,
+                lora_module=clean_name(lora_module) if lora_module is not None else None,
                 source_kind=source.describe(),
                 requantize=source.quant_settings if entry.attr == "weight" else None,
                 requantize_transposed=entry.transposed or source.quantized_as_transpose,
-                stream=production.stream,
-                working_bytes=production.working_bytes,
+                stream=production.stream if production else None,
+                working_bytes=production.working_bytes if production else 0,
+                planned_by=self.unit,
             )
         )
 
     def add_module(self, prefix: str, module: nn.Module, modified: bool = False) -> None:
         """A module's own tensors, as held."""
-        for entry in module_tensors(module):
+        for entry in module_tensors(module, meta_ok=self.shapes_only):
             self.add(prefix + entry.attr, module, entry, modified=modified)
 
     def add_lora_layer(self, name: str, layer: nn.Module) -> None:
@@ -167,10 +200,11 @@ class _Walk:
         base = layer.get_base_layer()
         to_add, merged = select_adapters(layer, self.adapter_names)
         has_bias = isinstance(getattr(base, "bias", None), torch.Tensor)
-        deltas = deltas_of(layer, to_add, merged, name, has_bias) if to_add else ()
-        merged_before = deltas_of(layer, merged, (), name, has_bias) if merged else ()
+        meta_ok = self.shapes_only
+        deltas = deltas_of(layer, to_add, merged, name, has_bias, meta_ok) if to_add else ()
+        merged_before = deltas_of(layer, merged, (), name, has_bias, meta_ok) if merged else ()
         lora_module = name if (to_add or merged) else None
-        for entry in module_tensors(base):
+        for entry in module_tensors(base, meta_ok=meta_ok):
             full = prefix + entry.attr
             if entry.attr == "weight":
                 self.add(full, base, entry, "weight", deltas, merged_before, bool(to_add), lora_module)
@@ -190,7 +224,7 @@ class _Walk:
             layer_name, inner = f"{layer_name}.base_layer", inner.base_layer
         for sub_name, sub in inner.named_modules():
             sub_prefix = prefix + (f"{sub_name}." if sub_name else "")
-            for entry in module_tensors(sub):
+            for entry in module_tensors(sub, meta_ok=self.shapes_only):
                 target = wrapped.get(entry.attr) if not sub_name else None
                 if target is None:
                     self.add(sub_prefix + entry.attr, sub, entry)
@@ -205,10 +239,9 @@ class _Walk:
                         f"LoRA on {layer_name} wraps a {entry.tensor.dtype} parameter (quantized?), which "
                         "fastsave cannot merge; save it with save_method='lora'"
                     )
-                deltas = deltas_of(layer, to_add, merged, layer_name, has_base_bias=False) if to_add else ()
-                merged_before = (
-                    deltas_of(layer, merged, (), layer_name, has_base_bias=False) if merged else ()
-                )
+                meta_ok = self.shapes_only
+                deltas = deltas_of(layer, to_add, merged, layer_name, False, meta_ok) if to_add else ()
+                merged_before = deltas_of(layer, merged, (), layer_name, False, meta_ok) if merged else ()
                 self.add(
                     sub_prefix + entry.attr,
                     sub,
@@ -221,49 +254,90 @@ class _Walk:
                 )
 
 
+def _is_modules_to_save(module: nn.Module) -> bool:
+    return bool(ModulesToSaveWrapper) and isinstance(module, ModulesToSaveWrapper)
+
+
+def walk_units(root: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
+    """The modules the walk plans, each once, in module order: ``(name, module, whole)``.
+
+    ``whole``: the unit is planned with its subtree (a LoRA layer, nested ParamWrappers, a
+    ModulesToSaveWrapper); otherwise only the module's own tensors. Names are cleaned of wrapper
+    segments (fastsave.sources.sharded.clean_name). Modules inside a whole unit are skipped by
+    identity, in linear time.
+    """
+    handled: set[int] = set()
+    for name, module in root.named_modules():
+        if id(module) in handled:
+            continue
+        whole = is_param_wrapper(module) or is_lora_layer(module) or _is_modules_to_save(module)
+        if whole:
+            handled.update(id(sub) for sub in module.modules())
+        yield clean_name(name), module, whole
+
+
+def _plan_unit(
+    walk: _Walk, name: str, module: nn.Module, shared: set[int], adapter_names: Sequence[str] | None
+) -> None:
+    """Plan one walk unit's tensors into ``walk``; its kind decided once, by what the module is."""
+    walk.unit = name
+    prefix = f"{name}." if name else ""
+    if is_param_wrapper(module):
+        walk.add_param_wrappers(name, module)
+    elif is_lora_layer(module):
+        walk.add_lora_layer(name, module)
+    elif _is_modules_to_save(module):
+        saved = _saved_copy(module, adapter_names)
+        modified = saved is not module.original_module
+        if modified and any(id(p) in shared for p in module.original_module.parameters()):
+            walk.ties.untied = True  # the trained copy replaces one side of a tied pair
+        for sub_name, sub in saved.named_modules():
+            walk.add_module(prefix + (f"{sub_name}." if sub_name else ""), sub, modified)
+    else:
+        walk.add_module(prefix, module)
+
+
 def walk_model(
     root: nn.Module,
     resolver: Resolver,
     dtype: torch.dtype,
     adapter_names: Sequence[str] | None,
     census: list[str],
+    shapes_only: bool = False,
 ) -> Plan:
     """Walk ``root`` once and plan every tensor of its merged checkpoint, under the model's names.
 
     ``census``: the LoRA modules found independently of this walk (fastsave.plan.checks compares).
+    ``shapes_only``: the model holds placeholders; items are planned (names, shapes, dtypes, every
+    adapter checked) but cannot be produced: the input plans each unit again with :func:`plan_unit`.
 
     Raises:
         PlanError / UnsupportedAdapterError: an adapter that cannot be merged exactly, a tensor whose
             values cannot be found. Nothing is written then.
     """
     refuse_other_tuners(root)
-    walk = _Walk(resolver, dtype, adapter_names)
+    walk = _Walk(resolver, dtype, adapter_names, shapes_only)
     shared = _shared_parameter_ids(root)
-    handled: set[int] = set()  # modules inside a wrapper the walk has planned as a whole (linear time)
-    for name, module in root.named_modules():
-        if id(module) in handled:
-            continue
-        prefix = f"{name}." if name else ""
-        if (
-            is_param_wrapper(module)
-            or is_lora_layer(module)
-            or (ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper))
-        ):
-            handled.update(id(sub) for sub in module.modules())
-        if is_param_wrapper(module):
-            walk.add_param_wrappers(name, module)
-        elif is_lora_layer(module):
-            walk.add_lora_layer(name, module)
-        elif ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
-            saved = _saved_copy(module, adapter_names)
-            modified = saved is not module.original_module
-            if modified and any(id(p) in shared for p in module.original_module.parameters()):
-                walk.ties.untied = True  # the trained copy replaces one side of a tied pair
-            for sub_name, sub in saved.named_modules():
-                walk.add_module(prefix + (f"{sub_name}." if sub_name else ""), sub, modified)
-        else:
-            walk.add_module(prefix, module)
+    for name, module, _ in walk_units(root):
+        _plan_unit(walk, name, module, shared, adapter_names)
     return Plan(walk.items, dtype, census, walk.ties.untied, walk.ties.written_once)
+
+
+def plan_unit(
+    name: str,
+    module: nn.Module,
+    resolver: Resolver,
+    dtype: torch.dtype,
+    adapter_names: Sequence[str] | None,
+) -> list[PlanItem]:
+    """The items of one walk unit alone (``name`` and ``module`` as :func:`walk_units` gives them).
+
+    The same planning as :func:`walk_model` gives that unit, except that tied weights are seen only
+    within the unit: an input that plans a unit again to produce it looks its items up by name.
+    """
+    walk = _Walk(resolver, dtype, adapter_names)
+    _plan_unit(walk, name, module, set(), adapter_names)
+    return walk.items
 
 
 def _shared_parameter_ids(root: nn.Module) -> set[int]:

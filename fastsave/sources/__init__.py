@@ -64,15 +64,19 @@ def quantized_weight_source(module: nn.Module) -> Source | None:
     return None
 
 
-def module_tensors(module: nn.Module, persistent_buffers: bool = True) -> list[ModuleTensor]:
+def module_tensors(
+    module: nn.Module, persistent_buffers: bool = True, meta_ok: bool = False
+) -> list[ModuleTensor]:
     """The module's own tensors (not its children's) under their checkpoint names, each with its source.
 
     A quantized linear gives ``weight`` (from its codes, whatever attribute holds them) and ``bias``;
     any other module gives its parameters and, with ``persistent_buffers``, its persistent buffers.
+    ``meta_ok``: the walk plans shapes only (a sharded model's placeholders), so a quantized weight
+    on the meta device is described, not refused.
     """
     weight = quantized_weight_source(module)
     if weight is not None:
-        if weight.device.type == "meta":
+        if weight.device.type == "meta" and not meta_ok:
             raise ValueError("a quantized weight on the meta device cannot be read")
         identity = module.W_q if is_hqq_module(module) else module.weight
         tensors = [ModuleTensor("weight", identity, weight, converted_from_conv1d(module))]
