@@ -30,7 +30,9 @@ yielded tensor is a ``Params4bit`` again (sharing the gathered storage) with the
 ``quant_state``, so a source that reads a live unsharded 4-bit weight reads it unchanged.
 
 :meth:`ShardedModel.materialized` goes one step further for code written for a live model: it
-puts the gathered tensors into the modules themselves for the duration of the block.
+puts the gathered tensors into the modules themselves for the duration of the block, and
+:meth:`ShardedModel.placeholders` puts meta tensors of the full shapes there (no collective), so
+that code which only needs shapes, dtypes and module kinds (planning a save) runs unchanged.
 :meth:`ShardedModel.gathered_rows` materializes a row window of one tensor (a vocabulary-sized head,
 a fused MoE expert stack), and :meth:`ShardedModel.holding` keeps FSDP1 units summoned across
 several gathers (FSDP1 cannot materialize less than a unit).
@@ -49,6 +51,8 @@ import torch
 from torch import nn
 
 from fastsave.parallel import ranks
+
+_ABSENT = object()  # placeholders(): a key that was not there before
 
 # Name segments that wrappers insert and the unsharded model does not have.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
@@ -178,7 +182,10 @@ class ShardedModel:
         # by value and the model outlives this object).
         self._fsdp1_units: dict[tuple[int, str], nn.Module] = {}
         self._fsdp1_meta: dict[int, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
-        self._held: list[nn.Module] = []  # FSDP1 units kept summoned by holding()
+        # FSDP1: a tied parameter's later owners -> its first owner (one placeholder for both)
+        self._fsdp1_shared: dict[tuple[int, str], tuple[int, str]] = {}
+        self._held: list[nn.Module] = []  # FSDP1 units kept summoned by holding() / keep_summoned()
+        self._kept: dict[int, ExitStack] = {}  # keep_summoned(): id(unit) -> its summon
         if self.kind is Sharding.FSDP2:
             self._reshard_fsdp2()
         elif self.kind is Sharding.FSDP1:
@@ -214,6 +221,10 @@ class ShardedModel:
                 self._fsdp1_meta.setdefault(id(info.module), {})[info.param_name] = meta
             for shared in flat._shared_param_infos:  # a tied parameter's second (third...) owner
                 self._fsdp1_units[(id(shared.module), shared.param_name)] = unit
+                self._fsdp1_shared[(id(shared.module), shared.param_name)] = (
+                    id(shared.prim_module),
+                    shared.prim_param_name,
+                )
                 meta = self._fsdp1_meta[id(shared.prim_module)][shared.prim_param_name]
                 self._fsdp1_meta.setdefault(id(shared.module), {})[shared.param_name] = meta
 
@@ -292,6 +303,71 @@ class ShardedModel:
         """Collectively verify that every rank walks the same modules with the same shapes, in the same order."""
         signature = [(e.name, e.parameters, e.shapes, [str(d) for d in e.dtypes]) for e in self._entries]
         ranks.check_same_on_all_ranks((self.kind.value, signature), "the module walk of the sharded model")
+
+    # -- placeholders -------------------------------------------------------------------------
+
+    def _identity(self, module: nn.Module, name: str) -> object:
+        """What tells a tied parameter's owners apart from separate parameters (the same on every call)."""
+        if self.kind is Sharding.FSDP1:
+            return self._fsdp1_shared.get((id(module), name), (id(module), name))
+        return (
+            id(module._parameters.get(name))
+            if module._parameters.get(name) is not None
+            else (id(module), name)
+        )
+
+    @contextmanager
+    def placeholders(self) -> Iterator[None]:
+        """For the block, every module's own parameters are meta tensors of their full shapes and dtypes.
+
+        Not collective, nothing gathered: for code that needs only the unsharded model's structure
+        (names, shapes, dtypes, module kinds, tied parameters). A parameter shared by two modules is
+        one placeholder under both names; a bitsandbytes 4-bit weight is a ``Params4bit`` on the meta
+        device carrying the module's ``quant_state``; FSDP1's flat parameters are hidden. Everything is
+        put back on exit, also on error. No forward pass inside the block.
+        """
+        undo: list[tuple[dict, str, object]] = []  # (mapping, key, previous value or _ABSENT)
+
+        def put(mapping: dict, key: str, value: object) -> None:
+            undo.append((mapping, key, mapping.get(key, _ABSENT)))
+            if value is _ABSENT:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = value
+
+        try:
+            for module in self.model.modules():
+                for name, parameter in list(module._parameters.items()):
+                    if parameter is not None and _is_flat_parameter(parameter):
+                        put(module._parameters, name, _ABSENT)
+            made: dict[object, torch.Tensor] = {}
+            for entry in self._entries:
+                module = entry.module
+                for name, shape, dtype in zip(entry.parameters, entry.shapes, entry.dtypes, strict=True):
+                    key = self._identity(module, name)
+                    placeholder = made.get(key)
+                    if placeholder is None:
+                        placeholder = made[key] = self._placeholder(module, name, shape, dtype)
+                    if name in module.__dict__:  # FSDP1 without use_orig_params: a plain tensor attribute
+                        put(module.__dict__, name, _ABSENT)
+                    put(module._parameters, name, placeholder)
+            yield
+        finally:
+            for mapping, key, previous in reversed(undo):
+                if previous is _ABSENT:
+                    mapping.pop(key, None)
+                else:
+                    mapping[key] = previous
+
+    @staticmethod
+    def _placeholder(
+        module: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        data = torch.empty(shape, dtype=dtype, device="meta")
+        quant_state = getattr(module, "quant_state", None)
+        if name == "weight" and quant_state is not None:
+            return _as_params4bit(data, quant_state, module)
+        return nn.Parameter(data, requires_grad=False)
 
     # -- gathering ----------------------------------------------------------------------------
 
@@ -417,6 +493,35 @@ class ShardedModel:
                 yield
             finally:
                 del self._held[len(self._held) - len(units) :]
+
+    def keep_summoned(self, entries: Sequence[ModuleEntry]) -> None:
+        """FSDP1: from now on keep exactly the units that hold ``entries`` summoned.
+
+        Units no longer needed are released, the missing ones summoned (first-use order), so a
+        sequence of gathers that walks a decoder layer module by module summons the layer once.
+        Collective, like :meth:`gathered`; a no-op for other engines. :meth:`release_summoned` ends it.
+        """
+        if self.kind is not Sharding.FSDP1:
+            return
+        needed = self._fsdp1_units_of(entries)
+        for key in [k for k in self._kept if all(id(u) != k for u in needed)]:
+            stack = self._kept.pop(key)
+            self._held[:] = [u for u in self._held if id(u) != key]
+            stack.close()
+        for unit in needed:
+            if id(unit) in self._kept:
+                continue
+            stack = ExitStack()
+            stack.enter_context(_fsdp1_class().summon_full_params(unit, recurse=False, writeback=False))
+            self._kept[id(unit)] = stack
+            self._held.append(unit)
+
+    def release_summoned(self) -> None:
+        """Release every unit :meth:`keep_summoned` kept (local: resharding needs no collective)."""
+        while self._kept:
+            key, stack = self._kept.popitem()
+            self._held[:] = [u for u in self._held if id(u) != key]
+            stack.close()
 
     def _fsdp1_units_of(self, entries: Sequence[ModuleEntry]) -> list[nn.Module]:
         units: list[nn.Module] = []  # distinct units, in first-use order (identical on every rank)
