@@ -106,14 +106,16 @@ class MemoryBudget:
     """What the save may hold beyond what the process held when it started.
 
     Attributes:
-        limit: ``fraction`` of :func:`memory_limit` (bytes of anonymous memory for the whole process).
+        limit: ``fraction`` of :func:`memory_limit` (bytes of anonymous memory for the whole process),
+            divided among the ``processes`` that save together on this machine (the ranks of a
+            collective save on one node).
         allowance: the bytes the save's work may hold at once (never below one small chunk).
         minimal: the allowance is below :data:`MINIMAL_ALLOWANCE`: the smallest working set is kept.
     """
 
-    def __init__(self, fraction: float) -> None:
+    def __init__(self, fraction: float, processes: int = 1) -> None:
         self.fraction = fraction
-        self.limit = int(memory_limit() * fraction)
+        self.limit = int(memory_limit() * fraction) // max(1, processes)
         held = anonymous_memory()
         headroom = self.limit - held
         data_limit = _address_space_limit()
@@ -194,15 +196,16 @@ class ByteBudget:
             self._condition.notify_all()
 
 
-def spill_directory(preferred: Path | None, staging: Path) -> Path:
+def spill_directory(preferred: Path | None, staging: Path, rank: int | None = None) -> Path:
     """Where spilled buffers go (made on first use): inside ``temporary_location`` when given, else in
     the staging directory's parent, so that the spill shares the disk the checkpoint was checked for.
+    ``rank``: in a collective save each rank spills into a directory of its own.
 
     Spilled files are unlinked as soon as they are mapped, so a killed save leaves at most this empty
     directory, which the next save's cleanup removes with the staging directories of dead saves.
     """
     place = preferred if preferred is not None else staging.parent
-    return place / f"{staging.name}-spill"
+    return place / (f"{staging.name}-spill" + (f"-rank{rank}" if rank is not None else ""))
 
 
 def remove_spill_directory(path: Path | None) -> None:

@@ -281,9 +281,9 @@ def test_temporary_location_is_used_and_removed(qlora_model, tmp_path, monkeypat
     seen = []
     real = save.write_merged_weights
 
-    def spy(plan, directory, options):
+    def spy(plan, directory, options, *team):
         seen.append(directory)
-        return real(plan, directory, options)
+        return real(plan, directory, options, *team)
 
     monkeypatch.setattr(save, "write_merged_weights", spy)
     scratch = tmp_path / "scratch"

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from fastsave.options import SaveOptions
+from fastsave.parallel.team import SaveTeam
 from fastsave.plan.items import Plan
 
 
@@ -17,10 +18,12 @@ class SaveInput(Protocol):
     Attributes:
         root: the model's module tree (transformers names), for the checkpoint layout step.
         model: the peft model (its adapter configs describe the save in the model card), or None.
+        team: the ranks that save it together (fastsave.parallel.team); None: one process.
     """
 
     root: nn.Module
     model: nn.Module | None
+    team: SaveTeam | None
 
     def merged_plan(self, opts: SaveOptions) -> Plan:
         """The checked 16-bit merged plan under the model's names (before any output-format step)."""

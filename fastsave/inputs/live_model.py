@@ -20,6 +20,7 @@ from fastsave.adapters.live_peft import lora_module_census, refuse_other_tuners
 from fastsave.errors import PlanError
 from fastsave.io.checkpoint_files import write_config, write_generation_config, write_tokenizer
 from fastsave.options import SaveOptions
+from fastsave.parallel.team import SaveTeam
 from fastsave.plan.checks import check_plan
 from fastsave.plan.dtype import output_dtype
 from fastsave.plan.items import Plan
@@ -112,6 +113,7 @@ class LiveModelInput:
 
     def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
         self.model = model
+        self.team: SaveTeam | None = None  # one process
         self.root = unwrap_peft(model)
         self.tokenizer = tokenizer
         self._original: OriginalBaseResolver | None = None
@@ -123,20 +125,7 @@ class LiveModelInput:
             PlanError: nothing to merge, an adapter name that does not exist, an adapter or a weight
                 fastsave cannot merge exactly, or (original base) a checkpoint that does not match.
         """
-        refuse_other_tuners(self.root)
-        census = lora_module_census(self.root, opts.adapter_names)
-        if opts.adapter_names is not None:
-            present = _adapter_names_in(self.root)
-            missing = [a for a in opts.adapter_names if a not in present]
-            if missing:
-                raise PlanError(
-                    f"adapter(s) {missing} not found in the model's LoRA layers; check adapter_names"
-                )
-        if not census:
-            raise PlanError(
-                "the model has no LoRA layer with an active adapter, so there is nothing to merge: pass a peft "
-                "model with a LoRA adapter (or save the base model with save_pretrained)"
-            )
+        census = self.census(opts)
         resolver: InMemoryResolver = InMemoryResolver()
         if opts.base_weights == "original":
             self._original = resolver = OriginalBaseResolver(_original_checkpoint(self.model, opts))
@@ -160,6 +149,29 @@ class LiveModelInput:
                 self._original.checkpoint.directory,
             )
         return plan
+
+    def census(self, opts: SaveOptions) -> list[str]:
+        """The LoRA modules of the selected adapters, counted independently of the plan walk.
+
+        Raises:
+            UnsupportedAdapterError: a non-LoRA adapter. PlanError: an adapter name that does not
+                exist, or nothing to merge.
+        """
+        refuse_other_tuners(self.root)
+        census = lora_module_census(self.root, opts.adapter_names)
+        if opts.adapter_names is not None:
+            present = _adapter_names_in(self.root)
+            missing = [a for a in opts.adapter_names if a not in present]
+            if missing:
+                raise PlanError(
+                    f"adapter(s) {missing} not found in the model's LoRA layers; check adapter_names"
+                )
+        if not census:
+            raise PlanError(
+                "the model has no LoRA layer with an active adapter, so there is nothing to merge: pass a peft "
+                "model with a LoRA adapter (or save the base model with save_pretrained)"
+            )
+        return census
 
     def quantization_config(self, plan: Plan) -> Any:
         """The model's own quantization_config (a 4-bit save keeps the settings it was trained with).

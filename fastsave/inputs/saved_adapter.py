@@ -33,6 +33,7 @@ from fastsave.adapters.saved_file import (
 from fastsave.errors import PlanError
 from fastsave.io.checkpoint_files import write_config
 from fastsave.options import SaveOptions
+from fastsave.parallel.team import SaveTeam
 from fastsave.plan.checks import check_plan
 from fastsave.plan.dtype import output_dtype
 from fastsave.plan.items import Plan
@@ -180,6 +181,7 @@ class SavedAdapterInput:
         quant: Quant4bitSettings | None = None,
     ) -> None:
         self.adapter = SavedAdapter.load(adapter_dir)
+        self.team: SaveTeam | None = None  # one process; fastsave merge under torchrun: every rank
         self.quant = quant or Quant4bitSettings()
         self.base = base
         self.base_dir: Path | None = None

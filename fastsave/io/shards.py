@@ -163,6 +163,25 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def write_index(
+    directory: Path, shards: Sequence[Shard], digests: dict[str, str], safe_serialization: bool = True
+) -> None:
+    """The index of a checkpoint of several shards: every tensor's shard, the size, each shard's sha256."""
+    index_name = WEIGHTS_INDEX_NAME if safe_serialization else BIN_WEIGHTS_INDEX_NAME
+    total = sum(shard.nbytes for shard in shards)
+    metadata: dict[str, Any] = {"total_size": total, FASTSAVE_METADATA_KEY: fastsave_version()}
+    if digests:
+        metadata[SHA256_KEY] = dict(sorted(digests.items()))
+    index = {
+        "metadata": metadata,
+        "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
+    }
+    with open(directory / index_name, "w") as handle:
+        handle.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.contiguous().reshape(-1)
     if flat.numel() == 0:
@@ -180,12 +199,18 @@ class ShardWriter:
     one shard. Each floating tensor is checked for NaN/Inf before its
     bytes are written; each safetensors shard records the sha256 of its data in its header (and
     the index, when there is one).
+
+    ``index=False``: the caller writes the index (:func:`write_index`), as when several ranks each
+    write some of the shards of one checkpoint.
     """
 
-    def __init__(self, directory: Path, shards: list[Shard], safe_serialization: bool = True) -> None:
+    def __init__(
+        self, directory: Path, shards: list[Shard], safe_serialization: bool = True, index: bool = True
+    ) -> None:
         self.directory = directory
         self.shards = shards
         self.safe_serialization = safe_serialization
+        self.index = index
         self._order = [(i, t) for i, shard in enumerate(shards) for t in shard.tensors]
         self._position = 0
         self._file = None
@@ -311,25 +336,10 @@ class ShardWriter:
             raise RuntimeError(f"only {self._position} of {len(self._order)} planned tensors were written")
         with self._full_disk_is_disk_space_error():
             self._finish_current()
-            if len(self.shards) > 1:
-                self._write_index()
+            if self.index and len(self.shards) > 1:
+                write_index(self.directory, self.shards, self.digests, self.safe_serialization)
         if self._digest is not None:
             self._digest.close()
-
-    def _write_index(self) -> None:
-        index_name = WEIGHTS_INDEX_NAME if self.safe_serialization else BIN_WEIGHTS_INDEX_NAME
-        metadata: dict[str, Any] = {"total_size": self._total, FASTSAVE_METADATA_KEY: fastsave_version()}
-        if self.digests:
-            metadata[SHA256_KEY] = dict(sorted(self.digests.items()))
-        index = {
-            "metadata": metadata,
-            "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
-        }
-        path = self.directory / index_name
-        with open(path, "w") as handle:
-            handle.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
 
     def abort(self) -> None:
         """Close any open file without finishing it (the staging directory is removed by the caller)."""
