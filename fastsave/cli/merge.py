@@ -1,14 +1,65 @@
-"""``fastsave merge ADAPTER_DIR OUT_DIR``: the command-line front of fastsave.save.merge_adapter."""
+"""``fastsave merge ADAPTER_DIR OUT_DIR``: the command-line front of fastsave.save.merge_adapter.
+
+Started by torchrun (``torchrun --nproc-per-node N -m fastsave merge ...``, or across machines
+that share the output's filesystem), every rank runs this command: it joins the process group
+torchrun describes (gloo: the merge runs on CPUs) and the ranks share the merge, each writing the
+shards assigned to it; the output is byte for byte the single-process one.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastsave.errors import SaveInProgressError, VerifyError
+from fastsave.parallel.ranks import RankFailedError, RanksDisagreeError
+from fastsave.parallel.team import CollectiveCallError, RankLostError
 from fastsave.save import merge_adapter
 from fastsave.sources.bnb_4bit import Quant4bitSettings
+
+_ERRORS = (
+    ValueError,
+    OSError,  # DiskSpaceError is an OSError
+    SaveInProgressError,
+    VerifyError,
+    RankFailedError,
+    RankLostError,
+    RanksDisagreeError,
+    CollectiveCallError,
+)
+
+
+def launched_on_ranks() -> bool:
+    """Whether torchrun (or another launcher setting WORLD_SIZE) started this process as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def process_group() -> Iterator[int]:
+    """Join the process group the launcher describes (gloo), for the block; yields this rank.
+
+    A group that is already initialized (the caller's) is used and left as it is.
+    """
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")
+    logger = logging.getLogger("fastsave")
+    level = logger.level
+    if dist.get_rank() != 0:
+        logger.setLevel(logging.WARNING)  # rank 0 reports the save; the others only their problems
+    try:
+        yield dist.get_rank()
+    finally:
+        logger.setLevel(level)
+        if created:
+            dist.destroy_process_group()
 
 
 def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -80,7 +131,17 @@ def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    """Run ``fastsave merge`` with parsed arguments; 0 on success, 1 (and a message on stderr) on error."""
+    """Run ``fastsave merge`` with parsed arguments; 0 on success, 1 (and a message on stderr) on error.
+
+    Under torchrun every rank runs it and the ranks share the work (see the module docstring).
+    """
+    if not launched_on_ranks():
+        return _merge(args, distributed=False, who="")
+    with process_group() as rank:
+        return _merge(args, distributed=True, who=f" (rank {rank})")
+
+
+def _merge(args: argparse.Namespace, distributed: bool, who: str) -> int:
     try:
         merge_adapter(
             args.adapter_dir,
@@ -94,9 +155,10 @@ def run_merge(args: argparse.Namespace) -> int:
             maximum_memory_usage=args.maximum_memory_usage,
             temporary_location=args.temporary_location,
             replace_in_place=args.replace_in_place,
+            distributed=distributed,
         )
-    except (ValueError, OSError, SaveInProgressError, VerifyError) as error:  # DiskSpaceError is an OSError
-        print(f"fastsave merge: error: {error}", file=sys.stderr)
+    except _ERRORS as error:
+        print(f"fastsave merge{who}: error: {error}", file=sys.stderr)
         return 1
     return 0
 
