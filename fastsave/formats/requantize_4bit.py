@@ -162,7 +162,9 @@ def requantize_plan(plan: Plan) -> Plan:
         for index, (name, shape, dtype) in enumerate(group.layout):
             lora = item.lora_module if index == 0 else None
             items.append(
-                group._shared.item(name, shape, dtype, lora_module=lora, source_kind=item.source_kind)
+                group._shared.item(
+                    name, shape, dtype, lora_module=lora, source_kind=item.source_kind, holds_codes=index == 0
+                )
             )
     return replace(plan, items=items)
 

@@ -40,6 +40,9 @@ class PlanItem:
             model), run instead of producing it by a rank that does not write it, so that every rank
             enters the same collectives in the same order; None: producing it involves none.
         group: the :class:`SharedProducer` that makes it together with other items, if any.
+        holds_codes: its values are packed quantized codes stored in a floating dtype (bitsandbytes'
+            ``bnb_4bit_quant_storage``, e.g. bfloat16), not numbers: the writer does not check them
+            for NaN/Inf (random codes form NaN bit patterns).
     """
 
     name: str
@@ -56,6 +59,7 @@ class PlanItem:
     planned_by: str | None = None
     participate: Callable[[], None] | None = field(default=None, repr=False)
     group: SharedProducer | None = field(default=None, repr=False, compare=False)
+    holds_codes: bool = False
 
     def pieces(self) -> Iterator[torch.Tensor]:
         """The tensor's values as consecutive pieces (one piece: the whole tensor, when it does not stream)."""
