@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -213,6 +214,7 @@ def _produce_into(
     stop: threading.Event,
     team: SaveTeam,
     failure: LocalFailure,
+    cuda_device: int | None = None,
 ) -> None:
     """Producer thread: each scheduled tensor's pieces in plan order, admitted by bytes, then _END.
 
@@ -223,8 +225,12 @@ def _produce_into(
     In a collective save a rank whose work failed (here, or in the writer, which then sets
     ``stop``) keeps walking the schedule, entering only the collectives, and the ranks meet at each
     shard's end: there every rank raises (an :class:`_Agreed` error) as soon as any rank failed.
+    ``cuda_device``: the CUDA device of the thread that started the save (a thread's current device
+    is its own, and nccl's collectives and DeepSpeed's gathers use it).
     """
     try:
+        if cuda_device is not None:
+            torch.cuda.set_device(cuda_device)
         with assembling(assembler):
             for step in steps:
                 failed = failure.error is not None or stop.is_set()
@@ -326,9 +332,10 @@ def write_merged_weights(
     stop = threading.Event()
     failure = LocalFailure()
     steps = schedule(plan, shards, owners, team.rank)
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
     producer = threading.Thread(
         target=_produce_into,
-        args=(steps, plan, budget, assembler, sink, stop, team, failure),
+        args=(steps, plan, budget, assembler, sink, stop, team, failure, cuda_device),
         daemon=True,
         name="fastsave-producer",
     )

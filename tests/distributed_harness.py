@@ -26,6 +26,9 @@ _PRELOAD = [
     "peft",
     "fastsave.parallel.ranks",
     "fastsave.sources.sharded",
+    "fastsave.save",
+    "fastsave.inputs.sharded_model",
+    "fastsave.cli.merge",
 ]
 _context: multiprocessing.context.BaseContext | None = None
 

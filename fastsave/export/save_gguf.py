@@ -136,6 +136,14 @@ def _export(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from fastsave.inputs.sharded_model import is_sharded
+
+    if is_sharded(model):
+        raise ValueError(
+            "save_pretrained_gguf does not run on a sharded (FSDP / ZeRO-3) model: save it with "
+            "save_pretrained_merged on every rank, then convert that checkpoint on one process "
+            "(llama.cpp's convert_hf_to_gguf.py)"
+        )
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf needs the tokenizer: a GGUF file carries the vocabulary")
     opts = parse_gguf_options(save_directory, **options)

@@ -42,10 +42,11 @@ from fastsave.parallel.ranks import RankFailedError
 
 T = TypeVar("T")
 
-# How long the ranks wait for each other to arrive at a collective save (seconds). The ranks of a
-# training job reach the save within moments of each other; a save called on some ranks only
-# would otherwise wait in its first gather until the process group's timeout (30 minutes).
-ROLL_CALL_SECONDS = float(os.environ.get("FASTSAVE_ROLL_CALL_SECONDS", "120"))
+# How long the ranks wait for each other to arrive at a collective save (seconds; the environment
+# variable FASTSAVE_ROLL_CALL_SECONDS overrides it). The ranks of a training job reach the save
+# within moments of each other; a save called on some ranks only would otherwise wait in its first
+# gather until the process group's timeout (30 minutes by default).
+ROLL_CALL_SECONDS = 120.0
 _save_counter = itertools.count()  # the n-th collective save of this process: the same n on every rank
 
 
@@ -110,16 +111,17 @@ class SaveTeam:
         if store is None:  # pragma: no cover - every torch with FSDP2 has it
             return
         keys = [f"fastsave/roll-call/{number}/{r}" for r in range(self.world)]
+        seconds = float(os.environ.get("FASTSAVE_ROLL_CALL_SECONDS", ROLL_CALL_SECONDS))
         store.set(keys[self.rank], "here")
         try:
-            store.wait(keys, timedelta(seconds=ROLL_CALL_SECONDS))
+            store.wait(keys, timedelta(seconds=seconds))
         except Exception:
             present = [r for r, key in enumerate(keys) if store.check([key])]
             absent = [r for r in range(self.world) if r not in present]
             raise CollectiveCallError(
                 f"{what} must be called on every rank of the process group (all {self.world} ranks: the model "
                 f"is sharded across them and every rank holds part of every weight), but after "
-                f"{ROLL_CALL_SECONDS:.0f} s only rank(s) {present} had called it, not {absent}. Call it on every "
+                f"{seconds:.0f} s only rank(s) {present} had called it, not {absent}. Call it on every "
                 "rank, outside any `if is_main_process:` block (is_main_process=False ranks take part and "
                 "write no small files). Nothing was written."
             ) from None
