@@ -21,7 +21,6 @@ import torch
 from distributed_harness import run_ranks, values
 
 import fastsave
-from fastsave.io.ownership import FASTSAVE_METADATA_KEY  # noqa: F401  (the package imports fully)
 from fastsave.parallel.ranks import RankFailedError
 from fastsave.plan.items import Plan, PlanItem, SharedProducer
 from fastsave.tiny import attach_lora, load_4bit, tiny_llama_config
@@ -60,14 +59,13 @@ def _fully_shard(model) -> None:
     fully_shard(model)
 
 
-def _count_gathers(monkeypatch_like: dict) -> None:
-    """Record how many modules' gathers are open at once (at most one walk unit's)."""
+def _count_gathers(state: dict) -> None:
+    """Count in ``state`` how many gathers are open at once, at most (one walk unit's: 1)."""
+    from contextlib import contextmanager
+
     from fastsave.sources import sharded
 
     real = sharded.ShardedModel.gathered
-    state = monkeypatch_like
-
-    from contextlib import contextmanager
 
     @contextmanager
     def counting(self, entries):
@@ -80,6 +78,21 @@ def _count_gathers(monkeypatch_like: dict) -> None:
             state["open"] -= 1
 
     sharded.ShardedModel.gathered = counting
+
+
+def _record_written_shards() -> list[str]:
+    """The names of the shard files this rank's writer writes (filled in as the save runs)."""
+    from fastsave.io import shards
+
+    written: list[str] = []
+    real = shards.ShardWriter.__init__
+
+    def recording(self, directory, planned, *args, **kwargs):
+        written.extend(shard.filename for shard in planned)
+        real(self, directory, planned, *args, **kwargs)
+
+    shards.ShardWriter.__init__ = recording
+    return written
 
 
 # -- FSDP2, trained ---------------------------------------------------------------------------
@@ -103,17 +116,21 @@ def _fsdp2_worker(rank: int, world: int, out: str) -> dict:
     del full
     gathers = {"open": 0, "most": 0}
     _count_gathers(gathers)
+    written = _record_written_shards()
     # is_main_process=False on rank 1: a sharded model's every rank still takes part
     path = fastsave.save_pretrained_merged(
         model, f"{out}/collective/out", max_shard_size=SHARD, is_main_process=rank == 0
     )
-    return {"path": path, "most_open": gathers["most"]}
+    return {"path": path, "most_open": gathers["most"], "written": written}
 
 
 def test_fsdp2_trained_model_saved_by_two_ranks_is_the_single_process_save(tmp_path):
     reports = values(run_ranks(_fsdp2_worker, str(tmp_path)))
     assert all(r["path"] == str(tmp_path / "collective" / "out") for r in reports)
     assert all(r["most_open"] == 1 for r in reports)  # one module's gather at a time
+    mine, theirs = (set(r["written"]) for r in reports)
+    assert mine and theirs and not mine & theirs  # each rank wrote its own shards
+    assert mine | theirs == {p.name for p in (tmp_path / "collective" / "out").glob("*.safetensors")}
     reference = _tiny_peft()
     reference.load_state_dict(torch.load(tmp_path / "full_state_dict.pt"))
     fastsave.save_pretrained_merged(reference, tmp_path / "solo" / "out", max_shard_size=SHARD)
@@ -361,9 +378,9 @@ def test_torchrun_runs_the_merge_command_on_two_ranks(saved_adapter, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "by 2 ranks" in done.stderr  # rank 0's summary
-    fastsave.merge_adapter(
-        root / "adapter", tmp_path / "one" / "out", base=root / "base", max_shard_size=SHARD
-    )
+    from fastsave.save import merge_adapter
+
+    merge_adapter(root / "adapter", tmp_path / "one" / "out", base=root / "base", max_shard_size=SHARD)
     _assert_same(tmp_path / "one" / "out", tmp_path / "two" / "out")
 
 
