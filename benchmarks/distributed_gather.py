@@ -10,7 +10,10 @@ separate process groups so each peak is its own:
 - ``module``: fastsave.sources.sharded walks the model and gathers each module's own parameters
   (base layer, LoRA A and B separately), touching the data, freeing it before the next;
 - ``full``: torch.distributed.checkpoint's get_model_state_dict(full_state_dict=True), the usual
-  way to get a whole state dict out of FSDP2 (every rank ends up holding all of it).
+  way to get a whole state dict out of FSDP2 (every rank ends up holding all of it);
+- ``save``: the whole collective ``fastsave.save_pretrained_merged`` of the sharded model (plan,
+  gathers, merge, each rank writing its shards, publish), into ``--out``;
+- ``solo``: the same save of the model unsharded, by one process (run it with ``--world 1``).
 
 Prints time per gather (fitted as latency + bytes / bandwidth over all gathers), total time, and
 peak RSS per rank above the sharded model's own footprint (sampled every 2 ms with psutil).
@@ -108,7 +111,10 @@ def worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace
     model = build(args)
     total_params = sum(p.numel() for p in model.parameters())
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if args.engine == "fsdp1":
+    if mode == "solo":
+        if world != 1:
+            raise SystemExit("--modes solo saves the unsharded model: run it with --world 1")
+    elif args.engine == "fsdp1":
         from peft.utils.other import fsdp_auto_wrap_policy
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -145,6 +151,12 @@ def worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace
             with sharded.holding(members if len(members) > 1 else []):
                 for entry in members:
                     gather_one(sharded, entry, window_bytes, timings)
+    elif mode in ("save", "solo"):
+        import fastsave
+
+        out = os.path.join(args.out, f"{mode}-{world}", "out")
+        fastsave.save_pretrained_merged(model, out, max_shard_size=args.shard)
+        timings.append(("save", total_bytes, time.perf_counter() - start))
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -212,7 +224,9 @@ def main() -> None:
     parser.add_argument(
         "--hold-layers", action="store_true", help="module mode: hold each decoder layer (FSDP1)"
     )
-    parser.add_argument("--modes", default="module,full")
+    parser.add_argument("--modes", default="module,full", help="module, full, save, solo (comma-separated)")
+    parser.add_argument("--out", default="/tmp/fastsave-bench-gather", help="save/solo: where to save")
+    parser.add_argument("--shard", default="100MB", help="save/solo: max shard size")
     parser.add_argument(
         "--row-window-mib",
         type=float,

@@ -10,7 +10,8 @@ LoRA delta is added, and the result is written) once as ``python -m fastsave mer
 
 - ``merge s``: the merge itself (fastsave.cli.main, after the imports), on that rank;
 - ``held MiB``: what the process held before the merge (the libraries);
-- ``peak MiB``: its peak RSS during the merge (the kernel's mark is reset just before it).
+- ``peak MiB``: its peak RSS during the merge (the kernel's mark is reset just before it);
+- ``CPU s``: the CPU time the merge used on that rank (all its threads).
 
 ``wall s`` is the whole command as a user runs it (process start, imports, the merge). The
 outputs are compared byte for byte. With ``--threads`` every process uses that many torch
@@ -52,11 +53,16 @@ torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 import fastsave.save, fastsave.cli  # the imports are not the merge
 from fastsave.cli import main
 held = reset_peak()
+cpu = os.times()
 start = time.perf_counter()
 code = main(sys.argv[1:])
 seconds = time.perf_counter() - start
-print("BENCH " + json.dumps({"rank": int(os.environ.get("RANK", 0)), "code": code, "seconds": seconds,
-                             "held_mib": held, "peak_mib": status_mib("VmHWM")}), flush=True)
+after = os.times()
+rank = int(os.environ.get("RANK", 0))
+report = {"rank": rank, "code": code, "seconds": seconds, "held_mib": held, "peak_mib": status_mib("VmHWM"),
+          "cpu_s": (after.user - cpu.user) + (after.system - cpu.system)}
+with open(os.path.join(os.environ["BENCH_REPORTS"], f"rank{rank}.json"), "w") as handle:
+    json.dump(report, handle)
 """
 
 
@@ -83,12 +89,16 @@ def run(world: int, work: Path, out: Path, shard: str, threads: int) -> dict:
         "BENCH_THREADS": str(threads),
         "OMP_NUM_THREADS": str(threads),
     }
+    reports = work / "reports"
+    shutil.rmtree(reports, ignore_errors=True)
+    reports.mkdir()
+    env["BENCH_REPORTS"] = str(reports)
     start = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{world} rank(s) failed:\n{done.stderr[-3000:]}")
-    ranks = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+    ranks = [json.loads(path.read_text()) for path in sorted(reports.glob("rank*.json"))]
     return {"wall": wall, "ranks": sorted(ranks, key=lambda r: r["rank"])}
 
 
@@ -133,16 +143,19 @@ def main() -> None:
         f"{size / 1e6:.0f} MB bf16 in {shards} shards; {cores} CPU cores; {args.repeat} runs each "
         f"(min-max); outputs byte-identical: {same}\n"
     )
-    print("| ranks | wall s (command) | merge s (slowest rank) | held MiB per rank | peak MiB per rank |")
-    print("|---|---|---|---|---|")
+    print(
+        "| ranks | wall s (command) | merge s (slowest rank) | CPU s per rank | held MiB per rank | peak MiB per rank |"
+    )
+    print("|---|---|---|---|---|---|")
     for world, results in runs.items():
         walls = [r["wall"] for r in results]
         merges = [max(rank["seconds"] for rank in r["ranks"]) for r in results]
         held = [rank["held_mib"] for r in results for rank in r["ranks"]]
         peaks = [rank["peak_mib"] for r in results for rank in r["ranks"]]
+        cpus = [rank["cpu_s"] for r in results for rank in r["ranks"]]
         print(
             f"| {world} | {min(walls):.1f}-{max(walls):.1f} | {min(merges):.1f}-{max(merges):.1f} | "
-            f"{min(held):.0f}-{max(held):.0f} | {min(peaks):.0f}-{max(peaks):.0f} |"
+            f"{min(cpus):.1f}-{max(cpus):.1f} | {min(held):.0f}-{max(held):.0f} | {min(peaks):.0f}-{max(peaks):.0f} |"
         )
     print("\nper run:", json.dumps(runs))
 
