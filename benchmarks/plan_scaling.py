@@ -174,8 +174,10 @@ def probe_deepseek(experts: int, layers: int) -> dict[str, Any]:
         lora_alpha=32,
         # peft 0.21 maps gate/up/down_proj of this model type onto the fused expert stacks, so the
         # dense and shared-expert MLPs stay without LoRA; the plan's size does not depend on it
-        target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
-        + ["gate_proj", "up_proj", "down_proj"],
+        target_modules=[
+            *("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+            *("gate_proj", "up_proj", "down_proj"),
+        ],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
     started = time.perf_counter()
