@@ -90,8 +90,9 @@ class ModelSize:
 
 
 SIZES: dict[str, ModelSize] = {
-    # tests/test_memory_cap.py: ~60 MB of bf16 output, quick to build and save
-    "test": ModelSize(hidden=512, layers=4, vocab=8192),
+    # tests/test_memory_cap.py: 176 MB of bf16 output, so that a quarter of it (44 MB) is more than
+    # the fixed cost of a save's threads (8 MiB of VmData per thread stack); largest tensor 19%
+    "test": ModelSize(hidden=1024, layers=4, vocab=16384),
     "250m": ModelSize(hidden=1024, layers=14),
     "1b": ModelSize(hidden=2048, layers=16),
     "3b": ModelSize(hidden=3072, layers=24),
@@ -115,8 +116,9 @@ def parse_sizes(text: str) -> dict[str, ModelSize]:
 # --------------------------------------------------------------------------- preparing a model
 
 
-def prepare(work: Path, size: ModelSize, rank: int = 16) -> dict[str, Any]:
-    """Write ``work/base`` (random bf16 checkpoint) and ``work/adapter`` (LoRA r on all linears).
+def prepare(work: Path, size: ModelSize, rank: int = 16, prequantized: bool = False) -> dict[str, Any]:
+    """Write ``work/base`` (random bf16 checkpoint) and ``work/adapter`` (LoRA r on all linears);
+    with ``prequantized`` also ``work/base-4bit`` (the base quantized to NF4 and saved).
 
     The adapter's B is random (non-zero), so the merge has a delta to add. A directory prepared
     before with the same size and rank is reused (``work/prepared.json`` records them). Returns
@@ -127,10 +129,15 @@ def prepare(work: Path, size: ModelSize, rank: int = 16) -> dict[str, Any]:
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if {k: record.get(k) for k in wanted} == wanted:
+            if prequantized and not (work / "base-4bit").is_dir():
+                _save_prequantized(work)
             return record
-    import torch
+    import shutil
 
-    from fastsave.tiny import attach_lora, load_4bit, save_random_model, tiny_llama_config
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastsave.tiny import attach_lora, save_random_model, tiny_llama_config
 
     torch.set_num_threads(os.cpu_count() or 1)
     work.mkdir(parents=True, exist_ok=True)
@@ -143,10 +150,18 @@ def prepare(work: Path, size: ModelSize, rank: int = 16) -> dict[str, Any]:
         num_key_value_heads=size.kv_heads,
         tie_word_embeddings=size.tie,
     )
+    for stale in ("base", "base-4bit", "adapter"):  # another size's files
+        shutil.rmtree(work / stale, ignore_errors=True)
+    record_path.unlink(missing_ok=True)
     save_random_model(config, work / "base")
-    model = attach_lora(load_4bit(work / "base"), r=rank, alpha=2 * rank)
+    # The adapter is made on the 16-bit model loaded back (memory-mapped, nothing quantized: minutes
+    # saved at 3B), so that it names the base directory; LoRA's own weights do not depend on W.
+    base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.bfloat16)
+    model = attach_lora(base, r=rank, alpha=2 * rank)
     model.save_pretrained(work / "adapter")
-    del model
+    del model, base
+    if prequantized:
+        _save_prequantized(work)
     from safetensors import safe_open
 
     nbytes = 0
@@ -168,17 +183,28 @@ def prepare(work: Path, size: ModelSize, rank: int = 16) -> dict[str, Any]:
     return record
 
 
-def prepare_in_subprocess(work: Path, size: ModelSize, rank: int = 16) -> dict[str, Any]:
+def prepare_in_subprocess(
+    work: Path, size: ModelSize, rank: int = 16, prequantized: bool = False
+) -> dict[str, Any]:
     """:func:`prepare` in a fresh process, so that the caller stays small and frees nothing late."""
     code = (
         "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import benchlib; "
         "size = benchlib.ModelSize(**json.loads(sys.argv[3])); "
-        "record = benchlib.prepare(Path(sys.argv[2]), size, int(sys.argv[4])); "
+        "record = benchlib.prepare(Path(sys.argv[2]), size, int(sys.argv[4]), sys.argv[5] == '1'); "
         "print(benchlib.RESULT_MARK + json.dumps(record))"
     )
     work.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(HERE), str(work), json.dumps(asdict(size)), str(rank)],
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(HERE),
+            str(work),
+            json.dumps(asdict(size)),
+            str(rank),
+            str(int(prequantized)),
+        ],
         cwd=work,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
         capture_output=True,
@@ -200,6 +226,18 @@ def check_disk(work: Path, needed: int) -> None:
             f"{work} has {free / 1e9:.1f} GB free, this run needs about {needed / 1e9:.1f} GB: "
             "pick fewer or smaller sizes, or --work on a larger disk"
         )
+
+
+def _save_prequantized(work: Path) -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    # The base quantized once (NF4, double quant, bf16 compute: what training loads) and saved:
+    # bitsandbytes quantizes on the CPU at ~10 M parameters/s (minutes at 3B), and the compute-only
+    # contenders would pay it on every run. Loading it gives the same codes and quant_state.
+    from fastsave.tiny import load_4bit
+
+    load_4bit(work / "base").save_pretrained(work / "base-4bit")
 
 
 # --------------------------------------------------------------------------- memory counters
@@ -337,7 +375,9 @@ def run_contender(name: str, params: dict[str, Any], timeout: float | None = Non
         return {"name": name, "outcome": "timeout", "process_seconds": time.perf_counter() - started}
     wall = time.perf_counter() - started
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    result = json.loads(lines[-1][len(RESULT_MARK) :]) if lines else {"name": name, "outcome": "crashed"}
+    result = json.loads(lines[-1][len(RESULT_MARK) :]) if lines else {"name": name}
+    if result.get("outcome") in (None, "running"):  # died in setup, or in the job
+        result["outcome"] = "crashed"
     result["returncode"] = proc.returncode
     result["process_seconds"] = wall
     if result["outcome"] != "ok":

@@ -77,7 +77,8 @@ def _imports_only(params: dict) -> dict:
 
 
 def load_trained_model(params: dict) -> dict:
-    """The trained QLoRA model a user holds after training: 4-bit base + the adapter (peft)."""
+    """The trained QLoRA model a user holds after training: the 16-bit base quantized to NF4 while
+    loading (bitsandbytes, on the CPU: ~10 M parameters/s, minutes at 3B) + the adapter (peft)."""
     from peft import PeftModel
 
     from fastsave.tiny import load_4bit
@@ -88,10 +89,24 @@ def load_trained_model(params: dict) -> dict:
     return {"model": model}
 
 
-def _trained_model_if_asked(params: dict) -> dict:
-    # the peft recipe from a fresh process (the benchmark), or in the process that holds the trained
-    # model (the memory cap: the same process state as fastsave's)
-    return load_trained_model(params) if params.get("hold_model") else _imports_only(params)
+def load_prequantized_model(params: dict) -> dict:
+    """The same 4-bit model from the pre-quantized copy benchlib.prepare wrote (same codes and
+    quant_state, loaded in seconds), for the compute-only contenders.
+
+    Not for saves: fastsave at 7e8aa63 cannot save a model loaded from a pre-quantized checkpoint
+    (transformers 5 records a Bnb4bitDeserialize conversion whose reversal raises
+    NotImplementedError in fastsave's checkpoint-layout step), and such a model's codes stay in the
+    memory-mapped file, so what it holds differs from a model quantized while loading.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    work = Path(params["work"])
+    base = AutoModelForCausalLM.from_pretrained(work / "base-4bit", device_map="cpu", dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(work / "adapter"))
+    model.eval()
+    return {"model": model}
 
 
 def _raw_setup(params: dict) -> dict:
@@ -135,7 +150,7 @@ def _fsync_tree(directory: str) -> None:
                 os.close(fd)
 
 
-@contender("peft", _trained_model_if_asked)
+@contender("peft", _imports_only)
 def peft_recipe(state: dict, params: dict) -> dict:
     """The usual route: load the 16-bit base + the adapter, merge_and_unload, save_pretrained.
 
@@ -177,7 +192,7 @@ def lora_layers(model: Any) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-@contender("loop", load_trained_model)
+@contender("loop", load_prequantized_model)
 def plain_merge_loop(state: dict, params: dict) -> dict:
     """The merge compute rate of the hardware: per LoRA-wrapped 4-bit linear, bitsandbytes' float32
     dequantize, one addmm of the LoRA delta, a cast to bf16; nothing written, nothing checked."""
@@ -207,7 +222,7 @@ def _fastsave_plan(params: dict) -> dict:
     # adapt when the plan's interface changes.
     from fastsave.plan import build_plan
 
-    state = load_trained_model(params)
+    state = load_prequantized_model(params)
     started = time.perf_counter()
     state["plan"] = build_plan(state["model"], None, None)
     state["plan_seconds"] = time.perf_counter() - started
@@ -317,7 +332,9 @@ def run(name: str, params: dict) -> dict:
     """Set up, measure and run contender ``name``; the result (see the module docstring)."""
     import torch
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    # every core unless "threads" says otherwise (the memory-cap test pins 2: each OpenMP worker a
+    # new thread starts costs a thread stack of VmData, so the result would depend on the machine)
+    torch.set_num_threads(int(params.get("threads") or len(os.sched_getaffinity(0))))
     chosen = CONTENDERS[name]
     result: dict[str, Any] = {"name": name}
     started = time.perf_counter()
@@ -335,6 +352,9 @@ def run(name: str, params: dict) -> dict:
         limit = held["VmData"] + int(params["cap"]["headroom_bytes"])
         result["cap_bytes"] = limit
         resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    # what is known so far, in case the job kills the process (libgomp exits when it cannot start
+    # a thread): run_contender then reports "crashed" with these fields
+    emit_result({**result, "outcome": "running"})
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     machine_before = cpu_busy_seconds()
     started = time.perf_counter()

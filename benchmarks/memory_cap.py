@@ -5,13 +5,13 @@
     python benchmarks/memory_cap.py --size 250m --find-min   # the smallest headroom that works today
     python benchmarks/memory_cap.py --size test --json result.json  (what tests/test_memory_cap.py runs)
 
-Each contender runs in a fresh process (benchmarks/contenders.py) that first loads the trained
-4-bit peft model (what a user holds after training), then caps its own data segment with
-``resource.setrlimit(RLIMIT_DATA)`` at what it holds (VmData) plus the headroom, then does its
-job: "fastsave" saves merged_16bit (checked tensor by tensor against bitsandbytes' float32
-dequantize + peft's delta, rounded once), "peft" runs the usual recipe (load the 16-bit base +
-adapter, merge_and_unload, save_pretrained), "cli" runs ``fastsave merge`` (its process holds no
-model: capped over what it holds after imports).
+Each contender runs in a fresh process (benchmarks/contenders.py) that first sets up, then caps
+its own data segment with ``resource.setrlimit(RLIMIT_DATA)`` at what it holds (VmData) plus the
+headroom, then does its job. "fastsave" loads the trained 4-bit peft model (what a user holds after
+training) and saves merged_16bit, checked tensor by tensor against bitsandbytes' float32
+dequantize + peft's delta, rounded once. "peft" runs the usual recipe (load the 16-bit base +
+adapter, merge_and_unload, save_pretrained) and "cli" runs ``fastsave merge``; neither holds a
+model before its job, so each gets the same headroom over what its libraries hold.
 
 What RLIMIT_DATA limits (Linux >= 4.7, measured here with glibc 2.36 and torch 2.13): VmData, the
 process's private writable mappings, counted when they are mapped, not when touched. It includes
@@ -38,16 +38,25 @@ from benchlib import SIZES, MiB, markdown_table, mib, parse_sizes, prepare, run_
 CONTENDERS = ("fastsave", "peft", "cli")
 
 
-def capped_run(contender: str, work: Path, headroom_bytes: int, timeout: float | None = None) -> dict:
-    """Run ``contender`` with RLIMIT_DATA = what it holds after setup + ``headroom_bytes``."""
+def capped_run(
+    contender: str,
+    work: Path,
+    headroom_bytes: int,
+    timeout: float | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Run ``contender`` with RLIMIT_DATA = what it holds after setup + ``headroom_bytes``.
+
+    ``threads``: torch's thread count in the child (None: every core).
+    """
     out = work / f"out-capped-{contender}"
     shutil.rmtree(out, ignore_errors=True)
     params = {
         "work": str(work),
         "out": str(out),
         "cap": {"headroom_bytes": int(headroom_bytes)},
-        "hold_model": True,  # the peft recipe in the process that holds the trained model, like fastsave
         "verify": contender == "fastsave",
+        "threads": threads,
     }
     try:
         return run_contender(contender, params, timeout=timeout)
@@ -61,7 +70,12 @@ def passed(result: dict) -> bool:
 
 
 def smallest_headroom(
-    work: Path, output_bytes: int, contender: str = "fastsave", start: int | None = None, confirm: int = 2
+    work: Path,
+    output_bytes: int,
+    contender: str = "fastsave",
+    start: int | None = None,
+    confirm: int = 2,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Bisect the smallest headroom (bytes) with which ``contender`` passes, to 1 MiB or 1% of the output.
 
@@ -73,7 +87,7 @@ def smallest_headroom(
     probes: list[tuple[int, bool]] = []
 
     def probe(headroom: int) -> bool:
-        ok = passed(capped_run(contender, work, headroom))
+        ok = passed(capped_run(contender, work, headroom, threads=threads))
         probes.append((headroom, ok))
         print(f"  headroom {headroom / MiB:.0f} MiB: {'passes' if ok else 'fails'}", flush=True)
         return ok
@@ -124,6 +138,9 @@ def main() -> None:
         "--jobs", type=int, default=1, help="contenders run at once (timings are not compared)"
     )
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per contender (default: all cores)"
+    )
     parser.add_argument("--work", default=None, help="work directory, kept (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -139,7 +156,7 @@ def main() -> None:
             runs = dict(
                 zip(
                     contenders,
-                    pool.map(lambda c: capped_run(c, work, headroom, args.timeout), contenders),
+                    pool.map(lambda c: capped_run(c, work, headroom, args.timeout, args.threads), contenders),
                     strict=True,
                 )
             )
@@ -173,7 +190,7 @@ def main() -> None:
         print(markdown_table(header, rows))
         if args.find_min:
             print(f"\nsmallest headroom for fastsave ({name}):", flush=True)
-            found = smallest_headroom(work, model["output_bytes"])
+            found = smallest_headroom(work, model["output_bytes"], threads=args.threads)
             report["smallest_headroom"] = found
             if found["smallest_bytes"] is None:
                 print("  none up to 8x the output size")

@@ -72,7 +72,8 @@ def run_size(name: str, size: ModelSize, work: Path, args: argparse.Namespace) -
     """Prepare one model size and run every contender --repeat times, interleaved."""
     work.mkdir(parents=True, exist_ok=True)
     print(f"\n[{name}] preparing {size.describe()} in {work} ...", flush=True)
-    model = prepare_in_subprocess(work, size, args.rank)
+    prequantized = bool({"loop", "producer"} & set(args.contenders))
+    model = prepare_in_subprocess(work, size, args.rank, prequantized)
     check_disk(work, 2 * model["output_bytes"] + (1 << 30))  # one output and its staging, at a time
     runs: dict[str, list[dict]] = {c: [] for c in args.contenders}
     for round_ in range(args.repeat):
