@@ -2,7 +2,7 @@
 
     python benchmarks/plan_scaling.py                        # every probe at its default sizes
     python benchmarks/plan_scaling.py --probes check --sizes 20000,100000 --timeout 1200
-    python benchmarks/plan_scaling.py --probes deepseek --experts 576 --json plan.json
+    python benchmarks/plan_scaling.py --probes deepseek --experts 256,576 --json plan.json
 
 A DeepSeek-V3 checkpoint holds ~92k tensors (half of them fp8 scales); the target (issue 11) is a
 100k-tensor plan planned and checked in under 5 s. Nothing here allocates weights: every model is
@@ -41,7 +41,7 @@ from typing import Any
 
 from benchlib import RESULT_MARK, emit_result, markdown_table
 
-DEFAULT_SIZES = {"check": [5000, 10000, 20000, 100000], "walk": [1000, 2000, 4000, 20000, 100000]}
+DEFAULT_SIZES = {"check": [5000, 10000, 20000, 100000], "walk": [1000, 2000, 4000, 8000, 20000, 100000]}
 
 # DeepSeek-V3's dimensions (config.json of deepseek-ai/DeepSeek-V3), written out: nothing is downloaded
 DEEPSEEK_V3 = dict(
@@ -245,34 +245,59 @@ def main() -> None:
     parser.add_argument("--probes", default="check,walk,deepseek")
     parser.add_argument("--sizes", default=None, help="tensor counts for check/walk (default per probe)")
     parser.add_argument(
-        "--experts", type=int, default=576, help="deepseek: routed experts (DeepSeek-V3: 256)"
+        "--experts", default="256,576", help="deepseek: routed experts, comma list (DeepSeek-V3: 256)"
     )
     parser.add_argument("--layers", type=int, default=61, help="deepseek: decoder layers (DeepSeek-V3: 61)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        help="seconds per measurement; a size extrapolated past it is not run (default 900)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     report: dict[str, Any] = {}
     for kind in [p.strip() for p in args.probes.split(",") if p.strip()]:
         if kind == "deepseek":
-            result = run_probe(kind, [args.experts, args.layers], args.timeout)
-            report[kind] = result
-            print(f"\ndeepseek ({args.layers} layers, {args.experts} routed experts):", flush=True)
-            print(json.dumps(result, indent=1), flush=True)
+            report[kind] = [
+                run_probe(kind, [int(experts), args.layers], args.timeout)
+                for experts in args.experts.split(",")
+            ]
+            rows = [
+                [
+                    str(r.get("experts", "-")),
+                    str(r.get("tensors", "-")),
+                    *(
+                        f"{r[key]:.2f}" if key in r else r["outcome"]
+                        for key in (
+                            "peft_seconds",
+                            "build_plan_seconds",
+                            "to_checkpoint_names_seconds",
+                            "check_plan_seconds",
+                        )
+                    ),
+                ]
+                for r in report[kind]
+            ]
+            print(f"\ndeepseek-v3 on meta ({args.layers} layers):\n")
+            header = ["routed experts", "checkpoint tensors", "get_peft_model s", "build_plan s"]
+            print(markdown_table([*header, "to_checkpoint_names s", "check_plan (names) s"], rows))
             continue
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else DEFAULT_SIZES[kind]
-        results = []
-        timed_out = False
+        key = "build_plan_seconds" if kind == "walk" else "check_plan_seconds"
+        results: list[dict[str, Any]] = []
         for size in sizes:
-            if timed_out:  # a larger one would time out too
+            points = [(r["tensors"], r[key]) for r in results if r["outcome"] == "ok"]
+            fit = _extrapolate(points, size)
+            if any(r["outcome"] == "timeout" for r in results) or (fit and fit[1] > args.timeout):
+                # it would run past the timeout: say how long it would take instead of waiting for it
                 results.append({"outcome": "skipped", "tensors": size})
                 continue
             result = run_probe(kind, [size], args.timeout)
             result.setdefault("tensors", size)
             results.append(result)
-            timed_out = result["outcome"] == "timeout"
             print(f"{kind} {size}: {result}", flush=True)
         report[kind] = results
-        key = "build_plan_seconds" if kind == "walk" else "check_plan_seconds"
         points = [(r["tensors"], r[key]) for r in results if r["outcome"] == "ok"]
         rows = []
         for r in results:
@@ -280,6 +305,8 @@ def main() -> None:
                 cells = [f"{r[key]:.2f}", f"{r['check_plan_seconds']:.2f}"]
             elif r["outcome"] == "timeout":
                 cells = [f"> {args.timeout:.0f} (timeout)", "-"]
+            elif r["outcome"] == "skipped":
+                cells = [f"not run (over {args.timeout:.0f})", "-"]
             else:
                 cells = [r["outcome"], "-"]
             fit = _extrapolate([p for p in points if p[0] < r["tensors"]], r["tensors"])
@@ -287,7 +314,7 @@ def main() -> None:
             rows.append([str(r["tensors"]), *cells, estimate])
         print(f"\n{kind}:\n")
         print(
-            markdown_table(["tensors", key.replace("_", " "), "of which check_plan", "extrapolated s"], rows)
+            markdown_table(["tensors", key.replace("_", " "), "check_plan alone s", "extrapolated s"], rows)
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
