@@ -257,16 +257,20 @@ def fastsave_producer(state: dict, params: dict) -> dict:
 
 
 def reference_weight(layer: Any, dtype: Any) -> Any:
-    """W = bitsandbytes' float32 dequantize (a copied quant_state) + peft's deltas, rounded once."""
+    """W = bitsandbytes' float32 dequantize (a copied quant_state; a 16-bit weight: as it is) +
+    peft's deltas, rounded once."""
     import copy
 
     import bitsandbytes.functional as bnb_functional
     import torch
 
     weight = layer.get_base_layer().weight
-    quant_state = copy.copy(weight.quant_state)
-    quant_state.dtype = torch.float32  # dtype=bf16 would round before the delta is added
-    merged = bnb_functional.dequantize_4bit(weight.data, quant_state)
+    if hasattr(weight, "quant_state"):
+        quant_state = copy.copy(weight.quant_state)
+        quant_state.dtype = torch.float32  # dtype=bf16 would round before the delta is added
+        merged = bnb_functional.dequantize_4bit(weight.data, quant_state)
+    else:
+        merged = weight.detach().to(torch.float32)
     for adapter in layer.active_adapters:
         merged = merged + layer.get_delta_weight(adapter).to(torch.float32)
     return merged.to(dtype)
