@@ -204,6 +204,8 @@ def plain_merge_loop(state: dict, params: dict) -> dict:
     count = 0
     for layer in lora_layers(state["model"]):
         weight = layer.get_base_layer().weight
+        if not hasattr(weight, "quant_state"):  # a 16-bit LoRA base (lm_head): not a 4-bit merge
+            continue
         quant_state = copy.copy(weight.quant_state)
         quant_state.dtype = torch.float32
         merged = bnb_functional.dequantize_4bit(weight.data, quant_state)
