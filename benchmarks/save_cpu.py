@@ -1,142 +1,68 @@
-"""CPU benchmark: fastsave merged_16bit vs the usual peft route, and a raw disk write of the same bytes.
+"""CPU benchmark: how fast, and in how much memory, a merged 16-bit checkpoint is written.
 
-Every contender runs in its own process so that its peak RSS is its own (VmHWM): for fastsave the
-peak during the save (the peak mark is reset after loading the model, which it still holds), for the
-others the whole process: the peft route's timed part includes loading the 16-bit base.
-Nothing is downloaded: the base model is built from a config with random weights.
+    python benchmarks/save_cpu.py                       # 250m, 1b and 3b, fastest of 3 runs each
+    python benchmarks/save_cpu.py --sizes 250m --repeat 5 --json results.json
+    python benchmarks/save_cpu.py --sizes 1024x8 --contenders raw,fastsave
 
-    python benchmarks/save_cpu.py [--hidden 1024 --layers 12 --vocab 32000 --rank 16 --repeat 3]
+The model: a random Llama-3-proportioned checkpoint built from a config (head_dim 128, 4 query
+heads per KV head, MLP 3.5x hidden, vocab 32000, untied lm_head), saved in bf16, and a LoRA
+adapter (r=16, alpha=32, random non-zero B) on every linear. Sizes: 250m (hidden 1024, 14
+layers), 1b (2048, 16), 3b (3072, 24), or HIDDENxLAYERS. Nothing is downloaded.
 
-Each contender runs --repeat times, interleaved (raw, fastsave, peft, raw, ...) so that a slow
-spell of the disk hits all of them; the table gives each one's fastest run and its largest peak RSS.
+Contenders, each run alone in a fresh process (benchmarks/contenders.py), interleaved over
+--repeat rounds so that a slow spell of the disk hits all of them; the fastest run counts for
+time, the largest for memory. On a small shared machine other processes distort timings far
+beyond their share (torch's OpenMP threads spin while one of them waits for a core): before each
+run the script waits (--idle-wait) for the CPUs to go quiet, and a run during which others used
+more than --disturbed of the CPUs is repeated (--retries) and counts only when no quiet run exists.
 
-Contenders, all writing a bf16 safetensors checkpoint of the same model:
-  fastsave      4-bit QLoRA model in memory -> save_pretrained_merged (merged into the NF4 weights)
-  peft+16bit    the common route: load the 16-bit base + PeftModel.from_pretrained(adapter)
-                -> merge_and_unload() -> save_pretrained (merged into the original 16-bit weights)
-  raw write     numpy writes the same number of bytes to the same disk (the bar to get close to)
+  raw write   the checkpoint's number of bytes written from memory + fsync: the floor
+  fastsave    save_pretrained_merged(merged_16bit) of the 4-bit peft model held in memory
+  peft        the usual route: load the 16-bit base + adapter, merge_and_unload, save_pretrained,
+              fsync (save_pretrained alone does not; the time before it is in the JSON)
+  cli         `fastsave merge ADAPTER OUT` (its main(), imports done before the clock starts;
+              "process" is the whole command's wall time) on the saved adapter + 16-bit base
+  loop        merge compute alone: per LoRA-wrapped 4-bit linear, bitsandbytes' float32
+              dequantize, addmm of the delta, cast to bf16; nothing written
+  producer    fastsave's producer alone: every planned tensor's produce() in plan order, nothing
+              written (rate over the LoRA weights; build_plan's time reported beside)
+
+Memory, for the timed part only (the process's state before it is "held"): extra VmHWM (peak
+RSS, reset before the job, page cache of mapped files included) and extra RssAnon (anonymous
+memory, sampled every --sample-ms by a thread in the last --sample-rounds rounds, since the
+sampler's GIL use slows the job), both over what was held before the job.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
-CHILD = r"""
-import json, os, sys, time
-import torch
-torch.set_num_threads(os.cpu_count())
-args = json.loads(sys.argv[1])
+from benchlib import (
+    SIZES,
+    ModelSize,
+    check_disk,
+    machine,
+    markdown_table,
+    mib,
+    parse_sizes,
+    prepare_in_subprocess,
+    run_contender,
+    wait_for_idle,
+)
 
-
-def _status_mib(field):
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss():
-    # Return what the process holds now, in MiB, and reset the kernel's peak-RSS mark (Linux
-    # clear_refs 5) so that the peak reported afterwards is the timed part's own. malloc_trim
-    # first: memory freed while loading must not hide the save's own allocations.
-    import ctypes, gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return None
-    return _status_mib("VmRSS")
-
-
-def peak_rss():
-    # this process's own peak since exec (VmHWM), not ru_maxrss, which keeps the forking parent's
-    peak = _status_mib("VmHWM")
-    if peak is None:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return peak
-
-
-work = args["work"]
-if args["mode"] == "fastsave":
-    from peft import PeftModel
-    from fastsave.tiny import load_4bit
-    import fastsave
-    model = PeftModel.from_pretrained(load_4bit(work + "/base"), work + "/adapter")
-    held = reset_peak_rss()  # the save's own peak, not that of loading the model
-    start = time.perf_counter()
-    fastsave.save_pretrained_merged(model, work + "/out-fastsave", max_shard_size="5GB")
-    print(json.dumps({"seconds": time.perf_counter() - start, "held_mib": held, "peak_mib": peak_rss()}))
-elif args["mode"] == "peft":
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    start = time.perf_counter()
-    base = AutoModelForCausalLM.from_pretrained(work + "/base", dtype=torch.bfloat16)
-    merged = PeftModel.from_pretrained(base, work + "/adapter").merge_and_unload()
-    merged.save_pretrained(work + "/out-peft")
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_mib": peak_rss()}))
-else:
-    import numpy as np
-    data = np.random.default_rng(0).integers(0, 255, size=args["bytes"], dtype=np.uint8)
-    start = time.perf_counter()
-    with open(work + "/raw.bin", "wb") as handle:
-        handle.write(memoryview(data))
-        handle.flush()
-        os.fsync(handle.fileno())
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_mib": peak_rss()}))
-"""
-
-
-def run_child(mode: str, work: str, nbytes: int = 0) -> dict:
-    """Run one contender in a fresh process; return its seconds and peak RSS."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, json.dumps({"mode": mode, "work": work, "bytes": nbytes})],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=work,  # never the repo root: its kernels/ folder must not shadow the `kernels` package
-    )
-    out = proc.stdout.read().decode()
-    if proc.wait() != 0:
-        raise RuntimeError(f"{mode} failed with status {proc.returncode}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mib"] = result["peak_mib"]
-    return result
-
-
-def prepare(work: Path, hidden: int, layers: int, vocab: int, rank: int) -> int:
-    """Write the random base and a trained-looking (random, non-zero) adapter; return output bytes."""
-    from fastsave.tiny import attach_lora, load_4bit, save_random_model, tiny_llama_config
-
-    config = tiny_llama_config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 3.5) // 256 * 256,  # Llama-3's ratio (4096 -> 14336)
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 128,  # head_dim 128, 4 query heads per KV head, as in Llama-3
-        num_key_value_heads=max(1, hidden // 512),
-    )
-    save_random_model(config, work / "base")
-    model = attach_lora(load_4bit(work / "base"), r=rank, alpha=2 * rank)
-    model.save_pretrained(work / "adapter")
-    from safetensors import safe_open
-
-    with safe_open(work / "base" / "model.safetensors", framework="pt") as handle:
-        return sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys()) * 2  # noqa: SIM118
+CONTENDERS = ("raw", "fastsave", "peft", "cli", "loop", "producer")
+LABELS = {
+    "raw": "raw write + fsync of the same bytes",
+    "fastsave": "fastsave save_pretrained_merged (4-bit peft model in memory)",
+    "peft": "peft recipe: load 16-bit + adapter, merge_and_unload, save_pretrained, fsync",
+    "cli": "`fastsave merge ADAPTER OUT` (saved adapter + 16-bit base on disk)",
+}
+WRITERS = tuple(LABELS)
 
 
 def _remove(path: Path) -> None:
@@ -146,65 +72,279 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+def run_size(name: str, size: ModelSize, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Prepare one model size and run every contender --repeat times, interleaved."""
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"\n[{name}] preparing {size.describe()} in {work} ...", flush=True)
+    prequantized = bool({"loop", "producer"} & set(args.contenders))
+    model = prepare_in_subprocess(work, size, args.rank, prequantized)
+    check_disk(work, 2 * model["output_bytes"] + (1 << 30))  # one output and its staging, at a time
+    runs: dict[str, list[dict]] = {c: [] for c in args.contenders}
+    for round_ in range(args.repeat):
+        for contender in args.contenders:
+            out = work / f"out-{contender}"
+            _remove(out)  # every run writes a fresh output, as a user's first save does
+            # The sampling thread takes the GIL every few ms (measured: up to ~20% on a 1 s save), so
+            # only the last --sample-rounds rounds sample RssAnon; the others time the job alone.
+            sampled = round_ >= args.repeat - args.sample_rounds
+            params = {
+                "work": str(work),
+                "out": str(out),
+                "output_bytes": model["output_bytes"],
+                "sample_ms": args.sample_ms if sampled else 0,
+            }
+            for attempt in range(1 + args.retries):
+                busy = wait_for_idle(args.idle_wait) if args.idle_wait > 0 else None
+                result = run_contender(contender, params, timeout=args.timeout)
+                result["machine_busy_before"] = busy
+                _remove(out)
+                runs[contender].append(result)
+                status = f"{result['seconds']:.2f}s" if result["outcome"] == "ok" else result["outcome"]
+                if result.get("others_cpu_share") is not None:
+                    status += f" (other processes used {100 * result['others_cpu_share']:.0f}% of the CPUs)"
+                print(f"[{name}] round {round_ + 1}/{args.repeat} {contender}: {status}", flush=True)
+                if result["outcome"] != "ok":
+                    print(result.get("error") or result.get("stderr_tail", "")[-1500:], flush=True)
+                    break
+                if not _disturbed(result, args.disturbed) or attempt == args.retries:
+                    break
+                print(f"[{name}]   disturbed: again ({attempt + 1}/{args.retries})", flush=True)
+    best = summarize(runs, args.disturbed)
+    return {"size": name, "model": model, "describe": size.describe(), "runs": runs, "best": best}
+
+
+def _disturbed(result: dict, threshold: float) -> bool:
+    """Whether other processes used more than ``threshold`` of the CPUs during the run."""
+    return (result.get("others_cpu_share") or 0.0) > threshold
+
+
+def summarize(runs: dict[str, list[dict]], disturbed: float = 0.10) -> dict[str, dict]:
+    """Per contender: the fastest successful run's seconds, the largest extra memory of any run.
+
+    Runs that other processes disturbed (more than ``disturbed`` of the CPUs) count only when no
+    undisturbed run succeeded; "disturbed" in the result says so.
+    """
+    best: dict[str, dict] = {}
+    for contender, results in runs.items():
+        ok = [r for r in results if r["outcome"] == "ok"]
+        quiet = [r for r in ok if not _disturbed(r, disturbed)]
+        all_disturbed = bool(ok) and not quiet
+        ok = quiet or ok
+        if not ok:
+            best[contender] = {"outcome": results[-1]["outcome"] if results else "not run"}
+            continue
+        fastest = min(ok, key=lambda r: r["seconds"])
+        entry = {
+            "outcome": "ok",
+            "runs": len(ok),
+            "seconds": fastest["seconds"],
+            "process_seconds": min(r["process_seconds"] for r in ok),
+            "held": fastest["held"],
+            "extra": {
+                key: max(r["extra"].get(key, 0) for r in ok) for key in {k for r in ok for k in r["extra"]}
+            },
+            "others_cpu_share": fastest.get("others_cpu_share"),
+            "disturbed": all_disturbed,
+        }
+        for key in ("merged_parameters", "merged_seconds", "plan_seconds", "seconds_before_fsync"):
+            if key in fastest:
+                entry[key] = min(r[key] for r in ok) if key.endswith("seconds") else fastest[key]
+        best[contender] = entry
+    return best
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or a.get("outcome") != "ok" or b.get("outcome") != "ok":
+        return "-"
+    return f"{a['seconds'] / b['seconds']:.2f}x"
+
+
+def report(result: dict[str, Any], repeat: int) -> str:
+    """The markdown tables of one size."""
+    best, out_bytes = result["best"], result["model"]["output_bytes"]
+    lines = [
+        f"\n### {result['size']}: {result['describe']}; {out_bytes / 1e6:.0f} MB bf16 out, "
+        f"LoRA r={result['model']['rank']} on every linear; {machine()}; fastest undisturbed run of {repeat} rounds\n"
+    ]
+    rows = []
+    for contender in (c for c in WRITERS if c in best):
+        entry = best[contender]
+        if entry["outcome"] != "ok":
+            rows.append([LABELS[contender], entry["outcome"], *["-"] * 7])
+            continue
+        anon = entry["extra"].get("RssAnon")
+        seconds = f"{entry['seconds']:.2f}" + (" (disturbed)" if entry.get("disturbed") else "")
+        if contender == "cli":
+            seconds += f" (process {entry['process_seconds']:.1f})"
+        rows.append(
+            [
+                LABELS[contender],
+                seconds,
+                _ratio(entry, best.get("raw")),
+                _ratio(entry, best.get("peft")),
+                mib(entry["extra"]["VmHWM"]),
+                mib(anon),
+                "-" if anon is None else f"{100 * anon / out_bytes:.0f}%",
+                f"{mib(entry['held']['VmRSS'])} / {mib(entry['held']['RssAnon'])}",
+                f"{100 * (entry.get('others_cpu_share') or 0):.0f}%",
+            ]
+        )
+    header = [
+        "contender",
+        "seconds",
+        "vs raw write",
+        "vs peft recipe",
+        "extra peak VmHWM (MiB)",
+        "extra peak RssAnon (MiB)",
+        "RssAnon extra / output",
+        "held before: RSS / anon (MiB)",
+        "CPU used by others",
+    ]
+    lines.append(markdown_table(header, rows))
+    compute = []
+    lora_params = result["model"]["lora_parameters"]
+    if best.get("loop", {}).get("outcome") == "ok":
+        loop = best["loop"]
+        compute.append(
+            [
+                "plain loop: bnb float32 dequantize + addmm + cast to bf16",
+                f"{loop['seconds']:.2f}",
+                f"{loop['merged_parameters'] / loop['seconds'] / 1e9:.2f}",
+                "disturbed" if loop.get("disturbed") else "-",
+            ]
+        )
+    if best.get("producer", {}).get("outcome") == "ok":
+        producer = best["producer"]
+        compute.append(
+            [
+                "fastsave producer, LoRA weights (no writer)",
+                f"{producer['merged_seconds']:.2f}",
+                f"{producer['merged_parameters'] / producer['merged_seconds'] / 1e9:.2f}",
+                f"all tensors {producer['seconds']:.2f} s; build_plan {producer['plan_seconds']:.3f} s"
+                + ("; disturbed" if producer.get("disturbed") else ""),
+            ]
+        )
+    if compute:
+        lines.append(
+            f"\nmerge compute over the {lora_params / 1e6:.0f} M LoRA-wrapped parameters, nothing written:\n"
+        )
+        lines.append(markdown_table(["merge compute", "seconds", "Gparam/s", "note"], compute))
+    return "\n".join(lines)
+
+
+def scaling_table(results: list[dict[str, Any]]) -> str:
+    """One row per size: time and memory side by side, so that linear cost shows."""
+    rows = []
+    for result in results:
+        best, out_bytes = result["best"], result["model"]["output_bytes"]
+
+        def seconds(contender: str, best=best) -> str:
+            entry = best.get(contender, {})
+            return f"{entry['seconds']:.2f}" if entry.get("outcome") == "ok" else entry.get("outcome", "-")
+
+        def anon(contender: str, best=best, out_bytes=out_bytes) -> str:
+            entry = best.get(contender, {})
+            if entry.get("outcome") != "ok" or "RssAnon" not in entry["extra"]:
+                return "-"
+            return f"{mib(entry['extra']['RssAnon'])} ({100 * entry['extra']['RssAnon'] / out_bytes:.0f}%)"
+
+        def rate(contender: str, key: str, best=best) -> str:
+            entry = best.get(contender, {})
+            if entry.get("outcome") != "ok":
+                return "-"
+            return f"{entry['merged_parameters'] / entry[key] / 1e9:.2f}"
+
+        rows.append(
+            [
+                result["size"],
+                f"{result['model']['parameters'] / 1e9:.2f}",
+                f"{out_bytes / 1e6:.0f}",
+                seconds("raw"),
+                seconds("fastsave"),
+                seconds("peft"),
+                seconds("cli"),
+                _ratio(best.get("fastsave"), best.get("raw")),
+                _ratio(best.get("fastsave"), best.get("peft")),
+                anon("fastsave"),
+                anon("peft"),
+                anon("cli"),
+                rate("loop", "seconds"),
+                rate("producer", "merged_seconds"),
+            ]
+        )
+    header = [
+        "size",
+        "B params",
+        "MB out",
+        "raw s",
+        "fastsave s",
+        "peft s",
+        "cli s",
+        "fastsave / raw",
+        "fastsave / peft",
+        "fastsave extra anon MiB (% out)",
+        "peft extra anon",
+        "cli extra anon",
+        "loop Gparam/s",
+        "producer Gparam/s",
+    ]
+    return markdown_table(header, rows)
 
 
 def main() -> None:
-    """Run the benchmark and print a markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=32000)
+    """Run the benchmark, print markdown tables, optionally write JSON."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="250m,1b,3b", help=f"comma list of {', '.join(SIZES)} or HxL")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list (default: all)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds (fastest run counts; default 3)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per contender (the fastest counts)")
-    parser.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("--sample-ms", type=float, default=2.0, help="RssAnon sampling interval (0: off)")
+    parser.add_argument(
+        "--sample-rounds",
+        type=int,
+        default=1,
+        help="how many of the last rounds sample RssAnon (the sampler slows a job down; default 1)",
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one contender may take")
+    parser.add_argument(
+        "--disturbed",
+        type=float,
+        default=0.10,
+        help="a run during which other processes used more than this share of the CPUs is disturbed: "
+        "it is run again (--retries) and counts only if no undisturbed run succeeded (default 0.10)",
+    )
+    parser.add_argument("--retries", type=int, default=2, help="extra runs after a disturbed one (default 2)")
+    parser.add_argument(
+        "--idle-wait",
+        type=float,
+        default=20.0,
+        help="before each run, wait up to this many seconds for other processes to leave the CPUs (0: no)",
+    )
+    parser.add_argument("--work", default=None, help="work directory, kept (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write every run's result here")
     args = parser.parse_args()
-    work = Path(args.dir or tempfile.mkdtemp(prefix="fastsave-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    # prepared in a process of its own: this one must stay small, or every contender it forks
-    # would start with a large peak-RSS mark
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        nbytes = pool.submit(prepare, work, args.hidden, args.layers, args.vocab, args.rank).result()
-    contenders = {
-        "raw write": ("raw", "raw.bin"),
-        "fastsave": ("fastsave", "out-fastsave"),
-        "peft+16bit": ("peft", "out-peft"),
-    }
-    results: dict[str, dict] = {}
-    for _ in range(max(1, args.repeat)):
-        for name, (mode, output) in contenders.items():
-            _remove(work / output)  # every run writes a fresh output, as a user's first save does
-            run = run_child(mode, str(work), nbytes)
-            best = results.setdefault(name, run)
-            best["seconds"] = min(best["seconds"], run["seconds"])
-            best["peak_rss_mib"] = max(best["peak_rss_mib"], run["peak_rss_mib"])
-            if run.get("held_mib"):
-                best["held_mib"] = max(best.get("held_mib") or 0, run["held_mib"])
-    raw = results["raw write"]["seconds"]
-    print(
-        f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, LoRA r={args.rank} on all linears; "
-        f"output {nbytes / 1e6:.0f} MB bf16; {os.cpu_count()} CPU cores; fastest of {max(1, args.repeat)} runs each\n"
-    )
-    print("| contender | seconds | vs raw write | peak RSS (MiB) | throughput (MB/s) |")
-    print("|---|---|---|---|---|")
-    for name, result in results.items():
-        seconds = result["seconds"]
-        print(
-            f"| {name} | {seconds:.2f} | {seconds / raw:.2f}x | {result['peak_rss_mib']:.0f} | {nbytes / 1e6 / seconds:.0f} |"
-        )
-    held = results["fastsave"].get("held_mib")
-    if held:
-        print(
-            f"\nfastsave held {held:.0f} MiB (the 4-bit model) before saving; "
-            f"the save added {results['fastsave']['peak_rss_mib'] - held:.0f} MiB at its peak"
-        )
-    print(
-        f"\nfastsave / peft+16bit time ratio: {results['fastsave']['seconds'] / results['peft+16bit']['seconds']:.2f}"
-    )
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = set(args.contenders) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS)}")
+    args.repeat = max(1, args.repeat)
+    sizes = parse_sizes(args.sizes)
+    root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fastsave-bench-"))
+    results = []
+    try:
+        for name, size in sizes.items():
+            results.append(run_size(name, size, root / name, args))
+            print(report(results[-1], args.repeat), flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(root, ignore_errors=True)
+    if len(results) > 1:
+        print("\n### all sizes\n")
+        print(scaling_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from fastsave.adapters.delta import LoraDelta, merged_bias_float32
 from fastsave.merge.assemble import fill, spilled_buffer
 from fastsave.merge.expert_stacks import expert_merge_plan, stream_experts
 from fastsave.merge.rounding import to_output
-from fastsave.merge.row_blocks import merge_in_row_blocks, row_merge_plan, stream_row_blocks
+from fastsave.merge.row_blocks import BLOCK_BYTES, merge_in_row_blocks, row_merge_plan, stream_row_blocks
 from fastsave.merge.triton_fused import fused_applies, merge_fused
 from fastsave.merge.whole_matrix import merge_whole
 from fastsave.sources.base import Source
@@ -50,13 +50,11 @@ class Production:
         stream: the same values as consecutive pieces of the flattened tensor, when it can be
             produced in pieces (None: only whole).
         working_bytes: memory held while producing it, beyond the output pieces themselves.
-        strategy: "triton", "row blocks", "experts", "whole" or "copy", for logs and tests.
     """
 
     produce: Produce
     stream: Callable[[], Iterator[torch.Tensor]] | None
     working_bytes: int
-    strategy: str
 
 
 def strategy_for(source: Source, deltas: Sequence[LoraDelta]) -> str:
@@ -76,53 +74,71 @@ def _whole_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
     return copies * 4 * source.numel
 
 
+def _estimated_working_bytes(source: Source, deltas: Sequence[LoraDelta], transposed: bool) -> int:
+    """What a weight's merge will hold, judged without reading anything (planning must stay cheap).
+
+    Row blocks or one expert when the shapes and delta kinds allow them, else the whole matrix. The
+    strategy itself is chosen when the tensor is produced (a row reader decodes a weight's absmax,
+    the exactness checks run products): should it fall back to the whole matrix, the budget still
+    admits it alone.
+    """
+    cpu = source.device.type == "cpu"
+    if cpu and len(source.shape) == 2 and all(d.kind in ("linear", "embedding") for d in deltas):
+        step = max(1, BLOCK_BYTES // (4 * max(1, source.shape[1])))
+        rows = 4 * 4 * step * source.shape[1]
+        return rows + (
+            source.numel * torch.empty((), dtype=torch.bfloat16).element_size() if transposed else 0
+        )
+    if cpu and len(source.shape) == 3 and deltas and all(d.kind == "param" for d in deltas):
+        return 3 * 4 * source.numel // max(1, source.shape[0])
+    return _whole_bytes(source, deltas)
+
+
+def _chosen(source: Source, deltas: tuple[LoraDelta, ...], dtype: torch.dtype, name: str, transposed: bool):
+    """``(produce, stream or None)`` of the strategy for this weight, decided now."""
+    if deltas and fused_applies(source, deltas):
+        return lambda: _transposed(to_output(merge_fused(source, deltas), dtype, name), transposed), None
+    rows = row_merge_plan(source, deltas, name)
+    if rows is not None:
+        if transposed:  # merged by rows in the compute layout, then read out by columns
+            return (
+                lambda: _transposed(merge_in_row_blocks(rows, dtype), True),
+                lambda: _transposed_pieces(
+                    fill(spilled_buffer(source.shape, dtype), stream_row_blocks(rows, dtype))
+                ),
+            )
+        return lambda: merge_in_row_blocks(rows, dtype), lambda: stream_row_blocks(rows, dtype)
+    experts = None if transposed else expert_merge_plan(source, deltas)
+    if experts is not None:
+        return lambda: torch.stack(list(stream_experts(experts, dtype))), lambda: stream_experts(
+            experts, dtype
+        )
+    return lambda: _transposed(to_output(merge_whole(source, deltas), dtype, name), transposed), None
+
+
 def weight_producer(
     source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtype, name: str, transposed: bool = False
 ) -> Production:
     """The producer of one output weight: W from ``source`` plus ``deltas``, rounded once to ``dtype``.
 
     ``transposed``: the checkpoint stores the transpose of the compute layout (the merge runs in the
-    compute layout, the result is transposed once at the end, so it does not stream).
+    compute layout; the result is read out by columns). The strategy is chosen each time the tensor
+    is produced, so that a plan holds no decoded state for tensors not yet (or no longer) in flight.
     """
     deltas = tuple(deltas)
-    if deltas and fused_applies(source, deltas):
-        return Production(
-            lambda: _transposed(to_output(merge_fused(source, deltas), dtype, name), transposed),
-            None,
-            2 * 4 * source.numel,
-            "triton",
-        )
-    rows = row_merge_plan(source, deltas, name)
-    if rows is not None:
-        if transposed:  # merged by rows in the compute layout, then read out by columns
-            return Production(
-                lambda: _transposed(merge_in_row_blocks(rows, dtype), True),
-                lambda: _transposed_pieces(
-                    fill(spilled_buffer(source.shape, dtype), stream_row_blocks(rows, dtype))
-                ),
-                rows.working_bytes,
-                "row blocks",
-            )
-        return Production(
-            lambda: merge_in_row_blocks(rows, dtype),
-            lambda: stream_row_blocks(rows, dtype),
-            rows.working_bytes,
-            "row blocks",
-        )
-    experts = None if transposed else expert_merge_plan(source, deltas)
-    if experts is not None:
-        return Production(
-            lambda: torch.stack(list(stream_experts(experts, dtype))),
-            lambda: stream_experts(experts, dtype),
-            experts.working_bytes,
-            "experts",
-        )
-    return Production(
-        lambda: _transposed(to_output(merge_whole(source, deltas), dtype, name), transposed),
-        None,
-        _whole_bytes(source, deltas),
-        "whole",
-    )
+
+    def produce() -> torch.Tensor:
+        whole, _ = _chosen(source, deltas, dtype, name, transposed)
+        return whole()
+
+    def stream() -> Iterator[torch.Tensor]:
+        whole, pieces = _chosen(source, deltas, dtype, name, transposed)
+        if pieces is None:
+            yield whole()
+        else:
+            yield from pieces()
+
+    return Production(produce, stream, _estimated_working_bytes(source, deltas, transposed))
 
 
 def _transposed(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -172,7 +188,7 @@ def copy_producer(source: Source, dtype: torch.dtype, name: str, transposed: boo
             values if values.is_contiguous() else values.contiguous(), output_dtype(values)
         )
 
-    return Production(produce, None if transposed else stream, 0, "copy")
+    return Production(produce, None if transposed else stream, 0)
 
 
 def bias_producer(source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtype, name: str) -> Production:
@@ -184,5 +200,4 @@ def bias_producer(source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtyp
         lambda: to_output(merged_bias_float32(source.as_stored(), list(deltas)), dtype, name),
         None,
         4 * source.numel,
-        "whole",
     )
