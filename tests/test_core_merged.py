@@ -388,3 +388,30 @@ def test_lora_on_embed_tokens_merges_in_row_blocks(qlora_model, tmp_path, monkey
     assert "model.embed_tokens.weight" in used
     saved = _saved_tensors(tmp_path / "out")
     assert torch.equal(saved["model.embed_tokens.weight"], expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_model_loaded_from_a_prequantized_4bit_checkpoint(tiny_base_dir, tmp_path, double_quant):
+    """transformers records the quantizer's (irreversible) deserialization on such a model; the merge
+    must still write the dequantized weights under their own names, with no quantization_config."""
+    from fastsave.tiny import attach_lora, load_4bit
+
+    quantized = tmp_path / "q4"
+    load_4bit(tiny_base_dir, double_quant=double_quant).save_pretrained(quantized)
+    reloaded = AutoModelForCausalLM.from_pretrained(quantized, device_map="cpu")
+    model = attach_lora(reloaded, seed=3)
+    expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
+    out = tmp_path / "out"
+    fastsave.save_pretrained_merged(model, out)
+    saved = _saved_tensors(out)
+    assert len(expected) == 14
+    for name, reference in expected.items():
+        assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+    assert not any(key.endswith(("absmax", "quant_map", "quant_state.bitsandbytes__nf4")) for key in saved)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(out)  # transformers loads it as a plain model
+
+    out4 = tmp_path / "out4"
+    fastsave.save_pretrained_merged(model, out4, save_method="merged_4bit_forced")
+    assert json.loads((out4 / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+    AutoModelForCausalLM.from_pretrained(out4, device_map="cpu")

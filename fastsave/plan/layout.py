@@ -33,6 +33,37 @@ def _reverter() -> Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torc
     return revert_weight_conversion
 
 
+class _LayoutConversions:
+    """The model as transformers' reversal sees it, with only the conversions of the weights' layout.
+
+    A model loaded from a pre-quantized checkpoint (bitsandbytes 4-bit saved with save_pretrained)
+    also records the quantizer's deserialization (packed bytes plus quant-state companions -> one
+    Params4bit), which has no reverse. fastsave writes dequantized (or its own re-quantized)
+    tensors, so that step does not apply to what it writes; the layout conversions still do.
+    """
+
+    def __init__(self, root: nn.Module, conversions: list) -> None:
+        self._root = root
+        self._weight_conversions = conversions
+
+    def __getattr__(self, name: str):
+        return getattr(self._root, name)
+
+
+def _conversion_owner(root: nn.Module) -> nn.Module | _LayoutConversions | None:
+    """What to hand transformers' reversal: ``root``, ``root`` without quantizer loading, or None
+    when nothing is left to reverse."""
+    conversions = getattr(root, "_weight_conversions", None)
+    if conversions is None:  # not loaded with from_pretrained: transformers uses its default mapping
+        return root
+    quantizer = getattr(root, "hf_quantizer", None)
+    loading = tuple(quantizer.get_load_operations().values()) if quantizer is not None else ()
+    kept = [c for c in conversions if not any(isinstance(op, loading) for op in getattr(c, "operations", ()))]
+    if not kept:
+        return None
+    return root if len(kept) == len(conversions) else _LayoutConversions(root, kept)
+
+
 def _layout(tensors: dict[str, torch.Tensor]) -> Layout:
     return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
 
@@ -69,10 +100,11 @@ def stored_as(
     expert tensor; one entry under another name for a renamed one.
     """
     revert = _reverter()
-    if revert is None or getattr(root, "_weight_conversions", None) == []:
+    owner = _conversion_owner(root)
+    if revert is None or owner is None:
         return {name: tuple(shape)}
     meta = torch.empty(shape, dtype=dtype, device="meta")
-    return {key: tuple(value.shape) for key, value in revert(root, {name: meta}).items()}
+    return {key: tuple(value.shape) for key, value in revert(owner, {name: meta}).items()}
 
 
 def to_checkpoint_layout(root: nn.Module, plan: Plan) -> Plan:
@@ -87,11 +119,12 @@ def to_checkpoint_layout(root: nn.Module, plan: Plan) -> Plan:
             gives for the whole model. Nothing is written.
     """
     revert = _reverter()
-    if revert is None or getattr(root, "_weight_conversions", None) == []:
+    owner = _conversion_owner(root)
+    if revert is None or owner is None:
         return plan
     convertible = [i for i in plan.items if not i.checkpoint_named]
     metas = {i.name: torch.empty(i.shape, dtype=i.dtype, device="meta") for i in convertible}
-    whole = _layout(revert(root, dict(metas)))
+    whole = _layout(revert(owner, dict(metas)))
     if whole == _layout(metas):
         return plan
     refusal = PlanError(
@@ -100,10 +133,10 @@ def to_checkpoint_layout(root: nn.Module, plan: Plan) -> Plan:
         "report the model. Nothing was written."
     )
     try:
-        outputs = {i.name: _layout(revert(root, {i.name: metas[i.name]})) for i in convertible}
+        outputs = {i.name: _layout(revert(owner, {i.name: metas[i.name]})) for i in convertible}
         by_first: dict[str, list[PlanItem]] = {}
         for members in _groups(convertible, outputs):
-            by_first[members[0].name] = _convert_group(members, outputs, metas, revert, root)
+            by_first[members[0].name] = _convert_group(members, outputs, metas, revert, owner)
     except Exception as error:  # a reversal that needs tensors the group lacks
         raise refusal from error
     converted = [item for group in by_first.values() for item in group]
@@ -124,7 +157,7 @@ def _convert_group(
     outputs: dict[str, Layout],
     metas: dict[str, torch.Tensor],
     revert: Callable,
-    root: nn.Module,
+    root: nn.Module | _LayoutConversions,
 ) -> list[PlanItem]:
     """The checkpoint items of one group of plan items."""
     first = members[0]
@@ -150,7 +183,9 @@ class _GroupMembers:
     member's gathers exactly once.
     """
 
-    def __init__(self, members: list[PlanItem], revert: Callable, root: nn.Module) -> None:
+    def __init__(
+        self, members: list[PlanItem], revert: Callable, root: nn.Module | _LayoutConversions
+    ) -> None:
         self.members = members
         self.revert = revert
         self.root = root
