@@ -53,3 +53,45 @@ def test_nf4_round_trip_of_a_conv1d_weight_is_not_read_by_rows():
         DenseSource(torch.randn(64, 128)), Quant4bitSettings(), torch.bfloat16, conv1d=True
     )
     assert source.row_reader() is None
+
+
+def test_checkpoint_reader_equals_safetensors_and_maps_no_file(tmp_path):
+    """Tensors and row ranges read by positional reads equal safetensors' own load; the file is never
+    memory-mapped (a private writable map as large as the file counts against RLIMIT_DATA)."""
+    from safetensors.torch import load_file, save_file
+
+    from fastsave.sources.safetensors_file import SafetensorsCheckpoint
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(37, 11, generator=generator).to(torch.bfloat16),
+        "h": torch.randn(4, 3, 2, generator=generator).to(torch.float16),
+        "ids": torch.arange(10, dtype=torch.int64),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "mask": torch.rand(3, 2, generator=generator) > 0.5,
+    }
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    got = {name: checkpoint.get(name) for name in tensors}
+    rows = [checkpoint.rows("w", 5, 19), checkpoint.rows("h", 1, 3), checkpoint.rows("w", 30, 99)]
+    with open("/proc/self/maps") as maps:
+        assert str(tmp_path / "model.safetensors") not in maps.read()
+    reference = load_file(tmp_path / "model.safetensors")
+    for name, expected in reference.items():
+        assert got[name].dtype == expected.dtype and torch.equal(got[name], expected), name
+    assert torch.equal(rows[0], reference["w"][5:19])
+    assert torch.equal(rows[1], reference["h"][1:3])
+    assert torch.equal(rows[2], reference["w"][30:])
+
+
+def test_checkpoint_reader_refuses_a_truncated_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from fastsave.sources.safetensors_file import SafetensorsCheckpoint
+
+    save_file({"w": torch.ones(64, 64)}, tmp_path / "model.safetensors")
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        SafetensorsCheckpoint(tmp_path).get("w")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import struct
+import threading
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from fastsave.sources.base import RowReader, Source
 
@@ -20,6 +23,7 @@ logger = logging.getLogger("fastsave")
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _TORCH_DTYPES = {
     "F64": torch.float64,
@@ -33,6 +37,32 @@ _TORCH_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def _read_header(file: Path) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensor entries (name -> dtype, shape, data_offsets) and where its data starts.
+
+    The format: 8 bytes, the little-endian length of a JSON header, the header, then the data.
+    """
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{file} is not a safetensors file (it is {len(head)} bytes long)")
+        (length,) = struct.unpack("<Q", head)
+        if length > _MAX_HEADER_BYTES:
+            raise ValueError(f"{file} is not a safetensors file (header of {length} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as error:
+            raise ValueError(f"{file} is not a safetensors file ({error})") from error
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _close_all(descriptors: dict[Path, int]) -> None:
+    for descriptor in descriptors.values():
+        os.close(descriptor)
+    descriptors.clear()
 
 
 def find_in_hf_cache(repo_id: str, revision: str | None = None) -> Path | None:
@@ -92,7 +122,13 @@ def check_not_quantized_checkpoint(directory: Path, what: str, hint: str = "") -
 
 
 class SafetensorsCheckpoint:
-    """The tensors of a local safetensors checkpoint: names, shapes and dtypes from the headers."""
+    """The tensors of a local safetensors checkpoint: names, shapes and dtypes from the headers.
+
+    Tensors are read with positional reads of their own bytes, not through safetensors' memory map:
+    a map of each file is a private writable mapping as large as the file, which counts against
+    RLIMIT_DATA (and ``ulimit -d``-style caps) for as long as it is open, even when untouched. One
+    file descriptor per file is kept for the checkpoint's lifetime.
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -102,20 +138,28 @@ class SafetensorsCheckpoint:
             weight_map = json.loads(index.read_text())["weight_map"]
             files = {name: self.directory / file for name, file in weight_map.items()}
         elif single.is_file():
-            files = {}
-            with safe_open(single, "pt") as handle:
-                files = dict.fromkeys(handle.keys(), single)
+            files = dict.fromkeys(_read_header(single)[0], single)
         else:
             bins = sorted(p.name for p in self.directory.glob("*.bin"))
             hint = f" (it holds {', '.join(bins)}: convert it to safetensors first)" if bins else ""
             raise ValueError(f"{str(self.directory)!r} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{hint}")
         self.file_of = files
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        # name -> (shape, dtype code, absolute byte offset of its data, its byte count)
+        self._meta: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
         for file in sorted(set(files.values())):
-            with safe_open(file, "pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 - a safe_open handle is not iterable
-                    tensor_slice = handle.get_slice(name)
-                    self._meta[name] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+            entries, data_start = _read_header(file)
+            for name, entry in entries.items():
+                begin, stop = entry["data_offsets"]
+                self._meta[name] = (tuple(entry["shape"]), entry["dtype"], data_start + begin, stop - begin)
+        missing = [name for name in files if name not in self._meta]
+        if missing:
+            raise ValueError(
+                f"{str(self.directory)!r}: its index names {len(missing)} tensor(s) that no shard holds, "
+                f"e.g. {missing[0]!r}: the checkpoint is incomplete"
+            )
+        self._descriptors: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        weakref.finalize(self, _close_all, self._descriptors)
 
     def __contains__(self, name: object) -> bool:
         return name in self.file_of
@@ -141,13 +185,39 @@ class SafetensorsCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from its file now."""
-        with safe_open(self.file_of[name], "pt") as handle:
-            return handle.get_tensor(name)
+        shape = self.shape(name)
+        return self._read(name, 0, self._meta[name][3]).view(self.dtype(name)).reshape(shape)
 
     def rows(self, name: str, i: int, j: int) -> torch.Tensor:
         """Rows i..j of one tensor (only those bytes are read)."""
-        with safe_open(self.file_of[name], "pt") as handle:
-            return handle.get_slice(name)[i:j]
+        shape = self.shape(name)
+        i, j = max(0, min(i, shape[0])), max(0, min(j, shape[0]))
+        j = max(i, j)
+        row_bytes = self._meta[name][3] // shape[0] if shape[0] else 0
+        values = self._read(name, i * row_bytes, (j - i) * row_bytes)
+        return values.view(self.dtype(name)).reshape((j - i, *shape[1:]))
+
+    def _descriptor(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._descriptors:
+                self._descriptors[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return self._descriptors[file]
+
+    def _read(self, name: str, skip: int, count: int) -> torch.Tensor:
+        """``count`` bytes of ``name``'s data from byte ``skip`` on, as a fresh uint8 tensor."""
+        offset = self._meta[name][2] + skip
+        buffer = torch.empty(count, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        descriptor = self._descriptor(self.file_of[name])
+        done = 0
+        while done < count:  # os.preadv may return fewer bytes than asked
+            got = os.preadv(descriptor, [view[done:]], offset + done)
+            if got == 0:
+                raise ValueError(
+                    f"{self.file_of[name]} ends before the data of {name!r}: the checkpoint file is truncated"
+                )
+            done += got
+        return buffer
 
     def source(self, name: str) -> SafetensorsTensorSource:
         """The source that reads ``name`` from this checkpoint."""
