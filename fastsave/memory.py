@@ -96,6 +96,19 @@ def memory_limit() -> int:
     return min(total, limit) if limit else total
 
 
+# Threads a save starts (the producer; tqdm's monitor): each stack is a private mapping of
+# RLIMIT_STACK's size (8 MiB by default) that counts against RLIMIT_DATA, touched or not.
+THREADS_STARTED = 2
+
+
+def _thread_stack_bytes() -> int:
+    size = threading.stack_size()
+    if size:
+        return size
+    soft, _ = resource.getrlimit(resource.RLIMIT_STACK)
+    return 8 * MIB if soft == resource.RLIM_INFINITY else soft
+
+
 def _address_space_limit() -> int | None:
     """RLIMIT_DATA, when set: anonymous memory beyond it fails to allocate (what a test cap uses)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
@@ -120,19 +133,22 @@ class MemoryBudget:
         headroom = self.limit - held
         data_limit = _address_space_limit()
         if data_limit is not None:  # RLIMIT_DATA counts virtual size: keep under it with a margin
-            virtual = (_status_kib("VmData") or 0) * 1024
+            virtual = (_status_kib("VmData") or 0) * 1024 + THREADS_STARTED * _thread_stack_bytes()
             headroom = min(headroom, (data_limit - virtual) * 3 // 4)
         self.minimal = headroom < MINIMAL_ALLOWANCE
         wanted = min(headroom, MAX_IN_FLIGHT) if not self.minimal else headroom // 2
         self.allowance = max(MIN_ALLOWANCE, wanted)
         if self.minimal:
+            bound = (
+                f"the process's data limit (RLIMIT_DATA) leaves {max(0, headroom) / 1e6:.0f} MB"
+                if data_limit is not None and headroom < self.limit - held
+                else f"maximum_memory_usage={fraction:.2f} allows {self.limit / 1e9:.1f} GB and the process "
+                f"already holds {held / 1e9:.1f} GB"
+            )
             logger.warning(
-                "fastsave: maximum_memory_usage=%.2f allows %.1f GB but the process already holds %.1f GB; "
-                "keeping the smallest working set (merging in small blocks, one in flight, anything larger "
-                "spilled to disk)",
-                fraction,
-                self.limit / 1e9,
-                held / 1e9,
+                "fastsave: %s; keeping the smallest working set (merging in small blocks, one in flight, "
+                "anything larger spilled to disk)",
+                bound,
             )
 
     def fits(self, nbytes: int) -> bool:

@@ -55,7 +55,7 @@ from fastsave.io.shards import Shard, ShardWriter, assign_shards, write_index
 from fastsave.io.staging import PendingSave, check_space, pending_save
 from fastsave.io.variant import apply_variant
 from fastsave.memory import ByteBudget, MemoryBudget, peak_rss, remove_spill_directory, spill_directory
-from fastsave.merge.assemble import Assembler, assembling
+from fastsave.merge.assemble import Assembler, assembling, block_bytes_for
 from fastsave.options import SaveOptions, parse_options
 from fastsave.parallel.ranks import LocalFailure
 from fastsave.parallel.team import SaveTeam
@@ -327,7 +327,7 @@ def write_merged_weights(
     memory = MemoryBudget(options.maximum_memory_usage, team.local_world)
     budget = ByteBudget(memory.allowance)
     spill = spill_directory(options.temporary_location, directory, team.rank if team.collective else None)
-    assembler = Assembler(spill, memory.allowance // 2)
+    assembler = Assembler(spill, memory.allowance // 2, block_bytes_for(memory.allowance))
     sink: queue.Queue = queue.Queue()  # bounded by the byte budget, not by a count
     stop = threading.Event()
     failure = LocalFailure()

@@ -35,6 +35,14 @@ def _saved_tensors(directory) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _small_blocks(monkeypatch, nbytes: int) -> None:
+    """Row blocks of ``nbytes`` of float32 in the save (whatever the memory allowance)."""
+    from fastsave.merge import assemble
+
+    monkeypatch.setattr(assemble, "BLOCK_BYTES", nbytes)
+    monkeypatch.setattr(assemble, "MIN_BLOCK_BYTES", nbytes)
+
+
 def _lora_layers(model):
     return {
         name.removeprefix("base_model.model."): module
@@ -354,7 +362,7 @@ def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path
     elif repacked:
         repack_for_cpu(model)
     assert all(is_repacked(m) == repacked for m in linear4bit_layers(model))
-    monkeypatch.setattr(row_blocks, "BLOCK_BYTES", 4 * 64 * 32)  # 32 rows of 64 float32 columns
+    _small_blocks(monkeypatch, 4 * 64 * 32)  # 32 rows of 64 float32 columns
     used = []
     real = row_blocks.merged_rows
 
@@ -380,7 +388,7 @@ def test_lora_on_embed_tokens_merges_in_row_blocks(qlora_model, tmp_path, monkey
     model = qlora_model(target_modules=["q_proj", "embed_tokens"])
     layer = model.base_model.model.model.embed_tokens
     expected = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
-    monkeypatch.setattr(row_blocks, "BLOCK_BYTES", 4 * 64 * 32)  # 32 rows a block: 10 blocks of the embedding
+    _small_blocks(monkeypatch, 4 * 64 * 32)  # 32 rows a block: 10 blocks of the embedding
     used = []
     real = row_blocks.merged_rows
     monkeypatch.setattr(row_blocks, "merged_rows", lambda merge: used.append(merge.name) or real(merge))

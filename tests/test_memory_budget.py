@@ -94,3 +94,27 @@ def test_spilled_buffer_is_a_deleted_file_mapping(tmp_path):
 
     assert str(spill) in mapping_of(address) and "(deleted)" in mapping_of(address)
     assert str(spill) not in mapping_of(small.data_ptr())
+
+
+def test_block_size_follows_the_allowance():
+    from fastsave.merge.assemble import BLOCK_BYTES, MIN_BLOCK_BYTES, block_bytes_for
+
+    assert block_bytes_for(10 * 2**30) == BLOCK_BYTES
+    assert block_bytes_for(16 * 2**20) == 2 * 2**20
+    assert block_bytes_for(0) == MIN_BLOCK_BYTES
+
+
+def test_exactness_check_of_a_large_delta_is_spilled_and_still_decides_right(tmp_path):
+    """The row-block check needs the whole delta product once: past the allowance it goes to a
+    spilled file, and blocks of it still equal torch's own product bit for bit."""
+    from fastsave.merge import row_blocks
+
+    generator = torch.Generator().manual_seed(0)
+    b = torch.randn(4099, 16, generator=generator)
+    a = torch.randn(16, 1000, generator=generator)
+    assembler = Assembler(tmp_path, allowance=2**20, block_bytes=2**18)
+    with assembling(assembler):
+        exact = row_blocks.blockwise_product_is_exact(b, a, 65)
+    assert assembler.spilled_bytes == 4099 * 1000 * 4
+    full = b @ a
+    assert exact == all(torch.equal(full[i : i + 65], b[i : i + 65] @ a) for i in range(0, 4099, 65))

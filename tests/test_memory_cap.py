@@ -74,12 +74,6 @@ def test_peft_recipe_runs_out_of_memory_under_the_cap(capped):
     assert run["out_of_memory"], run.get("error")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: maximum_memory_usage is not a byte bound yet; at 7e8aa63 this save needs about "
-    "140 MiB (84% of the output) beyond what the process holds (the lm_head merge alone builds a 64 MiB "
-    "float32 product) and runs out of memory under a quarter",
-)
 def test_fastsave_saves_exactly_under_the_cap(capped):
     run = capped["runs"]["fastsave"]
     assert run["outcome"] == "ok", run.get("error")

@@ -28,7 +28,7 @@ from torch import nn
 
 from fastsave.errors import PlanError
 from fastsave.inputs.live_model import InMemoryResolver, LiveModelInput
-from fastsave.merge.row_blocks import BLOCK_BYTES
+from fastsave.merge.assemble import BLOCK_BYTES
 from fastsave.options import SaveOptions
 from fastsave.parallel.team import SaveTeam
 from fastsave.plan.checks import check_plan

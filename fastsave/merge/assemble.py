@@ -32,12 +32,23 @@ if TYPE_CHECKING:
 _ACTIVE: contextvars.ContextVar[Assembler | None] = contextvars.ContextVar("fastsave_assembler", default=None)
 
 
-class Assembler:
-    """Builds whole tensors: in memory up to ``allowance`` bytes, spilled into ``spill_directory`` beyond."""
+# float32 bytes of one row block when the budget is large: fits in L2/L3 next to its copies
+BLOCK_BYTES = 4 << 20
+# never smaller: below this the per-block overhead dominates the merge
+MIN_BLOCK_BYTES = 256 << 10
 
-    def __init__(self, spill_directory: Path | None, allowance: int) -> None:
+
+class Assembler:
+    """Builds whole tensors: in memory up to ``allowance`` bytes, spilled into ``spill_directory`` beyond.
+
+    It also carries the producer's block size: a row block's float32 working set is a few copies of
+    ``block_bytes``, so a small allowance (a process near its memory cap) gets small blocks.
+    """
+
+    def __init__(self, spill_directory: Path | None, allowance: int, block_bytes: int = BLOCK_BYTES) -> None:
         self.spill_directory = spill_directory
         self.allowance = allowance
+        self.block_bytes = block_bytes
         self.spilled_bytes = 0
         self._names = itertools.count()
 
@@ -96,6 +107,17 @@ def fill(out: torch.Tensor, pieces: Iterator[torch.Tensor]) -> torch.Tensor:
     if position != flat.numel():
         raise RuntimeError(f"pieces of {position} values for a tensor of {flat.numel()}")
     return out
+
+
+def block_bytes() -> int:
+    """float32 bytes of one row block for the tensor being produced in this thread."""
+    return _active().block_bytes
+
+
+def block_bytes_for(allowance: int) -> int:
+    """The row-block size an allowance affords: an eighth of it (a block's copies and the pieces
+    waiting for the writer), between :data:`MIN_BLOCK_BYTES` and :data:`BLOCK_BYTES`."""
+    return max(MIN_BLOCK_BYTES, min(BLOCK_BYTES, allowance // 8))
 
 
 def spilled_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from fastsave.adapters.delta import LoraDelta, merged_bias_float32
-from fastsave.merge.assemble import fill, spilled_buffer
+from fastsave.merge.assemble import BLOCK_BYTES, fill, spilled_buffer
 from fastsave.merge.expert_stacks import expert_merge_plan, stream_experts
 from fastsave.merge.rounding import to_output
-from fastsave.merge.row_blocks import BLOCK_BYTES, merge_in_row_blocks, row_merge_plan, stream_row_blocks
+from fastsave.merge.row_blocks import merge_in_row_blocks, row_merge_plan, stream_row_blocks
 from fastsave.merge.triton_fused import fused_applies, merge_fused
 from fastsave.merge.whole_matrix import merge_whole
 from fastsave.sources.base import Source

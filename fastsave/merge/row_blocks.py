@@ -28,17 +28,17 @@ from dataclasses import dataclass
 import torch
 
 from fastsave.adapters.delta import LoraDelta
+from fastsave.merge.assemble import block_bytes, spilled_buffer
 from fastsave.sources.base import RowReader, Source
 
-BLOCK_BYTES = 4 << 20  # float32 working set of one block: fits in L2/L3 next to its copies
 _exact_shapes: dict[tuple, bool] = {}
 
 DeltaRows = Callable[[int, int], torch.Tensor]  # rows i..j of one delta, float32, scaled
 
 
 def rows_per_block(n_cols: int, alignment: int) -> int:
-    """Rows of one block: about BLOCK_BYTES of float32, a multiple of ``alignment``."""
-    rows = max(alignment, BLOCK_BYTES // (4 * max(1, n_cols)))
+    """Rows of one block: about :func:`block_bytes` of float32, a multiple of ``alignment``."""
+    rows = max(alignment, block_bytes() // (4 * max(1, n_cols)))
     return rows - rows % alignment
 
 
@@ -46,7 +46,9 @@ def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, colu
     """Whether blocks of ``step`` rows (or columns) of ``b @ a`` computed alone give the full product's bits."""
     key = ("product", tuple(b.shape), tuple(a.shape), step, columns, torch.get_num_threads())
     if key not in _exact_shapes:
-        full = b @ a
+        # the whole product once, into a buffer that is spilled to disk when the budget cannot hold
+        # it (an lm_head's delta is as large as the weight); mm with out= runs the same kernel as @
+        full = torch.mm(b, a, out=spilled_buffer((b.shape[0], a.shape[1]), torch.float32))
         if columns:
             blocks = (
                 torch.equal(full[:, i : i + step], b @ a[:, i : i + step]) for i in range(0, a.shape[1], step)
