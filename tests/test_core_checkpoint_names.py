@@ -12,9 +12,13 @@ def _unwrapped(model):
     return model.base_model.model
 
 
+# stands for a conversion transformers recorded while loading (the reversal itself is replaced here)
+_A_CONVERSION = object()
+
+
 def test_reversal_that_cannot_be_applied_group_by_group_is_refused(qlora_model, tmp_path, monkeypatch):
     model = qlora_model()
-    monkeypatch.setattr(_unwrapped(model), "_weight_conversions", None, raising=False)
+    monkeypatch.setattr(_unwrapped(model), "_weight_conversions", [_A_CONVERSION], raising=False)
 
     def revert(root, state_dict):
         # whole model: every tensor renamed; any smaller part: the reversal needs what is missing
@@ -38,7 +42,7 @@ def test_renaming_reversal_is_applied_to_the_data(qlora_model, tmp_path, monkeyp
 
     model = qlora_model()
     fastsave.save_pretrained_merged(model, tmp_path / "plain")
-    monkeypatch.setattr(_unwrapped(model), "_weight_conversions", None, raising=False)
+    monkeypatch.setattr(_unwrapped(model), "_weight_conversions", [_A_CONVERSION], raising=False)
     target = "model.norm.weight"
 
     def revert(root, state_dict):

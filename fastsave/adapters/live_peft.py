@@ -14,6 +14,7 @@ from torch import nn
 
 from fastsave.adapters.delta import DeltaKind, LoraDelta
 from fastsave.errors import PlanError, UnsupportedAdapterError
+from fastsave.plan.module_tree import named_modules
 from fastsave.sources.offloaded import offloaded_value
 from fastsave.sources.sharded import clean_name
 
@@ -64,22 +65,27 @@ def is_other_tuner_layer(module: nn.Module) -> bool:
     return BaseTunerLayer is not None and isinstance(module, BaseTunerLayer) and not is_lora_layer(module)
 
 
-def refuse_other_tuners(root: nn.Module) -> None:
-    """Refuse a model with a non-LoRA adapter anywhere: a 'merged' save must not hold it unmerged.
+def is_lora_factor_container(key: str, module: nn.Module) -> bool:
+    """True for a LoRA layer's dict of factors, dropouts or magnitudes (``lora_A``, ``lora_dropout``...):
+    passes that look for layers, adapters or tied weights need not enter them."""
+    return key.startswith("lora_") and isinstance(module, (nn.ModuleDict, nn.ParameterDict))
+
+
+def refuse_other_tuner(name: str, module: nn.Module) -> None:
+    """Refuse ``module`` when it is a non-LoRA adapter layer: a 'merged' save must not hold it unmerged.
 
     Raises:
-        UnsupportedAdapterError: naming the first such layer and its method.
+        UnsupportedAdapterError: naming the layer and its method.
     """
-    for name, module in root.named_modules():
-        if is_other_tuner_layer(module):
-            kind = type(module)
-            parts = kind.__module__.split(".")
-            method = parts[2].upper() if parts[:2] == ["peft", "tuners"] and len(parts) > 2 else "non-LoRA"
-            raise UnsupportedAdapterError(
-                f"{name} is a {method} adapter layer ({kind.__module__}.{kind.__name__}): fastsave merges "
-                "LoRA (and DoRA) adapters only, and will not write this model unmerged under a 'merged' "
-                "save; save this adapter with save_method='lora'"
-            )
+    if is_other_tuner_layer(module):
+        kind = type(module)
+        parts = kind.__module__.split(".")
+        method = parts[2].upper() if parts[:2] == ["peft", "tuners"] and len(parts) > 2 else "non-LoRA"
+        raise UnsupportedAdapterError(
+            f"{clean_name(name)} is a {method} adapter layer ({kind.__module__}.{kind.__name__}): fastsave "
+            "merges LoRA (and DoRA) adapters only, and will not write this model unmerged under a 'merged' "
+            "save; save this adapter with save_method='lora'"
+        )
 
 
 def _adapter_keys(layer: nn.Module) -> set[str]:
@@ -102,12 +108,17 @@ def lora_module_census(root: nn.Module, adapter_names: Sequence[str] | None) -> 
 
     Deliberately independent of the plan walk: it looks only for ``lora_A`` / ``lora_embedding_A``
     containers, whatever class the module has, so the plan's check catches a module the walk skips.
+    The same pass refuses non-LoRA adapter layers (:func:`refuse_other_tuner`), before the census
+    could report that there is no LoRA to merge.
     """
     names = []
-    for name, module in root.named_modules():
+    for name, module in named_modules(root, skip_child=is_lora_factor_container):
+        refuse_other_tuner(name, module)
         keys: set[str] = set()
         for attr in ("lora_A", "lora_embedding_A"):
-            holder = getattr(module, attr, None)
+            # looked up where nn.Module keeps it, not through its __getattr__ (slow on a miss, and
+            # this runs on every module of the model)
+            holder = module._modules.get(attr, module.__dict__.get(attr))
             if isinstance(holder, (nn.ModuleDict, nn.ParameterDict, dict)):
                 keys |= set(holder.keys())
         if not keys:

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from fastsave.adapters.live_peft import lora_module_census, refuse_other_tuners
+from fastsave.adapters.live_peft import lora_module_census
 from fastsave.errors import PlanError
 from fastsave.io.checkpoint_files import write_config, write_generation_config, write_tokenizer
 from fastsave.options import SaveOptions
@@ -157,8 +157,7 @@ class LiveModelInput:
             UnsupportedAdapterError: a non-LoRA adapter. PlanError: an adapter name that does not
                 exist, or nothing to merge.
         """
-        refuse_other_tuners(self.root)
-        census = lora_module_census(self.root, opts.adapter_names)
+        census = lora_module_census(self.root, opts.adapter_names)  # refuses non-LoRA adapters too
         if opts.adapter_names is not None:
             present = _adapter_names_in(self.root)
             missing = [a for a in opts.adapter_names if a not in present]

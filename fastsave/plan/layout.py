@@ -50,18 +50,35 @@ class _LayoutConversions:
         return getattr(self._root, name)
 
 
+def _default_conversions(root: nn.Module) -> list | None:
+    """The conversions transformers' reversal applies to a model not loaded with from_pretrained.
+
+    It would look them up (a walk over every module) on each call; the plan calls it once per
+    item, so they are looked up once here, the way it does: the model type's default mapping
+    without legacy renames or prefix changes. None: the lookup is not available (then the model
+    itself is handed over and transformers looks them up each time).
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:
+        return None
+    conversions = get_model_conversion_mapping(root, add_legacy=False)
+    return [c for c in conversions if not isinstance(c, PrefixChange)]
+
+
 def _conversion_owner(root: nn.Module) -> nn.Module | _LayoutConversions | None:
-    """What to hand transformers' reversal: ``root``, ``root`` without quantizer loading, or None
-    when nothing is left to reverse."""
+    """What to hand transformers' reversal: ``root`` or a view of it with only its layout
+    conversions, found once; None when there is nothing to reverse."""
     conversions = getattr(root, "_weight_conversions", None)
     if conversions is None:  # not loaded with from_pretrained: transformers uses its default mapping
-        return root
+        conversions = _default_conversions(root)
+        if conversions is None:
+            return root
     quantizer = getattr(root, "hf_quantizer", None)
     loading = tuple(quantizer.get_load_operations().values()) if quantizer is not None else ()
     kept = [c for c in conversions if not any(isinstance(op, loading) for op in getattr(c, "operations", ()))]
-    if not kept:
-        return None
-    return root if len(kept) == len(conversions) else _LayoutConversions(root, kept)
+    return _LayoutConversions(root, kept) if kept else None
 
 
 def _layout(tensors: dict[str, torch.Tensor]) -> Layout:

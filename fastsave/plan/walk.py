@@ -36,14 +36,16 @@ from torch import nn
 from fastsave.adapters.delta import LoraDelta
 from fastsave.adapters.live_peft import (
     deltas_of,
+    is_lora_factor_container,
     is_lora_layer,
     is_param_wrapper,
-    refuse_other_tuners,
+    refuse_other_tuner,
     select_adapters,
 )
 from fastsave.errors import PlanError
 from fastsave.merge.dispatch import bias_producer, copy_producer, weight_producer
 from fastsave.plan.items import Plan, PlanItem
+from fastsave.plan.module_tree import collection_paused, named_modules
 from fastsave.plan.ties import TiedWeights
 from fastsave.sources import ModuleTensor, module_tensors
 from fastsave.sources.safetensors_file import StoredPiecesSource
@@ -258,6 +260,10 @@ def _is_modules_to_save(module: nn.Module) -> bool:
     return bool(ModulesToSaveWrapper) and isinstance(module, ModulesToSaveWrapper)
 
 
+def _planned_whole(module: nn.Module) -> bool:
+    return is_param_wrapper(module) or is_lora_layer(module) or _is_modules_to_save(module)
+
+
 def walk_units(root: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
     """The modules the walk plans, each once, in module order: ``(name, module, whole)``.
 
@@ -266,14 +272,8 @@ def walk_units(root: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
     segments (fastsave.sources.sharded.clean_name). Modules inside a whole unit are skipped by
     identity, in linear time.
     """
-    handled: set[int] = set()
-    for name, module in root.named_modules():
-        if id(module) in handled:
-            continue
-        whole = is_param_wrapper(module) or is_lora_layer(module) or _is_modules_to_save(module)
-        if whole:
-            handled.update(id(sub) for sub in module.modules())
-        yield clean_name(name), module, whole
+    for name, module in named_modules(root, stop_below=_planned_whole):
+        yield clean_name(name), module, _planned_whole(module)
 
 
 def _plan_unit(
@@ -315,11 +315,11 @@ def walk_model(
         PlanError / UnsupportedAdapterError: an adapter that cannot be merged exactly, a tensor whose
             values cannot be found. Nothing is written then.
     """
-    refuse_other_tuners(root)
-    walk = _Walk(resolver, dtype, adapter_names, shapes_only)
-    shared = _shared_parameter_ids(root)
-    for name, module, _ in walk_units(root):
-        _plan_unit(walk, name, module, shared, adapter_names)
+    with collection_paused():
+        shared = _survey(root)
+        walk = _Walk(resolver, dtype, adapter_names, shapes_only)
+        for name, module, _ in walk_units(root):
+            _plan_unit(walk, name, module, shared, adapter_names)
     return Plan(walk.items, dtype, census, walk.ties.untied, walk.ties.written_once)
 
 
@@ -340,8 +340,13 @@ def plan_unit(
     return walk.items
 
 
-def _shared_parameter_ids(root: nn.Module) -> set[int]:
+def _survey(root: nn.Module) -> set[int]:
+    """One pass over every module: refuse non-LoRA adapters; the ids of parameters held under
+    several names (tied weights; LoRA factors are never tied, their containers are not entered)."""
     counts: dict[int, int] = {}
-    for _, param in root.named_parameters(remove_duplicate=False):
-        counts[id(param)] = counts.get(id(param), 0) + 1
+    for name, module in named_modules(root, remove_duplicate=False, skip_child=is_lora_factor_container):
+        refuse_other_tuner(name, module)
+        for param in module._parameters.values():
+            if param is not None:
+                counts[id(param)] = counts.get(id(param), 0) + 1
     return {key for key, count in counts.items() if count > 1}

@@ -100,6 +100,8 @@ class ModuleEntry:
 
 def clean_name(name: str) -> str:
     """``name`` without the segments that FSDP1, activation checkpointing and torch.compile insert."""
+    if ".." not in name and not name.startswith(".") and not any(w in name for w in _WRAPPER_SEGMENTS):
+        return name  # the common case, without splitting (this runs for every module of the model)
     return ".".join(part for part in name.split(".") if part and part not in _WRAPPER_SEGMENTS)
 
 
