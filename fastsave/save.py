@@ -327,7 +327,7 @@ def write_merged_weights(
     memory = MemoryBudget(options.maximum_memory_usage, team.local_world)
     budget = ByteBudget(memory.allowance)
     spill = spill_directory(options.temporary_location, directory, team.rank if team.collective else None)
-    assembler = Assembler(spill, memory.allowance // 2, block_bytes_for(memory.allowance))
+    assembler = Assembler(spill, memory.whole_allowance, block_bytes_for(memory.allowance))
     sink: queue.Queue = queue.Queue()  # bounded by the byte budget, not by a count
     stop = threading.Event()
     failure = LocalFailure()

@@ -32,6 +32,7 @@ from fastsave.adapters.saved_file import (
 )
 from fastsave.errors import PlanError
 from fastsave.io.checkpoint_files import write_config
+from fastsave.io.ownership import TOKENIZER_FILES
 from fastsave.options import SaveOptions
 from fastsave.parallel.team import SaveTeam
 from fastsave.plan.checks import check_plan
@@ -49,20 +50,6 @@ from fastsave.sources.safetensors_file import (
     resolve_checkpoint_dir,
 )
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 _TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import threading
 import weakref
 from collections.abc import Iterable
@@ -17,13 +16,13 @@ from pathlib import Path
 
 import torch
 
+from fastsave.io.shards import read_safetensors_header
 from fastsave.sources.base import RowReader, Source
 
 logger = logging.getLogger("fastsave")
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _TORCH_DTYPES = {
     "F64": torch.float64,
@@ -40,23 +39,11 @@ _TORCH_DTYPES = {
 
 
 def _read_header(file: Path) -> tuple[dict[str, dict], int]:
-    """A safetensors file's tensor entries (name -> dtype, shape, data_offsets) and where its data starts.
-
-    The format: 8 bytes, the little-endian length of a JSON header, the header, then the data.
-    """
-    with open(file, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{file} is not a safetensors file (it is {len(head)} bytes long)")
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER_BYTES:
-            raise ValueError(f"{file} is not a safetensors file (header of {length} bytes)")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as error:
-            raise ValueError(f"{file} is not a safetensors file ({error})") from error
+    """A safetensors file's tensor entries (name -> dtype, shape, data_offsets) and where its data starts."""
+    header = dict(read_safetensors_header(file))
+    data_start = header.pop("__header_bytes__")
     header.pop("__metadata__", None)
-    return header, 8 + length
+    return header, data_start
 
 
 def _close_all(descriptors: dict[Path, int]) -> None:
