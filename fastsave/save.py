@@ -324,7 +324,7 @@ def write_merged_weights(
             space_error = error
     team.agree(space_error, "checking the disk space")
     writer = ShardWriter(directory, mine, options.safe_serialization, index=False)
-    memory = MemoryBudget(options.maximum_memory_usage, team.local_world)
+    memory = MemoryBudget(options.maximum_memory_usage, team.local_world, sum(shard.nbytes for shard in mine))
     budget = ByteBudget(memory.allowance)
     spill = spill_directory(options.temporary_location, directory, team.rank if team.collective else None)
     assembler = Assembler(spill, memory.whole_allowance, block_bytes_for(memory.allowance))
