@@ -120,13 +120,14 @@ def main() -> None:
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from save_cpu import prepare
+    from benchlib import ModelSize, prepare
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="fastsave-bench-dist-"))
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "adapter").is_dir():
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pool.submit(prepare, work, args.hidden, args.layers, args.vocab, args.rank).result()
+            size = ModelSize(hidden=args.hidden, layers=args.layers, vocab=args.vocab)
+            pool.submit(prepare, work, size, args.rank).result()
     cores = os.cpu_count() or 1
     runs: dict[int, list[dict]] = {1: [], args.world: []}
     for _ in range(max(1, args.repeat)):
