@@ -27,14 +27,14 @@ logger = logging.getLogger("fastsave")
 MIB = 2**20
 # Below this allowance the save runs with the smallest working set it has (and says so).
 MINIMAL_ALLOWANCE = 64 * MIB
-# What may wait for the writer: a 24th of the output, between these bounds. The producer must be able
+# What may wait for the writer: a 48th of the output, between these bounds. The producer must be able
 # to run ahead while the writer is held up by the kernel's dirty-page throttling (which starts once
 # about a fifth of the RAM is unwritten: a 6 GB save with 16 MiB in flight took the sum of its merge
 # and write times, 22 s instead of 15), but a fixed 512 MiB held 40% of a 2 GB checkpoint's size at
 # its peak with no gain in speed.
 MIN_IN_FLIGHT = 16 * MIB
 MAX_IN_FLIGHT = 512 * MIB
-IN_FLIGHT_SHARE = 24
+IN_FLIGHT_SHARE = 48
 # Never less than this: a few row blocks.
 MIN_ALLOWANCE = MIB
 
@@ -129,7 +129,7 @@ class MemoryBudget:
             divided among the ``processes`` that save together on this machine (the ranks of a
             collective save on one node).
         allowance: the bytes the save's work may hold at once (never below one small chunk): what
-            waits for the writer plus the working set of the tensor being merged; a 24th of the
+            waits for the writer plus the working set of the tensor being merged; a 48th of the
             ``output_bytes`` this process writes, from 16 to 512 MiB, when the headroom allows.
         whole_allowance: the largest tensor a step that needs one whole (fastsave.merge.assemble)
             builds in memory; larger ones are spilled to disk. A quarter of the headroom: such a

@@ -25,7 +25,7 @@ def test_peak_rss_during_save_is_far_below_the_checkpoint_size(tmp_path, monkeyp
     largest = max(t.nbytes for t in plan.items)
     assert checkpoint_bytes > 30 * largest  # the test only means something if one tensor is small
 
-    # The byte budget lets merged pieces wait for the writer (a 24th of the output, at least
+    # The byte budget lets merged pieces wait for the writer (a 48th of the output, at least
     # 16 MiB: a sixth of this checkpoint): bound it lower so the result does not hang on thread
     # timing.
     monkeypatch.setattr(fastsave.memory, "MAX_IN_FLIGHT", 8 * 2**20)

@@ -52,13 +52,18 @@ class Assembler:
         self.spilled_bytes = 0
         self._names = itertools.count()
 
-    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised tensor: anonymous memory when it fits the allowance, else a spilled file."""
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, limit: int | None = None) -> torch.Tensor:
+        """An uninitialised tensor: anonymous memory when it fits the allowance (or ``limit``), else a
+        spilled file."""
         numel = 1
         for size in shape:
             numel *= size
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if self.spill_directory is None or nbytes <= self.allowance or numel == 0:
+        if (
+            self.spill_directory is None
+            or nbytes <= (self.allowance if limit is None else limit)
+            or numel == 0
+        ):
             return torch.empty(shape, dtype=dtype)
         self.spill_directory.mkdir(parents=True, exist_ok=True)
         path = self.spill_directory / f"spill-{os.getpid()}-{uuid.uuid4().hex[:8]}-{next(self._names)}"
@@ -118,6 +123,14 @@ def block_bytes_for(allowance: int) -> int:
     """The row-block size an allowance affords: an eighth of it (a block's copies and the pieces
     waiting for the writer), between :data:`MIN_BLOCK_BYTES` and :data:`BLOCK_BYTES`."""
     return max(MIN_BLOCK_BYTES, min(BLOCK_BYTES, allowance // 8))
+
+
+def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A buffer for a one-time computation (an exactness check's reference product): in memory up to
+    a few row blocks, else spilled, whatever the allowance for whole tensors (it would only add to
+    the save's peak)."""
+    active = _active()
+    return active.buffer(shape, dtype, limit=min(active.allowance, 4 * active.block_bytes))
 
 
 def spilled_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

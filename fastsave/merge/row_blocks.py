@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from fastsave.adapters.delta import LoraDelta
-from fastsave.merge.assemble import block_bytes, spilled_buffer
+from fastsave.merge.assemble import block_bytes, scratch_buffer
 from fastsave.sources.base import RowReader, Source
 
 _exact_shapes: dict[tuple, bool] = {}
@@ -46,9 +46,9 @@ def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, colu
     """Whether blocks of ``step`` rows (or columns) of ``b @ a`` computed alone give the full product's bits."""
     key = ("product", tuple(b.shape), tuple(a.shape), step, columns, torch.get_num_threads())
     if key not in _exact_shapes:
-        # the whole product once, into a buffer that is spilled to disk when the budget cannot hold
-        # it (an lm_head's delta is as large as the weight); mm with out= runs the same kernel as @
-        full = torch.mm(b, a, out=spilled_buffer((b.shape[0], a.shape[1]), torch.float32))
+        # the whole product once (an lm_head's delta is as large as the weight), into a buffer that
+        # is spilled to disk past a few row blocks; mm with out= runs the same kernel as @
+        full = torch.mm(b, a, out=scratch_buffer((b.shape[0], a.shape[1]), torch.float32))
         if columns:
             blocks = (
                 torch.equal(full[:, i : i + step], b @ a[:, i : i + step]) for i in range(0, a.shape[1], step)
