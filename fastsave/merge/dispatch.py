@@ -29,10 +29,16 @@ from dataclasses import dataclass
 import torch
 
 from fastsave.adapters.delta import LoraDelta, merged_bias_float32
-from fastsave.merge.assemble import BLOCK_BYTES, fill, spilled_buffer
-from fastsave.merge.expert_stacks import expert_merge_plan, stream_experts
+from fastsave.merge.assemble import fill, spilled_buffer
+from fastsave.merge.expert_stacks import expert_merge_plan, expert_working_bytes, stream_experts
 from fastsave.merge.rounding import to_output
-from fastsave.merge.row_blocks import merge_in_row_blocks, row_merge_plan, stream_row_blocks
+from fastsave.merge.row_blocks import (
+    block_working_bytes,
+    merge_in_row_blocks,
+    row_merge_plan,
+    rows_per_block,
+    stream_row_blocks,
+)
 from fastsave.merge.triton_fused import fused_applies, merge_fused
 from fastsave.merge.whole_matrix import merge_whole
 from fastsave.sources.base import Source
@@ -57,40 +63,30 @@ class Production:
     working_bytes: int
 
 
-def strategy_for(source: Source, deltas: Sequence[LoraDelta]) -> str:
-    """The name of the strategy :func:`weight_producer` uses (for logs and tests)."""
-    if deltas and fused_applies(source, deltas):
-        return "triton"
-    if row_merge_plan(source, deltas) is not None:
-        return "row blocks"
-    if expert_merge_plan(source, deltas) is not None:
-        return "experts"
-    return "whole"
-
-
 def _whole_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
     # W in float32, one dense delta, its scaled copy (and DoRA's base copy)
     copies = 3 + any(d.is_dora for d in deltas) if deltas else 1
     return copies * 4 * source.numel
 
 
-def _estimated_working_bytes(source: Source, deltas: Sequence[LoraDelta], transposed: bool) -> int:
+def _estimated_working_bytes(
+    source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtype, transposed: bool
+) -> int:
     """What a weight's merge will hold, judged without reading anything (planning must stay cheap).
 
     Row blocks or one expert when the shapes and delta kinds allow them, else the whole matrix. The
     strategy itself is chosen when the tensor is produced (a row reader decodes a weight's absmax,
     the exactness checks run products): should it fall back to the whole matrix, the budget still
-    admits it alone.
+    admits it alone. Blocks are estimated at their largest size (a small budget makes them smaller).
     """
     cpu = source.device.type == "cpu"
     if cpu and len(source.shape) == 2 and all(d.kind in ("linear", "embedding") for d in deltas):
-        step = max(1, BLOCK_BYTES // (4 * max(1, source.shape[1])))
-        rows = 4 * 4 * step * source.shape[1]
-        return rows + (
-            source.numel * torch.empty((), dtype=torch.bfloat16).element_size() if transposed else 0
-        )
+        n_cols = source.shape[1]
+        blocks = block_working_bytes(n_cols, rows_per_block(n_cols, 1), any(d.is_dora for d in deltas))
+        # a transposed weight is merged by rows into a whole buffer, then read out by columns
+        return blocks + (source.numel * dtype.itemsize if transposed else 0)
     if cpu and len(source.shape) == 3 and deltas and all(d.kind == "param" for d in deltas):
-        return 3 * 4 * source.numel // max(1, source.shape[0])
+        return expert_working_bytes(tuple(source.shape))
     return _whole_bytes(source, deltas)
 
 
@@ -138,7 +134,7 @@ def weight_producer(
         else:
             yield from pieces()
 
-    return Production(produce, stream, _estimated_working_bytes(source, deltas, transposed))
+    return Production(produce, stream, _estimated_working_bytes(source, deltas, dtype, transposed))
 
 
 def _transposed(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:

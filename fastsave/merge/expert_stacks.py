@@ -10,6 +10,7 @@ few experts of the first stack, and a shape that fails goes back to the whole-st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -64,10 +65,11 @@ class ExpertMerge:
     stack: torch.Tensor  # the wrapped parameter, (experts, ., .)
     deltas: Sequence[LoraDelta]
 
-    @property
-    def working_bytes(self) -> int:
-        """float32 bytes held while one expert merges: its slice, one delta, the einsum's temporary."""
-        return 3 * 4 * self.stack[0].numel()
+
+def expert_working_bytes(stack_shape: tuple[int, ...]) -> int:
+    """float32 bytes held while one expert of a stack merges: its slice, one delta, the einsum's
+    temporary."""
+    return 3 * 4 * math.prod(stack_shape[1:])
 
 
 def expert_merge_plan(source: Source, deltas: Sequence[LoraDelta]) -> ExpertMerge | None:

@@ -42,6 +42,12 @@ def rows_per_block(n_cols: int, alignment: int) -> int:
     return rows - rows % alignment
 
 
+def block_working_bytes(n_cols: int, step: int, dora: bool) -> int:
+    """float32 bytes held while one block of ``step`` rows merges: the block, a delta's rows, the
+    rounded copy (and DoRA's base copy)."""
+    return (3 + dora) * 4 * step * n_cols
+
+
 def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> bool:
     """Whether blocks of ``step`` rows (or columns) of ``b @ a`` computed alone give the full product's bits."""
     key = ("product", tuple(b.shape), tuple(a.shape), step, columns, torch.get_num_threads())
@@ -103,12 +109,6 @@ class RowMerge:
     step: int
     deltas: list[tuple[LoraDelta, DeltaRows]]
     name: str = ""  # the output tensor's, for logs and tests
-
-    @property
-    def working_bytes(self) -> int:
-        """float32 bytes held while one block merges: the block, a delta's rows, DoRA's base copy."""
-        copies = 3 + any(d.is_dora for d, _ in self.deltas)
-        return copies * 4 * self.step * self.source.shape[1]
 
 
 def row_merge_plan(source: Source, deltas: Sequence[LoraDelta], name: str = "") -> RowMerge | None:
