@@ -873,8 +873,8 @@ def test_fused_experts_spilled_to_disk_under_a_tiny_budget(base_dir, tmp_path, m
     spilled = []
     real_buffer = assemble.Assembler.buffer
 
-    def counting(self, shape, dtype):
-        tensor = real_buffer(self, shape, dtype)
+    def counting(self, shape, dtype, **options):
+        tensor = real_buffer(self, shape, dtype, **options)
         if self.spilled_bytes:
             spilled.append(shape)
         return tensor
