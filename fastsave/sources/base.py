@@ -13,6 +13,7 @@ The plan's layout step turns that into the checkpoint's layout where they differ
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class RowReader:
     alignment: int = 1
 
 
-class Source:
+class Source(abc.ABC):
     """The values of one tensor, before adapters are added. Subclasses say where they come from.
 
     Attributes:
@@ -66,9 +67,12 @@ class Source:
         """Whether the values are floating point (quantized weights represent floating values)."""
         return self.stored_dtype.is_floating_point
 
+    @abc.abstractmethod
     def float32(self) -> torch.Tensor:
-        """The values as a new float32 tensor on :attr:`device` (never a view of the model's storage)."""
-        raise NotImplementedError(f"{type(self).__name__} does not give float32 values")
+        """The values as a new float32 tensor on :attr:`device` (never a view of the model's storage).
+
+        Every kind of source defines it (a class without it cannot be instantiated).
+        """
 
     def as_stored(self) -> torch.Tensor:
         """The values in their own dtype, for a tensor copied without any arithmetic (may be a view)."""
