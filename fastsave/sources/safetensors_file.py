@@ -121,11 +121,13 @@ class SafetensorsCheckpoint:
         self.directory = Path(directory)
         index = self.directory / WEIGHTS_INDEX_NAME
         single = self.directory / WEIGHTS_NAME
+        headers: dict[Path, tuple[dict[str, dict], int]] = {}
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             files = {name: self.directory / file for name, file in weight_map.items()}
         elif single.is_file():
-            files = dict.fromkeys(_read_header(single)[0], single)
+            headers[single] = _read_header(single)
+            files = dict.fromkeys(headers[single][0], single)
         else:
             bins = sorted(p.name for p in self.directory.glob("*.bin"))
             hint = f" (it holds {', '.join(bins)}: convert it to safetensors first)" if bins else ""
@@ -134,7 +136,7 @@ class SafetensorsCheckpoint:
         # name -> (shape, dtype code, absolute byte offset of its data, its byte count)
         self._meta: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
         for file in sorted(set(files.values())):
-            entries, data_start = _read_header(file)
+            entries, data_start = headers[file] if file in headers else _read_header(file)
             for name, entry in entries.items():
                 begin, stop = entry["data_offsets"]
                 self._meta[name] = (tuple(entry["shape"]), entry["dtype"], data_start + begin, stop - begin)
