@@ -143,3 +143,46 @@ def values(outcomes: list[Outcome]) -> list[Any]:
         details = "\n".join(f"--- rank {o.rank}: {o.error[0]}: {o.error[1]}\n{o.error[2]}" for o in failed)
         raise AssertionError(f"{len(failed)} rank(s) failed:\n{details}")
     return [o.value for o in outcomes]
+
+
+# -- models the distributed tests share (built in the rank processes) ---------------------------
+
+
+def tiny_peft(tie: bool = False) -> Any:
+    """The tiny Llama in bf16 with LoRA, seeded: every rank builds the same model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastsave.tiny import attach_lora, tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(tie_word_embeddings=tie)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return attach_lora(model, seed=0)
+
+
+def qlora_for_sharding(base_dir: str) -> Any:
+    """The tiny base loaded in bitsandbytes 4-bit with LoRA, its packed bytes stored as bf16
+    (``bnb_4bit_quant_storage``), which FSDP and ZeRO-3 need to shard them."""
+    import torch
+
+    from fastsave.tiny import attach_lora, load_4bit
+
+    return attach_lora(load_4bit(base_dir, quant_storage=torch.bfloat16), seed=0)
+
+
+def zero3_engine(model: Any) -> Any:
+    """``model`` under DeepSpeed ZeRO-3 on the CPU (gloo), its trainable parameters given to SGD."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
+        "zero_allow_untested_optimizer": True,  # a plain torch optimizer
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=trainable)
+    return engine

@@ -67,19 +67,24 @@ def _oracle(layer, absmax_to_bf16: bool = False) -> torch.Tensor:
     return weight
 
 
-@pytest.mark.parametrize(
-    ("quant_type", "double_quant"), [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
-)
-def test_merged_weights_are_bit_exact(qlora_model, tmp_path, quant_type, double_quant):
-    model = qlora_model(quant_type=quant_type, double_quant=double_quant)
+def _save_and_check_exact(model, out) -> dict[str, torch.Tensor]:
+    """Save ``model`` merged into ``out``; every LoRA weight must equal the float32 oracle rounded
+    once to bf16. Returns the saved tensors."""
     expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
-    out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out)
     saved = _saved_tensors(out)
     assert len(expected) == 14
     for name, reference in expected.items():
         assert saved[name].dtype == torch.bfloat16
         assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+    return saved
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "double_quant"), [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
+)
+def test_merged_weights_are_bit_exact(qlora_model, tmp_path, quant_type, double_quant):
+    _save_and_check_exact(qlora_model(quant_type=quant_type, double_quant=double_quant), tmp_path / "out")
 
 
 def _state_bytes(layers) -> dict[str, tuple]:
@@ -408,13 +413,8 @@ def test_model_loaded_from_a_prequantized_4bit_checkpoint(tiny_base_dir, tmp_pat
     load_4bit(tiny_base_dir, double_quant=double_quant).save_pretrained(quantized)
     reloaded = AutoModelForCausalLM.from_pretrained(quantized, device_map="cpu")
     model = attach_lora(reloaded, seed=3)
-    expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
     out = tmp_path / "out"
-    fastsave.save_pretrained_merged(model, out)
-    saved = _saved_tensors(out)
-    assert len(expected) == 14
-    for name, reference in expected.items():
-        assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+    saved = _save_and_check_exact(model, out)
     assert not any(key.endswith(("absmax", "quant_map", "quant_state.bitsandbytes__nf4")) for key in saved)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     AutoModelForCausalLM.from_pretrained(out)  # transformers loads it as a plain model

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_harness import run_ranks, values
+from distributed_harness import qlora_for_sharding, run_ranks, tiny_peft, values, zero3_engine
 
 import fastsave
 from fastsave.parallel.ranks import RankFailedError
@@ -26,14 +26,6 @@ from fastsave.plan.items import Plan, PlanItem, SharedProducer
 from fastsave.tiny import attach_lora, load_4bit, tiny_llama_config
 
 SHARD = "60KB"  # the tiny model (about 230 KB) in 4-5 shards: both ranks write some
-
-
-def _tiny_peft(tie: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=tie), dtype=torch.bfloat16)
-    return attach_lora(model, seed=0)
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -101,7 +93,7 @@ def _record_written_shards() -> list[str]:
 def _fsdp2_worker(rank: int, world: int, out: str) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    model = _tiny_peft()
+    model = tiny_peft()
     _fully_shard(model)
     # one real training step under FSDP2 (the model is then as a training job leaves it)
     batch = torch.arange(16).reshape(2, 8) + 4 * rank
@@ -131,7 +123,7 @@ def test_fsdp2_trained_model_saved_by_two_ranks_is_the_single_process_save(tmp_p
     mine, theirs = (set(r["written"]) for r in reports)
     assert mine and theirs and not mine & theirs  # each rank wrote its own shards
     assert mine | theirs == {p.name for p in (tmp_path / "collective" / "out").glob("*.safetensors")}
-    reference = _tiny_peft()
+    reference = tiny_peft()
     reference.load_state_dict(torch.load(tmp_path / "full_state_dict.pt"))
     fastsave.save_pretrained_merged(reference, tmp_path / "solo" / "out", max_shard_size=SHARD)
     _assert_same(tmp_path / "solo" / "out", tmp_path / "collective" / "out")
@@ -147,7 +139,7 @@ def _fsdp1_worker(rank: int, world: int, out: str) -> list[str]:
 
     paths = []
     for use_orig_params in (False, True):
-        model = _tiny_peft(tie=True)
+        model = tiny_peft(tie=True)
         wrapped = FSDP(
             model,
             auto_wrap_policy=fsdp_auto_wrap_policy(model),
@@ -166,7 +158,7 @@ def _fsdp1_worker(rank: int, world: int, out: str) -> list[str]:
 
 def test_fsdp1_tied_model_saved_by_two_ranks_is_the_single_process_save(tmp_path):
     values(run_ranks(_fsdp1_worker, str(tmp_path)))
-    fastsave.save_pretrained_merged(_tiny_peft(tie=True), tmp_path / "solo" / "out", max_shard_size=SHARD)
+    fastsave.save_pretrained_merged(tiny_peft(tie=True), tmp_path / "solo" / "out", max_shard_size=SHARD)
     assert "lm_head.weight" not in (tmp_path / "solo" / "out" / "model.safetensors.index.json").read_text()
     for use_orig_params in (False, True):
         _assert_same(tmp_path / "solo" / "out", tmp_path / f"orig-{use_orig_params}" / "out")
@@ -175,13 +167,8 @@ def test_fsdp1_tied_model_saved_by_two_ranks_is_the_single_process_save(tmp_path
 # -- bitsandbytes 4-bit under FSDP2, 16-bit and forced 4-bit ------------------------------------
 
 
-def _qlora(base_dir: str):
-    # quant_storage=bfloat16: the packed 4-bit bytes are stored as bf16 so FSDP can shard them
-    return attach_lora(load_4bit(base_dir, quant_storage=torch.bfloat16), seed=0)
-
-
 def _bnb_worker(rank: int, world: int, base_dir: str, out: str) -> None:
-    model = _qlora(base_dir)
+    model = qlora_for_sharding(base_dir)
     _fully_shard(model)
     fastsave.save_pretrained_merged(model, f"{out}/collective/out", max_shard_size=SHARD)
     # re-quantized: several parts made together per weight, split across shards and ranks
@@ -192,7 +179,7 @@ def _bnb_worker(rank: int, world: int, base_dir: str, out: str) -> None:
 
 def test_bnb_4bit_under_fsdp2_saved_by_two_ranks_is_the_single_process_save(tiny_base_dir, tmp_path):
     values(run_ranks(_bnb_worker, str(tiny_base_dir), str(tmp_path)))
-    model = _qlora(tiny_base_dir)
+    model = qlora_for_sharding(tiny_base_dir)
     fastsave.save_pretrained_merged(model, tmp_path / "solo" / "out", max_shard_size=SHARD)
     _assert_same(tmp_path / "solo" / "out", tmp_path / "collective" / "out")
     with pytest.warns(UserWarning, match="re-quantiz"):
@@ -206,20 +193,8 @@ def test_bnb_4bit_under_fsdp2_saved_by_two_ranks_is_the_single_process_save(tiny
 
 
 def _zero3_worker(rank: int, world: int, base_dir: str, out: str) -> None:
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3},
-        "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
-        "zero_allow_untested_optimizer": True,  # a plain torch optimizer
-    }
-    for name, make in (("bf16", _tiny_peft), ("4bit", lambda: _qlora(base_dir))):
-        model = make()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=trainable)
+    for name, make in (("bf16", tiny_peft), ("4bit", lambda: qlora_for_sharding(base_dir))):
+        engine = zero3_engine(make())
         assert all(p.numel() == 0 for p in engine.module.parameters())  # partitioned
         fastsave.save_pretrained_merged(engine, f"{out}/{name}/out", max_shard_size=SHARD)
 
@@ -227,9 +202,9 @@ def _zero3_worker(rank: int, world: int, base_dir: str, out: str) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
 def test_zero3_model_saved_by_two_ranks_is_the_single_process_save(tiny_base_dir, tmp_path):
     values(run_ranks(_zero3_worker, str(tiny_base_dir), str(tmp_path), join_timeout_s=300))
-    fastsave.save_pretrained_merged(_tiny_peft(), tmp_path / "solo-bf16" / "out", max_shard_size=SHARD)
+    fastsave.save_pretrained_merged(tiny_peft(), tmp_path / "solo-bf16" / "out", max_shard_size=SHARD)
     fastsave.save_pretrained_merged(
-        _qlora(tiny_base_dir), tmp_path / "solo-4bit" / "out", max_shard_size=SHARD
+        qlora_for_sharding(tiny_base_dir), tmp_path / "solo-4bit" / "out", max_shard_size=SHARD
     )
     _assert_same(tmp_path / "solo-bf16" / "out", tmp_path / "bf16" / "out")
     _assert_same(tmp_path / "solo-4bit" / "out", tmp_path / "4bit" / "out")
@@ -247,13 +222,13 @@ def _failing_worker(rank: int, world: int, out: str) -> None:
             raise OSError(5, "injected write error on rank 1")
 
         shards.ShardWriter._write_data = broken
-    model = _tiny_peft()
+    model = tiny_peft()
     _fully_shard(model)
     fastsave.save_pretrained_merged(model, f"{out}/out", max_shard_size=SHARD)
 
 
 def test_a_failing_rank_makes_every_rank_fail_with_its_error_and_nothing_is_published(tmp_path):
-    fastsave.save_pretrained_merged(_tiny_peft(tie=True), tmp_path / "out", max_shard_size=SHARD)
+    fastsave.save_pretrained_merged(tiny_peft(tie=True), tmp_path / "out", max_shard_size=SHARD)
     before = _files(tmp_path / "out")
     outcomes = run_ranks(_failing_worker, str(tmp_path))
     assert [o.ok for o in outcomes] == [False, False]
@@ -277,14 +252,14 @@ def _killed_worker(rank: int, world: int, out: str, victim: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
         shards.ShardWriter._write_data = dying
-    model = _tiny_peft()
+    model = tiny_peft()
     _fully_shard(model)
     fastsave.save_pretrained_merged(model, f"{out}/out", max_shard_size=SHARD)
 
 
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_rank_killed_mid_write_publishes_nothing_and_the_next_save_leaves_no_staging(tmp_path, victim):
-    fastsave.save_pretrained_merged(_tiny_peft(tie=True), tmp_path / "out", max_shard_size=SHARD)
+    fastsave.save_pretrained_merged(tiny_peft(tie=True), tmp_path / "out", max_shard_size=SHARD)
     before = _files(tmp_path / "out")
     outcomes = run_ranks(_killed_worker, str(tmp_path), victim, pg_timeout_s=20, join_timeout_s=60)
     survivor = outcomes[1 - victim]
@@ -296,14 +271,14 @@ def test_a_rank_killed_mid_write_publishes_nothing_and_the_next_save_leaves_no_s
         assert _leftovers(tmp_path) == []  # rank 0 lived and removed its staging directory
     else:
         assert _leftovers(tmp_path)  # rank 0 died holding it: the next save removes it
-    fastsave.save_pretrained_merged(_tiny_peft(), tmp_path / "out", max_shard_size=SHARD)
+    fastsave.save_pretrained_merged(tiny_peft(), tmp_path / "out", max_shard_size=SHARD)
     assert _leftovers(tmp_path) == []
     assert _files(tmp_path / "out") != before
 
 
 def _alone_worker(rank: int, world: int, out: str) -> str:
     os.environ["FASTSAVE_ROLL_CALL_SECONDS"] = "2"
-    model = _tiny_peft()
+    model = tiny_peft()
     _fully_shard(model)
     if rank == 1:
         return "did not call the save"  # as under `if accelerator.is_main_process:` on rank 0
@@ -321,7 +296,7 @@ def test_a_save_called_on_rank_0_only_is_refused_instead_of_hanging(tmp_path):
 
 
 def _disagreeing_worker(rank: int, world: int, out: str) -> None:
-    model = _tiny_peft()
+    model = tiny_peft()
     _fully_shard(model)
     dtype = torch.bfloat16 if rank == 0 else torch.float16  # not the same save on both ranks
     fastsave.save_pretrained_merged(model, f"{out}/out", dtype=dtype)

@@ -12,20 +12,11 @@ import importlib.util
 
 import pytest
 import torch
-from distributed_harness import run_ranks, values
+from distributed_harness import qlora_for_sharding, run_ranks, tiny_peft, values, zero3_engine
 
 from fastsave.sources.sharded import ShardedModel, Sharding, ShardingError, clean_name, detect_sharding
-from fastsave.tiny import attach_lora, tiny_llama_config
 
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
-
-
-def _tiny_peft(dtype: torch.dtype = torch.bfloat16):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(), dtype=dtype)
-    return attach_lora(model, seed=0)
 
 
 def _walk_order(model: torch.nn.Module) -> list[str]:
@@ -120,8 +111,8 @@ def _fsdp2_worker(rank: int, world: int) -> list[dict]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    reference = _tiny_peft()
-    model = _tiny_peft()
+    reference = tiny_peft()
+    model = tiny_peft()
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -146,10 +137,10 @@ def _fsdp1_worker(rank: int, world: int) -> list[dict]:
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    reference = _tiny_peft()
+    reference = tiny_peft()
     reports = []
     for use_orig_params in (False, True):
-        model = _tiny_peft()
+        model = tiny_peft()
         # peft's policy puts the float32 LoRA leaves in units of their own: FSDP1 flattens one
         # dtype per unit (the bf16 base and the fp32 adapters cannot share one).
         wrapped = FSDP(
@@ -216,18 +207,12 @@ def _bnb_worker(rank: int, world: int, base_dir: str) -> list[dict]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import fully_shard
 
-    from fastsave.tiny import load_4bit
-
-    def make():
-        # quant_storage=bfloat16: the packed 4-bit bytes are stored as bf16 so FSDP can shard them
-        return attach_lora(load_4bit(base_dir, quant_storage=torch.bfloat16), seed=0)
-
-    reference = make()
+    reference = qlora_for_sharding(base_dir)
     ref_linear = reference.get_submodule(f"{Q_PROJ}.base_layer")
     ref_weight = F.dequantize_4bit(ref_linear.weight.data, ref_linear.weight.quant_state)
     reports = []
     for engine in ("fsdp2", "fsdp1"):
-        model = make()
+        model = qlora_for_sharding(base_dir)
         if engine == "fsdp2":
             for layer in model.base_model.model.model.layers:
                 fully_shard(layer)
@@ -270,27 +255,13 @@ def test_bnb_4bit_under_fsdp_gathers_the_packed_weight_and_its_quant_state(tiny_
 
 
 def _zero3_worker(rank: int, world: int, base_dir: str) -> list[dict]:
-    import os
-
-    os.environ["DS_ACCELERATOR"] = "cpu"
     import bitsandbytes.functional as F
-    import deepspeed
 
-    from fastsave.tiny import load_4bit
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3},
-        "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
-        "zero_allow_untested_optimizer": True,
-    }
     reports = []
     # a bf16 base, and a bitsandbytes 4-bit base stored as bf16 (what ZeRO-3 QLoRA uses)
-    for make in (_tiny_peft, lambda: attach_lora(load_4bit(base_dir, quant_storage=torch.bfloat16), seed=0)):
+    for make in (tiny_peft, lambda: qlora_for_sharding(base_dir)):
         reference, model = make(), make()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=trainable)
+        engine = zero3_engine(model)
         sharded = ShardedModel(engine)  # the engine is unwrapped to its .module
         report = _compare(sharded, reference) | _materialized(engine.module, sharded, reference)
         report["partitioned"] = all(p.numel() == 0 for p in engine.module.parameters())
@@ -319,7 +290,7 @@ def test_zero3_gathers_each_module_equal_to_the_unsharded_model(tiny_base_dir):
 
 
 def test_an_unsharded_model_is_read_in_place_without_a_process_group():
-    model = _tiny_peft()
+    model = tiny_peft()
     sharded = ShardedModel(model)
     assert sharded.kind is Sharding.NONE
     report = _compare(sharded, model)
