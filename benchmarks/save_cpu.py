@@ -203,26 +203,24 @@ def report(result: dict[str, Any], repeat: int) -> str:
     lines.append(markdown_table(header, rows))
     compute = []
     lora_params = result["model"]["lora_parameters"]
+
+    def rate_row(label: str, run: dict, seconds: float, notes: list[str]) -> list[str]:
+        notes = notes + (["disturbed"] if run.get("disturbed") else [])
+        rate = run["merged_parameters"] / seconds / 1e9
+        return [label, f"{seconds:.2f}", f"{rate:.2f}", "; ".join(notes) or "-"]
+
     if best.get("loop", {}).get("outcome") == "ok":
         loop = best["loop"]
         compute.append(
-            [
-                "plain loop: bnb float32 dequantize + addmm + cast to bf16",
-                f"{loop['seconds']:.2f}",
-                f"{loop['merged_parameters'] / loop['seconds'] / 1e9:.2f}",
-                "disturbed" if loop.get("disturbed") else "-",
-            ]
+            rate_row("plain loop: bnb float32 dequantize + addmm + cast to bf16", loop, loop["seconds"], [])
         )
     if best.get("producer", {}).get("outcome") == "ok":
         producer = best["producer"]
+        notes = [f"all tensors {producer['seconds']:.2f} s", f"build_plan {producer['plan_seconds']:.3f} s"]
         compute.append(
-            [
-                "fastsave producer, LoRA weights (no writer)",
-                f"{producer['merged_seconds']:.2f}",
-                f"{producer['merged_parameters'] / producer['merged_seconds'] / 1e9:.2f}",
-                f"all tensors {producer['seconds']:.2f} s; build_plan {producer['plan_seconds']:.3f} s"
-                + ("; disturbed" if producer.get("disturbed") else ""),
-            ]
+            rate_row(
+                "fastsave producer, LoRA weights (no writer)", producer, producer["merged_seconds"], notes
+            )
         )
     if compute:
         lines.append(
