@@ -56,6 +56,7 @@ from fastsave.io.staging import PendingSave, check_space, pending_save
 from fastsave.io.variant import apply_variant
 from fastsave.memory import ByteBudget, MemoryBudget, peak_rss, remove_spill_directory, spill_directory
 from fastsave.merge.assemble import Assembler, assembling, block_bytes_for
+from fastsave.merge.host_copies import release_cached_pinned_memory
 from fastsave.options import SaveOptions, parse_options
 from fastsave.parallel.ranks import LocalFailure
 from fastsave.parallel.team import SaveTeam
@@ -63,6 +64,7 @@ from fastsave.plan.given_tensors import substitute_given_tensors
 from fastsave.plan.items import Plan, PlanItem, SharedProducer
 from fastsave.plan.layout import to_checkpoint_layout
 from fastsave.plan.walk import unwrap_peft
+from fastsave.vram import DeviceBudget
 
 logger = logging.getLogger("fastsave")
 if not logger.handlers:  # notebooks show INFO lines without the user configuring logging
@@ -327,7 +329,10 @@ def write_merged_weights(
     memory = MemoryBudget(options.maximum_memory_usage, team.local_world, sum(shard.nbytes for shard in mine))
     budget = ByteBudget(memory.allowance)
     spill = spill_directory(options.temporary_location, directory, team.rank if team.collective else None)
-    assembler = Assembler(spill, memory.whole_allowance, block_bytes_for(memory.allowance))
+    # device blocks reach the host as pinned copies: a few of them and the pieces waiting must fit
+    # the RAM allowance too
+    device_memory = DeviceBudget(options.maximum_memory_usage, host_block_bytes=memory.allowance // 8)
+    assembler = Assembler(spill, memory.whole_allowance, block_bytes_for(memory.allowance), device_memory)
     sink: queue.Queue = queue.Queue()  # bounded by the byte budget, not by a count
     stop = threading.Event()
     failure = LocalFailure()
@@ -373,6 +378,7 @@ def write_merged_weights(
         stop.set()
         producer.join(timeout=60)
         remove_spill_directory(assembler.spill_directory)
+        release_cached_pinned_memory()
     team.agree(None, "writing the shards")  # every rank's shards are complete (a barrier)
     if assembler.spilled_bytes:
         logger.info(

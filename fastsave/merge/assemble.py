@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fastsave.vram import DeviceBudget
+
 if TYPE_CHECKING:
     from fastsave.plan.items import PlanItem
 
@@ -36,19 +38,29 @@ _ACTIVE: contextvars.ContextVar[Assembler | None] = contextvars.ContextVar("fast
 BLOCK_BYTES = 4 << 20
 # never smaller: below this the per-block overhead dominates the merge
 MIN_BLOCK_BYTES = 256 << 10
+# the share of free VRAM merge work may hold outside a save (planning, direct calls in tests)
+DEFAULT_DEVICE_FRACTION = 0.5
 
 
 class Assembler:
     """Builds whole tensors: in memory up to ``allowance`` bytes, spilled into ``spill_directory`` beyond.
 
     It also carries the producer's block size: a row block's float32 working set is a few copies of
-    ``block_bytes``, so a small allowance (a process near its memory cap) gets small blocks.
+    ``block_bytes``, so a small allowance (a process near its memory cap) gets small blocks; and the
+    save's VRAM budget, for weights merged on a GPU.
     """
 
-    def __init__(self, spill_directory: Path | None, allowance: int, block_bytes: int = BLOCK_BYTES) -> None:
+    def __init__(
+        self,
+        spill_directory: Path | None,
+        allowance: int,
+        block_bytes: int = BLOCK_BYTES,
+        device_budget: DeviceBudget | None = None,
+    ) -> None:
         self.spill_directory = spill_directory
         self.allowance = allowance
         self.block_bytes = block_bytes
+        self.device_budget = device_budget or DeviceBudget(DEFAULT_DEVICE_FRACTION)
         self.spilled_bytes = 0
         self._names = itertools.count()
 
@@ -117,6 +129,11 @@ def fill(out: torch.Tensor, pieces: Iterator[torch.Tensor]) -> torch.Tensor:
 def block_bytes() -> int:
     """float32 bytes of one row block for the tensor being produced in this thread."""
     return _active().block_bytes
+
+
+def device_budget() -> DeviceBudget:
+    """The VRAM budget of the save producing in this thread."""
+    return _active().device_budget
 
 
 def block_bytes_for(allowance: int) -> int:

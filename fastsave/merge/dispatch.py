@@ -3,14 +3,19 @@
 Strategies, chosen by what can be measured of the source and the deltas (never by where they came
 from), in this order:
 
-1. ``triton``: a packed bitsandbytes 4-bit weight on a CUDA device the kernels serve, one plain
-   LoRA delta: one fused kernel reads the codes once (fastsave.merge.triton_fused).
-2. ``row blocks``: a 2-D source that reads rows on the CPU (4-bit, 8-bit, 16-bit in memory, a
-   tensor on disk) and LoRA (or DoRA) deltas of linear layers and embeddings: 4 MiB blocks merged
-   and rounded in the cache, streamed to the writer block by block (fastsave.merge.row_blocks).
-3. ``experts``: a 3-D expert stack with LoRA on the stack (peft's ParamWrapper): one expert at a
+1. ``device rows``: a packed bitsandbytes 4-bit weight on a CUDA device the kernels serve, no
+   delta or one plain LoRA delta: the kernels read each block of rows' codes once and write the
+   output dtype, blocks sized by the VRAM budget, copied to the host while the next one is
+   computed (fastsave.merge.device_rows, fastsave.merge.host_copies).
+2. ``device whole``: any other weight on a GPU whose whole-matrix merge fits the save's VRAM
+   allowance (fastsave.vram): merged and rounded there, copied to the host in row blocks.
+3. ``row blocks``: a 2-D source that reads rows (4-bit, 8-bit, 16-bit in memory or on a GPU too
+   large for the VRAM allowance, a tensor on disk) and LoRA (or DoRA) deltas of linear layers and
+   embeddings: 4 MiB blocks merged and rounded in the CPU cache, streamed to the writer block by
+   block (fastsave.merge.row_blocks).
+4. ``experts``: a 3-D expert stack with LoRA on the stack (peft's ParamWrapper): one expert at a
    time, streamed (fastsave.merge.expert_stacks).
-4. ``whole``: the whole weight in float32, then one rounding (fastsave.merge.whole_matrix).
+5. ``whole``: the whole weight in float32, then one rounding (fastsave.merge.whole_matrix).
 
 Every strategy gives the same bits (the tests hold each to the float32 reference). A weight with
 no delta is produced by the same dispatcher, so a quantized weight is dequantized in row blocks
@@ -29,8 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from fastsave.adapters.delta import LoraDelta, merged_bias_float32
-from fastsave.merge.assemble import fill, spilled_buffer
+from fastsave.merge.assemble import device_budget, fill, spilled_buffer
+from fastsave.merge.device_rows import device_rows_plan, rows_per_device_block, stream_device_rows
 from fastsave.merge.expert_stacks import expert_merge_plan, expert_working_bytes, stream_experts
+from fastsave.merge.host_copies import to_host
 from fastsave.merge.rounding import to_output
 from fastsave.merge.row_blocks import (
     block_working_bytes,
@@ -39,9 +46,9 @@ from fastsave.merge.row_blocks import (
     rows_per_block,
     stream_row_blocks,
 )
-from fastsave.merge.triton_fused import fused_applies, merge_fused
 from fastsave.merge.whole_matrix import merge_whole
 from fastsave.sources.base import Source
+from fastsave.vram import BLOCKS_IN_FLIGHT, DEVICE_BLOCK_BYTES
 
 Produce = Callable[[], torch.Tensor]
 COPY_CHUNK_BYTES = 4 << 20
@@ -69,31 +76,50 @@ def _whole_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
     return copies * 4 * source.numel
 
 
+def _row_block_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
+    n_cols = source.shape[1]
+    return block_working_bytes(n_cols, rows_per_block(n_cols, 1), any(d.is_dora for d in deltas))
+
+
 def _estimated_working_bytes(
     source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtype, transposed: bool
 ) -> int:
     """What a weight's merge will hold, judged without reading anything (planning must stay cheap).
 
-    Row blocks or one expert when the shapes and delta kinds allow them, else the whole matrix. The
+    Row blocks or one expert when the shapes and delta kinds allow them, else the whole matrix; a
+    weight on a GPU holds host memory only for its blocks on their way (the VRAM is bounded apart). The
     strategy itself is chosen when the tensor is produced (a row reader decodes a weight's absmax,
     the exactness checks run products): should it fall back to the whole matrix, the budget still
     admits it alone. Blocks are estimated at their largest size (a small budget makes them smaller).
     """
-    cpu = source.device.type == "cpu"
-    if cpu and len(source.shape) == 2 and all(d.kind in ("linear", "embedding") for d in deltas):
-        n_cols = source.shape[1]
-        blocks = block_working_bytes(n_cols, rows_per_block(n_cols, 1), any(d.is_dora for d in deltas))
+    two_d = len(source.shape) == 2
+    if source.device.type == "cuda":
+        # on the host: the pinned copies of the device blocks in flight, or a host row merge's blocks
+        host_blocks = BLOCKS_IN_FLIGHT * DEVICE_BLOCK_BYTES
+        if two_d and all(d.kind in ("linear", "embedding") for d in deltas):
+            host_blocks = max(host_blocks, _row_block_bytes(source, deltas))
+        return host_blocks + (source.numel * dtype.itemsize if transposed else 0)
+    if two_d and all(d.kind in ("linear", "embedding") for d in deltas):
         # a transposed weight is merged by rows into a whole buffer, then read out by columns
-        return blocks + (source.numel * dtype.itemsize if transposed else 0)
-    if cpu and len(source.shape) == 3 and deltas and all(d.kind == "param" for d in deltas):
+        return _row_block_bytes(source, deltas) + (source.numel * dtype.itemsize if transposed else 0)
+    if len(source.shape) == 3 and deltas and all(d.kind == "param" for d in deltas):
         return expert_working_bytes(tuple(source.shape))
     return _whole_bytes(source, deltas)
 
 
 def _chosen(source: Source, deltas: tuple[LoraDelta, ...], dtype: torch.dtype, name: str, transposed: bool):
     """``(produce, stream or None)`` of the strategy for this weight, decided now."""
-    if deltas and fused_applies(source, deltas):
-        return lambda: _transposed(to_output(merge_fused(source, deltas), dtype, name), transposed), None
+    device = None if transposed else device_rows_plan(source, deltas)
+    if device is not None:
+        block = device_budget().block_bytes(source.device)
+
+        def device_blocks() -> Iterator[torch.Tensor]:
+            return to_host(stream_device_rows(device, dtype, block), BLOCKS_IN_FLIGHT)
+
+        return lambda: _joined(device_blocks(), source.shape, dtype), device_blocks
+    on_gpu = source.device.type == "cuda"
+    if on_gpu and device_budget().fits_whole(source.device, _whole_bytes(source, deltas) + source.numel * 2):
+        return None, lambda: _device_whole_blocks(source, deltas, dtype, name, transposed)
     rows = row_merge_plan(source, deltas, name)
     if rows is not None:
         if transposed:  # merged by rows in the compute layout, then read out by columns
@@ -124,8 +150,8 @@ def weight_producer(
     deltas = tuple(deltas)
 
     def produce() -> torch.Tensor:
-        whole, _ = _chosen(source, deltas, dtype, name, transposed)
-        return whole()
+        whole, pieces = _chosen(source, deltas, dtype, name, transposed)
+        return whole() if whole is not None else _joined(pieces(), _output_shape(source, transposed), dtype)
 
     def stream() -> Iterator[torch.Tensor]:
         whole, pieces = _chosen(source, deltas, dtype, name, transposed)
@@ -135,6 +161,32 @@ def weight_producer(
             yield from pieces()
 
     return Production(produce, stream, _estimated_working_bytes(source, deltas, dtype, transposed))
+
+
+def _output_shape(source: Source, transposed: bool) -> tuple[int, ...]:
+    shape = tuple(source.shape)
+    return shape[::-1] if transposed else shape
+
+
+def _joined(pieces: Iterator[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Consecutive flat pieces as one tensor of ``shape`` (the whole, for a step that needs it)."""
+    return fill(torch.empty(shape, dtype=dtype), pieces)
+
+
+def _device_whole_blocks(
+    source: Source, deltas: tuple[LoraDelta, ...], dtype: torch.dtype, name: str, transposed: bool
+) -> Iterator[torch.Tensor]:
+    """The whole-matrix merge on the source's GPU, rounded there, reaching the host in row blocks."""
+    merged = merge_whole(source, deltas)
+    merged = merged.to(dtype) if merged.dtype != dtype else merged
+    if transposed:
+        merged = merged.T.contiguous()
+    merged = merged.reshape(merged.shape[0], -1) if merged.dim() > 1 else merged.reshape(1, -1)
+    step = rows_per_device_block(
+        merged.shape[0], merged.shape[1], dtype, device_budget().block_bytes(merged.device)
+    )
+    blocks = (merged[i : i + step] for i in range(0, merged.shape[0], step))
+    yield from to_host(blocks, BLOCKS_IN_FLIGHT)
 
 
 def _transposed(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -179,10 +231,12 @@ def copy_producer(source: Source, dtype: torch.dtype, name: str, transposed: boo
         return tensor.T.contiguous() if transposed else tensor
 
     def stream() -> Iterator[torch.Tensor]:
-        values = source.as_stored().detach().to("cpu")
-        yield from _flat_chunks(
-            values if values.is_contiguous() else values.contiguous(), output_dtype(values)
-        )
+        values = source.as_stored().detach()
+        values = values if values.is_contiguous() else values.contiguous()
+        if values.device.type == "cuda":  # cast on the GPU, a few chunks at a time across to the host
+            yield from to_host(_flat_chunks(values, output_dtype(values)), BLOCKS_IN_FLIGHT)
+        else:
+            yield from _flat_chunks(values.to("cpu"), output_dtype(values))
 
     return Production(produce, None if transposed else stream, 0)
 

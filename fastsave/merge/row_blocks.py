@@ -114,11 +114,11 @@ class RowMerge:
 def row_merge_plan(source: Source, deltas: Sequence[LoraDelta], name: str = "") -> RowMerge | None:
     """The row merge of ``source`` + ``deltas`` when it gives the whole-matrix bits, else None.
 
-    Applies to a 2-D source that reads rows on the CPU and LoRA deltas on linear layers and
+    Applies to a 2-D source that reads rows into the CPU (from memory, a file or a GPU) and LoRA deltas on linear layers and
     embeddings (DoRA on a linear layer too; not DoRA on an embedding, whose norm runs down whole
     columns, nor on fan_in_fan_out, nor bare-parameter stacks, which stream by expert elsewhere).
     """
-    if len(source.shape) != 2 or source.device.type != "cpu":
+    if len(source.shape) != 2:
         return None
     if any(d.is_dora and (d.kind != "linear" or d.fan_in_fan_out) for d in deltas):
         return None

@@ -163,10 +163,11 @@ class Bnb4bitSource(Source):
         return self.module.weight.data, self.module.weight.quant_state
 
     def row_reader(self) -> RowReader | None:
-        """Rows decoded by bitsandbytes' own dequantize, on the CPU, when blocks do not straddle rows."""
+        """Rows decoded where the codes are (bitsandbytes' dequantize; the kernels on a GPU they
+        serve), into the CPU, when blocks do not straddle rows."""
         state = self.module.weight.quant_state
         codes = self._codes()
-        if codes.device.type != "cpu" or len(state.shape) != 2:
+        if codes.device.type == "meta" or len(state.shape) != 2:
             return None
         n_cols = state.shape[-1]
         if n_cols % state.blocksize or n_cols % 2:
@@ -174,15 +175,19 @@ class Bnb4bitSource(Source):
         absmax = absmax_float32(state)  # decoded once a weight, not once a block
         flat = codes.reshape(-1)
         blocks_per_row = n_cols // state.blocksize
+        serve = kernels_serve(codes)
 
         def read(i: int, j: int) -> torch.Tensor:
             rows = copy.copy(state)
             rows.nested, rows.state2, rows.offset = False, None, None
             rows.absmax = absmax[i * blocks_per_row : j * blocks_per_row]
             rows.shape, rows.dtype = torch.Size([j - i, n_cols]), torch.float32
-            return bnb_functional.dequantize_4bit(
-                flat[i * n_cols // 2 : j * n_cols // 2].reshape(-1, 1), rows
-            )
+            block = flat[i * n_cols // 2 : j * n_cols // 2].reshape(-1, 1)
+            if serve:
+                from fastsave import kernels
+
+                return kernels.dequantize_4bit(block, rows, dtype=torch.float32).to("cpu")
+            return bnb_functional.dequantize_4bit(block, rows).to("cpu")
 
         return RowReader(read)
 

@@ -38,13 +38,16 @@ class Bnb8bitSource(Source):
         return bnb_functional.int8_vectorwise_dequant(codes, int8_row_scale(self.module)).to(torch.float32)
 
     def row_reader(self) -> RowReader | None:
-        """Rows on the CPU (the scale is per row, so any row range decodes on its own)."""
+        """Rows into the CPU, decoded where the codes are (the scale is per row, so any row range
+        decodes on its own)."""
         codes = self.module.weight.data
-        if codes.device.type != "cpu":
+        if codes.device.type == "meta":
             return None
         scale = int8_row_scale(self.module)
         return RowReader(
-            lambda i, j: bnb_functional.int8_vectorwise_dequant(codes[i:j], scale[i:j]).to(torch.float32)
+            lambda i, j: bnb_functional.int8_vectorwise_dequant(codes[i:j], scale[i:j]).to(
+                device="cpu", dtype=torch.float32
+            )
         )
 
 

@@ -25,11 +25,11 @@ class DenseSource(Source):
         return self.tensor.detach()
 
     def row_reader(self) -> RowReader | None:
-        """Rows of a 2-D floating tensor on the CPU, as float32 copies."""
+        """Rows of a 2-D floating tensor, as float32 copies on the CPU (from a GPU too)."""
         tensor = self.tensor.detach()
-        if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.device.type != "cpu":
+        if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.device.type == "meta":
             return None
-        return RowReader(lambda i, j: tensor[i:j].to(torch.float32, copy=True))
+        return RowReader(lambda i, j: tensor[i:j].to(device="cpu", dtype=torch.float32, copy=True))
 
     def describe(self) -> str:
         """'16-bit' for half-precision weights, else the dtype's name."""
