@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +105,7 @@ class _MetaResolver:
 
         from fastsave.sources.dense import DenseSource
 
-        return entry if entry.source is not None else replace(entry, source=DenseSource(entry.tensor))
+        return entry if entry.source is not None else entry.with_source(DenseSource(entry.tensor))
 
 
 def _plan_on_meta(model):
@@ -119,10 +118,11 @@ def _plan_on_meta(model):
     from fastsave.plan.walk import unwrap_peft, walk_model
 
     root = unwrap_peft(model)
-    census = live_peft.lora_module_census(root, None)
+    tied: set[int] = set()  # found by the census pass, as fastsave's live-model input does
+    census = live_peft.lora_module_census(root, None, tied)
     # the factors are on the meta device here: let the walk take them as they are
     with mock.patch.object(live_peft, "offloaded_value", lambda module, attr: getattr(module, attr)):
-        return walk_model(root, _MetaResolver(), torch.bfloat16, None, census)
+        return walk_model(root, _MetaResolver(), torch.bfloat16, None, census, tied=tied)
 
 
 def _per_expert_model(count: int):

@@ -269,7 +269,7 @@ def _produce_into(
 
 def _produce_one(item: PlanItem, budget: ByteBudget, sink: queue.Queue, stop: threading.Event) -> bool:
     """One tensor's pieces into ``sink``, then _END; False when ``stop`` ended it early."""
-    if not budget.reserve(item.working_bytes, stop):
+    if not budget.reserve(item.working_set(), stop):
         return False
     try:
         for piece in item.pieces():

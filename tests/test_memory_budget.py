@@ -118,3 +118,29 @@ def test_exactness_check_of_a_large_delta_is_spilled_and_still_decides_right(tmp
     assert assembler.spilled_bytes == 4099 * 1000 * 4
     full = b @ a
     assert exact == all(torch.equal(full[i : i + 65], b[i : i + 65] @ a) for i in range(0, 4099, 65))
+
+
+def test_vram_budget_is_a_fraction_of_the_free_memory_read_once(monkeypatch):
+    """The VRAM allowance is maximum_memory_usage of what the device reported free the first time it
+    was asked, and device blocks are sized so that the blocks in flight fit it (and the host's share)."""
+    import torch
+
+    from fastsave import vram
+
+    asked = []
+
+    def reported_free(device):
+        asked.append(device)
+        return 600 * 2**20 if device.type == "cuda" else None
+
+    monkeypatch.setattr(vram, "free_device_memory", reported_free)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    budget = vram.DeviceBudget(0.5, host_block_bytes=64 * 2**20)
+    assert budget.allowance(gpu) == 300 * 2**20
+    assert budget.block_bytes(gpu) == vram.DEVICE_BLOCK_BYTES  # 16 MiB x 3 in flight is far below 300 MiB
+    assert budget.fits_whole(gpu, 300 * 2**20) and not budget.fits_whole(gpu, 300 * 2**20 + 1)
+    assert asked == [gpu]  # read once, kept
+    small = vram.DeviceBudget(0.01, host_block_bytes=64 * 2**20)  # 6 MiB allowed
+    assert small.block_bytes(gpu) == 6 * 2**20 // (2 * vram.BLOCKS_IN_FLIGHT)
+    assert vram.DeviceBudget(0.5, host_block_bytes=2**20).block_bytes(gpu) == 2**20  # the host's share
+    assert budget.allowance(cpu) is None and budget.fits_whole(cpu, 2**40)  # no bound off a GPU

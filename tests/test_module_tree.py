@@ -52,3 +52,23 @@ def test_census_finds_every_lora_layer(tiny_base_dir):
         or (isinstance(getattr(m, "lora_embedding_A", None), nn.ParameterDict) and len(m.lora_embedding_A))
     ]
     assert lora_module_census(model, None) == expected
+
+
+def test_census_pass_finds_the_tied_parameters_torch_names_twice(tmp_path):
+    """The census pass also collects tied weights: every parameter torch reaches under more than one
+    name (named_parameters without removing duplicates), and nothing else; the census is unchanged."""
+    from fastsave.tiny import save_random_model, tiny_llama_config
+
+    base = save_random_model(tiny_llama_config(tie_word_embeddings=True), tmp_path / "tied")
+    model = attach_lora(load_4bit(base), target_modules=["q_proj", "v_proj"])
+    model.base_model.model.model.layers[1].mlp.shared_gate = model.base_model.model.model.layers[
+        0
+    ].mlp.gate_proj
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    expected = {key for key, count in counts.items() if count > 1}
+    tied: set[int] = set()
+    assert lora_module_census(model, None, tied) == lora_module_census(model, None)
+    assert tied == expected
+    assert len(expected) == 2  # the tied embedding / lm_head, and the shared gate_proj's weight

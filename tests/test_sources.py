@@ -95,3 +95,22 @@ def test_checkpoint_reader_refuses_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
         SafetensorsCheckpoint(tmp_path).get("w")
+
+
+def test_module_tensors_are_torchs_own_parameters_and_persistent_buffers():
+    """module_tensors reads the module's dicts directly: the same names and objects as torch's
+    named_parameters(recurse=False) and the persistent buffers of its state_dict, each once."""
+    import torch
+    from torch import nn
+
+    from fastsave.sources import module_tensors
+
+    module = nn.BatchNorm1d(4)
+    module.register_buffer("scratch", torch.zeros(2), persistent=False)
+    module.alias = module.weight  # the same parameter under a second name: listed once, as torch does
+    module.register_parameter("missing", None)
+    expected = [(n, id(p)) for n, p in module.named_parameters(recurse=False)]
+    state = module.state_dict(keep_vars=True)
+    expected += [(n, id(b)) for n, b in module.named_buffers(recurse=False) if n in state]
+    assert [(t.attr, id(t.tensor)) for t in module_tensors(module)] == expected
+    assert "scratch" not in [t.attr for t in module_tensors(module)]

@@ -14,7 +14,7 @@ from torch import nn
 
 from fastsave.adapters.delta import DeltaKind, LoraDelta
 from fastsave.errors import PlanError, UnsupportedAdapterError
-from fastsave.plan.module_tree import named_modules
+from fastsave.plan.module_tree import collection_paused, named_modules
 from fastsave.sources.offloaded import offloaded_value
 from fastsave.sources.sharded import clean_name
 
@@ -50,19 +50,45 @@ _QUANTIZED_LINEAR_LAYERS = tuple(
 )
 
 
+# What a module class is, decided once per class: peft's layer classes are ABCs, whose isinstance
+# checks cost far more than a dict lookup, and planning asks for every module of the model.
+_ROLES_OF_CLASS: dict[type, tuple[bool, bool, bool]] = {}
+
+
+def _roles(module: nn.Module) -> tuple[bool, bool, bool]:
+    """``(LoRA layer, ParamWrapper, another tuner's layer)`` for the module's class."""
+    cls = type(module)
+    roles = _ROLES_OF_CLASS.get(cls)
+    if roles is None:
+        lora = LoraLayer is not None and issubclass(cls, LoraLayer)
+        wrapper = ParamWrapper is not None and issubclass(cls, ParamWrapper)
+        other = BaseTunerLayer is not None and issubclass(cls, BaseTunerLayer) and not lora
+        roles = _ROLES_OF_CLASS[cls] = (lora, wrapper, other)
+    return roles
+
+
 def is_lora_layer(module: nn.Module) -> bool:
     """True for a peft LoRA layer (Linear, Embedding, Conv, quantized variants, ParamWrapper)."""
-    return LoraLayer is not None and isinstance(module, LoraLayer)
+    return _roles(module)[0]
 
 
 def is_param_wrapper(module: nn.Module) -> bool:
     """True for peft's LoRA on a bare parameter (``target_parameters``: fused MoE experts, routers)."""
-    return ParamWrapper is not None and isinstance(module, ParamWrapper)
+    return _roles(module)[1]
 
 
 def is_other_tuner_layer(module: nn.Module) -> bool:
     """True for a peft tuner layer of another method (IA3, LoHa, LoKr, ...), which fastsave refuses."""
-    return BaseTunerLayer is not None and isinstance(module, BaseTunerLayer) and not is_lora_layer(module)
+    return _roles(module)[2]
+
+
+def base_layer_of(layer: nn.Module) -> nn.Module:
+    """The innermost ``base_layer`` of a peft layer, as its ``get_base_layer()`` finds it (read from
+    the module dicts: peft's loop misses an attribute through nn.Module.__getattr__ at every level)."""
+    base = layer
+    while (inner := base._modules.get("base_layer")) is not None:
+        base = inner
+    return base
 
 
 def is_lora_factor_container(key: str, module: nn.Module) -> bool:
@@ -89,7 +115,12 @@ def refuse_other_tuner(name: str, module: nn.Module) -> None:
 
 
 def _adapter_keys(layer: nn.Module) -> set[str]:
-    return set(getattr(layer, "lora_A", {}).keys()) | set(getattr(layer, "lora_embedding_A", {}).keys())
+    keys: set[str] = set()
+    for attr in ("lora_A", "lora_embedding_A"):  # peft keeps both as submodules (ModuleDicts)
+        holder = layer._modules.get(attr)
+        if holder is not None:
+            keys.update(holder.keys())
+    return keys
 
 
 def select_adapters(
@@ -98,29 +129,70 @@ def select_adapters(
     """Split the adapters of a layer into (to add now, already merged into the base weight)."""
     present = _adapter_keys(layer)
     wanted = list(adapter_names) if adapter_names is not None else list(layer.active_adapters)
-    merged = tuple(a for a in getattr(layer, "merged_adapters", []) if a in present and a in wanted)
+    merged_before = getattr(layer, "merged_adapters", None)
+    if not merged_before:  # the common case, without the second filter
+        return tuple([a for a in wanted if a in present]), ()
+    merged = tuple(a for a in merged_before if a in present and a in wanted)
     to_add = tuple(a for a in wanted if a in present and a not in merged)
     return to_add, merged
 
 
-def lora_module_census(root: nn.Module, adapter_names: Sequence[str] | None) -> list[str]:
+_FACTOR_CONTAINERS = ("lora_A", "lora_embedding_A")
+
+
+def _factor_keys(module: nn.Module) -> set[str]:
+    """The adapter names of the module's ``lora_A`` / ``lora_embedding_A`` containers, if it has any.
+
+    Looked up where nn.Module keeps them, not through its __getattr__ (slow on a miss, and this runs
+    on every module of the model): a submodule (peft's ModuleDict, ParameterDict), else a plain
+    attribute holding a dict.
+    """
+    holders = [module._modules.get(attr) for attr in _FACTOR_CONTAINERS]
+    if holders[0] is None and holders[1] is None:
+        own = module.__dict__
+        if "lora_A" not in own and "lora_embedding_A" not in own:
+            return set()  # the common case: no factors here
+        holders = [own.get(attr) for attr in _FACTOR_CONTAINERS]
+    keys: set[str] = set()
+    for holder in holders:
+        if isinstance(holder, (nn.ModuleDict, nn.ParameterDict, dict)):
+            keys.update(holder.keys())
+    return keys
+
+
+def lora_module_census(
+    root: nn.Module, adapter_names: Sequence[str] | None, tied: set[int] | None = None
+) -> list[str]:
     """Names of every module that holds LoRA weights for a selected adapter.
 
     Deliberately independent of the plan walk: it looks only for ``lora_A`` / ``lora_embedding_A``
     containers, whatever class the module has, so the plan's check catches a module the walk skips.
     The same pass refuses non-LoRA adapter layers (:func:`refuse_other_tuner`), before the census
-    could report that there is no LoRA to merge.
+    could report that there is no LoRA to merge. With ``tied``, it also collects there the ids of
+    parameters held under several names (tied weights, for the walk), so that a large model is
+    not traversed twice.
     """
+    with collection_paused():  # a pass over every module allocates plenty and frees nothing to collect
+        return _census(root, adapter_names, tied)
+
+
+def _census(root: nn.Module, adapter_names: Sequence[str] | None, tied: set[int] | None) -> list[str]:
     names = []
-    for name, module in named_modules(root, skip_child=is_lora_factor_container):
+    counts: dict[int, int] = {}  # parameter id -> the names it is reached under
+    seen: set[int] = set()
+    # every name of a module reached under several is visited when tied weights are looked for
+    for name, module in named_modules(
+        root, remove_duplicate=tied is None, skip_child=is_lora_factor_container
+    ):
+        if tied is not None:
+            for param in module._parameters.values():
+                if param is not None:
+                    counts[id(param)] = counts.get(id(param), 0) + 1
+            if id(module) in seen:  # the census counts a module once, under its first name
+                continue
+            seen.add(id(module))
         refuse_other_tuner(name, module)
-        keys: set[str] = set()
-        for attr in ("lora_A", "lora_embedding_A"):
-            # looked up where nn.Module keeps it, not through its __getattr__ (slow on a miss, and
-            # this runs on every module of the model)
-            holder = module._modules.get(attr, module.__dict__.get(attr))
-            if isinstance(holder, (nn.ModuleDict, nn.ParameterDict, dict)):
-                keys |= set(holder.keys())
+        keys = _factor_keys(module)
         if not keys:
             continue
         if adapter_names is not None:
@@ -130,7 +202,25 @@ def lora_module_census(root: nn.Module, adapter_names: Sequence[str] | None) -> 
             wanted = {active} if isinstance(active, str) else set(active or ())
         if keys & wanted:
             names.append(clean_name(name))
+    if tied is not None:
+        tied.update(key for key, count in counts.items() if count > 1)
     return names
+
+
+_KIND_OF_CLASS: dict[type, DeltaKind | None] = {}
+
+
+def _kind_of_class(cls: type) -> DeltaKind | None:
+    if cls not in _KIND_OF_CLASS:
+        kind: DeltaKind | None = None
+        if ParamWrapper is not None and issubclass(cls, ParamWrapper):
+            kind = "param"
+        elif issubclass(cls, LoraEmbedding):
+            kind = "embedding"
+        elif issubclass(cls, (LoraLinear, *_QUANTIZED_LINEAR_LAYERS)):
+            kind = "linear"
+        _KIND_OF_CLASS[cls] = kind
+    return _KIND_OF_CLASS[cls]
 
 
 def layer_kind(layer: nn.Module, name: str) -> DeltaKind:
@@ -140,30 +230,30 @@ def layer_kind(layer: nn.Module, name: str) -> DeltaKind:
         UnsupportedAdapterError: LoRA on a layer kind fastsave does not merge (convolutions,
             attention, quantization backends it cannot read).
     """
-    if is_param_wrapper(layer):
-        return "param"
-    if isinstance(layer, LoraEmbedding):
-        return "embedding"
-    if isinstance(layer, (LoraLinear, *_QUANTIZED_LINEAR_LAYERS)):
-        return "linear"
+    kind = _kind_of_class(type(layer))
+    if kind is not None:
+        return kind
     raise UnsupportedAdapterError(
         f"LoRA on {name} ({type(layer).__module__}.{type(layer).__name__}) is not supported by fastsave's "
         "merge; save it with save_method='lora'"
     )
 
 
-def _value(module: nn.Module, attr: str, where: str, meta_ok: bool = False) -> torch.Tensor:
+def _value(module: nn.Module, attr: str, where: tuple[str, ...], meta_ok: bool = False) -> torch.Tensor:
     """``module.<attr>``, read from accelerate's offload map when the model left it on the meta device.
 
+    ``where``: the parts of its name for an error (joined only then: this runs per LoRA factor).
     ``meta_ok``: a placeholder of a sharded model, planned from its shape only: kept as it is.
     """
-    tensor = getattr(module, attr)
-    if tensor.device.type != "meta" or meta_ok:
+    tensor = module._parameters.get(attr)
+    if tensor is None:
+        tensor = getattr(module, attr)
+    if meta_ok or not tensor.is_meta:
         return tensor
     value = offloaded_value(module, attr)
     if value is None:
         raise PlanError(
-            f"{where} is on the meta device and nothing holds its values (not offloaded by accelerate): "
+            f"{'.'.join(where)} is on the meta device and nothing holds its values (not offloaded by accelerate): "
             "load the model fully, or save the adapter with save_method='lora' and merge it with "
             "`fastsave merge ADAPTER_DIR OUT_DIR`. Nothing was written."
         )
@@ -178,7 +268,7 @@ def _check_variant(layer: nn.Module, adapter: str, where: str) -> bool:
     if isinstance(variant, (DoraLinearVariant, DoraEmbeddingVariant)):
         return True
     raise UnsupportedAdapterError(
-        f"adapter {adapter!r} on {where} uses the LoRA variant {type(variant).__name__}, which fastsave "
+        f"adapter {adapter!r} on {where} ({type(layer).__name__}) uses the LoRA variant {type(variant).__name__}, which fastsave "
         "cannot merge exactly yet; save it with save_method='lora' instead"
     )
 
@@ -195,31 +285,32 @@ def delta_of(
         UnsupportedAdapterError: a LoRA variant other than DoRA, lora_bias without a base bias, a
             layer kind fastsave does not merge.
     """
-    where = f"{name} ({type(layer).__name__})"
-    kind = layer_kind(layer, where)
-    dora = _check_variant(layer, adapter, where)
+    kind = _kind_of_class(type(layer)) or layer_kind(layer, f"{name} ({type(layer).__name__})")
+    dora = _check_variant(layer, adapter, name)
     scaling = float(layer.scaling[adapter])
+    modules = layer._modules
     if kind == "embedding":
-        a = _value(layer.lora_embedding_A, adapter, f"{name}.lora_embedding_A.{adapter}", meta_ok)
-        b = _value(layer.lora_embedding_B, adapter, f"{name}.lora_embedding_B.{adapter}", meta_ok)
+        a = _value(modules["lora_embedding_A"], adapter, (name, "lora_embedding_A", adapter), meta_ok)
+        b = _value(modules["lora_embedding_B"], adapter, (name, "lora_embedding_B", adapter), meta_ok)
         bias = None
     else:
-        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-        a = _value(lora_a, "weight", f"{name}.lora_A.{adapter}.weight", meta_ok)
-        b = _value(lora_b, "weight", f"{name}.lora_B.{adapter}.weight", meta_ok)
+        lora_a, lora_b = modules["lora_A"][adapter], modules["lora_B"][adapter]
+        a = _value(lora_a, "weight", (name, "lora_A", adapter, "weight"), meta_ok)
+        b = _value(lora_b, "weight", (name, "lora_B", adapter, "weight"), meta_ok)
         bias = None
         if getattr(layer, "lora_bias", {}).get(adapter, False):
+            where = f"{name} ({type(layer).__name__})"
             if not has_base_bias:
                 raise UnsupportedAdapterError(
                     f"adapter {adapter!r} on {where} was trained with lora_bias=True, but the base layer has "
                     "no bias, so a plain checkpoint of this architecture has nowhere to put it (peft cannot "
                     "merge it either); save it with save_method='lora' instead"
                 )
-            bias = _value(lora_b, "bias", f"{name}.lora_B.{adapter}.bias", meta_ok)
+            bias = _value(lora_b, "bias", (name, "lora_B", adapter, "bias"), meta_ok)
     magnitude = None
     if dora:
         holder = layer.lora_magnitude_vector[adapter]
-        magnitude = _value(holder, "weight", f"{name}.lora_magnitude_vector.{adapter}", meta_ok)
+        magnitude = _value(holder, "weight", (name, "lora_magnitude_vector", adapter), meta_ok)
     return LoraDelta(
         adapter=adapter,
         kind=kind,
@@ -227,7 +318,7 @@ def delta_of(
         lora_b=b,
         scaling=scaling,
         # only peft's plain Linear transposes by fan_in_fan_out; its quantized variants never do
-        fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)) and isinstance(layer, LoraLinear),
+        fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)) and issubclass(type(layer), LoraLinear),
         magnitude=magnitude,
         bias=bias,
         num_experts=int(getattr(layer, "num_experts", 1)) if kind == "param" else 1,

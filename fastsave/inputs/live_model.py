@@ -50,7 +50,7 @@ class InMemoryResolver:
         if entry.source is not None:
             return entry
         try:
-            return replace(entry, source=OffloadedSource(module, entry.attr, entry.tensor))
+            return entry.with_source(OffloadedSource(module, entry.attr, entry.tensor))
         except LookupError:
             raise PlanError(
                 f"{name} is on the meta device and no accelerate offload map holds its values, so it cannot "
@@ -125,12 +125,13 @@ class LiveModelInput:
             PlanError: nothing to merge, an adapter name that does not exist, an adapter or a weight
                 fastsave cannot merge exactly, or (original base) a checkpoint that does not match.
         """
-        census = self.census(opts)
+        tied: set[int] = set()
+        census = self.census(opts, tied)
         resolver: InMemoryResolver = InMemoryResolver()
         if opts.base_weights == "original":
             self._original = resolver = OriginalBaseResolver(_original_checkpoint(self.model, opts))
         plan = walk_model(
-            self.root, resolver, output_dtype(self.root, opts.dtype), opts.adapter_names, census
+            self.root, resolver, output_dtype(self.root, opts.dtype), opts.adapter_names, census, tied=tied
         )
         if self._original is not None and self._original.problems:
             problems = self._original.problems
@@ -150,14 +151,15 @@ class LiveModelInput:
             )
         return plan
 
-    def census(self, opts: SaveOptions) -> list[str]:
-        """The LoRA modules of the selected adapters, counted independently of the plan walk.
+    def census(self, opts: SaveOptions, tied: set[int] | None = None) -> list[str]:
+        """The LoRA modules of the selected adapters, counted independently of the plan walk
+        (``tied``: see fastsave.adapters.live_peft.lora_module_census).
 
         Raises:
             UnsupportedAdapterError: a non-LoRA adapter. PlanError: an adapter name that does not
                 exist, or nothing to merge.
         """
-        census = lora_module_census(self.root, opts.adapter_names)  # refuses non-LoRA adapters too
+        census = lora_module_census(self.root, opts.adapter_names, tied)  # refuses non-LoRA adapters too
         if opts.adapter_names is not None:
             present = _adapter_names_in(self.root)
             missing = [a for a in opts.adapter_names if a not in present]

@@ -88,8 +88,12 @@ class Assembler:
         return tensor.view(shape)
 
 
+# outside a save (planning, tests): in memory, default block size; made once (planning asks per tensor)
+_OUTSIDE_A_SAVE = Assembler(None, 0)
+
+
 def _active() -> Assembler:
-    return _ACTIVE.get() or Assembler(None, 0)
+    return _ACTIVE.get() or _OUTSIDE_A_SAVE
 
 
 @contextlib.contextmanager

@@ -28,13 +28,14 @@ streams, and the working memory it holds beyond its output, which the save's mem
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fastsave.adapters.delta import LoraDelta, merged_bias_float32
-from fastsave.merge.assemble import device_budget, fill, spilled_buffer
+from fastsave.merge.assemble import block_bytes, device_budget, fill, spilled_buffer
 from fastsave.merge.device_rows import device_rows_plan, rows_per_device_block, stream_device_rows
 from fastsave.merge.expert_stacks import expert_merge_plan, expert_working_bytes, stream_experts
 from fastsave.merge.host_copies import to_host
@@ -62,12 +63,13 @@ class Production:
         produce: the whole tensor (output dtype, CPU, contiguous).
         stream: the same values as consecutive pieces of the flattened tensor, when it can be
             produced in pieces (None: only whole).
-        working_bytes: memory held while producing it, beyond the output pieces themselves.
+        working_bytes: memory held while producing it, beyond the output pieces themselves (or a
+            function estimating it, called when the tensor is produced).
     """
 
     produce: Produce
     stream: Callable[[], Iterator[torch.Tensor]] | None
-    working_bytes: int
+    working_bytes: int | Callable[[], int]
 
 
 def _whole_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
@@ -77,8 +79,13 @@ def _whole_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
 
 
 def _row_block_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
-    n_cols = source.shape[1]
-    return block_working_bytes(n_cols, rows_per_block(n_cols, 1), any(d.is_dora for d in deltas))
+    return _row_block_bytes_of(source.shape[1], any(d.is_dora for d in deltas), block_bytes())
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_block_bytes_of(n_cols: int, dora: bool, block: int) -> int:
+    # planning asks this for every weight of the model; the answer depends on these three only
+    return block_working_bytes(n_cols, rows_per_block(n_cols, 1), dora)
 
 
 def _estimated_working_bytes(
@@ -160,7 +167,8 @@ def weight_producer(
         else:
             yield from pieces()
 
-    return Production(produce, stream, _estimated_working_bytes(source, deltas, dtype, transposed))
+    # estimated when produced: the budget then holds the block size of the save producing it
+    return Production(produce, stream, lambda: _estimated_working_bytes(source, deltas, dtype, transposed))
 
 
 def _output_shape(source: Source, transposed: bool) -> tuple[int, ...]:

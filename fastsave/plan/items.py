@@ -34,7 +34,9 @@ class PlanItem:
             disk), so the layout step leaves it alone.
         stream: the tensor as consecutive pieces of its flattened values (fastsave.merge.dispatch),
             when it can be produced in pieces; the writer takes them one by one.
-        working_bytes: memory held while producing it, beyond its output (the memory budget admits it).
+        working_bytes: memory held while producing it, beyond its output (the memory budget admits
+            it): a number, or a function that estimates it when the item is produced (planning a
+            model's every weight stays cheap); read it with :meth:`working_set`.
         planned_by: the walk unit (fastsave.plan.walk.walk_units) that planned it, when a walk did.
         participate: the collective operations producing it takes part in (the gathers of a sharded
             model), run instead of producing it by a rank that does not write it, so that every rank
@@ -55,7 +57,7 @@ class PlanItem:
     requantize_transposed: bool = False
     checkpoint_named: bool = False
     stream: Callable[[], Iterator[torch.Tensor]] | None = field(default=None, repr=False)
-    working_bytes: int = 0
+    working_bytes: int | Callable[[], int] = field(default=0, repr=False)
     planned_by: str | None = None
     participate: Callable[[], None] | None = field(default=None, repr=False)
     group: SharedProducer | None = field(default=None, repr=False, compare=False)
@@ -66,6 +68,10 @@ class PlanItem:
         if self.stream is not None:
             return self.stream()
         return iter([self.produce()])
+
+    def working_set(self) -> int:
+        """The bytes held while producing it, beyond its output."""
+        return self.working_bytes() if callable(self.working_bytes) else self.working_bytes
 
     @property
     def nbytes(self) -> int:

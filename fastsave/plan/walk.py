@@ -35,6 +35,7 @@ from torch import nn
 
 from fastsave.adapters.delta import LoraDelta
 from fastsave.adapters.live_peft import (
+    base_layer_of,
     deltas_of,
     is_lora_factor_container,
     is_lora_layer,
@@ -199,9 +200,10 @@ class _Walk:
     def add_lora_layer(self, name: str, layer: nn.Module) -> None:
         """A LoRA layer: its base layer's weight merged, its bias merged with lora_bias adapters."""
         prefix = f"{name}." if name else ""
-        base = layer.get_base_layer()
+        base = base_layer_of(layer)
         to_add, merged = select_adapters(layer, self.adapter_names)
-        has_bias = isinstance(getattr(base, "bias", None), torch.Tensor)
+        bias = base._parameters.get("bias") if "bias" in base._parameters else getattr(base, "bias", None)
+        has_bias = isinstance(bias, torch.Tensor)
         meta_ok = self.shapes_only
         deltas = deltas_of(layer, to_add, merged, name, has_bias, meta_ok) if to_add else ()
         merged_before = deltas_of(layer, merged, (), name, has_bias, meta_ok) if merged else ()
@@ -304,19 +306,22 @@ def walk_model(
     adapter_names: Sequence[str] | None,
     census: list[str],
     shapes_only: bool = False,
+    tied: set[int] | None = None,
 ) -> Plan:
     """Walk ``root`` once and plan every tensor of its merged checkpoint, under the model's names.
 
     ``census``: the LoRA modules found independently of this walk (fastsave.plan.checks compares).
     ``shapes_only``: the model holds placeholders; items are planned (names, shapes, dtypes, every
     adapter checked) but cannot be produced: the input plans each unit again with :func:`plan_unit`.
+    ``tied``: the ids of parameters held under several names, when the caller's census pass
+    collected them (fastsave.adapters.live_peft.lora_module_census); else a pass here finds them.
 
     Raises:
         PlanError / UnsupportedAdapterError: an adapter that cannot be merged exactly, a tensor whose
             values cannot be found. Nothing is written then.
     """
     with collection_paused():
-        shared = _survey(root)
+        shared = _survey(root) if tied is None else tied
         walk = _Walk(resolver, dtype, adapter_names, shapes_only)
         for name, module, _ in walk_units(root):
             _plan_unit(walk, name, module, shared, adapter_names)

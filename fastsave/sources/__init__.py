@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from fastsave.sources.base import RowReader, Source
-from fastsave.sources.bnb import converted_from_conv1d, is_4bit_module, is_8bit_module
+from fastsave.sources.bnb import bnb, converted_from_conv1d, is_4bit_module, is_8bit_module
 from fastsave.sources.bnb_4bit import bnb_4bit_source, compute_dtype_of
 from fastsave.sources.bnb_8bit import Bnb8bitSource, compute_dtype_of_8bit
 from fastsave.sources.dense import DenseSource
-from fastsave.sources.hqq import HqqSource, is_hqq_module
+from fastsave.sources.hqq import HQQLinear, HqqSource, is_hqq_module
 from fastsave.sources.torchao import TorchaoSource, is_torchao_tensor
 
 __all__ = ["ModuleTensor", "RowReader", "Source", "module_compute_dtype", "module_tensors"]
@@ -44,6 +44,11 @@ class ModuleTensor:
     transposed: bool = False
     without_merged_adapters: bool = False
 
+    def with_source(self, source: Source) -> ModuleTensor:
+        """The same tensor read from ``source`` (dataclasses.replace's result, at a fraction of its
+        cost: resolvers call this once per tensor of the model)."""
+        return ModuleTensor(self.attr, self.tensor, source, self.transposed, self.without_merged_adapters)
+
 
 def _tensor_source(tensor: torch.Tensor) -> Source | None:
     if tensor.device.type == "meta":
@@ -53,8 +58,25 @@ def _tensor_source(tensor: torch.Tensor) -> Source | None:
     return DenseSource(tensor)
 
 
+# Classes that are none of the quantized linears (decided once per class: this runs for every module)
+_PLAIN_CLASSES: set[type] = set()
+
+
+def _maybe_quantized(module: nn.Module) -> bool:
+    cls = type(module)
+    if cls in _PLAIN_CLASSES:
+        return False
+    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ()
+    if issubclass(cls, (*quantized, *((HQQLinear,) if HQQLinear is not None else ()))):
+        return True
+    _PLAIN_CLASSES.add(cls)
+    return False
+
+
 def quantized_weight_source(module: nn.Module) -> Source | None:
     """The source of a quantized linear's weight (bitsandbytes 4/8-bit, HQQ), or None for any other module."""
+    if not _maybe_quantized(module):
+        return None
     if is_4bit_module(module):
         return bnb_4bit_source(module)
     if is_8bit_module(module):
@@ -84,11 +106,19 @@ def module_tensors(
         if isinstance(bias, torch.Tensor):
             tensors.append(ModuleTensor("bias", bias, _tensor_source(bias)))
         return tensors
-    tensors = [ModuleTensor(attr, p, _tensor_source(p)) for attr, p in module.named_parameters(recurse=False)]
-    if persistent_buffers:
-        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
-        for attr, buffer in module.named_buffers(recurse=False):
-            if attr not in non_persistent and buffer is not None:
+    # the module's own dicts, as named_parameters(recurse=False) reads them (without its generator
+    # machinery: this runs for every module of the model), each tensor once under its first name
+    seen: set[int] = set()
+    tensors = []
+    for attr, p in module._parameters.items():
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            tensors.append(ModuleTensor(attr, p, _tensor_source(p)))
+    if persistent_buffers and module._buffers:
+        non_persistent = module._non_persistent_buffers_set
+        for attr, buffer in module._buffers.items():
+            if attr not in non_persistent and buffer is not None and id(buffer) not in seen:
+                seen.add(id(buffer))
                 tensors.append(ModuleTensor(attr, buffer, _tensor_source(buffer)))
     return tensors
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -56,6 +57,8 @@ _ABSENT = object()  # placeholders(): a key that was not there before
 
 # Name segments that wrappers insert and the unsharded model does not have.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+# a name with an empty segment or a wrapper's segment anywhere in it
+_NEEDS_CLEANING = re.compile(r"^\.|\.\.|" + "|".join(_WRAPPER_SEGMENTS))
 
 
 class Sharding(enum.Enum):
@@ -100,8 +103,8 @@ class ModuleEntry:
 
 def clean_name(name: str) -> str:
     """``name`` without the segments that FSDP1, activation checkpointing and torch.compile insert."""
-    if ".." not in name and not name.startswith(".") and not any(w in name for w in _WRAPPER_SEGMENTS):
-        return name  # the common case, without splitting (this runs for every module of the model)
+    if _NEEDS_CLEANING.search(name) is None:
+        return name  # the common case, one regex scan (this runs for every module of the model)
     return ".".join(part for part in name.split(".") if part and part not in _WRAPPER_SEGMENTS)
 
 
