@@ -25,7 +25,7 @@ import torch
 DeltaKind = Literal["linear", "embedding", "param"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LoraDelta:
     """One adapter's contribution to one weight (and, with ``bias``, to its bias)."""
 

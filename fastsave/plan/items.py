@@ -16,7 +16,7 @@ import torch
 from fastsave.sources.bnb_4bit import Quant4bitSettings
 
 
-@dataclass
+@dataclass(slots=True)
 class PlanItem:
     """One tensor of the output checkpoint.
 

@@ -23,7 +23,7 @@ from fastsave.sources.torchao import TorchaoSource, is_torchao_tensor
 __all__ = ["ModuleTensor", "RowReader", "Source", "module_compute_dtype", "module_tensors"]
 
 
-@dataclass
+@dataclass(slots=True)
 class ModuleTensor:
     """One of a module's own tensors as the checkpoint stores it.
 
