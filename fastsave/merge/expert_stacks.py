@@ -87,7 +87,8 @@ def stream_experts(merge: ExpertMerge, dtype: torch.dtype) -> Iterator[torch.Ten
     """The merged stack, rounded once to ``dtype``, one expert after another."""
     factors = [_factors(d) for d in merge.deltas]
     for expert in range(merge.stack.shape[0]):
-        weight = merge.stack[expert].to(torch.float32, copy=True)
+        # one expert into the CPU (a stack on a GPU too large for the VRAM budget merges here)
+        weight = merge.stack[expert].to(device="cpu", dtype=torch.float32, copy=True)
         for delta, (b, a) in zip(merge.deltas, factors, strict=True):
             weight.add_(expert_delta(delta, b, a, expert))
         yield weight.to(dtype)

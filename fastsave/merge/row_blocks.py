@@ -138,7 +138,7 @@ def _dora_rows(
     delta: LoraDelta, base: torch.Tensor, current: torch.Tensor, dense: torch.Tensor, i: int, j: int
 ):
     """fastsave.adapters.dora.dora_rescale restricted to rows i..j (a linear layer's norm is per row)."""
-    magnitude = delta.magnitude.detach()[i:j].to(torch.float32)
+    magnitude = delta.magnitude.detach()[i:j].to(device=current.device, dtype=torch.float32)
     norm = torch.linalg.norm(base + 1 * dense, dim=1)
     return (magnitude / norm).view(-1, 1) * (current + dense)
 
