@@ -56,12 +56,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_forced_kernel_dispatch_matches_reference_path(tmp_path, quant_type):
+def _interpreted(script: str, tmp_path, argument: str) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter with Triton's CPU interpreter on from the start; it must succeed."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("FASTSAVE_REFERENCE_PATH", None)
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "base"), quant_type],
+        [sys.executable, "-c", script, str(tmp_path / "base"), argument],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -69,6 +69,12 @@ def test_forced_kernel_dispatch_matches_reference_path(tmp_path, quant_type):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_forced_kernel_dispatch_matches_reference_path(tmp_path, quant_type):
+    result = _interpreted(SCRIPT, tmp_path, quant_type)
     line = next(line for line in result.stdout.splitlines() if line.startswith("CALLS"))
     calls = int(line.split()[1])
     assert calls == 7, line  # each of the layer's seven LoRA linears went through the fused kernel once
@@ -126,17 +132,7 @@ BLOCKS_SCRIPT = textwrap.dedent(
 def test_device_row_blocks_follow_the_vram_allowance_and_give_the_reference_bits(tmp_path, double_quant):
     """Weights cut into row blocks sized from the free VRAM (faked: there is no GPU here) come out
     bit-identical to the torch reference path, for merged (one LoRA delta) and plain 4-bit weights."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("FASTSAVE_REFERENCE_PATH", None)
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKS_SCRIPT, str(tmp_path / "base"), double_quant],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _interpreted(BLOCKS_SCRIPT, tmp_path, double_quant)
     found = json.loads(
         next(x for x in result.stdout.splitlines() if x.startswith("RESULT")).removeprefix("RESULT")
     )
