@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from fastsave.adapters.delta import LoraDelta, merged_bias_float32
-from fastsave.merge.assemble import block_bytes, device_budget, fill, spilled_buffer
+from fastsave.merge.assemble import BLOCK_BYTES, device_budget, fill, spilled_buffer
 from fastsave.merge.device_rows import device_rows_plan, rows_per_device_block, stream_device_rows
 from fastsave.merge.expert_stacks import expert_merge_plan, expert_working_bytes, stream_experts
 from fastsave.merge.host_copies import to_host
@@ -44,7 +44,6 @@ from fastsave.merge.row_blocks import (
     block_working_bytes,
     merge_in_row_blocks,
     row_merge_plan,
-    rows_per_block,
     stream_row_blocks,
 )
 from fastsave.merge.whole_matrix import merge_whole
@@ -79,13 +78,16 @@ def _whole_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
 
 
 def _row_block_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
-    return _row_block_bytes_of(source.shape[1], any(d.is_dora for d in deltas), block_bytes())
+    return _row_block_bytes_of(source.shape[1], any(d.is_dora for d in deltas))
 
 
 @functools.lru_cache(maxsize=1024)
-def _row_block_bytes_of(n_cols: int, dora: bool, block: int) -> int:
-    # planning asks this for every weight of the model; the answer depends on these three only
-    return block_working_bytes(n_cols, rows_per_block(n_cols, 1), dora)
+def _row_block_bytes_of(n_cols: int, dora: bool) -> int:
+    # At the largest block size, whatever the save's budget made them: the margin covers what the
+    # estimate leaves out (the decoded absmax, the factors' float32 copies); estimated with the
+    # save's smaller blocks, a save near its memory cap let more pieces wait and failed.
+    rows = max(1, BLOCK_BYTES // (4 * max(1, n_cols)))
+    return block_working_bytes(n_cols, rows, dora)
 
 
 def _estimated_working_bytes(
@@ -167,7 +169,7 @@ def weight_producer(
         else:
             yield from pieces()
 
-    # estimated when produced: the budget then holds the block size of the save producing it
+    # estimated when produced, not for every weight while planning
     return Production(produce, stream, lambda: _estimated_working_bytes(source, deltas, dtype, transposed))
 
 
