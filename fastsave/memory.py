@@ -102,9 +102,18 @@ def memory_limit() -> int:
     return min(total, limit) if limit else total
 
 
-# Threads a save starts (the producer; tqdm's monitor): each stack is a private mapping of
-# RLIMIT_STACK's size (8 MiB by default) that counts against RLIMIT_DATA, touched or not.
-THREADS_STARTED = 2
+# Threads a save starts (the producer, the sha256 worker of fastsave.io.checksums, tqdm's monitor):
+# each stack is a private mapping of RLIMIT_STACK's size (8 MiB by default) that counts against
+# RLIMIT_DATA, touched or not. (Counting two of the three left a save at a quarter of its output in
+# headroom failing about one run in three.) The producer's first parallel torch operation also
+# starts its own OpenMP team: torch.get_num_threads() - 1 more stacks (see _threads_started).
+THREADS_STARTED = 3
+
+
+def _threads_started() -> int:
+    import torch
+
+    return THREADS_STARTED + max(0, torch.get_num_threads() - 1)
 
 
 def _thread_stack_bytes() -> int:
@@ -144,7 +153,7 @@ class MemoryBudget:
         headroom = self.limit - held
         data_limit = _address_space_limit()
         if data_limit is not None:  # RLIMIT_DATA counts virtual size: keep under it with a margin
-            virtual = (_status_kib("VmData") or 0) * 1024 + THREADS_STARTED * _thread_stack_bytes()
+            virtual = (_status_kib("VmData") or 0) * 1024 + _threads_started() * _thread_stack_bytes()
             headroom = min(headroom, (data_limit - virtual) * 3 // 4)
         self.minimal = headroom < MINIMAL_ALLOWANCE
         in_flight = min(MAX_IN_FLIGHT, max(MIN_IN_FLIGHT, output_bytes // IN_FLIGHT_SHARE))
