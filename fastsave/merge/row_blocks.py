@@ -93,11 +93,12 @@ def delta_rows(delta: LoraDelta, step: int) -> DeltaRows | None:
     if not transposed:
         if not blockwise_product_is_exact(b, a, step):
             return None
-        return lambda i, j: (b[i:j] @ a) * scaling
+        # scaled in place: the same float32 multiply as peft's `* scaling`, without a second block
+        return lambda i, j: (b[i:j] @ a).mul_(scaling)
     # peft's delta is (B @ A).T: rows of the delta are columns of the product
     if not blockwise_product_is_exact(b, a, step, columns=True):
         return None
-    return lambda i, j: (b @ a[:, i:j]).T * scaling
+    return lambda i, j: (b @ a[:, i:j]).mul_(scaling).T
 
 
 @dataclass
