@@ -114,20 +114,11 @@ def refuse_other_tuner(name: str, module: nn.Module) -> None:
         )
 
 
-def _adapter_keys(layer: nn.Module) -> set[str]:
-    keys: set[str] = set()
-    for attr in ("lora_A", "lora_embedding_A"):  # peft keeps both as submodules (ModuleDicts)
-        holder = layer._modules.get(attr)
-        if holder is not None:
-            keys.update(holder.keys())
-    return keys
-
-
 def select_adapters(
     layer: nn.Module, adapter_names: Sequence[str] | None
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Split the adapters of a layer into (to add now, already merged into the base weight)."""
-    present = _adapter_keys(layer)
+    present = adapter_names_of(layer)
     wanted = list(adapter_names) if adapter_names is not None else list(layer.active_adapters)
     merged_before = getattr(layer, "merged_adapters", None)
     if not merged_before:  # the common case, without the second filter
@@ -140,7 +131,7 @@ def select_adapters(
 _FACTOR_CONTAINERS = ("lora_A", "lora_embedding_A")
 
 
-def _factor_keys(module: nn.Module) -> set[str]:
+def adapter_names_of(module: nn.Module) -> set[str]:
     """The adapter names of the module's ``lora_A`` / ``lora_embedding_A`` containers, if it has any.
 
     Looked up where nn.Module keeps them, not through its __getattr__ (slow on a miss, and this runs
@@ -148,9 +139,9 @@ def _factor_keys(module: nn.Module) -> set[str]:
     attribute holding a dict.
     """
     holders = [module._modules.get(attr) for attr in _FACTOR_CONTAINERS]
-    if holders[0] is None and holders[1] is None:
+    if all(holder is None for holder in holders):
         own = module.__dict__
-        if "lora_A" not in own and "lora_embedding_A" not in own:
+        if not any(attr in own for attr in _FACTOR_CONTAINERS):
             return set()  # the common case: no factors here
         holders = [own.get(attr) for attr in _FACTOR_CONTAINERS]
     keys: set[str] = set()
@@ -192,7 +183,7 @@ def _census(root: nn.Module, adapter_names: Sequence[str] | None, tied: set[int]
                 continue
             seen.add(id(module))
         refuse_other_tuner(name, module)
-        keys = _factor_keys(module)
+        keys = adapter_names_of(module)
         if not keys:
             continue
         if adapter_names is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from fastsave.adapters.live_peft import lora_module_census
+from fastsave.adapters.live_peft import adapter_names_of, lora_module_census
 from fastsave.errors import PlanError
 from fastsave.io.checkpoint_files import write_config, write_generation_config, write_tokenizer
 from fastsave.options import SaveOptions
@@ -230,8 +230,5 @@ class LiveModelInput:
 def _adapter_names_in(root: nn.Module) -> set[str]:
     names: set[str] = set()
     for module in root.modules():
-        for attr in ("lora_A", "lora_embedding_A"):
-            holder = getattr(module, attr, None)
-            if isinstance(holder, (nn.ModuleDict, nn.ParameterDict, dict)):
-                names |= set(holder.keys())
+        names |= adapter_names_of(module)
     return names

@@ -15,16 +15,14 @@ decoded once per weight, as bitsandbytes decodes it, and each block reads its sl
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 from fastsave.adapters.delta import LoraDelta
 from fastsave.sources.base import Source
-from fastsave.sources.bnb_4bit import absmax_float32, kernels_serve
+from fastsave.sources.bnb_4bit import absmax_float32, blocks_within_rows, kernels_serve, row_range
 
 
 @dataclass
@@ -48,31 +46,7 @@ def device_rows_plan(source: Source, deltas: Sequence[LoraDelta]) -> DeviceRows 
         return None
     if deltas and not deltas[0].plain_linear:
         return None
-    n_cols = source.shape[1]
-    rows_cut = n_cols % state.blocksize == 0 and n_cols % 2 == 0
-    return DeviceRows(codes, state, deltas[0] if deltas else None, rows_cut)
-
-
-def _row_states(plan: DeviceRows) -> tuple[torch.Tensor, object]:
-    """The codes as a flat byte tensor and a state whose absmax is decoded to float32 (one decode a weight)."""
-    codes = plan.codes if plan.codes.dtype == torch.uint8 else plan.codes.view(torch.uint8)
-    state = copy.copy(plan.state)
-    if getattr(state, "nested", False):
-        state.absmax, state.nested, state.state2, state.offset = absmax_float32(plan.state), False, None, None
-    return codes.reshape(-1), state
-
-
-def _rows_state(state: object, i: int, j: int, n_cols: int) -> SimpleNamespace:
-    """The quant state of rows ``i..j`` (absmax in float32, already decoded)."""
-    per_row = n_cols // state.blocksize
-    return SimpleNamespace(
-        quant_type=state.quant_type,
-        blocksize=state.blocksize,
-        shape=torch.Size([j - i, n_cols]),
-        dtype=state.dtype,
-        absmax=state.absmax[i * per_row : j * per_row],
-        nested=False,
-    )
+    return DeviceRows(codes, state, deltas[0] if deltas else None, blocks_within_rows(state))
 
 
 def rows_per_device_block(n_rows: int, n_cols: int, dtype: torch.dtype, block_bytes: int) -> int:
@@ -88,13 +62,14 @@ def stream_device_rows(plan: DeviceRows, dtype: torch.dtype, block_bytes: int) -
     if not plan.rows_cut:
         yield _kernel(kernels, plan, plan.codes, plan.state, plan.delta.lora_b if plan.delta else None, dtype)
         return
-    flat, state = _row_states(plan)
+    codes = plan.codes if plan.codes.dtype == torch.uint8 else plan.codes.view(torch.uint8)
+    flat, absmax = codes.reshape(-1), absmax_float32(plan.state)  # absmax decoded once a weight
     step = rows_per_device_block(n_rows, n_cols, dtype, block_bytes)
     for i in range(0, n_rows, step):
         j = min(n_rows, i + step)
-        codes = flat[i * n_cols // 2 : j * n_cols // 2].reshape(-1, 1)
+        block, rows = row_range(flat, plan.state, absmax, i, j)
         lora_b = plan.delta.lora_b[i:j] if plan.delta else None
-        yield _kernel(kernels, plan, codes, _rows_state(state, i, j, n_cols), lora_b, dtype)
+        yield _kernel(kernels, plan, block, rows, lora_b, dtype)
 
 
 def _kernel(kernels, plan: DeviceRows, codes, state, lora_b, dtype: torch.dtype) -> torch.Tensor:

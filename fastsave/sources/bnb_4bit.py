@@ -79,6 +79,29 @@ def absmax_float32(state) -> torch.Tensor:
     return absmax.to(torch.float32)
 
 
+def blocks_within_rows(state) -> bool:
+    """Whether every quantization block of a 2-D 4-bit weight lies within one row (and rows are whole
+    bytes), so that any range of rows decodes alone (:func:`row_range`)."""
+    n_cols = state.shape[-1]
+    return n_cols % state.blocksize == 0 and n_cols % 2 == 0
+
+
+def row_range(
+    flat_codes: torch.Tensor, state, absmax: torch.Tensor, i: int, j: int
+) -> tuple[torch.Tensor, object]:
+    """Rows ``i..j`` of a 2-D 4-bit weight whose quantization blocks lie within rows: their packed
+    codes (from the flat byte view ``flat_codes``) and a quant state of their own, whose absmax is
+    the slice of ``absmax`` (the weight's, already decoded to float32: nothing nested) and whose
+    dtype is float32."""
+    n_cols = state.shape[-1]
+    per_row = n_cols // state.blocksize
+    rows = copy.copy(state)
+    rows.nested, rows.state2, rows.offset = False, None, None
+    rows.absmax = absmax[i * per_row : j * per_row]
+    rows.shape, rows.dtype = torch.Size([j - i, n_cols]), torch.float32
+    return flat_codes[i * n_cols // 2 : j * n_cols // 2].reshape(-1, 1), rows
+
+
 def decode_flat_blocks(codes: torch.Tensor, state) -> torch.Tensor:
     """code[nibble] * absmax[i // blocksize] over the flattened weight, high nibble first, in float32.
 
@@ -167,22 +190,14 @@ class Bnb4bitSource(Source):
         serve), into the CPU, when blocks do not straddle rows."""
         state = self.module.weight.quant_state
         codes = self._codes()
-        if codes.device.type == "meta" or len(state.shape) != 2:
-            return None
-        n_cols = state.shape[-1]
-        if n_cols % state.blocksize or n_cols % 2:
+        if codes.device.type == "meta" or len(state.shape) != 2 or not blocks_within_rows(state):
             return None
         absmax = absmax_float32(state)  # decoded once a weight, not once a block
         flat = codes.reshape(-1)
-        blocks_per_row = n_cols // state.blocksize
         serve = kernels_serve(codes)
 
         def read(i: int, j: int) -> torch.Tensor:
-            rows = copy.copy(state)
-            rows.nested, rows.state2, rows.offset = False, None, None
-            rows.absmax = absmax[i * blocks_per_row : j * blocks_per_row]
-            rows.shape, rows.dtype = torch.Size([j - i, n_cols]), torch.float32
-            block = flat[i * n_cols // 2 : j * n_cols // 2].reshape(-1, 1)
+            block, rows = row_range(flat, state, absmax, i, j)
             if serve:
                 from fastsave import kernels
 
