@@ -44,6 +44,7 @@ from fastsave.merge.row_blocks import (
     block_working_bytes,
     merge_in_row_blocks,
     row_merge_plan,
+    rows_per_block,
     stream_row_blocks,
 )
 from fastsave.merge.whole_matrix import merge_whole
@@ -86,8 +87,7 @@ def _row_block_bytes_of(n_cols: int, dora: bool) -> int:
     # At the largest block size, whatever the save's budget made them: the margin covers what the
     # estimate leaves out (the decoded absmax, the factors' float32 copies); estimated with the
     # save's smaller blocks, a save near its memory cap let more pieces wait and failed.
-    rows = max(1, BLOCK_BYTES // (4 * max(1, n_cols)))
-    return block_working_bytes(n_cols, rows, dora)
+    return block_working_bytes(n_cols, rows_per_block(n_cols, 1, BLOCK_BYTES), dora)
 
 
 def _estimated_working_bytes(
@@ -101,16 +101,15 @@ def _estimated_working_bytes(
     the exactness checks run products): should it fall back to the whole matrix, the budget still
     admits it alone. Blocks are estimated at their largest size (a small budget makes them smaller).
     """
-    two_d = len(source.shape) == 2
+    by_rows = len(source.shape) == 2 and all(d.kind in ("linear", "embedding") for d in deltas)
+    # a transposed weight is merged by rows into a whole buffer, then read out by columns
+    transposed_copy = source.numel * dtype.itemsize if transposed else 0
     if source.device.type == "cuda":
         # on the host: the pinned copies of the device blocks in flight, or a host row merge's blocks
-        host_blocks = BLOCKS_IN_FLIGHT * DEVICE_BLOCK_BYTES
-        if two_d and all(d.kind in ("linear", "embedding") for d in deltas):
-            host_blocks = max(host_blocks, _row_block_bytes(source, deltas))
-        return host_blocks + (source.numel * dtype.itemsize if transposed else 0)
-    if two_d and all(d.kind in ("linear", "embedding") for d in deltas):
-        # a transposed weight is merged by rows into a whole buffer, then read out by columns
-        return _row_block_bytes(source, deltas) + (source.numel * dtype.itemsize if transposed else 0)
+        rows = _row_block_bytes(source, deltas) if by_rows else 0
+        return max(BLOCKS_IN_FLIGHT * DEVICE_BLOCK_BYTES, rows) + transposed_copy
+    if by_rows:
+        return _row_block_bytes(source, deltas) + transposed_copy
     if len(source.shape) == 3 and deltas and all(d.kind == "param" for d in deltas):
         return expert_working_bytes(tuple(source.shape))
     return _whole_bytes(source, deltas)
@@ -126,9 +125,10 @@ def _chosen(source: Source, deltas: tuple[LoraDelta, ...], dtype: torch.dtype, n
             return to_host(stream_device_rows(device, dtype, block), BLOCKS_IN_FLIGHT)
 
         return lambda: _joined(device_blocks(), source.shape, dtype), device_blocks
-    on_gpu = source.device.type == "cuda"
-    if on_gpu and device_budget().fits_whole(source.device, _whole_bytes(source, deltas) + source.numel * 2):
-        return None, lambda: _device_whole_blocks(source, deltas, dtype, name, transposed)
+    if source.device.type == "cuda":
+        whole_on_gpu = _whole_bytes(source, deltas) + source.numel * dtype.itemsize  # and its rounded copy
+        if device_budget().fits_whole(source.device, whole_on_gpu):
+            return None, lambda: _device_whole_blocks(source, deltas, dtype, transposed)
     rows = row_merge_plan(source, deltas, name)
     if rows is not None:
         if transposed:  # merged by rows in the compute layout, then read out by columns
@@ -184,7 +184,7 @@ def _joined(pieces: Iterator[torch.Tensor], shape: tuple[int, ...], dtype: torch
 
 
 def _device_whole_blocks(
-    source: Source, deltas: tuple[LoraDelta, ...], dtype: torch.dtype, name: str, transposed: bool
+    source: Source, deltas: tuple[LoraDelta, ...], dtype: torch.dtype, transposed: bool
 ) -> Iterator[torch.Tensor]:
     """The whole-matrix merge on the source's GPU, rounded there, reaching the host in row blocks."""
     merged = merge_whole(source, deltas)

@@ -36,9 +36,10 @@ _exact_shapes: dict[tuple, bool] = {}
 DeltaRows = Callable[[int, int], torch.Tensor]  # rows i..j of one delta, float32, scaled
 
 
-def rows_per_block(n_cols: int, alignment: int) -> int:
-    """Rows of one block: about :func:`block_bytes` of float32, a multiple of ``alignment``."""
-    rows = max(alignment, block_bytes() // (4 * max(1, n_cols)))
+def rows_per_block(n_cols: int, alignment: int, size: int | None = None) -> int:
+    """Rows of one block: about ``size`` bytes of float32 (default :func:`block_bytes`, the producing
+    save's), a multiple of ``alignment``."""
+    rows = max(alignment, (block_bytes() if size is None else size) // (4 * max(1, n_cols)))
     return rows - rows % alignment
 
 
