@@ -1,6 +1,6 @@
 """Compile the kernels ahead of time for an NVIDIA target and count PTX instructions (no GPU needed).
 
-Used by ``benchmarks/kernels.py --ptx`` and the tests to check, on a machine without a GPU, what the
+Used by ``benchmarks/kernel_speed.py --ptx`` and the tests to check, on a machine without a GPU, what the
 interpreter cannot show: that the compiled kernels never contract a multiply and an add into an FMA
 outside the rank-r dot (every float32 ``mul``/``add`` is ``.rn``), and that loads/stores vectorize.
 Needs triton's NVIDIA backend (ptxas ships with triton) and TRITON_INTERPRET unset.

@@ -1,119 +1,141 @@
-"""The repo's kernels/ folder must never be importable as a top-level ``kernels`` module.
+"""Nothing in the repository is importable as a top-level ``kernels`` (or as any other module a
+dependency imports), from any folder Python may start in.
 
-bitsandbytes and transformers probe ``import kernels`` (the Hugging Face kernels package); if ours
-answered, they would try to use it (docs/ARCHITECTURE.md). It ships as ``fastsave.kernels`` only.
+transformers (>= 5.25 depends on it) and bitsandbytes import the Hugging Face ``kernels`` package.
+The repository's kernels/ folder ships as ``fastsave.kernels`` only; found as ``kernels`` from the
+repository root it hands the import on to the installed package.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUR_KERNELS = (REPO_ROOT / "kernels").resolve()
-# benchmarks/kernels.py (the issue's name for the kernels benchmark) is found as `kernels` whenever
-# a script in benchmarks/ runs, since Python puts the script's folder first on sys.path
-BENCHMARK_KERNELS = (REPO_ROOT / "benchmarks" / "kernels.py").resolve()
+# Folders Python puts first on sys.path: the root (python -c / -m), and each folder a script runs from.
+START_FOLDERS = ["", "benchmarks", "notebooks", "tests", "scripts"]
 
 PROBE = textwrap.dedent(
     """
     import json, os, sys
-    result = {}
-    try:
-        import kernels
-    except ImportError as e:  # ModuleNotFoundError is a subclass
-        result["top_level"] = {"error": type(e).__name__, "message": str(e)}
-    else:
-        f = getattr(kernels, "__file__", None)
-        paths = list(getattr(kernels, "__path__", []) or [])
-        api = [n for n in ("get_kernel", "available", "dequantize_4bit", "merge_lora_4bit") if hasattr(kernels, n)]
-        origin = getattr(getattr(kernels, "__spec__", None), "origin", None)
-        result["top_level"] = {"file": f, "path": paths, "api": api, "origin": origin}
-    import transformers.modeling_utils  # transformers probes `kernels` here: it must not crash
-    from transformers.utils.import_utils import is_kernels_available
-    result["transformers_sees_kernels"] = is_kernels_available()
+    import kernels
+    result = {"file": getattr(kernels, "__file__", None), "has_api": hasattr(kernels, "get_kernel")}
+    import transformers.modeling_utils  # transformers imports `kernels` here: it must not crash
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(sys.argv[1])
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    result["loaded"] = type(model).__name__
     import fastsave.kernels as fk
-    result["fastsave_kernels"] = {
-        "name": fk.__name__,
-        "file": fk.__file__,
-        "api": [n for n in ("available", "dequantize_4bit", "merge_lora_4bit") if callable(getattr(fk, n, None))],
-    }
-    result["fastsave_in_modules_as_kernels"] = sys.modules.get("kernels") is sys.modules.get("fastsave.kernels")
+    result["fastsave_kernels"] = fk.__file__
+    result["fastsave_api"] = [n for n in ("available", "dequantize_4bit", "merge_lora_4bit") if callable(getattr(fk, n, None))]
     print("RESULT" + json.dumps(result))
     """
 )
 
 
-def _probe(cwd: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+def _run(code: str, cwd: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    env = env or {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, *args],
+        cwd=str(cwd),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT") :])
 
 
-def _is_ours(path: str | None) -> bool:
-    if not path:
-        return False
-    p = Path(path).resolve()
-    return p in (OUR_KERNELS, BENCHMARK_KERNELS) or OUR_KERNELS in p.parents
+def _hugging_face_kernels() -> Path:
+    """The installed Hugging Face kernels package (a test dependency through transformers or directly)."""
+    dist = importlib.metadata.distribution("kernels")
+    init = next(f for f in dist.files if str(f).replace("\\", "/") == "kernels/__init__.py")
+    return Path(dist.locate_file(init)).resolve()
 
 
-@pytest.mark.parametrize("where", ["tmp", "repo_root", "benchmarks"])
-def test_top_level_kernels_is_never_ours(where, tmp_path):
-    cwd = {"tmp": tmp_path, "repo_root": REPO_ROOT, "benchmarks": REPO_ROOT / "benchmarks"}[where]
-    result = _probe(cwd)
-    top = result["top_level"]
-    if where == "benchmarks":  # what a script run from benchmarks/ meets: the guarded benchmark file
-        assert "error" not in top and Path(top["origin"]).resolve() == BENCHMARK_KERNELS, top
-    if "error" not in top:
-        # From the repo root Python finds ./kernels first: it must come up as an empty namespace
-        # (no file, no path, no API), which the probes of transformers and bitsandbytes read as
-        # "not installed". Anywhere else a `kernels` can only be someone else's (e.g. Hugging Face's).
-        assert not _is_ours(top["file"]), top
-        assert not any(_is_ours(p) for p in top["path"]), top
-        if where in ("repo_root", "benchmarks"):
-            assert top["file"] is None, top
-            assert top["api"] == [] and top["path"] == [], top
-            assert result["transformers_sees_kernels"] is False
-    assert not result["fastsave_in_modules_as_kernels"]
-    fk = result["fastsave_kernels"]
-    assert fk["name"] == "fastsave.kernels"
-    assert _is_ours(fk["file"])
-    assert fk["api"] == ["available", "dequantize_4bit", "merge_lora_4bit"]
+@pytest.mark.parametrize("where", ["tmp", *[f or "repo_root" for f in START_FOLDERS]])
+def test_import_kernels_gives_hugging_face_package_and_transformers_loads(where, tmp_path):
+    cwd = tmp_path if where == "tmp" else REPO_ROOT / ("" if where == "repo_root" else where)
+    result = _run(PROBE, cwd, str(tmp_path / "model"))
+    assert result["file"] is not None and Path(result["file"]).resolve() == _hugging_face_kernels(), result
+    assert result["has_api"], result
+    assert result["loaded"] == "LlamaForCausalLM"
+    assert Path(result["fastsave_kernels"]).resolve() == OUR_KERNELS / "__init__.py"
+    assert result["fastsave_api"] == ["available", "dequantize_4bit", "merge_lora_4bit"]
+
+
+def test_without_hugging_face_kernels_the_folder_is_an_empty_module():
+    """With no other `kernels` on sys.path (an older transformers that does not depend on it), our
+    folder found from the root gives an empty module: transformers' probe reads it as not installed
+    and `from kernels import get_kernel` raises ImportError, as bitsandbytes expects."""
+    code = textwrap.dedent(
+        """
+        import json, sys
+        sys.path[:] = [p for p in sys.path if "site-packages" not in p and "dist-packages" not in p]
+        import kernels
+        try:
+            from kernels import get_kernel  # noqa: F401
+            error = None
+        except ImportError as e:
+            error = type(e).__name__
+        print("RESULT" + json.dumps({"file": getattr(kernels, "__file__", None),
+            "version": getattr(kernels, "__version__", None), "path": list(kernels.__path__),
+            "public": [n for n in dir(kernels) if not n.startswith("_")], "error": error}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONUSERBASE")}
+    result = _run(code, REPO_ROOT, env=env | {"PYTHONNOUSERSITE": "1"})
+    assert result == {"file": None, "version": None, "path": [], "public": [], "error": "ImportError"}
+
+
+def test_no_start_folder_shadows_an_installed_module():
+    """No file or package in a folder Python starts in has the name of a module an installed
+    distribution provides (kernels/ is the one, handled above; fastsave is ours)."""
+    provided = importlib.metadata.packages_distributions()
+    assert "kernels" in provided and "transformers" in provided  # the census is real
+    clashes = []
+    for folder in START_FOLDERS:
+        for entry in (REPO_ROOT / folder).iterdir():
+            if entry.suffix == ".py":
+                name = entry.stem
+            elif entry.is_dir() and (entry / "__init__.py").exists():
+                name = entry.name
+            else:
+                continue
+            owners = set(provided.get(name, ())) - {"fastsave"}
+            if owners and not (folder == "" and name == "kernels"):
+                clashes.append(f"{folder or '.'}/{entry.name} shadows {sorted(owners)}")
+    assert clashes == []
 
 
 def test_built_wheel_has_no_top_level_kernels(tmp_path):
     """What users install: the wheel's only top-level package is fastsave (kernels inside it)."""
-    import zipfile
-
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO_ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot build a wheel here: {res.stderr[-500:]}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+    ]
+    res = subprocess.run([*cmd, str(REPO_ROOT)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"building the wheel failed: {res.stderr[-2000:]}"
     (wheel,) = tmp_path.glob("fastsave-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}

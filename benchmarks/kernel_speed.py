@@ -1,8 +1,8 @@
 """Benchmark fastsave.kernels against bitsandbytes on a CUDA GPU, for Llama-3-8B weight shapes.
 
-    python benchmarks/kernels.py                 # GPU: timings + exactness, markdown table
-    python benchmarks/kernels.py --ptx 90        # no GPU needed: PTX instruction counts for sm_90
-    python benchmarks/kernels.py --no-check      # no GPU: skip the interpreter correctness check
+    python benchmarks/kernel_speed.py                 # GPU: timings + exactness, markdown table
+    python benchmarks/kernel_speed.py --ptx 90        # no GPU needed: PTX instruction counts for sm_90
+    python benchmarks/kernel_speed.py --no-check      # no GPU: skip the interpreter correctness check
 
 For each shape it times (triton.testing.do_bench, median) bitsandbytes' dequantize_4bit, ours, the
 torch reference merge (bnb float32 dequantize + float32 B @ A * scaling + cast) and our fused merge,
@@ -16,14 +16,6 @@ and exits 0. See benchmarks/KERNELS_NOTES.md for the byte floors and the design.
 """
 
 from __future__ import annotations
-
-if __name__ != "__main__":
-    # Imported, not run: Python found this file as `kernels` because a script in benchmarks/ put
-    # this folder first on sys.path, and bitsandbytes or transformers probed `import kernels` (the
-    # Hugging Face package). Without __file__ and __version__ it reads as "not
-    # installed" to transformers, and bitsandbytes' `from kernels import get_kernel` fails as it
-    # expects. Everything below only defines functions; all heavy imports happen inside them.
-    del __file__
 
 import argparse
 import copy
@@ -220,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print(
-            "No CUDA device here: the GPU timings of benchmarks/kernels.py need a CUDA GPU "
+            "No CUDA device here: the GPU timings of benchmarks/kernel_speed.py need a CUDA GPU "
             "(see benchmarks/KERNELS_NOTES.md for the byte floors each shape must reach)."
         )
         if not args.no_check:
