@@ -403,21 +403,49 @@ def test_lora_on_embed_tokens_merges_in_row_blocks(qlora_model, tmp_path, monkey
     assert torch.equal(saved["model.embed_tokens.weight"], expected.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_model_loaded_from_a_prequantized_4bit_checkpoint(tiny_base_dir, tmp_path, double_quant):
+class _QuantizerWithoutLoadOperations:
+    """A transformers quantizer as releases before ``get_load_operations`` (5.17, Unsloth's pin) have
+    it: its loading operations are only in the conversions it adds. Records that they were read."""
+
+    def __init__(self, quantizer) -> None:
+        self._quantizer = quantizer
+        self.conversions_read = 0
+
+    def __getattr__(self, name: str):
+        if name == "get_load_operations":
+            raise AttributeError(name)
+        return getattr(self._quantizer, name)
+
+    def get_weight_conversions(self):
+        self.conversions_read += 1
+        return self._quantizer.get_weight_conversions()
+
+
+@pytest.mark.parametrize(
+    ("double_quant", "quantizer_api"),
+    [(True, "load_operations"), (False, "load_operations"), (True, "weight_conversions_only")],
+)
+def test_model_loaded_from_a_prequantized_4bit_checkpoint(tiny_base_dir, tmp_path, double_quant, quantizer_api):
     """transformers records the quantizer's (irreversible) deserialization on such a model; the merge
-    must still write the dequantized weights under their own names, with no quantization_config."""
+    must still write the dequantized weights under their own names, with no quantization_config.
+    Both ways transformers exposes the quantizer's loading operations are exercised."""
     from fastsave.tiny import attach_lora, load_4bit
 
     quantized = tmp_path / "q4"
     load_4bit(tiny_base_dir, double_quant=double_quant).save_pretrained(quantized)
     reloaded = AutoModelForCausalLM.from_pretrained(quantized, device_map="cpu")
+    if getattr(reloaded, "_weight_conversions", None) is not None:  # transformers 5: conversions recorded
+        assert reloaded.hf_quantizer.get_weight_conversions(), "the quantizer adds its deserialization"
+    if quantizer_api == "weight_conversions_only":
+        reloaded.hf_quantizer = _QuantizerWithoutLoadOperations(reloaded.hf_quantizer)
     model = attach_lora(reloaded, seed=3)
     out = tmp_path / "out"
     saved = _save_and_check_exact(model, out)
     assert not any(key.endswith(("absmax", "quant_map", "quant_state.bitsandbytes__nf4")) for key in saved)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     AutoModelForCausalLM.from_pretrained(out)  # transformers loads it as a plain model
+    if quantizer_api == "weight_conversions_only" and getattr(reloaded, "_weight_conversions", None) is not None:
+        assert reloaded.hf_quantizer.conversions_read > 0
 
     out4 = tmp_path / "out4"
     fastsave.save_pretrained_merged(model, out4, save_method="merged_4bit_forced")

@@ -67,6 +67,23 @@ def _default_conversions(root: nn.Module) -> list | None:
     return [c for c in conversions if not isinstance(c, PrefixChange)]
 
 
+def _loading_operations(quantizer: object | None) -> tuple[type, ...]:
+    """The operation classes with which ``quantizer`` turns serialized tensors into its parameters.
+
+    Newer transformers list them (``get_load_operations``: deserialize, and dequantize where the
+    quantizer has one); older ones (5.17, which Unsloth pins) only put them into the conversions
+    the quantizer adds (``get_weight_conversions``), so they are read off those.
+    """
+    if quantizer is None:
+        return ()
+    listed = getattr(quantizer, "get_load_operations", None)
+    if callable(listed):
+        return tuple(listed().values())
+    added = getattr(quantizer, "get_weight_conversions", None)
+    conversions = added() if callable(added) else []
+    return tuple({type(op) for c in conversions for op in getattr(c, "operations", ())})
+
+
 def _conversion_owner(root: nn.Module) -> nn.Module | _LayoutConversions | None:
     """What to hand transformers' reversal: ``root`` or a view of it with only its layout
     conversions, found once; None when there is nothing to reverse."""
@@ -75,8 +92,7 @@ def _conversion_owner(root: nn.Module) -> nn.Module | _LayoutConversions | None:
         conversions = _default_conversions(root)
         if conversions is None:
             return root
-    quantizer = getattr(root, "hf_quantizer", None)
-    loading = tuple(quantizer.get_load_operations().values()) if quantizer is not None else ()
+    loading = _loading_operations(getattr(root, "hf_quantizer", None))
     kept = [c for c in conversions if not any(isinstance(op, loading) for op in getattr(c, "operations", ()))]
     return _LayoutConversions(root, kept) if kept else None
 
