@@ -16,9 +16,10 @@ stores plain values through it, which gives:
   ``fastsave.unpatch(model)`` gives it back just by releasing the claim;
 - for a model nobody claimed the slot is invisible: the instance's own attribute, else the
   class's original, else AttributeError (and peft's ``__getattr__`` forwarding as usual);
-- ``fastsave.patch()`` (no argument) gives every model fastsave's methods from the class. A model
-  with its own instance binding hides a class method; the slot then warns, once per model and
-  method, and says to call ``fastsave.patch(model)``.
+- ``fastsave.patch()`` (no argument) gives every model fastsave's methods from the class, also a
+  model another library binds its own on, before or after the patch (Unsloth does at every load
+  and ``get_peft_model``): the slot answers before the instance ``__dict__``, which keeps those
+  bindings for ``fastsave.unpatch()``.
 
 Patching never changes what a model computes: only the four named methods are involved.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import types
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,6 @@ METHOD_NAMES = tuple(_FUNCTIONS)
 
 _claimed: weakref.WeakSet = weakref.WeakSet()  # models fastsave.patch(model) was called on (or found)
 _wrapper_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # inner model -> ref to its peft model
-_warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> method names warned about
 _state = {"global": False}
 _slots: dict[tuple[type, str], _MethodSlot] = {}
 
@@ -155,13 +154,11 @@ class _MethodSlot:
         target = _claim_of(instance)
         if target is not None:
             return types.MethodType(self.function, target)
+        if _state["global"]:  # the class patch reaches every model, also those another library bound
+            return types.MethodType(self.function, instance)
         own = instance.__dict__.get(self.name, _MISSING)
         if own is not _MISSING:
-            if _state["global"]:
-                self._warn_hidden(instance)
             return own
-        if _state["global"]:
-            return types.MethodType(self.function, instance)
         if self.original is not _MISSING:
             return (
                 self.original.__get__(instance, owner) if hasattr(self.original, "__get__") else self.original
@@ -177,21 +174,6 @@ class _MethodSlot:
     def __delete__(self, instance: nn.Module) -> None:
         if instance.__dict__.pop(self.name, _MISSING) is _MISSING:
             raise AttributeError(self.name)
-
-    def _warn_hidden(self, instance: nn.Module) -> None:
-        names = _warned.setdefault(instance, set())
-        if self.name in names:
-            return
-        names.add(self.name)
-        bound = instance.__dict__[self.name]
-        source = getattr(getattr(bound, "__func__", bound), "__module__", None) or "another library"
-        warnings.warn(
-            f"fastsave.patch() patched the classes, but this {type(instance).__name__} has its own "
-            f"{self.name} (from {source}), bound on the instance, which hides fastsave's. "
-            f"Call fastsave.patch(model) on it to use fastsave's.",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def _patchable_classes() -> list[type]:

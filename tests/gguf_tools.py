@@ -3,7 +3,8 @@
 ``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`` (76 MB) holds llama.cpp's
 source in vendor/llama.cpp; only the converter, its ``conversion`` package and gguf-py (about
 2 MB) are unpacked and kept under ~/.cache/fastsave-tests (``FASTSAVE_TEST_CACHE`` to move it).
-The tests skip, saying why, only when the package registry cannot be reached.
+The tests skip, saying why, only when pip reports that the package registry cannot be reached;
+any other failure to fetch it fails them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTSAVE_TEST_CACHE", Path.home() / ".cache" / "fastsave-tests"))
 
 
+# What pip prints when it cannot reach the registry at all (no network, no DNS, a refusing proxy).
+_UNREACHABLE = (
+    "NewConnectionError",
+    "ConnectTimeoutError",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Network is unreachable",
+    "Connection refused",
+    "ProxyError",
+    "Read timed out",
+)
+
+
+def registry_unreachable(pip_stderr: str) -> bool:
+    """True when pip's output says the package registry could not be reached (the one reason to skip)."""
+    return any(sign in pip_stderr for sign in _UNREACHABLE)
+
+
 def llama_cpp_checkout() -> Path:
     """A llama.cpp folder with convert_hf_to_gguf.py and gguf-py (fetched on first use), or a skip."""
     target = cache_dir() / "llama.cpp-0.3.36"
@@ -46,9 +65,10 @@ def llama_cpp_checkout() -> Path:
         sdist = Path(scratch) / _SDIST
         if result.returncode != 0 or not sdist.is_file():
             reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(
-                f"llama.cpp's converter ({LLAMA_CPP_PYTHON}) could not be fetched from the package registry: {reason}"
-            )
+            message = f"llama.cpp's converter ({LLAMA_CPP_PYTHON}) could not be fetched: {reason}"
+            if registry_unreachable(result.stderr):
+                pytest.skip(f"the package registry cannot be reached; {message}")
+            pytest.fail(message)  # anything else (a wrong name or version, a broken pip) is a real failure
         unpacked = Path(scratch) / "llama.cpp"
         with tarfile.open(sdist) as archive:
             for member in archive.getmembers():

@@ -245,6 +245,7 @@ def main() -> None:
         return states
 
     cases = []
+    planned: dict[str, dict[str, list[int]]] = {}
     recovery_killed: set = set()
     for mode in MODES:
         listing = save(fresh("dry"), mode, Faults(listing=[]))["listing"]
@@ -275,6 +276,7 @@ def main() -> None:
             "error": sorted(others),
             "enospc": sorted(others),
         }
+        planned[mode] = plan
         for kind, points in plan.items():
             for at in points:
                 directory = fresh("case")
@@ -308,7 +310,7 @@ def main() -> None:
                 case["left_after_next"] = fastsave_entries(parent, directory)
                 case["next_log"] = log.read_text() if log.exists() else ""
                 cases.append(case)
-    result_path.write_text(json.dumps({"cases": cases}, indent=1))
+    result_path.write_text(json.dumps({"cases": cases, "planned": planned}, indent=1))
 
 
 if __name__ == "__main__":

@@ -92,30 +92,31 @@ def test_patch_before_get_peft_model_covers_the_new_wrapper(tiny_base_dir, tmp_p
     assert model.save_pretrained_merged() == "unsloth:save_pretrained_merged"
 
 
-def test_class_patch_warns_when_an_instance_binding_hides_it(qlora_model):
+def test_class_patch_wins_over_instance_bindings_made_before_and_after_it(tiny_base_dir, qlora_model):
     plain = qlora_model()
-    bound = bind_like_unsloth(qlora_model())
+    bound = bind_like_unsloth(qlora_model())  # loaded (and bound) before the class patch
     assert not hasattr(PeftModel, "save_pretrained_merged")
     fastsave.patch()
     try:
         fastsave.patch()  # idempotent
         assert _is_fastsave(plain.save_pretrained_gguf, plain)
         assert hasattr(PreTrainedModel, "push_to_hub_gguf")
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            assert bound.save_pretrained_merged() == "unsloth:save_pretrained_merged"
-            bound.save_pretrained_merged()  # once per model and method
-        messages = [str(w.message) for w in record]
-        assert len(messages) == 1 and "fastsave.patch(model)" in messages[0], messages
-        assert "save_pretrained_merged" in messages[0]
-        fastsave.patch(bound)
-        assert _is_fastsave(bound.save_pretrained_merged, bound)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # reaching it is the point: no warning asks for patch(model)
+            for name in NAMES:
+                assert _is_fastsave(getattr(bound, name), bound), name
+        # loaded afterwards, bound at load and again by get_peft_model, as Unsloth does
+        base = bind_like_unsloth(load_4bit(tiny_base_dir))
+        later = bind_like_unsloth(attach_lora(base))
+        for name in NAMES:
+            assert _is_fastsave(getattr(later, name), later), name
+            assert _is_fastsave(getattr(base, name), base), name
     finally:
         fastsave.unpatch()
-        fastsave.unpatch(bound)
     assert not hasattr(PeftModel, "save_pretrained_merged")
     assert not hasattr(plain, "save_pretrained_gguf")
-    assert bound.save_pretrained_merged() == "unsloth:save_pretrained_merged"
+    assert bound.save_pretrained_merged() == "unsloth:save_pretrained_merged"  # its binding, kept
+    assert later.push_to_hub_gguf() == "unsloth:push_to_hub_gguf"
 
 
 def test_models_nobody_patched_are_left_alone(qlora_model):

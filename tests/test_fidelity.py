@@ -34,7 +34,6 @@ from transformers import (
     BitsAndBytesConfig,
     GemmaConfig,
     GPT2Config,
-    HrmTextConfig,
     MistralConfig,
     MixtralConfig,
     Phi3Config,
@@ -97,6 +96,8 @@ def _config(arch: str, tie: bool | None = None):
             shared_expert_intermediate_size=64,
         )
     if arch == "hrm_text":  # the checkpoint fuses gate+q+k+v and gate+up, transformers splits them on load
+        from transformers import HrmTextConfig  # a recent architecture: imported only where it runs
+
         return HrmTextConfig(
             vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             head_dim=16, tie_word_embeddings=bool(tie),
@@ -696,7 +697,11 @@ def test_torchao_base(config, base_dir, tmp_path):
             if "output_dtype" in str(inspect.signature(type(param).dequantize)):
                 assert torch.equal(param.dequantize(output_dtype=torch.float32), expected), name
             dequantized[name] = expected
-    assert len(dequantized) >= 14
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = {f"{n}.base_layer.weight" for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert len(wrapped) == 2 * len(_LINEARS)  # every projection of the two layers: all torchao-quantized
+    assert set(dequantized) == wrapped
     oracle = build_oracle(model, base, dequantized=dequantized)
     check_exact(model, base, tmp_path, f"torchao {config}", oracle=oracle)
     _lora_save_is_peft_own(model, tmp_path)

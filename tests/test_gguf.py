@@ -252,3 +252,21 @@ def test_invalid_requests_are_refused_before_any_work(
     with pytest.raises(error, match=words):
         fastsave.save_pretrained_gguf(qlora_model(), tmp_path / "out", *positional, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fetching_the_converter_skips_only_when_the_registry_is_unreachable():
+    from gguf_tools import registry_unreachable
+
+    offline = (
+        "WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) after connection "
+        "broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object>: Failed to "
+        "establish a new connection: [Errno -3] Temporary failure in name resolution')'\n"
+        "ERROR: No matching distribution found for llama-cpp-python==0.3.36"
+    )
+    wrong_version = (
+        "ERROR: Could not find a version that satisfies the requirement llama-cpp-python==0.0.0\n"
+        "ERROR: No matching distribution found for llama-cpp-python==0.0.0"
+    )
+    assert registry_unreachable(offline)
+    assert not registry_unreachable(wrong_version)
+    assert not registry_unreachable("ERROR: Exception: Traceback ... OSError: [Errno 28] No space left on device")
