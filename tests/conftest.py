@@ -76,14 +76,14 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 @pytest.fixture
 def fastsave_log(caplog):
-    """caplog that also sees the "fastsave" logger's records (it does not propagate to the root logger,
-    so that notebooks show its lines once, through its own handler)."""
+    """caplog that sees every record of the "fastsave" logger, at every level (it does not propagate
+    to the root logger, so that notebooks show its lines once, through its own handler)."""
     import logging
 
     logger = logging.getLogger("fastsave")
     level = logger.level
     logger.addHandler(caplog.handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     try:
         yield caplog
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from patch_sites import replace_at
 
 import fastsave
 from fastsave.errors import PlanError
@@ -26,11 +27,12 @@ def test_reversal_that_cannot_be_applied_group_by_group_is_refused(qlora_model, 
             raise KeyError("a source tensor of the conversion is missing")
         return {f"renamed.{name}": tensor for name, tensor in state_dict.items()}
 
-    monkeypatch.setattr("fastsave.plan.layout._reverter", lambda: revert)
+    asked = replace_at(monkeypatch, "fastsave.plan.layout._reverter", lambda: revert)
     with pytest.raises(
         PlanError, match=r"(?s)cannot reverse group by group.*save_method='lora'.*Nothing was written"
     ):
         fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert asked
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
 
@@ -51,8 +53,9 @@ def test_renaming_reversal_is_applied_to_the_data(qlora_model, tmp_path, monkeyp
             for n, t in state_dict.items()
         }
 
-    monkeypatch.setattr("fastsave.plan.layout._reverter", lambda: revert)
+    asked = replace_at(monkeypatch, "fastsave.plan.layout._reverter", lambda: revert)
     fastsave.save_pretrained_merged(model, tmp_path / "renamed")
+    assert asked
     plain, renamed = (
         load_file(tmp_path / "plain" / "model.safetensors"),
         load_file(tmp_path / "renamed" / "model.safetensors"),

@@ -4,7 +4,6 @@ in-place replace, a margin proportional to the checkpoint, and a full disk while
 from __future__ import annotations
 
 import errno
-import hashlib
 import re
 import shutil
 from collections import namedtuple
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_files import leftovers, snapshot
+from patch_sites import replace_at
 
 import fastsave
 from fastsave import DiskSpaceError
@@ -33,24 +34,6 @@ def _fake_disk_usage(free_by_path: dict[Path, int]):
         return real(path)
 
     return disk_usage
-
-
-def _leftovers(*parents: Path) -> list[str]:
-    return [
-        p.name
-        for parent in parents
-        if parent.is_dir()
-        for p in parent.iterdir()
-        if p.name.startswith(".fastsave")
-    ]
-
-
-def _snapshot(directory: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _no_writer(monkeypatch) -> None:
@@ -88,7 +71,7 @@ def test_room_for_old_and_new_or_an_explicit_replace_in_place(
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out)
     (out / "notes.txt").write_text("mine")
-    before = _snapshot(out)
+    before = snapshot(out)
     data = (out / "model.safetensors").stat().st_size
     # room for the new checkpoint only if the old one were gone
     free = needed_bytes(data, 1) - 100_000
@@ -98,7 +81,7 @@ def test_room_for_old_and_new_or_an_explicit_replace_in_place(
         DiskSpaceError, match=r"(?s)previous checkpoint.*stays until.*missing.*replace_in_place=True"
     ):
         fastsave.save_pretrained_merged(model, out, dtype=torch.float16)
-    assert _snapshot(out) == before and _leftovers(tmp_path, out) == []
+    assert snapshot(out) == before and leftovers(tmp_path, out) == []
     monkeypatch.undo()
     monkeypatch.setattr(shutil, "disk_usage", _fake_disk_usage({tmp_path.resolve(): free}))
     with fastsave_log.at_level("WARNING", logger="fastsave"):
@@ -118,7 +101,7 @@ def test_temporary_location_elsewhere_checks_both_disks(qlora_model, tmp_path, m
     roomy.mkdir()
     out = full / "out"
     # two directories of one filesystem, made to look like two disks
-    monkeypatch.setattr("fastsave.io.staging.same_filesystem", lambda a, b: False)
+    compared = replace_at(monkeypatch, "fastsave.io.staging.same_filesystem", lambda a, b: False)
     monkeypatch.setattr(
         shutil, "disk_usage", _fake_disk_usage({full.resolve(): 10**6, roomy.resolve(): PLENTY})
     )
@@ -126,7 +109,7 @@ def test_temporary_location_elsewhere_checks_both_disks(qlora_model, tmp_path, m
         DiskSpaceError, match=rf"(?s)not enough disk space in {re.escape(str(full))}.*copied over"
     ):
         fastsave.save_pretrained_merged(model, out, temporary_location=roomy)
-    assert not out.exists() and _leftovers(roomy, full) == []
+    assert compared and not out.exists() and leftovers(roomy, full) == []
     monkeypatch.setattr(
         shutil, "disk_usage", _fake_disk_usage({full.resolve(): PLENTY, roomy.resolve(): 10**6})
     )
@@ -134,7 +117,7 @@ def test_temporary_location_elsewhere_checks_both_disks(qlora_model, tmp_path, m
         fastsave.save_pretrained_merged(model, out, temporary_location=roomy)
     monkeypatch.setattr(shutil, "disk_usage", _fake_disk_usage({}))
     fastsave.save_pretrained_merged(model, out, temporary_location=roomy)
-    assert (out / "model.safetensors").is_file() and _leftovers(roomy, full) == []
+    assert (out / "model.safetensors").is_file() and leftovers(roomy, full) == []
 
 
 def test_disk_filling_up_while_writing_names_the_directory_and_bytes_left(qlora_model, tmp_path, monkeypatch):
@@ -143,7 +126,7 @@ def test_disk_filling_up_while_writing_names_the_directory_and_bytes_left(qlora_
     model = qlora_model()
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out, max_shard_size="50KB")
-    before = _snapshot(out)
+    before = snapshot(out)
     real, calls = shards.ShardWriter._write_data, []
 
     def fill_up(self, data):
@@ -158,4 +141,4 @@ def test_disk_filling_up_while_writing_names_the_directory_and_bytes_left(qlora_
         match=rf"(?s)disk holding {re.escape(str(tmp_path))} filled up.*MB of tensor data.*still to be written.*previous contents",
     ):
         fastsave.save_pretrained_merged(model, out)
-    assert _snapshot(out) == before and _leftovers(tmp_path, out) == []
+    assert snapshot(out) == before and leftovers(tmp_path, out) == []

@@ -18,21 +18,13 @@ from bnb_layouts import (
     run_repacked_anywhere,
     simulate_cpu_without_avx512_bf16,
 )
+from checkpoint_files import saved_tensors
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import fastsave
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _saved_tensors(directory) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[key] = handle.get_tensor(key)
-    return tensors
 
 
 def _small_blocks(monkeypatch, nbytes: int) -> None:
@@ -72,7 +64,7 @@ def _save_and_check_exact(model, out) -> dict[str, torch.Tensor]:
     once to bf16. Returns the saved tensors."""
     expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
     fastsave.save_pretrained_merged(model, out)
-    saved = _saved_tensors(out)
+    saved = saved_tensors(out)
     assert len(expected) == 14
     for name, reference in expected.items():
         assert saved[name].dtype == torch.bfloat16
@@ -119,7 +111,7 @@ def test_model_run_before_saving_merges_what_it_computes(qlora_model, tmp_path, 
     before = _state_bytes(layers)
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out)
-    saved = _saved_tensors(out)
+    saved = saved_tensors(out)
     for name, reference in expected.items():
         assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
     after = _state_bytes(layers)
@@ -153,11 +145,11 @@ def test_without_avx512_bf16_both_layouts_are_saved_exactly(tiny_base_dir, tmp_p
         model(torch.tensor([[1, 5, 9]]))
     assert not any(is_repacked(m) for m in linear4bit_layers(model)), "repacked without AVX512-BF16"
     fastsave.save_pretrained_merged(model, tmp_path / "plain")
-    saved = _saved_tensors(tmp_path / "plain")
+    saved = saved_tensors(tmp_path / "plain")
     assert all(torch.equal(saved[n], w.to(torch.bfloat16)) for n, w in plain.items())
     repack_for_cpu(model)
     fastsave.save_pretrained_merged(model, tmp_path / "repacked")
-    saved = _saved_tensors(tmp_path / "repacked")
+    saved = saved_tensors(tmp_path / "repacked")
     assert all(torch.equal(saved[n], w.to(torch.bfloat16)) for n, w in bf16_absmax.items())
     # the bf16 absmax of the repacked layout really changes some bits: the two cases differ
     assert any(not torch.equal(plain[n].to(torch.bfloat16), bf16_absmax[n].to(torch.bfloat16)) for n in plain)
@@ -186,7 +178,7 @@ def test_names_config_and_files(qlora_model, tiny_tokenizer, tiny_base_dir, tmp_
     model = qlora_model()
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out, tiny_tokenizer)
-    saved = _saved_tensors(out)
+    saved = saved_tensors(out)
     with safe_open(tiny_base_dir / "model.safetensors", framework="pt") as handle:
         base_names = set(handle.keys())
     assert set(saved) == base_names
@@ -226,7 +218,7 @@ def test_small_shards_and_index(qlora_model, tmp_path):
     assert count > 2
     assert shards == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    saved = _saved_tensors(out)
+    saved = saved_tensors(out)
     assert set(index["weight_map"]) == set(saved)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in saved.values())
     for shard in shards:
@@ -249,7 +241,7 @@ def test_float16_output_and_existing_directory(qlora_model, tmp_path):
     assert (out / "README.md").read_text() == "keep me"
     assert not (out / "model-00001-of-00009.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
-    assert all(t.dtype == torch.float16 for t in _saved_tensors(out).values())
+    assert all(t.dtype == torch.float16 for t in saved_tensors(out).values())
 
 
 def test_model_still_trains_and_runs_after_saving(qlora_model, tmp_path):
@@ -315,7 +307,7 @@ def test_minimal_memory_budget_still_saves(qlora_model, tmp_path, caplog):
     expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out, maximum_memory_usage=1e-6)
-    saved = _saved_tensors(out)
+    saved = saved_tensors(out)
     for name, reference in expected.items():
         assert torch.equal(saved[name], reference.to(torch.bfloat16))
 
@@ -380,7 +372,7 @@ def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path
     fastsave.save_pretrained_merged(model, out)
     # every LoRA linear went through the row blocks (and the 4-bit weights without LoRA too)
     assert {name + ".weight" for name in layers} <= set(used), used
-    saved = _saved_tensors(out)
+    saved = saved_tensors(out)
     for name, reference in expected.items():
         assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
 
@@ -399,7 +391,7 @@ def test_lora_on_embed_tokens_merges_in_row_blocks(qlora_model, tmp_path, monkey
     monkeypatch.setattr(row_blocks, "merged_rows", lambda merge: used.append(merge.name) or real(merge))
     fastsave.save_pretrained_merged(model, tmp_path / "out")
     assert "model.embed_tokens.weight" in used
-    saved = _saved_tensors(tmp_path / "out")
+    saved = saved_tensors(tmp_path / "out")
     assert torch.equal(saved["model.embed_tokens.weight"], expected.to(torch.bfloat16))
 
 
@@ -425,7 +417,9 @@ class _QuantizerWithoutLoadOperations:
     ("double_quant", "quantizer_api"),
     [(True, "load_operations"), (False, "load_operations"), (True, "weight_conversions_only")],
 )
-def test_model_loaded_from_a_prequantized_4bit_checkpoint(tiny_base_dir, tmp_path, double_quant, quantizer_api):
+def test_model_loaded_from_a_prequantized_4bit_checkpoint(
+    tiny_base_dir, tmp_path, double_quant, quantizer_api
+):
     """transformers records the quantizer's (irreversible) deserialization on such a model; the merge
     must still write the dequantized weights under their own names, with no quantization_config.
     Both ways transformers exposes the quantizer's loading operations are exercised."""
@@ -444,7 +438,10 @@ def test_model_loaded_from_a_prequantized_4bit_checkpoint(tiny_base_dir, tmp_pat
     assert not any(key.endswith(("absmax", "quant_map", "quant_state.bitsandbytes__nf4")) for key in saved)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     AutoModelForCausalLM.from_pretrained(out)  # transformers loads it as a plain model
-    if quantizer_api == "weight_conversions_only" and getattr(reloaded, "_weight_conversions", None) is not None:
+    if (
+        quantizer_api == "weight_conversions_only"
+        and getattr(reloaded, "_weight_conversions", None) is not None
+    ):
         assert reloaded.hf_quantizer.conversions_read > 0
 
     out4 = tmp_path / "out4"

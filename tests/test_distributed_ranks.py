@@ -8,9 +8,9 @@ others fail instead of hang.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch

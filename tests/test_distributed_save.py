@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_files import leftovers
 from distributed_harness import qlora_for_sharding, run_ranks, tiny_peft, values, zero3_engine
 
 import fastsave
@@ -43,10 +44,6 @@ def _assert_split(written: list[list[str]], collective: Path) -> None:
     mine, theirs = (set(w) for w in written)
     assert mine and theirs and not mine & theirs, written
     assert mine | theirs == {p.name for p in collective.glob("*.safetensors")}
-
-
-def _leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.rglob(".fastsave-*"))
 
 
 def _fully_shard(model) -> None:
@@ -131,7 +128,7 @@ def test_fsdp2_trained_model_saved_by_two_ranks_is_the_single_process_save(tmp_p
     reference.load_state_dict(torch.load(tmp_path / "full_state_dict.pt"))
     fastsave.save_pretrained_merged(reference, tmp_path / "solo" / "out", max_shard_size=SHARD)
     _assert_same(tmp_path / "solo" / "out", tmp_path / "collective" / "out")
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 # -- FSDP1, tied embeddings -------------------------------------------------------------------
@@ -255,7 +252,7 @@ def test_a_failing_rank_makes_every_rank_fail_with_its_error_and_nothing_is_publ
     assert "rank 1: OSError: [Errno 5] injected write error on rank 1" in outcomes[0].error[1]
     assert "nothing was published" in outcomes[0].error[1]
     assert _files(tmp_path / "out") == before  # the previous checkpoint, untouched
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def _killed_worker(rank: int, world: int, out: str, victim: int) -> None:
@@ -286,11 +283,11 @@ def test_a_rank_killed_mid_write_publishes_nothing_and_the_next_save_leaves_no_s
     assert survivor.error is not None and survivor.error[0] in ("RankLostError", "RankFailedError")
     assert _files(tmp_path / "out") == before
     if victim == 1:
-        assert _leftovers(tmp_path) == []  # rank 0 lived and removed its staging directory
+        assert leftovers(tmp_path) == []  # rank 0 lived and removed its staging directory
     else:
-        assert _leftovers(tmp_path)  # rank 0 died holding it: the next save removes it
+        assert leftovers(tmp_path)  # rank 0 died holding it: the next save removes it
     fastsave.save_pretrained_merged(tiny_peft(), tmp_path / "out", max_shard_size=SHARD)
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     assert _files(tmp_path / "out") != before
 
 
@@ -310,7 +307,7 @@ def test_a_save_called_on_rank_0_only_is_refused_instead_of_hanging(tmp_path):
     assert outcomes[0].error[0] == "CollectiveCallError"
     assert "only rank(s) [0] had called it, not [1]" in outcomes[0].error[1]
     assert outcomes[0].seconds < 30
-    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def _disagreeing_worker(rank: int, world: int, out: str) -> None:
@@ -325,7 +322,7 @@ def test_ranks_that_plan_different_saves_are_refused(tmp_path):
     for outcome in outcomes:
         assert outcome.error[0] == "RanksDisagreeError"
         assert "the plan of the save differs between ranks" in outcome.error[1]
-    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 # -- the command line on 2 ranks ---------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -66,20 +65,6 @@ def spm_base(tmp_path_factory):
     return directory, build_sentencepiece_tokenizer(directory)
 
 
-@pytest.fixture
-def logs():
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Collect()
-    logging.getLogger("fastsave").addHandler(handler)
-    yield records
-    logging.getLogger("fastsave").removeHandler(handler)
-
-
 @torch.no_grad()
 def _float32_oracle(layer) -> torch.Tensor:
     base = layer.get_base_layer()
@@ -93,7 +78,7 @@ def _layers(model):
     return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
 
 
-def test_default_q8_0_next_to_the_users_readme(spm_base, llama_cpp, gguf, tmp_path, logs):
+def test_default_q8_0_next_to_the_users_readme(spm_base, llama_cpp, gguf, tmp_path, fastsave_log):
     base, tokenizer = spm_base
     model = fastsave.patch(attach_lora(load_4bit(base)))
     out = tmp_path / "model_gguf"
@@ -105,8 +90,8 @@ def test_default_q8_0_next_to_the_users_readme(spm_base, llama_cpp, gguf, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "tiny-llama.Q8_0.gguf"]
     assert (out / "README.md").read_text() == "my own notes\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_gguf"]  # no temporary checkpoint left
-    assert any("kept" in line and "README.md" in line for line in logs)
-    summary = next(line for line in logs if line.startswith("fastsave: GGUF export"))
+    assert any("kept" in line and "README.md" in line for line in fastsave_log.messages)
+    summary = next(line for line in fastsave_log.messages if line.startswith("fastsave: GGUF export"))
     assert "tiny-llama.Q8_0.gguf" in summary and "MB" in summary
 
     reader = gguf.GGUFReader(paths[0])
@@ -269,4 +254,6 @@ def test_fetching_the_converter_skips_only_when_the_registry_is_unreachable():
     )
     assert registry_unreachable(offline)
     assert not registry_unreachable(wrong_version)
-    assert not registry_unreachable("ERROR: Exception: Traceback ... OSError: [Errno 28] No space left on device")
+    assert not registry_unreachable(
+        "ERROR: Exception: Traceback ... OSError: [Errno 28] No space left on device"
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import ClassVar
 
@@ -63,24 +62,6 @@ def model_and_tokenizer(tmp_path_factory):
     return attach_lora(load_4bit(base)), build_tiny_tokenizer()
 
 
-@pytest.fixture
-def all_logs():
-    """Every fastsave log record, at every level, whatever handlers the package set up."""
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(self.format(record))
-
-    logger = logging.getLogger("fastsave")
-    handler, level = Collect(level=logging.DEBUG), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
 def _no_token_anywhere(root: Path, text: str) -> None:
     assert TOKEN not in text
     for path in root.rglob("*"):
@@ -88,7 +69,7 @@ def _no_token_anywhere(root: Path, text: str) -> None:
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
-def test_push_after_save(model_and_tokenizer, fake_hub, tmp_path, capfd, all_logs):
+def test_push_after_save(model_and_tokenizer, fake_hub, tmp_path, capfd, fastsave_log):
     model, tokenizer = model_and_tokenizer
     url = fastsave.save_pretrained_merged(
         model,
@@ -118,8 +99,8 @@ def test_push_after_save(model_and_tokenizer, fake_hub, tmp_path, capfd, all_log
         ),
     ]
     captured = capfd.readouterr()
-    assert any("someone/tiny-merged" in line for line in all_logs)
-    _no_token_anywhere(tmp_path, captured.out + captured.err + "\n".join(all_logs))
+    assert any("someone/tiny-merged" in line for line in fastsave_log.messages)
+    _no_token_anywhere(tmp_path, captured.out + captured.err + fastsave_log.text)
 
 
 def test_repo_id_defaults_to_save_directory_and_pr_url(
@@ -154,7 +135,7 @@ def test_upload_directory_alone(fake_hub, tmp_path):
     assert [name for name, _ in fake_hub.calls] == ["create_repo", "upload_folder"]
 
 
-def test_upload_error_propagates_without_the_token(fake_hub, tmp_path, monkeypatch, all_logs):
+def test_upload_error_propagates_without_the_token(fake_hub, tmp_path, monkeypatch, fastsave_log):
     def refuse(self, **kwargs):
         raise PermissionError("401 Unauthorized")
 
@@ -163,4 +144,4 @@ def test_upload_error_propagates_without_the_token(fake_hub, tmp_path, monkeypat
     opts = parse_options(tmp_path / "ckpt", repo_id="org/name", push_to_hub=True, token=TOKEN)
     with pytest.raises(PermissionError) as error:
         upload_directory(opts)
-    _no_token_anywhere(tmp_path, str(error.value) + "\n".join(all_logs))
+    _no_token_anywhere(tmp_path, str(error.value) + fastsave_log.text)

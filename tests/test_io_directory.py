@@ -5,7 +5,7 @@ merging and creates nothing on failure, one save at a time, cleans up after dead
 from __future__ import annotations
 
 import errno
-import hashlib
+import fcntl
 import json
 import os
 import subprocess
@@ -16,40 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_files import leftovers, snapshot
+from patch_sites import replace_at
 from safetensors import safe_open
 
 import fastsave
 from fastsave.errors import SaveInProgressError, TargetError
+from fastsave.io import lock as lock_module
 from fastsave.io.lock import DirectoryLock, OwnerRecord
 from fastsave.io.ownership import MODEL_CARD_MARKER
 from fastsave.io.target import inspect_target
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def snapshot(directory: Path) -> dict[str, tuple]:
-    """Every entry under ``directory``: kind, bytes digest or link target, inode."""
-    entries = {}
-    for path in sorted(directory.rglob("*")):
-        rel = str(path.relative_to(directory))
-        info = os.lstat(path)
-        if path.is_symlink():
-            entries[rel] = ("link", os.readlink(path), info.st_ino)
-        elif path.is_dir():
-            entries[rel] = ("dir",)
-        else:
-            entries[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), info.st_ino)
-    return entries
-
-
-def leftovers(*places: Path) -> list[str]:
-    return sorted(
-        p.name
-        for place in places
-        if place.is_dir()
-        for p in place.iterdir()
-        if p.name.startswith(".fastsave")
-    )
 
 
 def tensor_names(directory: Path) -> set[str]:
@@ -201,6 +179,17 @@ def _no_merge(monkeypatch):
     monkeypatch.setattr("fastsave.save.ShardWriter", refuse)
 
 
+def test_the_refused_patch_points_are_on_the_save_path(qlora_model, tmp_path, monkeypatch):
+    """_no_merge (here and in test_core_disk_space) proves "refused before merging" only if a save
+    really plans and writes through these two names."""
+    import fastsave.save
+
+    planned = replace_at(monkeypatch, "fastsave.save.output_plan", fastsave.save.output_plan)
+    writers = replace_at(monkeypatch, "fastsave.save.ShardWriter", fastsave.save.ShardWriter)
+    fastsave.save_pretrained_merged(qlora_model(), tmp_path / "out")
+    assert planned and writers
+
+
 def test_merged_save_into_an_adapter_directory_is_refused_before_merging(qlora_model, tmp_path, monkeypatch):
     model = qlora_model()
     out = tmp_path / "outputs"
@@ -327,8 +316,8 @@ def test_without_rename_exchange_the_journaled_sequence_is_used(
     def no_exchange(a, b):
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr("fastsave.io.staging.exchange", no_exchange)
-    monkeypatch.setattr("fastsave.io.publish.exchange", no_exchange)
+    tried = replace_at(monkeypatch, "fastsave.io.staging.exchange", no_exchange)
+    tried += replace_at(monkeypatch, "fastsave.io.publish.exchange", no_exchange)
     model = qlora_model()
     out = tmp_path / "out"
     user_files(out)
@@ -337,6 +326,7 @@ def test_without_rename_exchange_the_journaled_sequence_is_used(
         fastsave.save_pretrained_merged(model, out, max_shard_size="60KB")
         fastsave.save_pretrained_merged(model, out)
     assert "no atomic directory exchange" in fastsave_log.text
+    assert tried, "the exchange was never attempted where it was replaced"
     assert only_user(snapshot(out)) == mine and (out / "model.safetensors").is_file()
     assert not list(out.glob("model-0*")) and leftovers(tmp_path, out) == []
 
@@ -353,12 +343,15 @@ def test_a_second_save_into_the_same_directory_fails_at_once(qlora_model, tmp_pa
     lock.acquire(OwnerRecord(target=str(out), pid=4242, host="trainer-7"))
     try:
         _no_merge(monkeypatch)
-        started = time.perf_counter()
+        # "at once": every attempt on the lock is non-blocking; the save never waits for the holder
+        flags = []
+        real_flock = lock_module.fcntl.flock
+        monkeypatch.setattr(lock_module.fcntl, "flock", lambda fd, op: flags.append(op) or real_flock(fd, op))
         with pytest.raises(
             SaveInProgressError, match=r"another save into .* is running \(pid 4242 on host trainer-7"
         ):
             fastsave.save_pretrained_merged(model, out)
-        assert time.perf_counter() - started < 1
+        assert flags and all(op & fcntl.LOCK_NB for op in flags if op & fcntl.LOCK_EX), flags
     finally:
         lock.release()
     assert snapshot(out) == before and leftovers(tmp_path) == []

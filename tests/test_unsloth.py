@@ -44,7 +44,13 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 def test_every_unsloth_save_form_is_exact(model_dirs, tmp_path, checkpoint, patch_form):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     res = subprocess.run(
-        [sys.executable, str(HERE / "unsloth_saves.py"), str(model_dirs[checkpoint]), str(tmp_path), patch_form],
+        [
+            sys.executable,
+            str(HERE / "unsloth_saves.py"),
+            str(model_dirs[checkpoint]),
+            str(tmp_path),
+            patch_form,
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -52,7 +58,9 @@ def test_every_unsloth_save_form_is_exact(model_dirs, tmp_path, checkpoint, patc
         cwd=str(tmp_path),
     )
     assert res.returncode == 0, res.stderr[-4000:]
-    result = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT") :])
+    result = json.loads(
+        [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT") :]
+    )
     assert set(result["bound"].values()) == {"fastsave.patching"}, result["bound"]
     assert result["lora_modules"] == 14
     assert len(result["loss"]) == 3
@@ -62,7 +70,9 @@ def test_every_unsloth_save_form_is_exact(model_dirs, tmp_path, checkpoint, patc
         assert save == {"dtype": "torch.bfloat16", "differ": [], "quantized_or_lora": []}, label
     assert result["saves"]["merged_4bit_forced"] == {"load_in_4bit": True}
     assert result["saves"]["forced_merged_4bit"] == {"load_in_4bit": True}
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.model"} <= set(result["lora_files"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.model"} <= set(
+        result["lora_files"]
+    )
     assert result["merged_4bit"].startswith("refused: ") and "merged_4bit_forced" in result["merged_4bit"]
     assert result["refused_dir_exists"] is False
     if patch_form == "class":  # unpatch() gives Unsloth's own binding back
@@ -94,4 +104,5 @@ def test_unsloth_notebook_runs_with_unsloth(model_dirs, tmp_path, monkeypatch):
     client.execute()
     printed = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
     assert "loading with Unsloth" in printed
-    assert [p.name for p in (run_dir / "model_gguf").glob("*.gguf")][0].endswith(".Q8_0.gguf")
+    ggufs = [p.name for p in (run_dir / "model_gguf").glob("*.gguf")]
+    assert len(ggufs) == 1 and ggufs[0].endswith(".Q8_0.gguf"), ggufs

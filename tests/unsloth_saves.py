@@ -13,22 +13,14 @@ import json
 import sys
 from pathlib import Path
 
+from checkpoint_files import saved_tensors  # tests/ is this script's folder
 from unsloth import FastLanguageModel  # first: it patches transformers as it is imported
 
-import fastsave  # noqa: E402
-from fastsave.oracle import reference_merged_weight  # noqa: E402
-from fastsave.tiny import train_steps  # noqa: E402
+import fastsave
+from fastsave.oracle import reference_merged_weight
+from fastsave.tiny import train_steps
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _saved(directory: Path) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 def _lora_references(model) -> dict:
@@ -46,21 +38,30 @@ def main(model_dir: str, work: str, patch_form: str) -> None:
     work_dir = Path(work)
     if patch_form == "class":
         fastsave.patch()  # before Unsloth loads and binds its own methods
-    model, tokenizer = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=128, load_in_4bit=True)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_dir, max_seq_length=128, load_in_4bit=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS
+    )
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token
     loss = train_steps(model, tokenizer, steps=3)
     if patch_form == "model":
         fastsave.patch(model)
     bound = {
         name: getattr(getattr(model, name), "__module__", None)
-        for name in ("save_pretrained_merged", "push_to_hub_merged", "save_pretrained_gguf", "push_to_hub_gguf")
+        for name in (
+            "save_pretrained_merged",
+            "push_to_hub_merged",
+            "save_pretrained_gguf",
+            "push_to_hub_gguf",
+        )
     }
     references = _lora_references(model)
     result: dict = {"bound": bound, "loss": loss, "lora_modules": len(references), "saves": {}}
 
     def check(label: str, directory: Path) -> None:
-        saved = _saved(directory)
+        saved = saved_tensors(directory)
         result["saves"][label] = {
             "dtype": str(next(iter(saved.values())).dtype),
             "differ": [n for n, ref in references.items() if not _equal(saved.get(n), ref)],

@@ -1,0 +1,24 @@
+"""Replace a name where the code looks it up, and know whether the code still looks there.
+
+``monkeypatch.setattr("module.name", value)`` keeps passing after the code that used
+``module.name`` moved elsewhere: the patch is then a no-op and the test tests nothing.
+:func:`replace_at` records each call of the replacement, so a test asserts it was reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def replace_at(monkeypatch: Any, target: str, replacement: Callable) -> list[tuple]:
+    """Patch ``target`` ("package.module.name") with ``replacement``; returns the list of the
+    argument tuples it was called with, filled in as the code calls it."""
+    calls: list[tuple] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return replacement(*args, **kwargs)
+
+    monkeypatch.setattr(target, recording)
+    return calls
