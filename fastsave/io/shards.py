@@ -18,7 +18,6 @@ import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,15 +63,12 @@ BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
 
 
-@cache
 def fastsave_version() -> str:
-    """The installed fastsave version, recorded in what it writes."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The fastsave version recorded in what it writes: ``fastsave.__version__``, the one place the
+    version is kept (pyproject reads it from there), so a source tree records it too."""
+    from fastsave import __version__
 
-    try:
-        return version("fastsave")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "unknown"
+    return __version__
 
 
 @dataclass
