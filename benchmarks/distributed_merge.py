@@ -50,7 +50,7 @@ def reset_peak():
     return status_mib("VmRSS")
 
 torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
-import fastsave.save, fastsave.cli  # the imports are not the merge
+import fastsave.api, fastsave.cli  # the imports are not the merge
 from fastsave.cli import main
 held = reset_peak()
 cpu = os.times()

@@ -7,15 +7,10 @@ or written to a file (the options object hides it from its repr too).
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
-from typing import Any
-
-from torch import nn
 
 from fastsave.options import SaveOptions
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 
 def upload_directory(opts: SaveOptions) -> str:
@@ -52,24 +47,3 @@ def upload_directory(opts: SaveOptions) -> str:
     url = str(pr_url) if opts.create_pr and pr_url else str(repo_url)
     logger.info("fastsave: uploaded to %s", url)
     return url
-
-
-def push_to_hub_merged(model: nn.Module, repo_id: str, tokenizer: Any = None, **options: Any) -> str:
-    """Save ``model`` (``save_pretrained_merged``'s options) and upload it to the hub as ``repo_id``.
-
-    ``use_temp_dir=True`` saves the local copy into a temporary directory that is removed after the
-    upload; otherwise (None, as in Unsloth's merged push, or False) it stays in a local folder named
-    after the repo (or ``save_directory=``). Returns the repo URL (the pull request's with
-    ``create_pr=True``).
-    """
-    from fastsave.save import save_pretrained_merged
-
-    if not isinstance(repo_id, str) or not repo_id:
-        raise ValueError(f"repo_id must be a hub repo id such as 'user/model', got {repo_id!r}")
-    use_temp_dir = options.pop("use_temp_dir", None)
-    save_directory = options.pop("save_directory", None)
-    options = {**options, "push_to_hub": True, "repo_id": options.get("repo_id") or repo_id}
-    if use_temp_dir:
-        with tempfile.TemporaryDirectory(prefix="fastsave-push-") as temporary:
-            return save_pretrained_merged(model, Path(temporary) / Path(repo_id).name, tokenizer, **options)
-    return save_pretrained_merged(model, save_directory or Path(repo_id).name, tokenizer, **options)

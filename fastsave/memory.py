@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 MIB = 2**20
 # Below this allowance the save runs with the smallest working set it has (and says so).
@@ -54,11 +54,6 @@ def anonymous_memory() -> int:
     """This process's anonymous resident memory (RssAnon) in bytes; its RSS where the kernel does not say."""
     kib = _status_kib("RssAnon")
     return kib * 1024 if kib is not None else psutil.Process().memory_info().rss
-
-
-def current_rss() -> int:
-    """Resident set size of this process, in bytes."""
-    return psutil.Process().memory_info().rss
 
 
 def peak_rss() -> int:

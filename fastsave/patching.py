@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 _MISSING = object()
 
@@ -50,7 +50,7 @@ def _save_pretrained_merged(
 
     ``save_method`` may be given positionally, as Unsloth's method allows.
     """
-    from fastsave.save import save_pretrained_merged
+    from fastsave.api import save_pretrained_merged
 
     return save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **options)
 
@@ -62,8 +62,8 @@ def _push_to_hub_merged(
     save_method: str | None = "merged_16bit",
     **options: Any,
 ) -> str:
-    """Save this model merged, then upload it to the hub as ``repo_id``: see ``fastsave.hub``."""
-    from fastsave.hub import push_to_hub_merged
+    """Save this model merged, then upload it to the hub as ``repo_id``: see ``fastsave.api``."""
+    from fastsave.api import push_to_hub_merged
 
     return push_to_hub_merged(self, repo_id, tokenizer, save_method=save_method, **options)
 

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 MIB = 2**20
 # Output bytes of one device block when VRAM is plentiful: large enough that a kernel launch and a

@@ -76,16 +76,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 @pytest.fixture
 def fastsave_log(caplog):
-    """caplog that sees every record of the "fastsave" logger, at every level (it does not propagate
-    to the root logger, so that notebooks show its lines once, through its own handler)."""
+    """caplog with every record of the "fastsave" loggers, at every level."""
     import logging
 
-    logger = logging.getLogger("fastsave")
-    level = logger.level
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(level)
+    caplog.set_level(logging.DEBUG, logger="fastsave")
+    return caplog

@@ -26,7 +26,7 @@ _PRELOAD = [
     "peft",
     "fastsave.parallel.ranks",
     "fastsave.sources.sharded",
-    "fastsave.save",
+    "fastsave.api",
     "fastsave.inputs.sharded_model",
     "fastsave.cli.merge",
 ]

@@ -34,7 +34,7 @@ import torch
 torch.set_num_threads(1)
 
 import fastsave  # noqa: E402
-from fastsave.io import filesystem, publish, shards  # noqa: E402
+from fastsave.io import filesystem, shards, switch  # noqa: E402
 from fastsave.tiny import attach_lora, build_tiny_tokenizer, load_4bit, save_random_model, tiny_llama_config  # noqa: E402
 
 OS_OPERATIONS = (
@@ -149,7 +149,7 @@ def set_mode(mode: str, directory: Path) -> None:
             raise OSError(errno.EINVAL, "Invalid argument")
 
         fastsave.io.staging.exchange = no_exchange
-        publish.exchange = no_exchange
+        switch.exchange = no_exchange
 
 
 def in_child(function) -> dict:
@@ -222,7 +222,7 @@ def main() -> None:
         def dry_run():
             faults = Faults(listing=[])
             faults.install()
-            publish.recover(copy)
+            switch.recover(copy)
             return {"listing": faults.listing}
 
         shutil.copytree(directory, copy, symlinks=True)
@@ -234,11 +234,11 @@ def main() -> None:
 
             def killed(at=at):
                 Faults(at, "sigkill").install()
-                publish.recover(copy)
+                switch.recover(copy)
                 return {}
 
             in_child(killed)
-            publish.recover(copy)
+            switch.recover(copy)
             state = snapshot(copy)
             states.append("old" if state == old else "new" if state == new else "mixed")
             shutil.rmtree(copy)
@@ -249,9 +249,9 @@ def main() -> None:
     recovery_killed: set = set()
     for mode in MODES:
         listing = save(fresh("dry"), mode, Faults(listing=[]))["listing"]
-        switch = [i + 1 for i, (_, phase) in enumerate(listing) if phase == "switch"]
+        switching = [i + 1 for i, (_, phase) in enumerate(listing) if phase == "switch"]
         writing = [i + 1 for i, (_, phase) in enumerate(listing) if phase == "write"]
-        renames = [i for i in switch if listing[i - 1][0] in ("rename", "replace", "renameat2")]
+        renames = [i for i in switching if listing[i - 1][0] in ("rename", "replace", "renameat2")]
 
         def spread(points: list[int], n: int) -> list[int]:
             return (
@@ -260,16 +260,16 @@ def main() -> None:
                 else []
             )
 
-        after_renames = [i + 1 for i in renames if i + 1 in switch]
+        after_renames = [i + 1 for i in renames if i + 1 in switching]
         shard_writes = [i for i in writing if listing[i - 1][0] == "shard-write"]
-        others = set(spread(switch, 3)) | set(spread(writing, 2)) | set(spread(shard_writes, 3)[1:2])
+        others = set(spread(switching, 3)) | set(spread(writing, 2)) | set(spread(shard_writes, 3)[1:2])
         plan = {
             # every rename of the switch (and the operation after it) in two modes; the third
             # mode shares the journal code with the second: a sample there
             "sigkill": sorted(
                 set(renames if mode != "into-no-exchange" else spread(renames, 5))
                 | set(after_renames if mode != "into-no-exchange" else after_renames[-1:])
-                | set(spread(switch, 4))
+                | set(spread(switching, 4))
                 | set(spread(writing, 3))
             ),
             "sigint": sorted(others),
@@ -291,13 +291,13 @@ def main() -> None:
                 }
                 case["outcome"] = outcome
                 case["left_after_fault"] = fastsave_entries(parent, directory)
-                journal = publish.read_journal(directory)
+                journal = switch.read_journal(directory)
                 if journal is not None:
                     key = (mode, journal.get("phase"))
                     if key not in recovery_killed:  # the recovery itself killed at each of its operations
                         recovery_killed.add(key)
                         case["recovery_killed"] = [journal.get("phase"), *kill_recovery(directory)]
-                    case["recovered"] = publish.recover(directory)
+                    case["recovered"] = switch.recover(directory)
                 state = snapshot(directory)
                 case["state"] = "old" if state == old else "new" if state == new else "mixed"
                 if case["state"] == "mixed":

@@ -40,7 +40,7 @@ def _no_writer(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the writer started: the check did not come before the merge")
 
-    monkeypatch.setattr("fastsave.save.ShardWriter", refuse)
+    monkeypatch.setattr("fastsave.pipeline.write.ShardWriter", refuse)
 
 
 def test_full_disk_is_refused_before_merging(qlora_model, tmp_path, monkeypatch):

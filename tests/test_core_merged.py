@@ -281,16 +281,16 @@ def test_error_midway_leaves_nothing(qlora_model, tmp_path, monkeypatch):
 
 
 def test_temporary_location_is_used_and_removed(qlora_model, tmp_path, monkeypatch):
-    from fastsave import save
+    from fastsave.pipeline import run
 
     seen = []
-    real = save.write_merged_weights
+    real = run.write_merged_weights
 
     def spy(plan, directory, options, *team):
         seen.append(directory)
         return real(plan, directory, options, *team)
 
-    monkeypatch.setattr(save, "write_merged_weights", spy)
+    monkeypatch.setattr(run, "write_merged_weights", spy)
     scratch = tmp_path / "scratch"
     fastsave.save_pretrained_merged(qlora_model(), tmp_path / "out", temporary_location=scratch)
     assert seen and seen[0].parent == scratch
@@ -302,7 +302,7 @@ def test_temporary_location_is_used_and_removed(qlora_model, tmp_path, monkeypat
     assert [p.name for p in scratch.iterdir()] == ["keep"]
 
 
-def test_minimal_memory_budget_still_saves(qlora_model, tmp_path, caplog):
+def test_minimal_memory_budget_still_saves(qlora_model, tmp_path):
     model = qlora_model()
     expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 import fastsave
-from fastsave import save
+from fastsave import api
 
 
 def test_patch_instance_is_idempotent_and_changes_nothing(qlora_model, tmp_path, monkeypatch):
@@ -23,7 +23,7 @@ def test_patch_instance_is_idempotent_and_changes_nothing(qlora_model, tmp_path,
 
     calls = []
     monkeypatch.setattr(
-        save, "run_save", lambda save_input, opts: calls.append(save_input) or str(opts.save_directory)
+        api, "run_save", lambda save_input, opts: calls.append(save_input) or str(opts.save_directory)
     )
     # The method is a thin layer over the function: both reach the same code path.
     model.save_pretrained_merged(tmp_path / "a")

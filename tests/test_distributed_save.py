@@ -372,7 +372,7 @@ def test_torchrun_runs_the_merge_command_on_two_ranks(saved_adapter, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "by 2 ranks" in done.stderr  # rank 0's summary
-    from fastsave.save import merge_adapter
+    from fastsave.api import merge_adapter
 
     merge_adapter(root / "adapter", tmp_path / "one" / "out", base=root / "base", max_shard_size=SHARD)
     _assert_same(tmp_path / "one" / "out", tmp_path / "two" / "out")
@@ -383,7 +383,7 @@ def test_torchrun_runs_the_merge_command_on_two_ranks(saved_adapter, tmp_path):
 
 def test_schedule_produces_owned_tensors_and_takes_part_in_the_others_once():
     from fastsave.io.shards import assign_shards
-    from fastsave.save import Action, schedule
+    from fastsave.pipeline.schedule import Action, schedule
 
     calls: list[str] = []
 
@@ -405,11 +405,11 @@ def test_schedule_produces_owned_tensors_and_takes_part_in_the_others_once():
     owners = [0, 0, 1, 1, 0, 0]  # rank 1 writes g2 and b
     steps = schedule(plan, shards, owners, rank=1)
     assert [s.action for s in steps] == [
-        Action.PARTICIPATE,  # a: its gather, not its values
+        Action.COLLECTIVES_ONLY,  # a: its gather, not its values
         Action.SKIP,  # g1: rank 1 makes the group for g2 (keeping only g2)
         Action.PRODUCE,
         Action.PRODUCE,
-        Action.TAKE_PART,  # h1, h2: no part is rank 1's: the group's collectives once
+        Action.COLLECTIVES_ONLY,  # h1, h2: no part is rank 1's: the group's collectives once
         Action.SKIP,
     ]
     assert all(s.agree for s in steps)  # one tensor a shard: the ranks meet after each

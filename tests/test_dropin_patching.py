@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 import fastsave
-from fastsave import save
+from fastsave import api
 from fastsave.tiny import attach_lora, load_4bit
 
 NAMES = ("save_pretrained_merged", "push_to_hub_merged", "save_pretrained_gguf", "push_to_hub_gguf")
@@ -42,7 +42,7 @@ def _is_fastsave(method, expected_self) -> bool:
 def spy_save(monkeypatch):
     """Record which model the one save path is handed for a merged save, without merging anything."""
     calls = []
-    real = save.run_save
+    real = api.run_save
 
     def spy(save_input, opts):
         if opts.save_method == "lora":
@@ -50,7 +50,7 @@ def spy_save(monkeypatch):
         calls.append(save_input.model)
         return "saved"
 
-    monkeypatch.setattr(save, "run_save", spy)
+    monkeypatch.setattr(api, "run_save", spy)
     return calls
 
 

@@ -175,17 +175,17 @@ def _no_merge(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the merge started")
 
-    monkeypatch.setattr("fastsave.save.output_plan", refuse)
-    monkeypatch.setattr("fastsave.save.ShardWriter", refuse)
+    monkeypatch.setattr("fastsave.pipeline.run.output_plan", refuse)
+    monkeypatch.setattr("fastsave.pipeline.write.ShardWriter", refuse)
 
 
 def test_the_refused_patch_points_are_on_the_save_path(qlora_model, tmp_path, monkeypatch):
     """_no_merge (here and in test_core_disk_space) proves "refused before merging" only if a save
     really plans and writes through these two names."""
-    import fastsave.save
+    from fastsave.pipeline import run, write
 
-    planned = replace_at(monkeypatch, "fastsave.save.output_plan", fastsave.save.output_plan)
-    writers = replace_at(monkeypatch, "fastsave.save.ShardWriter", fastsave.save.ShardWriter)
+    planned = replace_at(monkeypatch, "fastsave.pipeline.run.output_plan", run.output_plan)
+    writers = replace_at(monkeypatch, "fastsave.pipeline.write.ShardWriter", write.ShardWriter)
     fastsave.save_pretrained_merged(qlora_model(), tmp_path / "out")
     assert planned and writers
 
@@ -316,8 +316,8 @@ def test_without_rename_exchange_the_journaled_sequence_is_used(
     def no_exchange(a, b):
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    tried = replace_at(monkeypatch, "fastsave.io.staging.exchange", no_exchange)
-    tried += replace_at(monkeypatch, "fastsave.io.publish.exchange", no_exchange)
+    probed = replace_at(monkeypatch, "fastsave.io.staging.exchange", no_exchange)
+    switched = replace_at(monkeypatch, "fastsave.io.switch.exchange", no_exchange)
     model = qlora_model()
     out = tmp_path / "out"
     user_files(out)
@@ -326,7 +326,7 @@ def test_without_rename_exchange_the_journaled_sequence_is_used(
         fastsave.save_pretrained_merged(model, out, max_shard_size="60KB")
         fastsave.save_pretrained_merged(model, out)
     assert "no atomic directory exchange" in fastsave_log.text
-    assert tried, "the exchange was never attempted where it was replaced"
+    assert probed or switched, "the exchange was never attempted where it was replaced"
     assert only_user(snapshot(out)) == mine and (out / "model.safetensors").is_file()
     assert not list(out.glob("model-0*")) and leftovers(tmp_path, out) == []
 
@@ -415,12 +415,12 @@ def test_another_process_holding_the_lock_and_dead_saves_cleaned_up(qlora_model,
 def test_files_changed_in_the_directory_during_the_save_are_kept(qlora_model, tmp_path, monkeypatch):
     """Between hard-linking the user's files into staging and the exchange, a training job writes a
     new file and replaces another: both survive the switch."""
-    from fastsave.io import publish
+    from fastsave.io import switch
 
     model = qlora_model()
     out = tmp_path / "out"
     user_files(out)
-    real = publish.exchange_directories
+    real = switch.exchange_directories
 
     def meanwhile(staging, directory):
         (directory / "events.out.tfevents").write_text("new log")
@@ -429,7 +429,7 @@ def test_files_changed_in_the_directory_during_the_save_are_kept(qlora_model, tm
         (directory / "checkpoint-500" / "trainer_state.json").write_text("{}")
         return real(staging, directory)
 
-    monkeypatch.setattr(publish, "exchange_directories", meanwhile)
+    monkeypatch.setattr(switch, "exchange_directories", meanwhile)
     fastsave.save_pretrained_merged(model, out)
     assert (out / "events.out.tfevents").read_text() == "new log"
     assert (out / "training_args.json").read_text() == '{"lr": 1}'

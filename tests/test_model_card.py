@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 from huggingface_hub import ModelCard
 
@@ -11,20 +9,6 @@ import fastsave
 from fastsave.io.model_card import MODEL_CARD_MARKER
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture
-def logs():
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Collect()
-    logging.getLogger("fastsave").addHandler(handler)
-    yield records
-    logging.getLogger("fastsave").removeHandler(handler)
 
 
 def test_merged_card_states_the_save_and_carries_tags_and_datasets(qlora_model, tmp_path):
@@ -52,7 +36,7 @@ def test_a_local_base_is_named_in_the_text_only(qlora_model, tiny_base_dir, tmp_
     assert str(tiny_base_dir) in text and "`original`" in text
 
 
-def test_fastsaves_card_is_replaced_the_users_readme_is_kept(qlora_model, tmp_path, logs):
+def test_fastsaves_card_is_replaced_the_users_readme_is_kept(qlora_model, tmp_path, fastsave_log):
     model = qlora_model()
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out, tags=["first"])
@@ -62,7 +46,7 @@ def test_fastsaves_card_is_replaced_the_users_readme_is_kept(qlora_model, tmp_pa
     (out / "README.md").write_text("# My model\n\nMy own words.\n")
     fastsave.save_pretrained_merged(model, out, tags=["third"])
     assert (out / "README.md").read_text() == "# My model\n\nMy own words.\n"
-    assert any("README.md is yours" in line and "no model card" in line for line in logs)
+    assert any("README.md is yours" in line and "no model card" in line for line in fastsave_log.messages)
     assert (out / "model.safetensors").is_file()
 
 

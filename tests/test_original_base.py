@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import pytest
@@ -53,17 +52,12 @@ def _trained(base, tokenizer, steps=2, **lora_kwargs):
 
 
 @pytest.mark.parametrize("lora", [{}, {"target_modules": ["q_proj", "v_proj"], "use_rslora": True}])
-def test_equals_peft_merge_on_the_16bit_base(base, tokenizer, tmp_path, lora, caplog):
+def test_equals_peft_merge_on_the_16bit_base(base, tokenizer, tmp_path, lora, fastsave_log):
     model = _trained(base, tokenizer, **lora)
     model.save_pretrained(str(tmp_path / "adapter"))
-    logger = logging.getLogger("fastsave")
-    logger.addHandler(caplog.handler)
-    try:
-        fastsave.save_pretrained_merged(model, tmp_path / "out", tokenizer, base_weights="original")
-    finally:
-        logger.removeHandler(caplog.handler)
-    assert "base_weights='original'" in caplog.text and str(base) in caplog.text
-    assert "original 16-bit base checkpoint" in caplog.text
+    fastsave.save_pretrained_merged(model, tmp_path / "out", tokenizer, base_weights="original")
+    assert "base_weights='original'" in fastsave_log.text and str(base) in fastsave_log.text
+    assert "original 16-bit base checkpoint" in fastsave_log.text
 
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     reference = _peft_reference(base, tmp_path / "adapter")

@@ -1,4 +1,4 @@
-"""``fastsave merge ADAPTER_DIR OUT_DIR``: the command-line front of fastsave.save.merge_adapter.
+"""``fastsave merge ADAPTER_DIR OUT_DIR``: the command-line front of fastsave.api.merge_adapter.
 
 Started by torchrun (``torchrun --nproc-per-node N -m fastsave merge ...``, or across machines
 that share the output's filesystem), every rank runs this command: it joins the process group
@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from fastsave.api import merge_adapter
 from fastsave.errors import SaveInProgressError, VerifyError
 from fastsave.parallel.ranks import RankFailedError, RanksDisagreeError
 from fastsave.parallel.team import CollectiveCallError, RankLostError
-from fastsave.save import merge_adapter
 from fastsave.sources.bnb_4bit import Quant4bitSettings
 
 _ERRORS = (
@@ -50,7 +50,7 @@ def process_group() -> Iterator[int]:
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo")
-    logger = logging.getLogger("fastsave")
+    logger = logging.getLogger(__name__)
     level = logger.level
     if dist.get_rank() != 0:
         logger.setLevel(logging.WARNING)  # rank 0 reports the save; the others only their problems

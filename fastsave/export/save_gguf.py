@@ -35,9 +35,10 @@ from fastsave.export.methods import first_conversion as choose_first_conversion
 from fastsave.export.space import check_export_space, logical_parameter_count
 from fastsave.export.verify import load_gguf, read_checkpoint_facts, verify_gguf
 from fastsave.io.model_card import facts_from_model, place_model_card, render_model_card
+from fastsave.log import shows_its_lines
 from fastsave.options import SaveOptions, parse_gguf_options
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 _NAME_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit")
 _TYPE_OF_DTYPE = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -70,6 +71,7 @@ def _merge_options(opts: SaveOptions, dtype: torch.dtype | None) -> dict[str, An
     return merge
 
 
+@shows_its_lines
 def save_pretrained_gguf(
     model: nn.Module,
     save_directory: str | Path,
@@ -129,10 +131,11 @@ def _export(
     options: dict[str, Any],
 ) -> tuple[list[str], str | None]:
     """The export behind both public functions; returns the GGUF paths and the hub URL when pushed."""
+    from fastsave.api import save_pretrained_merged
     from fastsave.io.ownership import GGUF
+    from fastsave.pipeline.preflight import Preflight
     from fastsave.plan.dtype import output_dtype as resolve_output_dtype
     from fastsave.plan.walk import unwrap_peft
-    from fastsave.save import publish, save_pretrained_merged, staging_directory
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -167,7 +170,8 @@ def _export(
     stem = gguf_stem(model)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    with staging_directory(opts, kind=GGUF) as work:
+    preflight = Preflight(opts, kind=GGUF)
+    with preflight as work:
         sizes = check_export_space(
             n_weights,
             torch.empty((), dtype=checkpoint_dtype).element_size(),
@@ -206,7 +210,7 @@ def _export(
             files=[(c.path.name, c.size_bytes, c.file_type) for c in checks],
         )
         place_model_card(render_model_card(card, opts.save_directory.name), work, opts.save_directory)
-        publish(work, opts.save_directory)
+        preflight.pending.publish()
     paths = [opts.save_directory / check.path.name for check in checks]
     _log_summary(checks, paths, timings, time.perf_counter() - started, sizes, tools.root)
     url = None
@@ -236,6 +240,7 @@ def _log_summary(checks, paths, timings, seconds, sizes, root) -> None:
     logger.info("\n".join(lines))
 
 
+@shows_its_lines
 def push_to_hub_gguf(
     model: nn.Module,
     repo_id: str,

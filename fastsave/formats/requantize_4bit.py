@@ -39,7 +39,7 @@ from fastsave.merge.assemble import assemble
 from fastsave.plan.items import Plan, PlanItem, SharedProducer
 from fastsave.sources.bnb_4bit import Quant4bitSettings
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 ACCURACY_WARNING = (
     "save_method='merged_4bit_forced' re-quantizes the merged weights to 4-bit: most of what the LoRA "

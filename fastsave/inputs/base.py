@@ -1,4 +1,4 @@
-"""The interface every save input offers the one save path (fastsave.save)."""
+"""The interface every save input offers the one save path (fastsave.pipeline.run)."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from fastsave.sources.safetensors_file import (
 )
 from fastsave.sources.transposed import TransposedSource
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 
 class InMemoryResolver:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -35,13 +35,6 @@ def write_config(
         if text_config is not None and hasattr(text_config, "tie_word_embeddings"):
             text_config.tie_word_embeddings = False
     config.save_pretrained(directory)
-
-
-def write_merged_config(
-    model: nn.Module, directory: Path, dtype: torch.dtype, untied_embeddings: bool
-) -> None:
-    """config.json of a plain 16-bit model: no quantization_config, dtype set, ties made true to the weights."""
-    write_config(model.config, directory, dtype, untied_embeddings)
 
 
 def write_generation_config(model: nn.Module, directory: Path) -> None:

@@ -130,3 +130,13 @@ def full_disk_error(directory: Path, remaining: int) -> DiskSpaceError:
         "Nothing was published: the save directory keeps its previous contents. Free that much space, or "
         "save to another disk."
     )
+
+
+def check_free_space(directory: Path, data_bytes: int, files: int) -> None:
+    """Refuse a checkpoint of ``data_bytes`` in ``files`` weight files that ``directory``'s disk
+    cannot hold (for a directory that no pending save owns; a pending save checks more).
+
+    Raises:
+        DiskSpaceError: with what is needed and free, where, and what to do.
+    """
+    check_room(needed_bytes(data_bytes, files), directory, directory, directory, 0, True, False)

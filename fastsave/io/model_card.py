@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 README_NAME = "README.md"
 # The line that makes a README.md fastsave's own (an HTML comment: invisible on the Hub).
@@ -217,19 +218,18 @@ def _adapter_card(staging: Path, facts: CardFacts) -> str | None:
     return text
 
 
-def write_model_card(model: nn.Module, opts: Any, staging: Path, report: dict[str, Any]) -> bool:
+def write_model_card(model: nn.Module, opts: Any, staging: Path, dtype: torch.dtype | None) -> bool:
     """The card of a ``save_pretrained_merged`` save, staged beside its files (see module docstring).
 
-    ``opts`` is the save's SaveOptions, ``report`` what the save method returned (its plan gives the
-    dtype). Returns whether a card was written.
+    ``opts`` is the save's SaveOptions, ``dtype`` that of the merged weights (None for an adapter).
+    Returns whether a card was written.
     """
-    plan = report.get("plan")
     facts = facts_from_model(
         model,
         opts.save_method,
         adapter_names=opts.adapter_names,
         base_weights=opts.base_weights if opts.save_method != "lora" else None,
-        dtype=getattr(plan, "dtype", None),
+        dtype=dtype,
         tags=opts.tags,
         datasets=opts.datasets,
     )

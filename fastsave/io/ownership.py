@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastsave.io.format import FASTSAVE_METADATA_KEY, read_safetensors_header
 from fastsave.io.model_card import MODEL_CARD_MARKER, README_NAME, is_fastsave_card  # noqa: F401 - the rule's marker
+from fastsave.io.names import ANY_VARIANT, is_index_name, is_weight_file_name
 
 ADAPTER = "adapter"
 MERGED = "merged"
@@ -37,17 +38,6 @@ MODEL_CARD_NAME = README_NAME
 # The card writer puts MODEL_CARD_MARKER into every README.md it writes (after any YAML front
 # matter, which the hub needs on the first line); only a README.md carrying it belongs to a save.
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
-INDEX_NAMES = (SAFETENSORS_INDEX, BIN_INDEX)
-# transformers' names, with its variants (``modeling_utils._add_variant``): model.safetensors,
-# model-00001-of-00003.safetensors, model.fp16.safetensors, model.fp16-00001-of-00003.safetensors,
-# pytorch_model*.bin alike; indexes model.safetensors.index.json, model.safetensors.index.fp16.json.
-_WEIGHT_FILE = re.compile(
-    r"(?:model|pytorch_model)(?:\.(?P<variant>[^./]+?))?(?:-\d{5}-of-\d{5})?\.(?P<ext>safetensors|bin)"
-)
-_INDEX_FILE = re.compile(r"(?:model\.safetensors|pytorch_model\.bin)\.index(?:\.(?P<variant>[^./]+))?\.json")
-_ANY = object()  # any variant
 MERGED_FILES = ("config.json", "generation_config.json")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
@@ -65,38 +55,11 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# The key fastsave puts into the metadata of the shards and the index it writes.
-FASTSAVE_METADATA_KEY = "fastsave"
 
 
 def kind_of(save_method: str) -> str:
     """ADAPTER for ``save_method="lora"``, MERGED for the merged methods."""
     return ADAPTER if save_method == "lora" else MERGED
-
-
-def is_weight_file_name(name: str, variant: object = _ANY) -> bool:
-    """``model.safetensors``, ``model-00001-of-00003.safetensors``, ``pytorch_model.bin``, ... (of
-    ``variant``: None for the plain names, a string for transformers' ``variant=``; any by default).
-
-    A ``pytorch_model.bin`` beside safetensors is the same checkpoint's twin. ``model-best.safetensors``
-    or ``model_backup.safetensors`` is not a weight file of a checkpoint.
-    """
-    match = _WEIGHT_FILE.fullmatch(name)
-    if match is None or (match["ext"] == "bin") != name.startswith("pytorch_model"):
-        return False
-    return variant is _ANY or match["variant"] == variant
-
-
-def is_index_name(name: str, variant: object = _ANY) -> bool:
-    """``model.safetensors.index.json`` (``.index.<variant>.json``) and the .bin index."""
-    match = _INDEX_FILE.fullmatch(name)
-    return match is not None and (variant is _ANY or match["variant"] == variant)
-
-
-def variant_of(name: str) -> str | None:
-    """The transformers variant in a weight file or index name (None: the plain names)."""
-    match = _WEIGHT_FILE.fullmatch(name) or _INDEX_FILE.fullmatch(name)
-    return match["variant"] if match else None
 
 
 def _read_index(path: Path) -> dict | None:
@@ -121,7 +84,7 @@ def files_named_by_index(directory: Path, index_name: str) -> list[str]:
     return sorted(n for n in names if (directory / n).is_file())
 
 
-def merged_weight_files(directory: Path, variant: object = _ANY) -> list[str]:
+def merged_weight_files(directory: Path, variant: object = ANY_VARIANT) -> list[str]:
     """Weight files and indexes of a merged (transformers) checkpoint in ``directory``: of one
     ``variant`` (None: the plain names), or of any by default."""
     if not directory.is_dir():
@@ -143,7 +106,6 @@ def adapter_files(directory: Path) -> list[str]:
 
 def written_by_fastsave(directory: Path, variant: str | None = None) -> bool:
     """Whether the merged checkpoint (of ``variant``) in ``directory`` carries fastsave's metadata key."""
-    from fastsave.io.shards import read_safetensors_header
 
     for name in merged_weight_files(directory, variant):
         if is_index_name(name):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,48 +26,11 @@ from fastsave.errors import DiskSpaceError
 from fastsave.io.checksums import PLACEHOLDER, SHA256_KEY, BackgroundDigest
 from fastsave.io.disk_space import FULL_DISK_ERRNOS, full_disk_error
 from fastsave.io.finite import check_finite
-from fastsave.io.ownership import FASTSAVE_METADATA_KEY
+from fastsave.io.format import FASTSAVE_METADATA_KEY, encode_header, fastsave_version
+from fastsave.io.names import index_name, shard_names, variant_of
 
 if TYPE_CHECKING:
     from fastsave.plan.items import PlanItem as PlannedTensor
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-DTYPE_SIZES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-BIN_WEIGHTS_NAME = "pytorch_model.bin"
-BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
-MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
-
-
-def fastsave_version() -> str:
-    """The fastsave version recorded in what it writes: ``fastsave.__version__``, the one place the
-    version is kept (pyproject reads it from there), so a source tree records it too."""
-    from fastsave import __version__
-
-    return __version__
 
 
 @dataclass
@@ -85,12 +47,16 @@ class Shard:
 
 
 def assign_shards(
-    tensors: Sequence[PlannedTensor], max_shard_size: int, safe_serialization: bool = True
+    tensors: Sequence[PlannedTensor],
+    max_shard_size: int,
+    safe_serialization: bool = True,
+    variant: str | None = None,
 ) -> list[Shard]:
     """Cut the plan into shards of at most ``max_shard_size`` bytes, in plan order (like transformers).
 
-    A tensor larger than the limit gets a shard of its own. Names follow transformers:
-    ``model.safetensors`` for one shard, ``model-0000i-of-0000N.safetensors`` for several.
+    A tensor larger than the limit gets a shard of its own. Names follow transformers
+    (fastsave.io.names): ``model.safetensors`` for one shard, ``model-0000i-of-0000N.safetensors``
+    for several, with ``variant`` before the extension.
     """
     groups: list[list[PlannedTensor]] = [[]]
     size = 0
@@ -100,32 +66,8 @@ def assign_shards(
             size = 0
         groups[-1].append(tensor)
         size += tensor.nbytes
-    single = WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME
-    stem, ext = single.rsplit(".", 1)
-    if len(groups) == 1:
-        return [Shard(single, groups[0])]
-    count = len(groups)
-    return [Shard(f"{stem}-{i + 1:05d}-of-{count:05d}.{ext}", group) for i, group in enumerate(groups)]
-
-
-def safetensors_header(shard: Shard, metadata: dict[str, str]) -> bytes:
-    """The 8-byte length and the JSON header of ``shard``, padded so that the data starts 8-aligned."""
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for tensor in shard.tensors:
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(
-                f"tensor {tensor.name!r} has dtype {tensor.dtype}, which safetensors cannot store"
-            )
-        header[tensor.name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + tensor.nbytes],
-        }
-        offset += tensor.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(encoded)) + encoded
+    names = shard_names(len(groups), safe_serialization, variant)
+    return [Shard(name, group) for name, group in zip(names, groups, strict=True)]
 
 
 def shard_metadata() -> dict[str, str]:
@@ -133,37 +75,14 @@ def shard_metadata() -> dict[str, str]:
     return {"format": "pt", FASTSAVE_METADATA_KEY: fastsave_version(), SHA256_KEY: PLACEHOLDER}
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, with ``__header_bytes__`` (8 + its length) added.
-
-    Raises:
-        ValueError: the file is too short or its header is not a safetensors header.
-    """
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{path.name} is shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES:
-            raise ValueError(f"{path.name}: header length {length} is not plausible")
-        raw = handle.read(length)
-    if len(raw) < length:
-        raise ValueError(f"{path.name} ends inside its header")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ValueError(f"{path.name}: the header is not JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path.name}: the header is not a JSON object")
-    header["__header_bytes__"] = 8 + length
-    return header
-
-
 def write_index(
-    directory: Path, shards: Sequence[Shard], digests: dict[str, str], safe_serialization: bool = True
+    directory: Path,
+    shards: Sequence[Shard],
+    digests: dict[str, str],
+    safe_serialization: bool = True,
 ) -> None:
-    """The index of a checkpoint of several shards: every tensor's shard, the size, each shard's sha256."""
-    index_name = WEIGHTS_INDEX_NAME if safe_serialization else BIN_WEIGHTS_INDEX_NAME
+    """The index of a checkpoint of several shards: every tensor's shard, the size, each shard's sha256
+    (named for the variant the shards' names carry)."""
     total = sum(shard.nbytes for shard in shards)
     metadata: dict[str, Any] = {"total_size": total, FASTSAVE_METADATA_KEY: fastsave_version()}
     if digests:
@@ -172,7 +91,7 @@ def write_index(
         "metadata": metadata,
         "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
     }
-    with open(directory / index_name, "w") as handle:
+    with open(directory / index_name(safe_serialization, variant_of(shards[0].filename)), "w") as handle:
         handle.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -225,7 +144,7 @@ class ShardWriter:
         shard = self.shards[index]
         path = self.directory / shard.filename
         if self.safe_serialization:
-            header = safetensors_header(shard, shard_metadata())
+            header = encode_header(shard.tensors, shard_metadata())
             self._digest_offset = (
                 header.index(f'"{SHA256_KEY}":"{PLACEHOLDER}"'.encode()) + len(SHA256_KEY) + 4
             )

@@ -1,6 +1,6 @@
 """A pending save: its lock, its staging directory, the cleanup of dead ones, its room on disk.
 
-:class:`PendingSave` is what ``fastsave.save.staging_directory`` holds while a checkpoint is
+:class:`PendingSave` is what ``fastsave.pipeline.preflight.Preflight`` holds while a checkpoint is
 written: :meth:`~PendingSave.prepare` (before any merge) checks save_directory, takes its lock,
 finishes or undoes what an interrupted save left there, removes the staging directories of dead
 saves (with a message) and makes a fresh one; :meth:`~PendingSave.check_space` (once the plan's
@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from fastsave.errors import TargetError, VerifyError
-from fastsave.io import publish as switch
+from fastsave.io import switch
 from fastsave.io.disk_space import Room, check_room, needed_bytes
 from fastsave.io.filesystem import (
     apply_umask_modes,
@@ -42,42 +42,11 @@ from fastsave.io.ownership import (
 from fastsave.io.target import EXCHANGE, INTO, LOCK_PREFIX, NEW, STAGING_PREFIX, SaveTarget, inspect_target
 from fastsave.io.verify import verify_checkpoint
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 # A staging directory with no lock file naming it was left by an older fastsave (or its lock was
 # deleted by hand); one this old is not being written any more.
 ORPHAN_AGE_SECONDS = 60
-_ACTIVE: dict[Path, PendingSave] = {}
-
-
-def pending_save(work: Path) -> PendingSave:
-    """The pending save whose working directory is ``work``.
-
-    Raises:
-        RuntimeError: ``work`` is not the directory of a pending save.
-    """
-    try:
-        return _ACTIVE[Path(work)]
-    except KeyError:
-        raise RuntimeError(
-            f"{work} is not a staging directory of a running save: make one with fastsave.save.staging_directory"
-        ) from None
-
-
-def check_space(work: Path, data_bytes: int, files: int) -> None:
-    """Refuse (before merging) a checkpoint of ``data_bytes`` in ``files`` weight files that cannot fit.
-
-    In a pending save's directory this is :meth:`PendingSave.check_space`; elsewhere only the
-    free space of ``work``'s disk is checked.
-
-    Raises:
-        DiskSpaceError: with what is needed and free, where, and what to do.
-    """
-    pending = _ACTIVE.get(Path(work))
-    if pending is not None:
-        pending.check_space(data_bytes, files)
-    else:
-        check_room(needed_bytes(data_bytes, files), Path(work), Path(work), Path(work), 0, True, False)
 
 
 class PendingSave:
@@ -139,7 +108,6 @@ class PendingSave:
             os.mkdir(self.work)
             self.record.staging.append(str(self.work))
             self.lock.write(self.record)
-        _ACTIVE[self.work] = self
         return self.work
 
     def _make_directory(self, path: Path) -> None:
@@ -325,7 +293,6 @@ class PendingSave:
 
         A staging directory that a journal still names is left for the next save's recovery.
         """
-        _ACTIVE.pop(self.work, None)
         try:
             journal_pending = self.target.path.is_dir() and switch.read_journal(self.target.path) is not None
             for path in {self.work, self.staging} - {None}:

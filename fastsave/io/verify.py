@@ -14,18 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastsave.io.checksums import PLACEHOLDER, SHA256_KEY, data_digest
+from fastsave.io.format import DTYPE_SIZES, read_safetensors_header
+from fastsave.io.names import is_index_name, is_weight_file_name, variant_of
 from fastsave.io.ownership import (
     ADAPTER,
     ADAPTER_CONFIG,
     GGUF,
     MERGED,
     adapter_files,
-    is_index_name,
-    is_weight_file_name,
-    variant_of,
 )
-from fastsave.io.publish import JOURNAL_NAME
-from fastsave.io.shards import DTYPE_SIZES, read_safetensors_header
+from fastsave.io.switch import JOURNAL_NAME
 
 
 @dataclass

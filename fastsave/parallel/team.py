@@ -8,14 +8,14 @@ the index, config and tokenizer files and publishes. A :class:`SaveTeam` of one 
 every method below then does what a single process does, with no process group needed, and an
 error is raised as it is.
 
-Where the ranks meet, in this order (fastsave.save.run_save):
+Where the ranks meet, in this order (fastsave.pipeline.run.run_save):
 
 1. :meth:`SaveTeam.roll_call`: every rank arrived (a save called on rank 0 only is refused with a
    message instead of hanging in the first gather);
 2. :meth:`SaveTeam.staging`: rank 0 preflights and makes the staging directory, the others receive
    its path (and check they see it: the ranks must share a filesystem);
 3. the plan, built by every rank for itself, then :meth:`SaveTeam.check_same` on its signature;
-4. the shards, written rank by rank (fastsave.save.write_merged_weights), with :meth:`SaveTeam.agree`
+4. the shards, written rank by rank (fastsave.pipeline.write.write_merged_weights), with :meth:`SaveTeam.agree`
    at every shard boundary and at the end;
 5. rank 0 publishes, and :meth:`SaveTeam.outcome` tells every rank how that went.
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
@@ -182,6 +182,26 @@ class SaveTeam:
             raise error
         if message is not None:
             raise RankFailedError(what, {0: message}, self.world)
+
+    def everyone(self, work: Callable[[], T], what: str) -> T:
+        """Run ``work`` on every rank; if it fails anywhere, every rank raises (solo: its error as it is)."""
+        failure = ranks.LocalFailure()
+        result = None
+        with failure.capture():
+            result = work()
+        self.agree(failure.error, what)
+        return result  # type: ignore[return-value]
+
+    def on_publisher(self, work: Callable[[], T], what: str) -> T | None:
+        """Rank 0 runs ``work`` (the small files, the switch, the upload); every rank learns whether
+        it failed and raises if so. Returns ``work``'s result on rank 0, None elsewhere."""
+        failure = ranks.LocalFailure()
+        result = None
+        if self.publisher:
+            with failure.capture():
+                result = work()
+        self.outcome(failure.error, what)
+        return result
 
     def share_from_publisher(self, value: T) -> T:
         """Rank 0's ``value`` on every rank."""

@@ -26,7 +26,7 @@ from fastsave.merge.dispatch import copy_producer
 from fastsave.plan.items import Plan
 from fastsave.sources.dense import DenseSource
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 _PEFT_PREFIX = "base_model.model."
 

@@ -89,7 +89,6 @@ class Plan:
         census: every module holding LoRA weights of a selected adapter, found independently of
             the walk that built ``items`` (fastsave.plan.checks compares the two).
         untied_embeddings: tied input/output embeddings that the adapter made differ.
-        tied_written_once: (kept name, dropped name) for tied tensors written once.
         release: gives back what producing the items held at the end (a sharded model's last
             gathered module); called once the items are produced, also after an error.
     """
@@ -98,7 +97,6 @@ class Plan:
     dtype: torch.dtype
     census: list[str]
     untied_embeddings: bool = False
-    tied_written_once: list[tuple[str, str]] = field(default_factory=list)
     release: Callable[[], None] | None = field(default=None, repr=False)
 
     @property

@@ -16,15 +16,13 @@ class TiedWeights:
     def __init__(self) -> None:
         self._seen: dict[int, tuple[str, bool]] = {}  # id(tensor) -> (output name, written modified?)
         self.untied = False
-        self.written_once: list[tuple[str, str]] = []  # (kept name, dropped name)
 
     def should_write(self, name: str, tensor: torch.Tensor, modified: bool) -> bool:
         """Record ``tensor`` under ``name``; False when it is an unmodified duplicate of a written tensor."""
         key = id(tensor)
         if key in self._seen:
-            first_name, first_modified = self._seen[key]
+            _, first_modified = self._seen[key]
             if not first_modified and not modified:
-                self.written_once.append((first_name, name))
                 return False
             self.untied = True
         else:

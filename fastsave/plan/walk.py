@@ -325,7 +325,7 @@ def walk_model(
         walk = _Walk(resolver, dtype, adapter_names, shapes_only)
         for name, module, _ in walk_units(root):
             _plan_unit(walk, name, module, shared, adapter_names)
-    return Plan(walk.items, dtype, census, walk.ties.untied, walk.ties.written_once)
+    return Plan(walk.items, dtype, census, walk.ties.untied)
 
 
 def plan_unit(

@@ -16,26 +16,11 @@ from pathlib import Path
 
 import torch
 
-from fastsave.io.shards import read_safetensors_header
+from fastsave.io.format import FLOAT_CODES, TORCH_DTYPES, read_safetensors_header
+from fastsave.io.names import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from fastsave.sources.base import RowReader, Source
 
-logger = logging.getLogger("fastsave")
-
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_TORCH_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+logger = logging.getLogger(__name__)
 
 
 def _read_header(file: Path) -> tuple[dict[str, dict], int]:
@@ -164,13 +149,13 @@ class SafetensorsCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of one tensor (from the header)."""
         code = self._meta[name][1].upper()
-        if code not in _TORCH_DTYPES:
+        if code not in TORCH_DTYPES:
             raise ValueError(f"{name} in {self.directory} has dtype {code}, which fastsave does not read")
-        return _TORCH_DTYPES[code]
+        return TORCH_DTYPES[code]
 
     def is_floating_point(self, name: str) -> bool:
         """Whether the stored tensor is of a floating-point dtype."""
-        return self._meta[name][1].upper() in _FLOAT_DTYPES
+        return self._meta[name][1].upper() in FLOAT_CODES
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from its file now."""

@@ -1,4 +1,7 @@
-"""The switch: a finished staging directory becomes save_directory's content in one step.
+"""The switch mechanics: a finished staging directory becomes save_directory's content in one step.
+
+The decision to switch (after verifying the staged files) is fastsave.io.staging's
+:meth:`PendingSave.publish`; this module only moves files, and recovers an interrupted switch.
 
 ``exchange``: the staging directory already holds the user's other files (hard links: same
 inodes, no space, no time) and swaps places with save_directory through renameat2
@@ -37,30 +40,12 @@ from fastsave.io.filesystem import (
     rename_noreplace,
 )
 
-logger = logging.getLogger("fastsave")
+logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = ".fastsave-journal.json"
 BACKUP_PREFIX = ".fastsave-backup-"
 # written last, removed first: a directory without them does not load as a checkpoint
 _CONFIG_NAMES = ("config.json", "adapter_config.json")
-
-
-def publish(staging: Path, save_directory: Path) -> None:
-    """Switch the staging directory made by ``fastsave.save.staging_directory`` into save_directory.
-
-    Verifies the staged checkpoint first (headers, index, sizes); replaces only what a checkpoint
-    of its kind consists of (fastsave.io.ownership); keeps every other file.
-
-    Raises:
-        RuntimeError: ``staging`` was not made by ``staging_directory`` (or is already published).
-        VerifyError: the staged checkpoint does not read back as written (nothing switched).
-    """
-    from fastsave.io.staging import pending_save
-
-    pending = pending_save(staging)
-    if pending.target.given != Path(os.path.abspath(os.path.expanduser(save_directory))):
-        raise RuntimeError(f"{staging} stages a save into {pending.target.given}, not {save_directory}")
-    pending.publish()
 
 
 # --------------------------------------------------------------------------- exchange

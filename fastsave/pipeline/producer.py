@@ -1,0 +1,125 @@
+"""The producer thread: each scheduled tensor's pieces in plan order, admitted by bytes.
+
+Pieces go through a queue to the writer (fastsave.pipeline.write); the memory they and the tensor
+being merged hold is admitted against the byte budget (fastsave.memory) before it is held.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+from fastsave.memory import ByteBudget
+from fastsave.merge.assemble import Assembler, assembling
+from fastsave.parallel.ranks import LocalFailure
+from fastsave.parallel.team import SaveTeam
+from fastsave.pipeline.schedule import Action, Step
+from fastsave.plan.items import Plan, PlanItem
+
+END = object()  # marks the end of one tensor's pieces in the queue
+DONE = object()  # the producer went through the whole schedule
+
+
+class Agreed(Exception):
+    """An error every rank raises at the same meeting (the producer thread's agreement at a shard end)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _take_part(item: PlanItem) -> None:
+    """The collectives producing ``item`` still involves on this rank, without producing it."""
+    if item.group is not None:
+        item.group.take_part()
+    elif item.participate is not None:
+        item.participate()
+
+
+def produce_into(
+    steps: list[Step],
+    plan: Plan,
+    budget: ByteBudget,
+    assembler: Assembler,
+    sink: queue.Queue,
+    stop: threading.Event,
+    team: SaveTeam,
+    failure: LocalFailure,
+    cuda_device: int | None = None,
+) -> None:
+    """Producer thread: each scheduled tensor's pieces in plan order, admitted by bytes, then END.
+
+    An item's working memory is admitted before it is produced and given back when it is done;
+    each piece is admitted before it is queued and given back when the writer has written it. The
+    first error is handed to the writer thread, which re-raises it.
+
+    In a collective save a rank whose work failed (here, or in the writer, which then sets
+    ``stop``) keeps walking the schedule, entering only the collectives, and the ranks meet at each
+    shard's end: there every rank raises (an :class:`Agreed` error) as soon as any rank failed.
+    ``cuda_device``: the CUDA device of the thread that started the save (a thread's current device
+    is its own, and nccl's collectives and DeepSpeed's gathers use it).
+    """
+    try:
+        if cuda_device is not None:
+            torch.cuda.set_device(cuda_device)
+        with assembling(assembler):
+            for step in steps:
+                failed = failure.error is not None or stop.is_set()
+                if step.action is Action.PRODUCE and not failed:
+                    try:
+                        if not _produce_one(step.item, budget, sink, stop):
+                            if not team.collective:
+                                return
+                            _take_part(step.item)  # stopped by the writer's failure
+                    except Exception as error:
+                        if not team.collective:
+                            raise
+                        failure.error = failure.error or error
+                        _take_part(step.item)
+                elif step.action is Action.PRODUCE:
+                    if not team.collective:
+                        return
+                    _take_part(step.item)
+                elif step.action is Action.COLLECTIVES_ONLY:
+                    _take_part(step.item)
+                if step.agree and team.collective:
+                    try:
+                        team.agree(failure.error, "writing the shards")
+                    except BaseException as error:
+                        sink.put(Agreed(error))
+                        return
+        sink.put(DONE)
+    except BaseException as error:  # handed to the writer thread, which re-raises it
+        sink.put(error)
+    finally:
+        if plan.release is not None:
+            plan.release()
+
+
+def _produce_one(item: PlanItem, budget: ByteBudget, sink: queue.Queue, stop: threading.Event) -> bool:
+    """One tensor's pieces into ``sink``, then END; False when ``stop`` ended it early."""
+    if not budget.reserve(item.working_set(), stop):
+        return False
+    try:
+        for piece in item.pieces():
+            nbytes = piece.numel() * piece.element_size()
+            if not budget.acquire(nbytes, stop):
+                return False
+            if not _put(sink, (piece, nbytes), stop):
+                return False
+            del piece
+    finally:
+        budget.unreserve()
+    return _put(sink, END, stop)
+
+
+def _put(sink: queue.Queue, value: object, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            sink.put(value, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False

@@ -1,0 +1,171 @@
+"""The writer: the producer's pieces streamed into safetensors shards in the staging directory."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastsave.io.disk_space import check_free_space
+from fastsave.io.shards import ShardWriter, assign_shards, write_index
+from fastsave.io.staging import PendingSave
+from fastsave.memory import ByteBudget, MemoryBudget, remove_spill_directory, spill_directory
+from fastsave.merge.assemble import Assembler, block_bytes_for
+from fastsave.merge.host_copies import release_cached_pinned_memory
+from fastsave.options import SaveOptions
+from fastsave.parallel.ranks import LocalFailure
+from fastsave.parallel.team import SaveTeam
+from fastsave.pipeline.producer import DONE, END, Agreed, produce_into
+from fastsave.pipeline.schedule import schedule
+from fastsave.plan.items import Plan
+from fastsave.vram import DeviceBudget
+
+logger = logging.getLogger(__name__)
+
+
+def write_merged_weights(
+    plan: Plan,
+    directory: Path,
+    options: SaveOptions,
+    team: SaveTeam | None = None,
+    pending: PendingSave | None = None,
+) -> list[str]:
+    """Merge and stream every planned tensor into shards in ``directory``; return the shard names.
+
+    The disk-space check runs first, before any tensor is merged. A producer thread computes the
+    tensors' pieces ahead of the writer, as far as ``maximum_memory_usage`` allows
+    (fastsave.memory): pieces waiting for the writer and the working memory of the tensor being
+    merged are admitted by bytes; a tensor needed whole beyond the allowance is spilled to disk
+    (fastsave.merge.assemble).
+
+    ``pending``: the pending save on the rank that publishes, which checks the disk space for the
+    planned bytes (None: only ``directory``'s free space is checked).
+
+    ``team``: in a collective save (fastsave.parallel.team) every rank calls this with the same
+    plan; each writes the shards assigned to it (balanced by bytes) and rank 0 the index, with the
+    sha256 digests every rank computed. The memory allowance is shared by the ranks on one machine.
+
+    Raises:
+        DiskSpaceError: the checkpoint does not fit (nothing written), or the disk filled up.
+        NonFiniteError: a tensor holds NaN/Inf (naming it).
+        RankFailedError: another rank failed (naming it and its error).
+    """
+    team = team or SaveTeam.solo()
+    shards = assign_shards(plan.items, options.max_shard_size, options.safe_serialization, options.variant)
+    owners = team.assign([shard.nbytes for shard in shards])
+    mine = [shard for shard, owner in zip(shards, owners, strict=True) if owner == team.rank]
+    space_error = None
+    if team.publisher:
+        try:
+            if pending is not None:
+                pending.check_space(plan.total_bytes, len(shards))
+            else:
+                check_free_space(directory, plan.total_bytes, len(shards))
+        except Exception as error:
+            space_error = error
+    team.agree(space_error, "checking the disk space")
+    writer = ShardWriter(directory, mine, options.safe_serialization, index=False)
+    memory = MemoryBudget(options.maximum_memory_usage, team.local_world, sum(shard.nbytes for shard in mine))
+    budget = ByteBudget(memory.allowance)
+    spill = spill_directory(options.temporary_location, directory, team.rank if team.collective else None)
+    # device blocks reach the host as pinned copies: a few of them and the pieces waiting must fit
+    # the RAM allowance too
+    device_memory = DeviceBudget(options.maximum_memory_usage, host_block_bytes=memory.allowance // 8)
+    assembler = Assembler(spill, memory.whole_allowance, block_bytes_for(memory.allowance), device_memory)
+    sink: queue.Queue = queue.Queue()  # bounded by the byte budget, not by a count
+    stop = threading.Event()
+    failure = LocalFailure()
+    steps = schedule(plan, shards, owners, team.rank)
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+    producer = threading.Thread(
+        target=produce_into,
+        args=(steps, plan, budget, assembler, sink, stop, team, failure, cuda_device),
+        daemon=True,
+        name="fastsave-producer",
+    )
+    producer.start()
+    progress = tqdm(
+        total=sum(shard.nbytes for shard in mine),
+        unit="B",
+        unit_scale=True,
+        desc="fastsave: merging",
+        leave=False,
+        disable=not team.publisher,
+    )
+    try:
+        _write_pieces(sink, writer, budget, progress)
+        writer.close()
+    except BaseException as error:
+        stop.set()
+        writer.abort()
+        agreed = isinstance(error, Agreed)
+        if agreed:
+            producer.join(timeout=60)
+            raise error.error from None
+        if not team.collective or not isinstance(error, Exception):
+            producer.join(timeout=60)
+            raise
+        # this rank's writing failed: the producer still walks the schedule (the other ranks need
+        # this rank in every gather) until the ranks meet, where everyone raises
+        failure.error = failure.error or error
+        producer.join()
+        _raise_agreed(sink)
+        team.agree(failure.error, "writing the shards")
+        raise  # pragma: no cover - agree raised
+    finally:
+        progress.close()
+        stop.set()
+        producer.join(timeout=60)
+        remove_spill_directory(assembler.spill_directory)
+        release_cached_pinned_memory()
+    team.agree(None, "writing the shards")  # every rank's shards are complete (a barrier)
+    if assembler.spilled_bytes:
+        logger.info(
+            "fastsave: %.2f GB of tensors needed whole were kept on disk (%s), not in memory",
+            assembler.spilled_bytes / 1e9,
+            assembler.spill_directory,
+        )
+    digests: dict[str, str] = {}
+    for each in team.gather(writer.digests):
+        digests.update(each)
+    if team.publisher and len(shards) > 1:
+        write_index(directory, shards, digests, options.safe_serialization)
+    return [s.filename for s in shards]
+
+
+def _write_pieces(sink: queue.Queue, writer: ShardWriter, budget: ByteBudget, progress: Any) -> None:
+    """The writer thread's loop: pieces into shards until the producer is done (or hands an error)."""
+    while True:
+        item = sink.get()
+        if item is DONE:
+            return
+        if isinstance(item, Agreed):
+            raise item
+        if isinstance(item, BaseException):
+            raise item
+        if item is END:
+            writer.end_tensor()
+            continue
+        piece, nbytes = item
+        writer.write_piece(piece)
+        del piece, item
+        budget.release(nbytes)
+        progress.update(nbytes)
+
+
+def _raise_agreed(sink: queue.Queue) -> None:
+    """Raise the error the ranks agreed on in the producer thread, if it got that far."""
+    while True:
+        try:
+            item = sink.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(item, Agreed):
+            raise item.error
+        if isinstance(item, BaseException):  # the collectives themselves failed: no meeting is possible
+            raise item
