@@ -8,12 +8,13 @@ model.save_pretrained_merged("out", tokenizer, save_method="merged_16bit")
 __version__ = "0.1.0"  # the one place the version is kept; before the imports: the model card reads it
 
 from fastsave.api import save_pretrained_merged
-from fastsave.errors import DiskSpaceError, PlanError
+from fastsave.errors import DiskSpaceError, FastsaveError, PlanError
 from fastsave.export import push_to_hub_gguf, save_pretrained_gguf
 from fastsave.patching import patch, unpatch
 
 __all__ = [
     "DiskSpaceError",
+    "FastsaveError",
     "PlanError",
     "__version__",
     "patch",

@@ -98,7 +98,7 @@ def merge_adapter(
     The same save as :func:`save_pretrained_merged`, from a saved adapter instead of a model in
     memory (fastsave.inputs.saved_adapter): ``base`` is the 16-bit base (a local directory or a repo
     in the local HF cache; default: the adapter's base_model_name_or_path), ``quant`` the 4-bit
-    settings training used (fastsave.sources.bnb_4bit.Quant4bitSettings; default: the QLoRA
+    settings training used (fastsave.sources.settings_4bit.Quant4bitSettings; default: the QLoRA
     defaults), ``options`` those of :func:`save_pretrained_merged`. ``distributed``: called on every
     rank of the default process group (``torchrun ... -m fastsave merge``), which share the work:
     each rank merges and writes the shards assigned to it; the output is the same, byte for byte.

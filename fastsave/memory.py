@@ -29,9 +29,8 @@ MIB = 2**20
 MINIMAL_ALLOWANCE = 64 * MIB
 # What may wait for the writer: a 48th of the output, between these bounds. The producer must be able
 # to run ahead while the writer is held up by the kernel's dirty-page throttling (which starts once
-# about a fifth of the RAM is unwritten: a 6 GB save with 16 MiB in flight took the sum of its merge
-# and write times, 22 s instead of 15), but a fixed 512 MiB held 40% of a 2 GB checkpoint's size at
-# its peak with no gain in speed.
+# about a fifth of the RAM is unwritten), or the save takes the sum of its merge and write times; a
+# bound that does not scale with the output holds a large share of a small checkpoint for nothing.
 MIN_IN_FLIGHT = 16 * MIB
 MAX_IN_FLIGHT = 512 * MIB
 IN_FLIGHT_SHARE = 48

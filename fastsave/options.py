@@ -12,21 +12,13 @@ from typing import Any
 
 import torch
 
+from fastsave.dtypes import SPELLINGS
+
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit_forced")
 # Other spellings notebooks use (Unsloth's zoo accepts "forced_merged_4bit" for the forced 4-bit save).
 # Methods are also matched case-insensitively, with spaces and hyphens read as underscores.
 SAVE_METHOD_ALIASES = {"forced_merged_4bit": "merged_4bit_forced"}
 BASE_WEIGHTS = ("dequantized", "original")
-_DTYPES = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
 
 # Keywords of Unsloth's save_pretrained_merged / push_to_hub_merged / save_pretrained_gguf that mean
 # nothing here. They are accepted, so that notebooks written for Unsloth run unchanged, and named in
@@ -125,8 +117,8 @@ def parse_dtype(value: Any) -> torch.dtype | None:
     if isinstance(value, torch.dtype):
         if value in (torch.float16, torch.bfloat16, torch.float32):
             return value
-    elif isinstance(value, str) and value.lower().removeprefix("torch.") in _DTYPES:
-        return _DTYPES[value.lower().removeprefix("torch.")]
+    elif isinstance(value, str) and value.lower().removeprefix("torch.") in SPELLINGS:
+        return SPELLINGS[value.lower().removeprefix("torch.")]
     raise ValueError(
         f"dtype={value!r} is not supported: merged weights are saved as torch.float16, torch.bfloat16 "
         "or torch.float32 (or None to keep the 16-bit dtype the model computes in)"
@@ -281,7 +273,7 @@ def _parse(save_directory: str | Path, kwargs: dict[str, Any], purpose: str) -> 
         for k, v in kwargs.items()
         if k not in NO_EFFECT_OPTIONS and not (v is None and _DEFAULTS.get(k) is not None)
     }
-    method = normalize_save_method(kwargs.get("save_method", "merged_16bit"))
+    method = normalize_save_method(kwargs.get("save_method", _DEFAULTS["save_method"]))
     if purpose == "gguf" and method != "merged_16bit":
         raise ValueError(
             f"save_method={kwargs['save_method']!r} cannot be exported to GGUF here: a GGUF export merges "
@@ -294,14 +286,14 @@ def _parse(save_directory: str | Path, kwargs: dict[str, Any], purpose: str) -> 
             "'merged_16bit' save (tensors taken from it) or a 'lora' save (adapter tensors taken from it)"
         )
 
-    base_weights = kwargs.get("base_weights", "dequantized")
+    base_weights = kwargs.get("base_weights", _DEFAULTS["base_weights"])
     if base_weights not in BASE_WEIGHTS:
         raise ValueError(
             f"base_weights={base_weights!r} is unknown: use 'dequantized' (merge into the NF4 weights the "
             "adapter was trained against) or 'original' (merge into the 16-bit base checkpoint on disk)"
         )
 
-    fraction = kwargs.get("maximum_memory_usage", 0.75)
+    fraction = kwargs.get("maximum_memory_usage", _DEFAULTS["maximum_memory_usage"])
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.95:
         raise ValueError(
             f"maximum_memory_usage={fraction!r} must be a fraction of system RAM with 0 < x <= 0.95 "
@@ -349,23 +341,23 @@ def _parse(save_directory: str | Path, kwargs: dict[str, Any], purpose: str) -> 
         save_method=method,
         dtype=parse_dtype(kwargs.get("dtype")),
         base_weights=base_weights,
-        max_shard_size=parse_shard_size(kwargs.get("max_shard_size", "5GB")),
-        safe_serialization=kwargs.get("safe_serialization", True),
+        max_shard_size=parse_shard_size(kwargs.get("max_shard_size", _DEFAULTS["max_shard_size"])),
+        safe_serialization=kwargs.get("safe_serialization", _DEFAULTS["safe_serialization"]),
         maximum_memory_usage=float(fraction),
         temporary_location=temporary_location,
-        replace_in_place=kwargs.get("replace_in_place", False),
-        push_to_hub=kwargs.get("push_to_hub", False),
+        replace_in_place=kwargs.get("replace_in_place", _DEFAULTS["replace_in_place"]),
+        push_to_hub=kwargs.get("push_to_hub", _DEFAULTS["push_to_hub"]),
         repo_id=kwargs.get("repo_id"),
         token=kwargs.get("token"),
         private=kwargs.get("private"),
         revision=kwargs.get("revision"),
         commit_message=kwargs.get("commit_message"),
-        create_pr=kwargs.get("create_pr", False),
-        is_main_process=kwargs.get("is_main_process", True),
+        create_pr=kwargs.get("create_pr", _DEFAULTS["create_pr"]),
+        is_main_process=kwargs.get("is_main_process", _DEFAULTS["is_main_process"]),
         adapter_names=adapter_names,
         original_base_path=kwargs.get("original_base_path"),
         variant=_parse_variant(kwargs.get("variant")),
-        save_peft_format=kwargs.get("save_peft_format", True),
+        save_peft_format=kwargs.get("save_peft_format", _DEFAULTS["save_peft_format"]),
         tags=_string_list("tags", kwargs.get("tags")),
         datasets=_string_list("datasets", kwargs.get("datasets")),
         commit_description=kwargs.get("commit_description"),

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import fastsave
 from fastsave.formats.requantize_4bit import quantized_layout
 from fastsave.sources import quantized_weight_source
-from fastsave.sources.bnb_4bit import Quant4bitSettings, settings_of
+from fastsave.sources.bnb_4bit import settings_of
+from fastsave.sources.settings_4bit import Quant4bitSettings
 from fastsave.tiny import (
     attach_lora,
     build_tiny_tokenizer,

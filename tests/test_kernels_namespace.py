@@ -141,3 +141,7 @@ def test_built_wheel_has_no_top_level_kernels(tmp_path):
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_level == {"fastsave"}
     assert "fastsave/kernels/__init__.py" in names and "fastsave/kernels/_api.py" in names
+    # every folder of the package is a package, and ships (pyproject lists them one by one)
+    folders = {str(p.parent.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "fastsave").rglob("*.py")}
+    assert [f for f in sorted(folders) if not (REPO_ROOT / f / "__init__.py").is_file()] == []
+    assert folders <= {n.rsplit("/", 1)[0] for n in names if n.endswith(".py")}

@@ -6,9 +6,9 @@ import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 
-from fastsave.sources.bnb_4bit import Quant4bitSettings
 from fastsave.sources.dense import DenseSource
 from fastsave.sources.nf4_roundtrip import Nf4RoundTripSource
+from fastsave.sources.settings_4bit import Quant4bitSettings
 
 
 @pytest.mark.parametrize(

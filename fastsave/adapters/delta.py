@@ -9,7 +9,8 @@ dtype the factors are kept in:
   variants never transpose);
 * ``embedding``: ``(B @ A).T * scaling`` with A = lora_embedding_A, B = lora_embedding_B;
 * ``param``: LoRA on a bare parameter (peft's ParamWrapper): B @ A for a 2-D parameter, one
-  rank-r pair an expert for a 3-D expert stack (fastsave.adapters.param_wrapper).
+  rank-r pair an expert for a 3-D expert stack, paired as peft's einsum pairs them
+  (:func:`param_delta_float32`).
 
 DoRA (a ``magnitude``) rescales the merged rows (fastsave.adapters.dora); ``bias`` is lora_B's
 bias for adapters trained with ``lora_bias=True``, added to the base bias times scaling.
@@ -64,8 +65,6 @@ class LoraDelta:
     def dense_float32(self, device: torch.device | str) -> torch.Tensor:
         """The whole delta in float32, in the layout of the weight it is added to."""
         if self.kind == "param":
-            from fastsave.adapters.param_wrapper import param_delta_float32
-
             return param_delta_float32(self, device)
         b, a = self.factors_float32(device)
         if self.kind == "embedding":
@@ -74,6 +73,23 @@ class LoraDelta:
         if self.fan_in_fan_out:
             delta = delta.T
         return delta * self.scaling
+
+
+def param_delta_float32(delta: LoraDelta, device: torch.device | str) -> torch.Tensor:
+    """peft's ParamWrapper delta in float32, in the wrapped parameter's layout.
+
+    A 2-D parameter (a router) takes the Linear delta B @ A. A 3-D expert stack holds one rank-r
+    pair an expert: A is (experts * r, in), B is (out, r * experts), paired as peft's einsum pairs
+    them, in the (experts, in, out) or (experts, out, in) order peft chose for the parameter.
+    """
+    b, a = delta.factors_float32(device)
+    if delta.num_experts == 1:
+        product = b @ a
+        return (product.T if delta.fan_in_fan_out else product) * delta.scaling
+    a = a.reshape(delta.num_experts, -1, a.shape[-1])
+    b = b.reshape(b.shape[0], -1, delta.num_experts)
+    order = "e o i" if delta.experts_out_in else "e i o"
+    return torch.einsum(f"o r e, e r i -> {order}", b, a) * delta.scaling
 
 
 def merged_bias_float32(bias: torch.Tensor, deltas: list[LoraDelta]) -> torch.Tensor:

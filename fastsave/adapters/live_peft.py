@@ -15,6 +15,7 @@ from torch import nn
 from fastsave.adapters.delta import DeltaKind, LoraDelta
 from fastsave.errors import PlanError, UnsupportedAdapterError
 from fastsave.plan.module_tree import collection_paused, named_modules
+from fastsave.sources.backends import lora_layer_classes
 from fastsave.sources.offloaded import offloaded_value
 from fastsave.sources.sharded import clean_name
 
@@ -28,26 +29,6 @@ try:
 except ImportError:  # pragma: no cover - peft is a dependency
     LoraLayer = LoraEmbedding = LoraLinear = ParamWrapper = BaseTunerLayer = None
     DoraEmbeddingVariant = DoraLinearVariant = ()
-
-
-def _optional_class(module_path: str, name: str) -> type | None:
-    try:
-        module = __import__(module_path, fromlist=[name])
-    except ImportError:
-        return None
-    return getattr(module, name, None)
-
-
-# LoRA layers over a linear base whose weight fastsave reads (fastsave.sources): the delta is B @ A.
-_QUANTIZED_LINEAR_LAYERS = tuple(
-    cls
-    for cls in (
-        _optional_class("peft.tuners.lora.bnb", "Linear4bit"),
-        _optional_class("peft.tuners.lora.bnb", "Linear8bitLt"),
-        _optional_class("peft.tuners.lora.hqq", "HqqLoraLinear"),
-    )
-    if cls is not None
-)
 
 
 # What a module class is, decided once per class: peft's layer classes are ABCs, whose isinstance
@@ -208,7 +189,7 @@ def _kind_of_class(cls: type) -> DeltaKind | None:
             kind = "param"
         elif issubclass(cls, LoraEmbedding):
             kind = "embedding"
-        elif issubclass(cls, (LoraLinear, *_QUANTIZED_LINEAR_LAYERS)):
+        elif issubclass(cls, (LoraLinear, *lora_layer_classes())):
             kind = "linear"
         _KIND_OF_CLASS[cls] = kind
     return _KIND_OF_CLASS[cls]

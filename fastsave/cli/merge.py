@@ -20,7 +20,7 @@ from fastsave.api import merge_adapter
 from fastsave.errors import SaveInProgressError, VerifyError
 from fastsave.parallel.ranks import RankFailedError, RanksDisagreeError
 from fastsave.parallel.team import CollectiveCallError, RankLostError
-from fastsave.sources.bnb_4bit import Quant4bitSettings
+from fastsave.sources.settings_4bit import Quant4bitSettings
 
 _ERRORS = (
     ValueError,

@@ -13,12 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from fastsave.errors import GGUFConversionError
 from fastsave.export.llama_cpp import HOW_TO_BUILD_QUANTIZE, LlamaCpp
 from fastsave.export.methods import file_type_name
-
-
-class GGUFConversionError(RuntimeError):
-    """llama.cpp's converter or quantizer failed; the message holds the end of its output."""
 
 
 def _run(command: list[str], what: str, cwd: Path) -> float:

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastsave.errors import LlamaCppNotFoundError
+
 ENV_VAR = "FASTSAVE_LLAMA_CPP"
 QUANTIZE_ENV_VAR = "FASTSAVE_LLAMA_QUANTIZE"
 CONVERTER_NAME = "convert_hf_to_gguf.py"
@@ -32,10 +34,6 @@ HOW_TO_BUILD_QUANTIZE = (
     f"Release --target llama-quantize`, or put llama-quantize on PATH or in {QUANTIZE_ENV_VAR}. "
     "f32, f16, bf16 and q8_0 need no build."
 )
-
-
-class LlamaCppNotFoundError(FileNotFoundError):
-    """llama.cpp (or its quantize tool) is not on this machine; the message says how to get it."""
 
 
 @dataclass(frozen=True)

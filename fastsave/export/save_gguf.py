@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastsave.dtypes import GGUF_TYPES, dtype_of_gguf_type
 from fastsave.export.convert import convert_checkpoint, quantize_gguf
 from fastsave.export.llama_cpp import find_llama_cpp
 from fastsave.export.methods import DEFAULT_METHOD, file_type_name, normalize_methods
@@ -41,8 +42,6 @@ from fastsave.options import SaveOptions, parse_gguf_options
 logger = logging.getLogger(__name__)
 
 _NAME_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit")
-_TYPE_OF_DTYPE = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
-_DTYPE_OF_TYPE = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 
 
 def gguf_stem(model: nn.Module) -> str:
@@ -158,13 +157,13 @@ def _export(
             "downloads one (Unsloth's imatrix_file=True fetches it from the Hub)"
         )
     model_dtype = opts.dtype or resolve_output_dtype(unwrap_peft(model), None)
-    unquantized = _TYPE_OF_DTYPE[model_dtype]
+    unquantized = GGUF_TYPES[model_dtype]
     methods = normalize_methods(quantization_method, unquantized, imatrix=imatrix_file is not None)
     first = choose_first_conversion(methods, unquantized, first_conversion)
     if not opts.is_main_process:
         return [], None
     tools = find_llama_cpp(llama_cpp, need_quantize=any(m != first for m in methods))
-    checkpoint_dtype = opts.dtype or _DTYPE_OF_TYPE.get(first, model_dtype)
+    checkpoint_dtype = opts.dtype or (dtype_of_gguf_type(first) or model_dtype)
     n_weights = logical_parameter_count(model)
     gguf = load_gguf(tools)
     stem = gguf_stem(model)

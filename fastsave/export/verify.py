@@ -18,14 +18,11 @@ from types import ModuleType
 
 from safetensors import safe_open
 
+from fastsave.errors import GGUFVerificationError
 from fastsave.export.llama_cpp import LlamaCpp
 
 # Tensors the converter makes without a checkpoint tensor of their own.
 _GENERATED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
-
-
-class GGUFVerificationError(RuntimeError):
-    """A GGUF file does not hold what its checkpoint does; the message says what differs."""
 
 
 @dataclass

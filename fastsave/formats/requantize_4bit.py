@@ -34,10 +34,11 @@ from typing import Any
 
 import torch
 
+from fastsave.dtypes import dtype_name
 from fastsave.io.finite import check_finite
 from fastsave.merge.assemble import assemble
 from fastsave.plan.items import Plan, PlanItem, SharedProducer
-from fastsave.sources.bnb_4bit import Quant4bitSettings
+from fastsave.sources.settings_4bit import Quant4bitSettings
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,13 @@ ACCURACY_WARNING = (
 )
 # The longest repr of a Python float ("-2.2250738585072014e-308"): the offset's JSON never exceeds it.
 _LONGEST_FLOAT = -2.2250738585072014e-308
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 def _state_json_length(shape: tuple[int, ...], dtype: torch.dtype, settings: Quant4bitSettings) -> int:
     fields: dict[str, Any] = {
         "quant_type": settings.quant_type,
         "blocksize": settings.blocksize,
-        "dtype": _DTYPE_NAMES[dtype],
+        "dtype": dtype_name(dtype),
         "shape": list(shape),
     }
     if settings.double_quant:

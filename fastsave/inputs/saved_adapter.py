@@ -41,7 +41,6 @@ from fastsave.plan.items import Plan
 from fastsave.plan.layout import stored_as
 from fastsave.plan.walk import unwrap_peft, walk_model
 from fastsave.sources import ModuleTensor
-from fastsave.sources.bnb_4bit import Quant4bitSettings
 from fastsave.sources.nf4_roundtrip import Nf4RoundTripSource, quantized_module_names
 from fastsave.sources.safetensors_file import (
     SafetensorsCheckpoint,
@@ -49,6 +48,7 @@ from fastsave.sources.safetensors_file import (
     check_not_quantized_checkpoint,
     resolve_checkpoint_dir,
 )
+from fastsave.sources.settings_4bit import Quant4bitSettings
 
 _TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",

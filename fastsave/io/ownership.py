@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastsave.errors import MixedKindsError
 from fastsave.io.format import FASTSAVE_METADATA_KEY, read_safetensors_header
 from fastsave.io.model_card import MODEL_CARD_MARKER, README_NAME, is_fastsave_card  # noqa: F401 - the rule's marker
 from fastsave.io.names import ANY_VARIANT, is_index_name, is_weight_file_name
@@ -124,10 +125,6 @@ def written_by_fastsave(directory: Path, variant: str | None = None) -> bool:
             if FASTSAVE_METADATA_KEY in (header.get("__metadata__") or {}):
                 return True
     return False
-
-
-class MixedKindsError(ValueError):
-    """A merged save into an adapter's directory, or an adapter save into a merged checkpoint's."""
 
 
 def check_kinds_do_not_mix(directory: Path, kind: str) -> None:

@@ -1,6 +1,6 @@
 """LoRA on a 3-D expert stack (peft's ParamWrapper on fused MoE experts), merged one expert at a time.
 
-peft's delta for the stack is one einsum over every expert (fastsave.adapters.param_wrapper); the
+peft's delta for the stack is one einsum over every expert (fastsave.adapters.delta.param_delta_float32); the
 whole-stack float32 copy plus that delta is about 7.5 GB for one Mixtral-8x7B gate_up. Here each
 expert's slice of W and its delta (the same einsum on that expert's factors) are computed, added,
 rounded and handed on alone, so the working set is one expert. The einsum on one expert must give
@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastsave.adapters.delta import LoraDelta
-from fastsave.adapters.param_wrapper import param_delta_float32
+from fastsave.adapters.delta import LoraDelta, param_delta_float32
 from fastsave.sources.base import Source
 from fastsave.sources.dense import DenseSource
 

@@ -27,29 +27,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from fastsave.errors import RankFailedError, RanksDisagreeError
+
 T = TypeVar("T")
-
-
-class RankFailedError(RuntimeError):
-    """One or more ranks failed during a collective save; nothing was published.
-
-    ``failures`` maps each failing rank to its error as ``"TypeName: message"``. Every rank raises
-    this same error (the failing ranks too, with their own exception chained), so a launcher
-    such as torchrun reports the real cause whichever rank it shows first.
-    """
-
-    def __init__(self, what: str, failures: dict[int, str], world: int) -> None:
-        self.failures = dict(failures)
-        self.what = what
-        details = "; ".join(f"rank {r}: {message}" for r, message in sorted(failures.items()))
-        super().__init__(
-            f"{what} failed on {len(failures)} of {world} ranks ({details}); nothing was published. "
-            "Fix the error on the rank named and run the save again on every rank."
-        )
-
-
-class RanksDisagreeError(RuntimeError):
-    """Ranks computed different values for something that must be identical on every rank."""
 
 
 def is_distributed() -> bool:

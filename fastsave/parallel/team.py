@@ -37,6 +37,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fastsave.errors import CollectiveCallError, RankLostError
 from fastsave.parallel import ranks
 from fastsave.parallel.ranks import RankFailedError
 
@@ -48,14 +49,6 @@ T = TypeVar("T")
 # gather until the process group's timeout (30 minutes by default).
 ROLL_CALL_SECONDS = 120.0
 _save_counter = itertools.count()  # the n-th collective save of this process: the same n on every rank
-
-
-class RankLostError(RuntimeError):
-    """A meeting of the ranks failed: another rank stopped (killed, crashed) or never came."""
-
-
-class CollectiveCallError(RuntimeError):
-    """A collective save was called on some ranks only."""
 
 
 @dataclass(frozen=True)

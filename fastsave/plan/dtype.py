@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastsave.dtypes import SPELLINGS
 from fastsave.sources import module_compute_dtype
-
-OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def sixteen_bit_dtype(value: object) -> torch.dtype | None:
     """torch.float16 / torch.bfloat16 for those dtypes or their names ("float16", "bfloat16"), else None."""
     if isinstance(value, str):
-        value = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(value)
+        value = SPELLINGS.get(value)
     return value if value in (torch.float16, torch.bfloat16) else None
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastsave.sources.bnb_4bit import Quant4bitSettings
+from fastsave.sources.settings_4bit import Quant4bitSettings
 
 
 @dataclass(slots=True)

@@ -2,7 +2,8 @@
 
 ``module_tensors(module)`` is the one place that decides, from what a module and its tensors are,
 which source gives each of the module's own tensors and under which name the checkpoint stores it.
-A new quantization backend is one new module here plus one branch below.
+A new quantization backend of linear layers is one new module here, describing its layer with a
+:class:`~fastsave.sources.backends.QuantizedLinear`, plus one ``register`` line below.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastsave.sources import bnb_4bit, bnb_8bit, hqq
+from fastsave.sources.backends import backend_of, register
 from fastsave.sources.base import RowReader, Source
-from fastsave.sources.bnb import bnb, converted_from_conv1d, is_4bit_module, is_8bit_module
-from fastsave.sources.bnb_4bit import bnb_4bit_source, compute_dtype_of
-from fastsave.sources.bnb_8bit import Bnb8bitSource, compute_dtype_of_8bit
 from fastsave.sources.dense import DenseSource
-from fastsave.sources.hqq import HQQLinear, HqqSource, is_hqq_module
 from fastsave.sources.torchao import TorchaoSource, is_torchao_tensor
+
+register(bnb_4bit.BACKEND)
+register(bnb_8bit.BACKEND)
+register(hqq.BACKEND)
 
 __all__ = ["ModuleTensor", "RowReader", "Source", "module_compute_dtype", "module_tensors"]
 
@@ -58,32 +61,10 @@ def _tensor_source(tensor: torch.Tensor) -> Source | None:
     return DenseSource(tensor)
 
 
-# Classes that are none of the quantized linears (decided once per class: this runs for every module)
-_PLAIN_CLASSES: set[type] = set()
-
-
-def _maybe_quantized(module: nn.Module) -> bool:
-    cls = type(module)
-    if cls in _PLAIN_CLASSES:
-        return False
-    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ()
-    if issubclass(cls, (*quantized, *((HQQLinear,) if HQQLinear is not None else ()))):
-        return True
-    _PLAIN_CLASSES.add(cls)
-    return False
-
-
 def quantized_weight_source(module: nn.Module) -> Source | None:
-    """The source of a quantized linear's weight (bitsandbytes 4/8-bit, HQQ), or None for any other module."""
-    if not _maybe_quantized(module):
-        return None
-    if is_4bit_module(module):
-        return bnb_4bit_source(module)
-    if is_8bit_module(module):
-        return Bnb8bitSource(module)
-    if is_hqq_module(module):
-        return HqqSource(module)
-    return None
+    """The source of a quantized linear's weight (any registered backend), or None for any other module."""
+    backend = backend_of(module)
+    return backend.source(module) if backend is not None else None
 
 
 def module_tensors(
@@ -96,12 +77,12 @@ def module_tensors(
     ``meta_ok``: the walk plans shapes only (a sharded model's placeholders), so a quantized weight
     on the meta device is described, not refused.
     """
-    weight = quantized_weight_source(module)
-    if weight is not None:
+    backend = backend_of(module)
+    if backend is not None:
+        weight = backend.source(module)
         if weight.device.type == "meta" and not meta_ok:
             raise ValueError("a quantized weight on the meta device cannot be read")
-        identity = module.W_q if is_hqq_module(module) else module.weight
-        tensors = [ModuleTensor("weight", identity, weight, converted_from_conv1d(module))]
+        tensors = [ModuleTensor("weight", backend.weight(module), weight, backend.transposed(module))]
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor):
             tensors.append(ModuleTensor("bias", bias, _tensor_source(bias)))
@@ -125,12 +106,9 @@ def module_tensors(
 
 def module_compute_dtype(module: nn.Module) -> torch.dtype | None:
     """The 16-bit dtype a quantized module's weight stands for, or None for a plain module."""
-    if is_4bit_module(module):
-        return compute_dtype_of(module)
-    if is_8bit_module(module):
-        return compute_dtype_of_8bit(module)
-    if is_hqq_module(module):
-        return getattr(module, "compute_dtype", None)
+    backend = backend_of(module)
+    if backend is not None:
+        return backend.compute_dtype(module)
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and is_torchao_tensor(weight):
         return weight.dtype

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from fastsave.sources.bnb_4bit import Quant4bitSettings
+    from fastsave.sources.settings_4bit import Quant4bitSettings
 
 # read(i, j) -> rows i..j of the float32 weight as a new tensor
 RowRead = Callable[[int, int], torch.Tensor]

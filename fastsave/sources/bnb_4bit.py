@@ -14,42 +14,20 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from fastsave.sources.backends import QuantizedLinear, optional_classes
 from fastsave.sources.base import RowReader, Source
-from fastsave.sources.bnb import bnb_functional
+from fastsave.sources.bnb import bnb, bnb_functional, converted_from_conv1d, is_4bit_module
+from fastsave.sources.settings_4bit import Quant4bitSettings
 
 # Same layout constants as bitsandbytes' _convert_weight_packed_for_cpu: 32 rows a block, the low
 # nibbles of a 64-value run first, then the high nibbles.
 CPU_PACK_ROWS = 32
 _CPU_PACK_HALF = 32
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-@dataclass(frozen=True)
-class Quant4bitSettings:
-    """How one weight is quantized: the arguments of ``bitsandbytes.functional.quantize_4bit``."""
-
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
-    quant_storage: torch.dtype = torch.uint8
-
-    def __post_init__(self) -> None:
-        if self.quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
-        if self.blocksize not in BLOCKSIZES:
-            raise ValueError(
-                f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}"
-            )
-
-    def describe(self) -> str:
-        """'nf4, blocksize 64, double quant True', for logs."""
-        return f"{self.quant_type}, blocksize {self.blocksize}, double quant {self.double_quant}"
 
 
 def settings_of(module: nn.Module) -> Quant4bitSettings:
@@ -237,3 +215,14 @@ def bnb_4bit_source(module: nn.Module) -> Bnb4bitSource:
     if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
         return Bnb4bitCpuRepackedSource(module)
     return Bnb4bitSource(module)
+
+
+BACKEND = QuantizedLinear(
+    name="bitsandbytes 4-bit",
+    layer_classes=(bnb.nn.Linear4bit,) if bnb is not None else (),
+    holds_quantized=is_4bit_module,
+    source=bnb_4bit_source,
+    compute_dtype=compute_dtype_of,
+    transposed=converted_from_conv1d,
+    lora_layer_classes=optional_classes(("peft.tuners.lora.bnb", "Linear4bit")),
+)

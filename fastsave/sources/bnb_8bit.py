@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastsave.sources.backends import QuantizedLinear, optional_classes
 from fastsave.sources.base import RowReader, Source
-from fastsave.sources.bnb import bnb_functional
+from fastsave.sources.bnb import bnb, bnb_functional, converted_from_conv1d, is_8bit_module
 
 
 def int8_row_scale(module: nn.Module) -> torch.Tensor:
@@ -54,3 +55,14 @@ class Bnb8bitSource(Source):
 def compute_dtype_of_8bit(module: nn.Module) -> torch.dtype:
     """The dtype an LLM.int8 layer computes in (its bias's, else float16)."""
     return module.bias.dtype if module.bias is not None else torch.float16
+
+
+BACKEND = QuantizedLinear(
+    name="bitsandbytes 8-bit",
+    layer_classes=(bnb.nn.Linear8bitLt,) if bnb is not None else (),
+    holds_quantized=is_8bit_module,
+    source=Bnb8bitSource,
+    compute_dtype=compute_dtype_of_8bit,
+    transposed=converted_from_conv1d,
+    lora_layer_classes=optional_classes(("peft.tuners.lora.bnb", "Linear8bitLt")),
+)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastsave.sources.backends import QuantizedLinear, optional_classes
 from fastsave.sources.base import Source
 
 try:
@@ -79,3 +80,14 @@ class HqqSource(Source):
     def describe(self) -> str:
         """'HQQ 4-bit' and the like."""
         return f"HQQ {self.module.meta.get('nbits', '?')}-bit"
+
+
+BACKEND = QuantizedLinear(
+    name="HQQ",
+    layer_classes=(HQQLinear,) if HQQLinear is not None else (),
+    holds_quantized=is_hqq_module,
+    source=HqqSource,
+    compute_dtype=lambda module: getattr(module, "compute_dtype", None),
+    weight=lambda module: module.W_q,
+    lora_layer_classes=optional_classes(("peft.tuners.lora.hqq", "HqqLoraLinear")),
+)

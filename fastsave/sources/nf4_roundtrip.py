@@ -17,7 +17,7 @@ from torch import nn
 from fastsave.errors import PlanError
 from fastsave.sources.base import RowReader, Source
 from fastsave.sources.bnb import bnb_functional
-from fastsave.sources.bnb_4bit import Quant4bitSettings
+from fastsave.sources.settings_4bit import Quant4bitSettings
 
 
 def quantize_dequantize_float32(

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastsave.errors import ShardingError
 from fastsave.parallel import ranks
 
 _ABSENT = object()  # placeholders(): a key that was not there before
@@ -68,10 +69,6 @@ class Sharding(enum.Enum):
     FSDP2 = "fsdp2"  # torch.distributed.fsdp.fully_shard: parameters are DTensors
     FSDP1 = "fsdp1"  # FullyShardedDataParallel: parameters flattened into FlatParameters
     ZERO3 = "zero3"  # DeepSpeed ZeRO stage 3: parameters partitioned, ds_* attributes
-
-
-class ShardingError(RuntimeError):
-    """The model's sharding cannot be read (mixed engines, or an unsupported layout)."""
 
 
 @dataclass(frozen=True)

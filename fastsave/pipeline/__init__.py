@@ -1,0 +1,1 @@
+"""The one save path: preflight, plan, produce, write, publish (see run.py)."""
