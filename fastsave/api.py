@@ -48,15 +48,12 @@ def save_pretrained_merged(
     opts = parse_options(save_directory, **options)
     check_model(model, opts)
     check_tokenizer(tokenizer)
-    from fastsave.inputs.sharded_model import ShardedModelInput, is_sharded
+    from fastsave.inputs.sharded_model import ShardedModelInput, is_sharded, lora_save_refused
 
     if is_sharded(model):
         # every rank holds part of every weight: every rank takes part, whatever is_main_process says
         if opts.save_method == "lora":
-            raise ValueError(
-                "save_method='lora' is not supported for a sharded (FSDP / ZeRO-3) model: save the adapter "
-                "with your trainer's own state-dict gathering, or save it merged (merged_16bit) here"
-            )
+            raise lora_save_refused()  # before any work
         return run_save(ShardedModelInput(model, tokenizer), opts)
     if not opts.is_main_process:
         return str(opts.save_directory)

@@ -417,3 +417,21 @@ def test_schedule_produces_owned_tensors_and_takes_part_in_the_others_once():
     alone.take_part()
     alone.take_part()
     assert calls == ["alone"]
+
+
+def _lora_worker(rank: int, world: int, out: str) -> str:
+    from fastsave.errors import PlanError
+
+    model = tiny_peft()
+    _fully_shard(model)
+    try:
+        fastsave.save_pretrained_merged(model, f"{out}/adapter", save_method="lora")
+    except PlanError as error:
+        return str(error)
+    raise AssertionError("a lora save of a sharded model was not refused")
+
+
+def test_a_lora_save_of_a_sharded_model_is_refused_before_any_work(tmp_path):
+    messages = values(run_ranks(_lora_worker, str(tmp_path)))
+    assert all("save_method='lora' is not supported for a sharded" in m for m in messages), messages
+    assert not (tmp_path / "adapter").exists() and leftovers(tmp_path) == []

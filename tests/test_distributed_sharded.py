@@ -14,7 +14,8 @@ import pytest
 import torch
 from distributed_harness import qlora_for_sharding, run_ranks, tiny_peft, values, zero3_engine
 
-from fastsave.sources.sharded import ShardedModel, Sharding, ShardingError, clean_name, detect_sharding
+from fastsave.errors import ShardingError
+from fastsave.sources.sharded import ShardedModel, clean_name, detect_sharding
 
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -43,7 +44,7 @@ def _compare(sharded: ShardedModel, reference: torch.nn.Module) -> dict:
         lora_names = sorted(lora)
         lora_equal = all(_same_bits(t, expected[n]) for n, t in lora.items())
     return {
-        "kind": sharded.kind.value,
+        "kind": sharded.kind,
         "unequal": sorted(n for n, ok in seen.items() if not ok),
         # bitsandbytes writes a 4-bit weight's quant_state as extra keys under the weight's name
         # (weight.absmax, weight.quant_map, ...): they travel as the gathered weight's quant_state
@@ -292,7 +293,7 @@ def test_zero3_gathers_each_module_equal_to_the_unsharded_model(tiny_base_dir):
 def test_an_unsharded_model_is_read_in_place_without_a_process_group():
     model = tiny_peft()
     sharded = ShardedModel(model)
-    assert sharded.kind is Sharding.NONE
+    assert sharded.kind == "none"
     report = _compare(sharded, model)
     _check(report)
     with sharded.gathered(sharded.entry(f"{Q_PROJ}.base_layer")) as tensors:
@@ -314,8 +315,8 @@ def test_detect_sharding_reads_zero3_marks():
     from torch import nn
 
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    assert detect_sharding(model) is Sharding.NONE
+    assert detect_sharding(model) == "none"
     # ZeRO-3 marks each parameter it partitions with ds_id and ds_status (ZeRO-1/2 do not)
     for parameter in model[1].parameters():
         parameter.ds_id, parameter.ds_status, parameter.ds_shape = 0, "NOT_AVAILABLE", parameter.shape
-    assert detect_sharding(model) is Sharding.ZERO3
+    assert detect_sharding(model) == "zero3"

@@ -37,12 +37,22 @@ from fastsave.plan.items import Plan, PlanItem
 from fastsave.plan.walk import plan_unit, walk_model, walk_units
 from fastsave.sources import ModuleTensor
 from fastsave.sources.dense import DenseSource
-from fastsave.sources.sharded import ModuleEntry, ShardedModel, Sharding, clean_name, detect_sharding, unwrap
+from fastsave.sources.sharded import ModuleEntry, ShardedModel, clean_name, detect_sharding, unwrap
+
+
+def lora_save_refused() -> PlanError:
+    """The error for ``save_method="lora"`` on a sharded model: peft's adapter save reads the
+    sharded tensors as they are."""
+    return PlanError(
+        "save_method='lora' is not supported for a sharded (FSDP / ZeRO-3) model by fastsave: save the "
+        "adapter with your trainer's own state-dict gathering (accelerate's get_state_dict, "
+        "FSDP's full state dict for the LoRA parameters), or save it merged here (merged_16bit)"
+    )
 
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are sharded across ranks (FSDP2, FSDP1, ZeRO-3): a collective save."""
-    return detect_sharding(model) is not Sharding.NONE
+    return detect_sharding(model) != "none"
 
 
 class PlaceholderResolver:
@@ -157,7 +167,7 @@ class ShardedModelInput(LiveModelInput):
 
     def signature(self) -> object:
         """What every rank must hold identically besides the plan: the modules and their full shapes."""
-        return [(e.name, e.parameters, e.shapes, [str(d) for d in e.dtypes]) for e in self.sharded.entries()]
+        return self.sharded.walk_signature()
 
     def _root_prefix(self) -> str:
         for name, module in self.sharded.model.named_modules():
@@ -218,15 +228,11 @@ class ShardedModelInput(LiveModelInput):
         Raises:
             PlanError: always, saying what to do instead.
         """
-        raise PlanError(
-            "save_method='lora' is not supported for a sharded (FSDP / ZeRO-3) model by fastsave: save the "
-            "adapter with your trainer's own state-dict gathering (accelerate's get_state_dict, "
-            "FSDP's full state dict for the LoRA parameters), or save it merged here"
-        )
+        raise lora_save_refused()
 
     def describe(self, plan: Plan) -> str:
         """What the adapters were merged into, and how the model was sharded."""
-        return f"{super().describe(plan)}, gathered module by module from {self.sharded.kind.value} shards"
+        return f"{super().describe(plan)}, gathered module by module from {self.sharded.kind} shards"
 
 
 def _bound(function: Any, *args: Any) -> Any:

@@ -40,19 +40,17 @@ several gathers (FSDP1 cannot materialize less than a unit).
 
 from __future__ import annotations
 
-import enum
-import math
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
 
 from fastsave.errors import ShardingError
 from fastsave.parallel import ranks
+from fastsave.parallel.engines import ModuleEntry, engine_class, engine_of
 
 _ABSENT = object()  # placeholders(): a key that was not there before
 
@@ -62,63 +60,11 @@ _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_ori
 _NEEDS_CLEANING = re.compile(r"^\.|\.\.|" + "|".join(_WRAPPER_SEGMENTS))
 
 
-class Sharding(enum.Enum):
-    """How a model's parameters are spread over ranks."""
-
-    NONE = "none"  # every rank (or the only process) holds every parameter whole
-    FSDP2 = "fsdp2"  # torch.distributed.fsdp.fully_shard: parameters are DTensors
-    FSDP1 = "fsdp1"  # FullyShardedDataParallel: parameters flattened into FlatParameters
-    ZERO3 = "zero3"  # DeepSpeed ZeRO stage 3: parameters partitioned, ds_* attributes
-
-
-@dataclass(frozen=True)
-class ModuleEntry:
-    """One module that has parameters of its own, as the walk lists it.
-
-    ``name`` is the module's name in the unsharded model ("" for the root); ``parameters`` its own
-    parameters' local names (not its children's), ``shapes`` and ``dtypes`` their full (unsharded)
-    shapes and dtypes, in the same order.
-    """
-
-    name: str
-    module: nn.Module
-    parameters: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[torch.dtype, ...]
-
-    def full_name(self, parameter: str) -> str:
-        """The parameter's name in the unsharded model's state dict."""
-        return f"{self.name}.{parameter}" if self.name else parameter
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the module's own parameters take when materialized whole."""
-        return sum(
-            math.prod(shape) * dtype.itemsize for shape, dtype in zip(self.shapes, self.dtypes, strict=True)
-        )
-
-
 def clean_name(name: str) -> str:
     """``name`` without the segments that FSDP1, activation checkpointing and torch.compile insert."""
     if _NEEDS_CLEANING.search(name) is None:
         return name  # the common case, one regex scan (this runs for every module of the model)
     return ".".join(part for part in name.split(".") if part and part not in _WRAPPER_SEGMENTS)
-
-
-def _dtensor_class() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor: no FSDP2 either
-        return None
-    return DTensor
-
-
-def _fsdp1_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
-        return None
-    return FullyShardedDataParallel
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -133,39 +79,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_flat_parameter(parameter: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.fsdp import FlatParameter
-    except ImportError:
-        return False
-    return isinstance(parameter, FlatParameter)
+def detect_sharding(model: nn.Module) -> str:
+    """The name of the engine that shards ``model``'s parameters ("none" when none does).
 
-
-def _is_zero3(parameter: torch.Tensor) -> bool:
-    # ZeRO-3 marks every parameter it partitions with ds_id/ds_status; ZeRO-1/2 leave them whole.
-    return hasattr(parameter, "ds_id") and hasattr(parameter, "ds_status")
-
-
-def detect_sharding(model: nn.Module) -> Sharding:
-    """How ``model``'s parameters are sharded; raises :class:`ShardingError` for a mix of engines."""
-    model = unwrap(model)
-    dtensor = _dtensor_class()
-    fsdp1 = _fsdp1_class()
-    found: set[Sharding] = set()
-    if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
-        found.add(Sharding.FSDP1)
-    for parameter in model.parameters():
-        if dtensor is not None and isinstance(parameter, dtensor):
-            found.add(Sharding.FSDP2)
-        elif _is_zero3(parameter):
-            found.add(Sharding.ZERO3)
-    if len(found) > 1:
-        kinds = ", ".join(sorted(kind.value for kind in found))
-        raise ShardingError(
-            f"the model is sharded by more than one engine ({kinds}); fastsave reads one at a time. "
-            "Save from a model wrapped by one of them."
-        )
-    return found.pop() if found else Sharding.NONE
+    Raises:
+        ShardingError: more than one engine shards it.
+    """
+    return engine_class(unwrap(model)).name
 
 
 class ShardedModel:
@@ -178,84 +98,26 @@ class ShardedModel:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = unwrap(model)
-        self.kind = detect_sharding(self.model)
-        # FSDP1: which FSDP unit holds each (module, parameter name); per module, the full
-        # shape and dtype of each of its parameters (modules keyed by id: they are not hashable
-        # by value and the model outlives this object).
-        self._fsdp1_units: dict[tuple[int, str], nn.Module] = {}
-        self._fsdp1_meta: dict[int, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
-        # FSDP1: a tied parameter's later owners -> its first owner (one placeholder for both)
-        self._fsdp1_shared: dict[tuple[int, str], tuple[int, str]] = {}
-        self._held: list[nn.Module] = []  # FSDP1 units kept summoned by holding() / keep_summoned()
-        self._kept: dict[int, ExitStack] = {}  # keep_summoned(): id(unit) -> its summon
-        if self.kind is Sharding.FSDP2:
-            self._reshard_fsdp2()
-        elif self.kind is Sharding.FSDP1:
-            self._index_fsdp1()
+        self.engine = engine_of(self.model)
         self._entries = self._walk()
         self._by_name = {entry.name: entry for entry in self._entries}
 
-    # -- engine-specific set-up ---------------------------------------------------------------
-
-    def _reshard_fsdp2(self) -> None:
-        # After a forward, FSDP2 leaves the root (reshard_after_forward=False) unsharded, with plain
-        # tensors registered; its own state_dict reshards first, and so do we: every parameter is
-        # then a DTensor and gathering it is always the same collective on every rank.
-        from torch.distributed.fsdp import FSDPModule
-
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
-
-    def _index_fsdp1(self) -> None:
-        # FSDP1 flattens a unit's parameters into one FlatParameter and (without use_orig_params)
-        # removes them from their modules; the FlatParameter's records say where each came from.
-        fsdp1 = _fsdp1_class()
-        for root in fsdp1.fsdp_modules(self.model, root_only=True):
-            root.check_is_root()  # lazy init from the real root before summoning an inner unit
-        for unit in fsdp1.fsdp_modules(self.model):
-            flat = unit._flat_param  # the FlatParameter of this unit (None if it manages none)
-            if flat is None:
-                continue
-            for info, shape in zip(flat._param_infos, flat._shapes, strict=True):
-                self._fsdp1_units[(id(info.module), info.param_name)] = unit
-                meta = (tuple(shape), flat.dtype)
-                self._fsdp1_meta.setdefault(id(info.module), {})[info.param_name] = meta
-            for shared in flat._shared_param_infos:  # a tied parameter's second (third...) owner
-                self._fsdp1_units[(id(shared.module), shared.param_name)] = unit
-                self._fsdp1_shared[(id(shared.module), shared.param_name)] = (
-                    id(shared.prim_module),
-                    shared.prim_param_name,
-                )
-                meta = self._fsdp1_meta[id(shared.prim_module)][shared.prim_param_name]
-                self._fsdp1_meta.setdefault(id(shared.module), {})[shared.param_name] = meta
+    @property
+    def kind(self) -> str:
+        """The name of the engine that shards the model ("none" when none does)."""
+        return self.engine.name
 
     # -- the walk -----------------------------------------------------------------------------
 
-    def _own_parameters(self, module: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        own: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        flattened = self._fsdp1_meta.get(id(module), {})
-        for name, parameter in module.named_parameters(recurse=False):
-            if name in flattened:  # FSDP1 with use_orig_params: a view of this rank's slice
-                own[name] = flattened[name]
-            elif _is_flat_parameter(parameter):
-                continue  # an FSDP1 unit's flat buffer, listed below under its original names
-            elif _is_zero3(parameter):
-                own[name] = (tuple(parameter.ds_shape), parameter.dtype)
-            else:  # a DTensor reports its global shape; a plain tensor is whole
-                own[name] = (tuple(parameter.shape), parameter.dtype)
-        for name, meta in flattened.items():  # FSDP1 without use_orig_params: not registered now
-            own.setdefault(name, meta)
-        return [(name, shape, dtype) for name, (shape, dtype) in own.items()]
-
     def _walk(self) -> list[ModuleEntry]:
-        fsdp1 = _fsdp1_class()
         entries = []
         seen: set[str] = set()
         for raw_name, module in self.model.named_modules():
-            if fsdp1 is not None and isinstance(module, fsdp1):
+            if self.engine.is_wrapper(module):
                 continue  # a wrapper: its module is walked under the same clean name
-            own = self._own_parameters(module)
+            own = [
+                (name, shape, dtype) for name, (shape, dtype) in self.engine.own_parameters(module).items()
+            ]
             if not own:
                 continue
             name = clean_name(raw_name)
@@ -294,29 +156,23 @@ class ShardedModel:
         """Names of the peft LoRA layers (modules that carry adapters), in walk order."""
         from peft.tuners.lora import LoraLayer
 
-        fsdp1 = _fsdp1_class()
         names = []
         for raw_name, module in self.model.named_modules():
-            if isinstance(module, LoraLayer) and not (fsdp1 is not None and isinstance(module, fsdp1)):
+            if isinstance(module, LoraLayer) and not self.engine.is_wrapper(module):
                 names.append(clean_name(raw_name))
         return names
 
+    def walk_signature(self) -> list[tuple]:
+        """The modules walked, with their parameters' full shapes and dtypes: identical on every rank."""
+        return [(e.name, e.parameters, e.shapes, [str(d) for d in e.dtypes]) for e in self._entries]
+
     def check_walk(self) -> None:
         """Collectively verify that every rank walks the same modules with the same shapes, in the same order."""
-        signature = [(e.name, e.parameters, e.shapes, [str(d) for d in e.dtypes]) for e in self._entries]
-        ranks.check_same_on_all_ranks((self.kind.value, signature), "the module walk of the sharded model")
+        ranks.check_same_on_all_ranks(
+            (self.kind, self.walk_signature()), "the module walk of the sharded model"
+        )
 
     # -- placeholders -------------------------------------------------------------------------
-
-    def _identity(self, module: nn.Module, name: str) -> object:
-        """What tells a tied parameter's owners apart from separate parameters (the same on every call)."""
-        if self.kind is Sharding.FSDP1:
-            return self._fsdp1_shared.get((id(module), name), (id(module), name))
-        return (
-            id(module._parameters.get(name))
-            if module._parameters.get(name) is not None
-            else (id(module), name)
-        )
 
     @contextmanager
     def placeholders(self) -> Iterator[None]:
@@ -340,13 +196,13 @@ class ShardedModel:
         try:
             for module in self.model.modules():
                 for name, parameter in list(module._parameters.items()):
-                    if parameter is not None and _is_flat_parameter(parameter):
+                    if parameter is not None and self.engine.is_hidden(parameter):
                         put(module._parameters, name, _ABSENT)
             made: dict[object, torch.Tensor] = {}
             for entry in self._entries:
                 module = entry.module
                 for name, shape, dtype in zip(entry.parameters, entry.shapes, entry.dtypes, strict=True):
-                    key = self._identity(module, name)
+                    key = self.engine.identity(module, name)
                     placeholder = made.get(key)
                     if placeholder is None:
                         placeholder = made[key] = self._placeholder(module, name, shape, dtype)
@@ -383,16 +239,8 @@ class ShardedModel:
         """
         if isinstance(entries, ModuleEntry):
             entries = [entries]
-        if self.kind is Sharding.FSDP2:
-            yield from self._gathered_fsdp2(entries)
-        elif self.kind is Sharding.FSDP1:
-            yield from self._gathered_fsdp1(entries)
-        elif self.kind is Sharding.ZERO3:
-            yield from self._gathered_zero3(entries)
-        else:
-            yield _with_quant_state(
-                {e.full_name(p): getattr(e.module, p) for e in entries for p in e.parameters}, entries
-            )
+        with self.engine.gathered(entries) as tensors:
+            yield _with_quant_state(tensors, entries)
 
     @contextmanager
     def materialized(self, entries: ModuleEntry | Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
@@ -440,10 +288,8 @@ class ShardedModel:
         rows = entry.shapes[entry.parameters.index(parameter)][0]
         if not 0 <= start <= stop <= rows:
             raise ValueError(f"rows {start}:{stop} are outside {entry.full_name(parameter)} ({rows} rows)")
-        value = getattr(entry.module, parameter)
-        dtensor = _dtensor_class()
-        if self.kind is Sharding.FSDP2 and isinstance(value, dtensor) and _row_sharded(value):
-            window = _broadcast_rows(value, start, stop)
+        window = self.engine.row_window(getattr(entry.module, parameter), start, stop)
+        if window is not None:
             try:
                 yield window
             finally:
@@ -452,141 +298,25 @@ class ShardedModel:
         with self.gathered(entry) as tensors:
             yield tensors[entry.full_name(parameter)][start:stop]
 
-    def _gathered_fsdp2(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
-        dtensor = _dtensor_class()
-        out: dict[str, torch.Tensor] = {}
-        for entry in entries:
-            for name in entry.parameters:
-                parameter = getattr(entry.module, name)
-                if isinstance(parameter, dtensor):
-                    mesh_device = parameter.device_mesh.device_type
-                    if parameter.to_local().device.type != mesh_device:
-                        # CPU-offloaded shards: the collective runs on the mesh's device (nccl).
-                        parameter = parameter.to(mesh_device)
-                    out[entry.full_name(name)] = parameter.full_tensor().detach()
-                else:  # not managed by fully_shard: whole on every rank already
-                    out[entry.full_name(name)] = parameter.detach()
-        try:
-            yield _with_quant_state(out, entries)
-        finally:
-            out.clear()
-
-    @contextmanager
-    def holding(self, entries: ModuleEntry | Sequence[ModuleEntry]) -> Iterator[None]:
-        """Keep ``entries`` gathered across the :meth:`gathered` calls inside the block.
+    def holding(self, entries: ModuleEntry | Sequence[ModuleEntry]) -> AbstractContextManager[None]:
+        """Keep ``entries`` gathered across the :meth:`gathered` calls inside the block (a context manager).
 
         FSDP1 can only materialize a whole FSDP unit (the wrap policy's granularity, typically a
         decoder layer), so gathering the modules of one layer one by one summons that layer once
-        per module. Holding the layer summons it once: same peak memory (a unit is the floor under
-        FSDP1), far fewer collectives. FSDP2 and ZeRO-3 gather per parameter: there it does
-        nothing. Collective, like :meth:`gathered`; may not be nested for the same unit.
+        per module. Holding the layer summons it once: same peak memory, far fewer collectives.
+        FSDP2 and ZeRO-3 gather per parameter: there it does nothing. Collective, like
+        :meth:`gathered`; may not be nested for the same unit.
         """
-        if isinstance(entries, ModuleEntry):
-            entries = [entries]
-        if self.kind is not Sharding.FSDP1:
-            yield
-            return
-        units = [u for u in self._fsdp1_units_of(entries) if all(u is not h for h in self._held)]
-        with ExitStack() as stack:
-            for unit in units:
-                stack.enter_context(_fsdp1_class().summon_full_params(unit, recurse=False, writeback=False))
-            self._held.extend(units)
-            try:
-                yield
-            finally:
-                del self._held[len(self._held) - len(units) :]
+        return self.engine.holding([entries] if isinstance(entries, ModuleEntry) else entries)
 
     def keep_summoned(self, entries: Sequence[ModuleEntry]) -> None:
-        """FSDP1: from now on keep exactly the units that hold ``entries`` summoned.
-
-        Units no longer needed are released, the missing ones summoned (first-use order), so a
-        sequence of gathers that walks a decoder layer module by module summons the layer once.
-        Collective, like :meth:`gathered`; a no-op for other engines. :meth:`release_summoned` ends it.
-        """
-        if self.kind is not Sharding.FSDP1:
-            return
-        needed = self._fsdp1_units_of(entries)
-        for key in [k for k in self._kept if all(id(u) != k for u in needed)]:
-            stack = self._kept.pop(key)
-            self._held[:] = [u for u in self._held if id(u) != key]
-            stack.close()
-        for unit in needed:
-            if id(unit) in self._kept:
-                continue
-            stack = ExitStack()
-            stack.enter_context(_fsdp1_class().summon_full_params(unit, recurse=False, writeback=False))
-            self._kept[id(unit)] = stack
-            self._held.append(unit)
+        """FSDP1: from now on keep exactly the units that hold ``entries`` summoned (collective, like
+        :meth:`gathered`); a no-op for other engines. :meth:`release_summoned` ends it."""
+        self.engine.keep_summoned(entries)
 
     def release_summoned(self) -> None:
         """Release every unit :meth:`keep_summoned` kept (local: resharding needs no collective)."""
-        while self._kept:
-            key, stack = self._kept.popitem()
-            self._held[:] = [u for u in self._held if id(u) != key]
-            stack.close()
-
-    def _fsdp1_units_of(self, entries: Sequence[ModuleEntry]) -> list[nn.Module]:
-        units: list[nn.Module] = []  # distinct units, in first-use order (identical on every rank)
-        for entry in entries:
-            for name in entry.parameters:
-                unit = self._fsdp1_units.get((id(entry.module), name))
-                if unit is not None and all(unit is not u for u in units):
-                    units.append(unit)
-        return units
-
-    def _gathered_fsdp1(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
-        fsdp1 = _fsdp1_class()
-        units = [u for u in self._fsdp1_units_of(entries) if all(u is not h for h in self._held)]
-        with ExitStack() as stack:
-            for unit in units:
-                stack.enter_context(fsdp1.summon_full_params(unit, recurse=False, writeback=False))
-            out = {e.full_name(p): getattr(e.module, p).detach() for e in entries for p in e.parameters}
-            try:
-                yield _with_quant_state(out, entries)
-            finally:
-                out.clear()
-
-    def _gathered_zero3(self, entries: Sequence[ModuleEntry]) -> Iterator[dict[str, torch.Tensor]]:
-        import deepspeed
-
-        parameters = [getattr(e.module, p) for e in entries for p in e.parameters]
-        with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
-            out = {e.full_name(p): getattr(e.module, p).data for e in entries for p in e.parameters}
-            try:
-                yield _with_quant_state(out, entries)
-            finally:
-                out.clear()
-
-
-def _row_sharded(value: torch.Tensor) -> bool:
-    from torch.distributed.tensor import Shard
-
-    return value.device_mesh.ndim == 1 and len(value.placements) == 1 and value.placements[0] == Shard(0)
-
-
-def _broadcast_rows(value: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows start:stop of a row-sharded DTensor, sent by the ranks that hold them."""
-    import torch.distributed as dist
-
-    mesh = value.device_mesh
-    group = mesh.get_group()
-    world = mesh.size()
-    rows = value.shape[0]
-    chunk = -(-rows // world)  # DTensor's Shard(0) splits like torch.chunk: ceil-sized chunks
-    local = value.to_local()
-    me = mesh.get_local_rank()
-    device = local.device if local.device.type == mesh.device_type else torch.device(mesh.device_type)
-    window = torch.empty((stop - start, *value.shape[1:]), dtype=value.dtype, device=device)
-    for holder in range(world):
-        first, last = max(start, holder * chunk), min(stop, (holder + 1) * chunk, rows)
-        if first >= last:
-            continue
-        piece = window[first - start : last - start]
-        if holder == me:
-            piece.copy_(local[first - holder * chunk : last - holder * chunk])
-        if world > 1:  # a dim-0 slice of a fresh tensor is contiguous: received in place
-            dist.broadcast(piece, src=dist.get_global_rank(group, holder), group=group)
-    return window
+        self.engine.release_summoned()
 
 
 def _with_quant_state(
