@@ -74,12 +74,12 @@ class Production:
 
 def _whole_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
     # W in float32, one dense delta, its scaled copy (and DoRA's base copy)
-    copies = 3 + any(d.is_dora for d in deltas) if deltas else 1
+    copies = 3 + any(d.variant.needs_base for d in deltas) if deltas else 1
     return copies * 4 * source.numel
 
 
 def _row_block_bytes(source: Source, deltas: Sequence[LoraDelta]) -> int:
-    return _row_block_bytes_of(source.shape[1], any(d.is_dora for d in deltas))
+    return _row_block_bytes_of(source.shape[1], any(d.variant.needs_base for d in deltas))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -101,7 +101,7 @@ def _estimated_working_bytes(
     the exactness checks run products): should it fall back to the whole matrix, the budget still
     admits it alone. Blocks are estimated at their largest size (a small budget makes them smaller).
     """
-    by_rows = len(source.shape) == 2 and all(d.kind in ("linear", "embedding") for d in deltas)
+    by_rows = len(source.shape) == 2 and all(d.variant.by_rows(d) for d in deltas)
     # a transposed weight is merged by rows into a whole buffer, then read out by columns
     transposed_copy = source.numel * dtype.itemsize if transposed else 0
     if source.device.type == "cuda":
@@ -110,7 +110,7 @@ def _estimated_working_bytes(
         return max(BLOCKS_IN_FLIGHT * DEVICE_BLOCK_BYTES, rows) + transposed_copy
     if by_rows:
         return _row_block_bytes(source, deltas) + transposed_copy
-    if len(source.shape) == 3 and deltas and all(d.kind == "param" for d in deltas):
+    if len(source.shape) == 3 and deltas and all(d.variant.by_experts for d in deltas):
         return expert_working_bytes(tuple(source.shape))
     return _whole_bytes(source, deltas)
 

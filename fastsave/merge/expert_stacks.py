@@ -1,6 +1,6 @@
 """LoRA on a 3-D expert stack (peft's ParamWrapper on fused MoE experts), merged one expert at a time.
 
-peft's delta for the stack is one einsum over every expert (fastsave.adapters.delta.param_delta_float32); the
+peft's delta for the stack is one einsum over every expert (fastsave.adapters.variants.ParamVariant); the
 whole-stack float32 copy plus that delta is about 7.5 GB for one Mixtral-8x7B gate_up. Here each
 expert's slice of W and its delta (the same einsum on that expert's factors) are computed, added,
 rounded and handed on alone, so the working set is one expert. The einsum on one expert must give
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastsave.adapters.delta import LoraDelta, param_delta_float32
+from fastsave.adapters.delta import LoraDelta
 from fastsave.sources.base import Source
 from fastsave.sources.dense import DenseSource
 
@@ -52,7 +52,7 @@ def _one_expert_is_exact(delta: LoraDelta) -> bool:
             num_experts=count,
             experts_out_in=delta.experts_out_in,
         )
-        whole = param_delta_float32(sample, "cpu")
+        whole = sample.dense_float32("cpu")
         _exact_shapes[key] = all(torch.equal(whole[e], expert_delta(delta, b, a, e)) for e in range(count))
     return _exact_shapes[key]
 
@@ -75,7 +75,7 @@ def expert_merge_plan(source: Source, deltas: Sequence[LoraDelta]) -> ExpertMerg
     """The expert-by-expert merge of a 3-D stack in memory with plain LoRA expert deltas, else None."""
     if not isinstance(source, DenseSource) or source.tensor is None or len(source.shape) != 3:
         return None
-    if not deltas or any(d.kind != "param" or d.num_experts != source.shape[0] or d.is_dora for d in deltas):
+    if not deltas or any(not d.variant.by_experts or d.num_experts != source.shape[0] for d in deltas):
         return None
     if not all(_one_expert_is_exact(d) for d in deltas):
         return None

@@ -86,11 +86,11 @@ def blockwise_row_norm_is_exact(n_rows: int, n_cols: int, step: int) -> bool:
 
 def delta_rows(delta: LoraDelta, step: int) -> DeltaRows | None:
     """Rows i..j of ``delta`` computed alone, when that gives the whole delta's bits; else None."""
-    if delta.kind not in ("linear", "embedding"):
+    if not delta.variant.by_rows(delta):
         return None
     b, a = delta.factors_float32("cpu")
     scaling = delta.scaling
-    transposed = delta.kind == "embedding" or delta.fan_in_fan_out
+    transposed = delta.variant.rows_are_columns(delta)
     if not transposed:
         if not blockwise_product_is_exact(b, a, step):
             return None
@@ -122,13 +122,13 @@ def row_merge_plan(source: Source, deltas: Sequence[LoraDelta], name: str = "") 
     """
     if len(source.shape) != 2:
         return None
-    if any(d.is_dora and (d.kind != "linear" or d.fan_in_fan_out) for d in deltas):
+    if not all(d.variant.by_rows(d) for d in deltas):
         return None
     reader = source.row_reader()
     if reader is None:
         return None
     step = rows_per_block(source.shape[1], reader.alignment)
-    if any(d.is_dora for d in deltas) and not blockwise_row_norm_is_exact(*source.shape, step):
+    if any(d.variant.needs_base for d in deltas) and not blockwise_row_norm_is_exact(*source.shape, step):
         return None
     rows = [delta_rows(d, step) for d in deltas]
     if any(r is None for r in rows):
@@ -136,29 +136,16 @@ def row_merge_plan(source: Source, deltas: Sequence[LoraDelta], name: str = "") 
     return RowMerge(source, reader, step, list(zip(deltas, rows, strict=True)), name)
 
 
-def _dora_rows(
-    delta: LoraDelta, base: torch.Tensor, current: torch.Tensor, dense: torch.Tensor, i: int, j: int
-):
-    """fastsave.adapters.dora.dora_rescale restricted to rows i..j (a linear layer's norm is per row)."""
-    magnitude = delta.magnitude.detach()[i:j].to(device=current.device, dtype=torch.float32)
-    norm = torch.linalg.norm(base + 1 * dense, dim=1)
-    return (magnitude / norm).view(-1, 1) * (current + dense)
-
-
 def merged_rows(merge: RowMerge) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``(i, j, rows i..j of W + every delta)`` in float32, block after block."""
     n_rows = merge.source.shape[0]
-    dora = any(d.is_dora for d, _ in merge.deltas)
+    needs_base = any(d.variant.needs_base for d, _ in merge.deltas)
     for i in range(0, n_rows, merge.step):
         j = min(n_rows, i + merge.step)
         block = merge.reader.read(i, j)
-        base = block.clone() if dora else None
+        base = block.clone() if needs_base else None
         for delta, rows in merge.deltas:
-            dense = rows(i, j)
-            if delta.is_dora:
-                block = _dora_rows(delta, base, block, dense, i, j)
-            else:
-                block.add_(dense)
+            block = delta.variant.fold(delta, base, block, rows(i, j), rows=(i, j))
         yield i, j, block
 
 

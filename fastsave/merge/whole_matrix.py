@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import torch
 
 from fastsave.adapters.delta import LoraDelta
-from fastsave.adapters.dora import dora_rescale
 from fastsave.sources.base import Source
 
 
@@ -20,11 +19,7 @@ def merge_whole(source: Source, deltas: Sequence[LoraDelta]) -> torch.Tensor:
     weight = source.float32()
     if not deltas:
         return weight
-    base = weight.clone() if any(d.is_dora for d in deltas) else None
+    base = weight.clone() if any(d.variant.needs_base for d in deltas) else None
     for delta in deltas:
-        dense = delta.dense_float32(weight.device)
-        if delta.is_dora:
-            weight = dora_rescale(delta, base, weight, dense)
-        else:
-            weight.add_(dense)
+        weight = delta.variant.fold(delta, base, weight, delta.dense_float32(weight.device))
     return weight
