@@ -97,7 +97,7 @@ def _collectives_worker(rank: int, world: int) -> dict:
         if rank == 1:
             raise ValueError("shard 3 could not be written")
     try:
-        failure.agree("writing shards")
+        ranks.agree_or_raise(failure.error, "writing shards")
     except RankFailedError as exc:
         report["failure"] = (str(exc), exc.failures, type(exc.__cause__).__name__)
 

@@ -4,18 +4,17 @@ A save writes into a staging directory on the target's filesystem and switches i
 one step, so ``save_directory`` holds its previous contents or the complete new checkpoint after
 any crash, kill, Ctrl-C or full disk. One module per job:
 
+- ``format``, ``names``: the safetensors header and dtypes; the names of shards, indexes, variants;
 - ``shards``: the streaming safetensors writer (headers first, tensors appended as produced);
-- ``finite``: the NaN/Inf check each floating tensor passes on its way to disk;
-- ``checksums``: sha256 of each shard's data, hashed beside the writer, recorded in the shard;
+- ``finite``, ``checksums``: the NaN/Inf check and the sha256 of each shard's data on the way;
 - ``ownership``: which files a checkpoint of each kind consists of (what a save may replace);
-- ``target``: the facts about ``save_directory`` checked before any merge runs;
-- ``lock``: one save per directory (flock on a file beside it, holding the owner record);
-- ``staging``: the pending save: lock, staging directory, cleanup of dead ones, disk-space check;
-- ``publish``: the switch (renameat2 RENAME_EXCHANGE, or a journaled rename sequence) and recovery;
-- ``filesystem``: the system calls those need (renameat2, hard-linked trees, directory fsync);
+- ``target``, ``lock``: the facts about ``save_directory`` checked first; one save per directory;
+- ``staging``: the pending save: staging directory, dead ones cleaned up, disk space, the decision
+  to publish; ``switch``: the switch itself (renameat2 RENAME_EXCHANGE, or a journaled rename
+  sequence) and its recovery; ``filesystem``: the system calls those need;
 - ``verify``: re-reading a saved directory (``fastsave verify``);
-- ``disk_space``, ``checkpoint_files``: room on disk; config, generation config and tokenizer files;
-- ``model_card``, ``adapter_files``, ``variant``: the model card, peft's file format, weight-name variants.
+- ``disk_space``, ``checkpoint_files``, ``model_card``, ``adapter_files``: room on disk; config,
+  generation config and tokenizer files; the model card; peft's file format.
 
 Nothing here imports transformers or peft.
 """

@@ -108,7 +108,8 @@ class LocalFailure:
     A rank that fails while writing its shard must keep taking part in the collectives the
     other ranks are in (gathers of the modules still to come), or they wait for it until the
     process group times out. Wrap each piece of local work in :meth:`capture`, skip local work
-    once :attr:`error` is set, and call :meth:`agree` where the ranks check in.
+    once :attr:`error` is set, and hand :attr:`error` to the next agreement of the ranks
+    (``SaveTeam.agree``, or :func:`agree_or_raise`).
     """
 
     def __init__(self) -> None:
@@ -125,10 +126,6 @@ class LocalFailure:
         except Exception as exc:
             if self.error is None:
                 self.error = exc
-
-    def agree(self, what: str = "the save") -> None:
-        """:func:`agree_or_raise` with the held error (collective)."""
-        agree_or_raise(self.error, what)
 
 
 def digest(value: Any) -> str:
