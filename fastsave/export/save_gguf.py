@@ -3,8 +3,9 @@
 1. Everything is checked before any work: options, quantization methods, the tokenizer (a GGUF
    carries its vocabulary), llama.cpp (and llama-quantize when a type needs it), and disk space for
    the temporary 16-bit checkpoint and the GGUF files together.
-2. The model is merged into a temporary 16-bit checkpoint by ``fastsave.save_pretrained_merged``,
-   the one save function (streamed, exact, bounded in memory as always); float32 when f32 is asked.
+2. The model is merged into a temporary 16-bit checkpoint inside the export's staging directory
+   with the plan and the writer every save uses (fastsave.pipeline: streamed, exact, bounded in
+   memory as always); float32 when f32 is asked.
 3. llama.cpp's own convert_hf_to_gguf.py converts it (f32, f16, bf16 and q8_0 directly); the
    checkpoint is removed; llama-quantize makes every other type from that first file.
 4. Every GGUF is verified against the checkpoint with the gguf package (tensor count, shapes,
@@ -22,6 +23,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +56,19 @@ def gguf_stem(model: nn.Module) -> str:
     return name if name and name not in (".", "..") else "model"
 
 
-def _merge_options(opts: SaveOptions, dtype: torch.dtype | None) -> dict[str, Any]:
-    """The options of the temporary checkpoint's save: what shapes the weights, nothing about files."""
-    merge = {
-        "save_method": "merged_16bit",
-        "dtype": dtype,
-        "base_weights": opts.base_weights,
-        "maximum_memory_usage": opts.maximum_memory_usage,
-        "temporary_location": opts.temporary_location,
-        "adapter_names": opts.adapter_names,
-        "state_dict": opts.state_dict,
-    }
-    if opts.original_base_path is not None:
-        merge["original_base_path"] = opts.original_base_path
-    return merge
+def _checkpoint_options(opts: SaveOptions, checkpoint: Path, dtype: torch.dtype) -> SaveOptions:
+    """The GGUF export's options for the 16-bit checkpoint the converter reads: the same merge
+    (base weights, adapters, memory, given tensors), plain file names, nothing uploaded."""
+    return replace(
+        opts,
+        save_directory=checkpoint,
+        save_method="merged_16bit",
+        dtype=dtype,
+        max_shard_size=SaveOptions.max_shard_size,
+        safe_serialization=True,
+        variant=None,
+        push_to_hub=False,
+    )
 
 
 @shows_its_lines
@@ -130,9 +131,11 @@ def _export(
     options: dict[str, Any],
 ) -> tuple[list[str], str | None]:
     """The export behind both public functions; returns the GGUF paths and the hub URL when pushed."""
-    from fastsave.api import save_pretrained_merged
+    from fastsave.inputs.live_model import LiveModelInput
     from fastsave.io.ownership import GGUF
     from fastsave.pipeline.preflight import Preflight
+    from fastsave.pipeline.run import output_plan
+    from fastsave.pipeline.write import write_merged_weights
     from fastsave.plan.dtype import output_dtype as resolve_output_dtype
     from fastsave.plan.walk import unwrap_peft
 
@@ -180,8 +183,14 @@ def _export(
             opts.save_directory,
         )
         checkpoint = work / "checkpoint"
+        checkpoint.mkdir()
         tick = time.perf_counter()
-        save_pretrained_merged(model, checkpoint, tokenizer, **_merge_options(opts, checkpoint_dtype))
+        # the same plan and writer as every save, into the export's own staging (its space is checked above)
+        checkpoint_opts = _checkpoint_options(opts, checkpoint, checkpoint_dtype)
+        save_input = LiveModelInput(model, tokenizer)
+        plan = output_plan(save_input, checkpoint_opts)
+        write_merged_weights(plan, checkpoint, checkpoint_opts)
+        save_input.write_files(checkpoint, plan, checkpoint_opts, keep_quantization=False)
         timings["merge"] = time.perf_counter() - tick
         facts = read_checkpoint_facts(checkpoint)
         first_file = work / f"{stem}.{file_type_name(first)}.gguf"
