@@ -8,12 +8,22 @@ name. A new variant is one class here and its entry in :func:`variant_of`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from fastsave.adapters.delta import LoraDelta
+
+class LoraDelta(Protocol):
+    """What a variant reads of a delta (fastsave.adapters.delta.LoraDelta holds these)."""
+
+    scaling: float
+    fan_in_fan_out: bool
+    magnitude: torch.Tensor | None
+    num_experts: int
+    experts_out_in: bool
+
+    def factors_float32(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) as float32 on ``device``."""
 
 
 class Variant:
