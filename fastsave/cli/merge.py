@@ -18,6 +18,7 @@ from typing import Any
 
 from fastsave.api import merge_adapter
 from fastsave.errors import SaveInProgressError, VerifyError
+from fastsave.options import save_methods
 from fastsave.parallel.ranks import RankFailedError, RanksDisagreeError
 from fastsave.parallel.team import CollectiveCallError, RankLostError
 from fastsave.sources.settings_4bit import Quant4bitSettings
@@ -87,9 +88,7 @@ def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="16-bit base checkpoint: a local directory or a repo id already in the local HF cache "
         "(default: the adapter's base_model_name_or_path); never downloaded",
     )
-    parser.add_argument(
-        "--save-method", choices=("merged_16bit", "lora", "merged_4bit_forced"), default="merged_16bit"
-    )
+    parser.add_argument("--save-method", choices=save_methods(), default="merged_16bit")
     parser.add_argument(
         "--max-shard-size", default="5GB", help="like transformers: 500MB, 5GB, 2GiB (default 5GB)"
     )

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from fastsave.dtypes import dtype_name
+from fastsave.formats.registry import OutputFormat
 from fastsave.io.finite import check_finite
 from fastsave.merge.assemble import assemble
 from fastsave.plan.items import Plan, PlanItem, SharedProducer
@@ -178,3 +179,24 @@ def warn_accuracy_loss() -> None:
     """Say, loudly, that a re-quantized merge does not compute what the trained model computed."""
     logger.warning("fastsave: WARNING: %s", ACCURACY_WARNING)
     warnings.warn(ACCURACY_WARNING, UserWarning, stacklevel=3)
+
+
+def _transform(save_input: Any, plan: Plan) -> Plan:
+    """Refuse a model without 4-bit settings (before any work), warn, re-quantize the plan."""
+    save_input.quantization_config(plan)
+    warn_accuracy_loss()
+    return requantize_plan(plan)
+
+
+def _summary(plan: Plan) -> list[str]:
+    settings = requantized_settings(plan)
+    count = sum(1 for item in plan.items if item.requantize is not None)
+    return [f"  re-quantized {count} weights to 4-bit ({'; '.join(s.describe() for s in settings)})"]
+
+
+FORMAT = OutputFormat(
+    save_method="merged_4bit_forced",
+    transform=_transform,
+    keeps_quantization_config=True,
+    summary=_summary,
+)

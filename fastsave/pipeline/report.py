@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from fastsave.formats import format_of
 from fastsave.memory import peak_rss
 from fastsave.options import SaveOptions
 from fastsave.parallel.team import SaveTeam
@@ -35,14 +36,9 @@ def log_summary(opts: SaveOptions, report: SaveReport, seconds: float, team: Sav
             f"{len(plan.items)} tensors, {plan.total_bytes / 1e9:.2f} GB as {str(plan.dtype).removeprefix('torch.')}"
             f" in {len(report.shards)} shard(s)"
         )
-        if opts.save_method == "merged_4bit_forced":
-            from fastsave.formats.requantize_4bit import requantized_settings
-
-            settings = requantized_settings(plan)
-            count = sum(1 for item in plan.items if item.requantize is not None)
-            lines.append(
-                f"  re-quantized {count} weights to 4-bit ({'; '.join(s.describe() for s in settings)})"
-            )
+        output_format = format_of(opts.save_method)
+        if output_format is not None:
+            lines.extend(output_format.summary(plan))
         if plan.untied_embeddings:
             lines.append(
                 "  the adapter changed one of the tied embeddings: both written, tie_word_embeddings=false"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 import warnings
 
+from fastsave.formats import format_of
 from fastsave.inputs.base import SaveInput
 from fastsave.io.adapter_files import apply_save_peft_format
 from fastsave.io.model_card import write_model_card
@@ -37,12 +38,9 @@ from fastsave.plan.layout import to_checkpoint_layout
 def output_plan(save_input: SaveInput, opts: SaveOptions) -> Plan:
     """The plan the writer writes: the checked merged plan, re-quantized for a 4-bit save, in checkpoint layout."""
     plan = save_input.merged_plan(opts)
-    if opts.save_method == "merged_4bit_forced":
-        from fastsave.formats.requantize_4bit import requantize_plan, warn_accuracy_loss
-
-        save_input.quantization_config(plan)  # refuses a model without 4-bit settings before any work
-        warn_accuracy_loss()
-        plan = requantize_plan(plan)
+    output_format = format_of(opts.save_method)
+    if output_format is not None:  # merged_4bit_forced, ...: refuses before any work if it must
+        plan = output_format.transform(save_input, plan)
     plan = to_checkpoint_layout(save_input.root, plan)
     return substitute_given_tensors(plan, opts.state_dict)  # state_dict=: given tensors win
 
@@ -92,7 +90,8 @@ def run_save(save_input: SaveInput, opts: SaveOptions) -> str:
             report.plan = plan
 
             def write_files() -> None:
-                keep_quantization = opts.save_method == "merged_4bit_forced"
+                output_format = format_of(opts.save_method)
+                keep_quantization = output_format is not None and output_format.keeps_quantization_config
                 report.tokenizer_files = save_input.write_files(staging, plan, opts, keep_quantization)
                 report.merged_into = save_input.describe(plan)
 
