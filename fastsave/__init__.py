@@ -5,8 +5,7 @@ fastsave.patch(model)
 model.save_pretrained_merged("out", tokenizer, save_method="merged_16bit")
 """
 
-__version__ = "0.1.0"  # the one place the version is kept; before the imports: the model card reads it
-
+from fastsave._version import __version__
 from fastsave.api import save_pretrained_merged
 from fastsave.errors import DiskSpaceError, FastsaveError, PlanError
 from fastsave.export import push_to_hub_gguf, save_pretrained_gguf

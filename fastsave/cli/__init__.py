@@ -9,7 +9,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastsave`` command."""
-    from fastsave import __version__
+    from fastsave._version import __version__
     from fastsave.cli.merge import add_merge_parser
 
     parser = argparse.ArgumentParser(

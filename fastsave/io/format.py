@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from fastsave._version import __version__
+
 # torch dtype -> safetensors dtype code, for every dtype fastsave writes or reads as a tensor
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -39,10 +41,8 @@ FASTSAVE_METADATA_KEY = "fastsave"
 
 
 def fastsave_version() -> str:
-    """The fastsave version recorded in what it writes: ``fastsave.__version__``, the one place the
-    version is kept (pyproject reads it from there), so a source tree records it too."""
-    from fastsave import __version__
-
+    """The fastsave version recorded in what it writes (``fastsave._version``, the one place it is kept,
+    so a source tree records it too)."""
     return __version__
 
 

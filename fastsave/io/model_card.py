@@ -139,7 +139,7 @@ def _metadata(facts: CardFacts, library_name: str | None) -> str:
 
 def render_model_card(facts: CardFacts, title: str) -> str:
     """The README.md text of a merged or GGUF output (YAML metadata, marker, what the files are)."""
-    from fastsave import __version__
+    from fastsave._version import __version__
 
     gguf = facts.save_method == "gguf"
     rows = [("base model", f"`{facts.base_model}`" if facts.base_model else "unknown")]
