@@ -79,14 +79,12 @@ class Fsdp1(Engine):
         return _is_flat_parameter(parameter)
 
     def own_parameters(self, module: nn.Module) -> Shapes:
-        own: Shapes = {}
+        own = super().own_parameters(module)  # the registered ones, a unit's flat buffer left out
         flattened = self._meta.get(id(module), {})
-        for name, parameter in module.named_parameters(recurse=False):
-            if name in flattened:  # with use_orig_params: a view of this rank's slice
-                own[name] = flattened[name]
-            elif not _is_flat_parameter(parameter):  # a unit's flat buffer is listed under its names
-                own[name] = (tuple(parameter.shape), parameter.dtype)
-        for name, meta in flattened.items():  # without use_orig_params: not registered now
+        # with use_orig_params a registered parameter is a view of this rank's slice: its full shape
+        # is the FlatParameter's record; without, the flattened ones are not registered now
+        own.update((name, meta) for name, meta in flattened.items() if name in own)
+        for name, meta in flattened.items():
             own.setdefault(name, meta)
         return own
 
