@@ -6,6 +6,9 @@ its DoRA ``magnitude`` gives its :attr:`LoraDelta.variant` (fastsave.adapters.va
 holds the arithmetic (peft's own definition, in float32 whatever dtype the factors are kept in).
 ``bias`` is lora_B's bias for adapters trained with ``lora_bias=True``, added to the base bias
 times scaling.
+
+:class:`TunerDelta` is the same for the other peft tuners: their tensors as data, and the variant
+of the tuner's module (fastsave.adapters.ia3, loha, ...) that holds the arithmetic.
 """
 
 from __future__ import annotations
@@ -66,10 +69,49 @@ class LoraDelta:
         return self.variant.dense(self, device)
 
 
-def merged_bias_float32(bias: torch.Tensor, deltas: list[LoraDelta]) -> torch.Tensor:
-    """The base bias plus lora_B.bias * scaling of every lora_bias adapter, in float32 (peft's merge)."""
+def merged_bias_float32(bias: torch.Tensor, deltas: list) -> torch.Tensor:
+    """The base bias with every delta that changes it folded in, in peft's order, in float32
+    (LoRA: lora_B.bias * scaling of a lora_bias adapter; IA3: scaled; ...)."""
     out = bias.detach().to(torch.float32, copy=True)
     for delta in deltas:
-        if delta.bias is not None:
-            out += delta.bias.detach().to(device=out.device, dtype=torch.float32) * delta.scaling
+        if delta.variant.changes_bias(delta):
+            out = delta.variant.fold_bias(delta, out)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class TunerDelta:
+    """One adapter of another peft tuner (IA3, LoHa, LoKr, VeRA, trainable tokens...) on one weight.
+
+    ``tensors``: the tuner's own tensors for this adapter, as the layer holds them (read in float32
+    when used); ``settings``: what else its arithmetic needs (token indices, peft's own computation
+    of a transform). ``variant`` holds the arithmetic (one module per tuner in fastsave.adapters).
+    """
+
+    adapter: str
+    variant: Variant
+    tensors: dict[str, torch.Tensor]
+    scaling: float = 1.0
+    fan_in_fan_out: bool = False
+    settings: dict[str, object] | None = None
+    kind: DeltaKind = "linear"
+
+    # what the merge strategies read of any delta (a LoraDelta's fields): none of these apply
+    bias = None
+    magnitude = None
+    num_experts = 1
+    experts_out_in = False
+    is_dora = False
+    plain_linear = False
+
+    def tensor32(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tuner tensor ``key`` as float32 on ``device`` (a copy only where it must convert)."""
+        return self.tensors[key].detach().to(device=device, dtype=torch.float32)
+
+    def setting(self, key: str) -> object:
+        """The non-tensor setting ``key``."""
+        return (self.settings or {})[key]
+
+    def dense_float32(self, device: torch.device | str) -> object:
+        """The operand of the whole-matrix fold (see fastsave.adapters.variants)."""
+        return self.variant.dense(self, device)

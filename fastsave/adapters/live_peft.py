@@ -1,8 +1,10 @@
-"""Deltas read from a live peft model: which modules carry LoRA, and each adapter's factors as data.
+"""Deltas read from a live peft model: which modules carry adapters, and each adapter's tensors as data.
 
-Each LoRA layer's kind is decided here, once, by what it is (peft's own classes), and every
-adapter feature fastsave cannot fold in exactly is refused here, while planning, before anything
-is written.
+Each adapter layer's kind is decided here, once, by what it is (peft's own classes): a LoRA layer
+(its factors become a LoraDelta), a layer of another tuner fastsave merges (its module in
+fastsave.adapters reads a TunerDelta, fastsave.adapters.tuners), peft's trainable-tokens wrapper
+around an embedding, or a tuner layer fastsave refuses. Every adapter feature fastsave cannot fold
+in exactly is refused here, while planning, before anything is written.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastsave.adapters.delta import DeltaKind, LoraDelta
+from fastsave.adapters import tuners
+from fastsave.adapters.delta import DeltaKind, LoraDelta, TunerDelta
+from fastsave.adapters.tuner_reading import LayerFacts
 from fastsave.errors import PlanError, UnsupportedAdapterError
 from fastsave.plan.module_tree import collection_paused, named_modules
 from fastsave.sources.backends import lora_layer_classes
@@ -29,38 +33,64 @@ try:
 except ImportError:  # pragma: no cover - peft is a dependency
     LoraLayer = LoraEmbedding = LoraLinear = ParamWrapper = BaseTunerLayer = None
     DoraEmbeddingVariant = DoraLinearVariant = ()
+try:
+    from peft.utils.other import TrainableTokensWrapper
+except ImportError:  # pragma: no cover - peft before trainable tokens
+    TrainableTokensWrapper = None
 
 
 # What a module class is, decided once per class: peft's layer classes are ABCs, whose isinstance
 # checks cost far more than a dict lookup, and planning asks for every module of the model.
-_ROLES_OF_CLASS: dict[type, tuple[bool, bool, bool]] = {}
+_ROLE_OF_CLASS: dict[type, str | None] = {}
 
 
-def _roles(module: nn.Module) -> tuple[bool, bool, bool]:
-    """``(LoRA layer, ParamWrapper, another tuner's layer)`` for the module's class."""
+def _role(module: nn.Module) -> str | None:
+    """ "lora", "param" (LoRA on a bare parameter), "tuner" (another tuner fastsave merges),
+    "tokens" (peft's trainable-tokens wrapper), "refused" (a tuner fastsave does not merge), or None."""
     cls = type(module)
-    roles = _ROLES_OF_CLASS.get(cls)
-    if roles is None:
-        lora = LoraLayer is not None and issubclass(cls, LoraLayer)
-        wrapper = ParamWrapper is not None and issubclass(cls, ParamWrapper)
-        other = BaseTunerLayer is not None and issubclass(cls, BaseTunerLayer) and not lora
-        roles = _ROLES_OF_CLASS[cls] = (lora, wrapper, other)
-    return roles
+    if cls in _ROLE_OF_CLASS:
+        return _ROLE_OF_CLASS[cls]
+    role = None
+    tuner = tuners.tuner_of(cls)
+    if TrainableTokensWrapper is not None and issubclass(cls, TrainableTokensWrapper):
+        role = "tokens"
+    elif BaseTunerLayer is not None and issubclass(cls, BaseTunerLayer):
+        if tuner in tuners.READERS:  # before LoRA: AdaLoRA's layers are LoRA layers by class
+            role = "tuner"
+        elif ParamWrapper is not None and issubclass(cls, ParamWrapper):
+            role = "param"
+        elif LoraLayer is not None and issubclass(cls, LoraLayer):
+            role = "lora"
+        else:
+            role = "refused"
+    _ROLE_OF_CLASS[cls] = role
+    return role
 
 
 def is_lora_layer(module: nn.Module) -> bool:
     """True for a peft LoRA layer (Linear, Embedding, Conv, quantized variants, ParamWrapper)."""
-    return _roles(module)[0]
+    return _role(module) in ("lora", "param")
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """True for a layer the walk merges with its base layer: LoRA, or another tuner fastsave merges."""
+    return _role(module) in ("lora", "param", "tuner")
 
 
 def is_param_wrapper(module: nn.Module) -> bool:
     """True for peft's LoRA on a bare parameter (``target_parameters``: fused MoE experts, routers)."""
-    return _roles(module)[1]
+    return _role(module) == "param"
+
+
+def is_tokens_wrapper(module: nn.Module) -> bool:
+    """True for peft's trainable-tokens wrapper (``trainable_token_indices`` beside LoRA): its
+    ``token_adapter`` is the tuner layer, around the embedding."""
+    return _role(module) == "tokens"
 
 
 def is_other_tuner_layer(module: nn.Module) -> bool:
-    """True for a peft tuner layer of another method (IA3, LoHa, LoKr, ...), which fastsave refuses."""
-    return _roles(module)[2]
+    """True for a peft tuner layer of a method fastsave does not merge (refused)."""
+    return _role(module) == "refused"
 
 
 def base_layer_of(layer: nn.Module) -> nn.Module:
@@ -86,12 +116,12 @@ def refuse_other_tuner(name: str, module: nn.Module) -> None:
     """
     if is_other_tuner_layer(module):
         kind = type(module)
-        parts = kind.__module__.split(".")
-        method = parts[2].upper() if parts[:2] == ["peft", "tuners"] and len(parts) > 2 else "non-LoRA"
+        tuner = tuners.tuner_of(kind)
+        why = tuners.REFUSED.get(tuner or "", "fastsave has no exact merge for this tuner")
         raise UnsupportedAdapterError(
-            f"{clean_name(name)} is a {method} adapter layer ({kind.__module__}.{kind.__name__}): fastsave "
-            "merges LoRA (and DoRA) adapters only, and will not write this model unmerged under a 'merged' "
-            "save; save this adapter with save_method='lora'"
+            f"{clean_name(name)} is a {tuners.title(tuner)} adapter layer ({kind.__module__}.{kind.__name__}): "
+            f"{why}. fastsave will not write this model unmerged under a 'merged' save; save this adapter "
+            "with save_method='lora'"
         )
 
 
@@ -113,18 +143,20 @@ _FACTOR_CONTAINERS = ("lora_A", "lora_embedding_A")
 
 
 def adapter_names_of(module: nn.Module) -> set[str]:
-    """The adapter names of the module's ``lora_A`` / ``lora_embedding_A`` containers, if it has any.
+    """The adapter names of the module's adapter containers (LoRA's ``lora_A`` / ``lora_embedding_A``,
+    another merged tuner's own, e.g. ``ia3_l``), if it has any.
 
     Looked up where nn.Module keeps them, not through its __getattr__ (slow on a miss, and this runs
     on every module of the model): a submodule (peft's ModuleDict, ParameterDict), else a plain
     attribute holding a dict.
     """
-    holders = [module._modules.get(attr) for attr in _FACTOR_CONTAINERS]
+    containers = type(module).adapter_layer_names if _role(module) == "tuner" else _FACTOR_CONTAINERS
+    holders = [module._modules.get(attr) for attr in containers]
     if all(holder is None for holder in holders):
         own = module.__dict__
-        if not any(attr in own for attr in _FACTOR_CONTAINERS):
+        if not any(attr in own for attr in containers):
             return set()  # the common case: no factors here
-        holders = [own.get(attr) for attr in _FACTOR_CONTAINERS]
+        holders = [own.get(attr) for attr in containers]
     keys: set[str] = set()
     for holder in holders:
         if isinstance(holder, (nn.ModuleDict, nn.ParameterDict, dict)):
@@ -298,6 +330,41 @@ def delta_of(
     )
 
 
+def _base_shape(base: nn.Module) -> tuple[int, ...]:
+    """The base weight's shape in the layout the merge runs in (a packed 4-bit weight's is not)."""
+    if isinstance(base, nn.Embedding):
+        return (int(base.num_embeddings), int(base.embedding_dim))
+    if isinstance(getattr(base, "out_features", None), int) and isinstance(
+        getattr(base, "in_features", None), int
+    ):
+        return (base.out_features, base.in_features)
+    weight = base._parameters.get("weight")
+    return tuple(weight.shape) if weight is not None else ()
+
+
+def tuner_delta_of(
+    layer: nn.Module, adapter: str, name: str, has_base_bias: bool, meta_ok: bool = False
+) -> TunerDelta:
+    """One adapter's delta on a layer of another tuner fastsave merges (fastsave.adapters.tuners).
+
+    Raises:
+        UnsupportedAdapterError: what that tuner's module cannot merge exactly, with the reason.
+    """
+    base = base_layer_of(layer)
+    facts = LayerFacts(
+        name=name,
+        base_shape=_base_shape(base),
+        has_base_bias=has_base_bias,
+        fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+        is_embedding=isinstance(base, nn.Embedding),
+    )
+
+    def fetch(holder: object, key: str, holder_name: str) -> torch.Tensor:
+        return _value(holder, key, (name, holder_name, key), meta_ok)
+
+    return tuners.READERS[tuners.tuner_of(type(layer))](layer, adapter, facts, fetch)
+
+
 def deltas_of(
     layer: nn.Module,
     adapters: Sequence[str],
@@ -305,14 +372,15 @@ def deltas_of(
     name: str,
     has_base_bias: bool,
     meta_ok: bool = False,
-) -> tuple[LoraDelta, ...]:
+) -> tuple[LoraDelta | TunerDelta, ...]:
     """The deltas of ``adapters`` on ``layer``, in peft's order (``meta_ok``: see :func:`delta_of`).
 
     Raises:
-        UnsupportedAdapterError: see :func:`delta_of`; also DoRA on top of adapters already merged
-            into the base weight (DoRA's norm needs the unmerged weight).
+        UnsupportedAdapterError: see :func:`delta_of` and :func:`tuner_delta_of`; also DoRA on top of
+            adapters already merged into the base weight (DoRA's norm needs the unmerged weight).
     """
-    deltas = tuple(delta_of(layer, adapter, name, has_base_bias, meta_ok) for adapter in adapters)
+    read = tuner_delta_of if _role(layer) == "tuner" else delta_of
+    deltas = tuple(read(layer, adapter, name, has_base_bias, meta_ok) for adapter in adapters)
     if already_merged and any(d.is_dora for d in deltas):
         raise UnsupportedAdapterError(
             f"{name}: DoRA adapter(s) {list(adapters)} would be merged on top of adapters already merged into "

@@ -1,16 +1,38 @@
-"""LoRA variants, one class each: how a delta is computed, whether it can be merged by rows, and
-how it is folded into the weight (peft's own definitions, in float32).
+"""Delta variants, one class each: how a delta is computed, whether it can be merged by rows, and
+how it is folded into the weight and its bias (peft's own definitions, in float32).
 
 A :class:`~fastsave.adapters.delta.LoraDelta` gets its variant when it is built (from the layer's
-kind and whether it carries a DoRA magnitude); the merge strategies ask the variant, never a kind
-name. A new variant is one class here and its entry in :func:`variant_of`.
+kind and whether it carries a DoRA magnitude); the other peft tuners bring their own variant
+(fastsave.adapters.tuners). The merge strategies ask the variant, never a kind name:
+
+* :meth:`Variant.dense`: the operand of the whole-matrix fold (for LoRA the whole delta);
+* :meth:`Variant.rows`: a function giving the operand for rows i..j of the weight, or None when
+  the maths (or the BLAS, checked through the :class:`BlockwiseCheck` the row merge passes) does
+  not give the whole-matrix bits a block at a time;
+* :meth:`Variant.fold`: the operand folded into the running float32 weight (added, multiplied,
+  rotated, rows replaced);
+* :meth:`Variant.fold_bias`: the same for the layer's bias, where the tuner changes it.
+
+A new LoRA variant is one class here and its entry in :func:`variant_of`; a new tuner is one
+module in fastsave.adapters with its variant and its reader.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
+
+DeltaRows = Callable[[int, int], Any]  # rows i..j of the weight -> the operand its fold takes
+
+
+class BlockwiseCheck(Protocol):
+    """What the row merge tells a variant about the BLAS (fastsave.merge.row_blocks checks it)."""
+
+    def product(self, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> bool:
+        """Whether blocks of ``step`` rows (or columns) of ``b @ a`` computed alone give the full
+        product's bits."""
 
 
 class LoraDelta(Protocol):
@@ -47,6 +69,23 @@ class Variant:
         """The weight's rows are columns of B @ A (the delta is the transposed product)."""
         return delta.fan_in_fan_out
 
+    def rows(self, delta: LoraDelta, step: int, check: BlockwiseCheck) -> DeltaRows | None:
+        """Rows i..j of the delta computed alone (float32, scaled), when that gives the whole
+        delta's bits; else None."""
+        if not self.by_rows(delta):
+            return None
+        b, a = delta.factors_float32("cpu")
+        scaling = delta.scaling
+        if not self.rows_are_columns(delta):
+            if not check.product(b, a, step):
+                return None
+            # scaled in place: the same float32 multiply as peft's `* scaling`, without a second block
+            return lambda i, j: (b[i:j] @ a).mul_(scaling)
+        # peft's delta is (B @ A).T: rows of the delta are columns of the product
+        if not check.product(b, a, step, columns=True):
+            return None
+        return lambda i, j: (b @ a[:, i:j]).mul_(scaling).T
+
     def fold(
         self,
         delta: LoraDelta,
@@ -57,6 +96,16 @@ class Variant:
     ) -> torch.Tensor:
         """``current`` with ``dense`` folded in (rows ``rows`` of the weight when given)."""
         return current.add_(dense)
+
+    def changes_bias(self, delta: Any) -> bool:
+        """Whether merging this delta changes the layer's bias (LoRA: a lora_bias adapter)."""
+        return getattr(delta, "bias", None) is not None
+
+    def fold_bias(self, delta: Any, bias: torch.Tensor) -> torch.Tensor:
+        """``bias`` (float32, owned) with this delta's part folded in: lora_B.bias * scaling."""
+        if delta.bias is not None:
+            bias += delta.bias.detach().to(device=bias.device, dtype=torch.float32) * delta.scaling
+        return bias
 
 
 class EmbeddingVariant(Variant):

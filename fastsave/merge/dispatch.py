@@ -253,7 +253,7 @@ def copy_producer(source: Source, dtype: torch.dtype, name: str, transposed: boo
 
 def bias_producer(source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtype, name: str) -> Production:
     """The producer of a LoRA layer's bias: the base bias plus every lora_bias adapter's, rounded once."""
-    deltas = tuple(d for d in deltas if d.bias is not None)
+    deltas = tuple(d for d in deltas if d.variant.changes_bias(d))
     if not deltas:
         return copy_producer(source, dtype, name)
     return Production(

@@ -22,18 +22,17 @@ bit, on conditions this module checks instead of assuming:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fastsave.adapters.delta import LoraDelta
+from fastsave.adapters.variants import DeltaRows
 from fastsave.merge.assemble import block_bytes, scratch_buffer
 from fastsave.sources.base import RowReader, Source
 
 _exact_shapes: dict[tuple, bool] = {}
-
-DeltaRows = Callable[[int, int], torch.Tensor]  # rows i..j of one delta, float32, scaled
 
 
 def rows_per_block(n_cols: int, alignment: int, size: int | None = None) -> int:
@@ -51,7 +50,16 @@ def block_working_bytes(n_cols: int, step: int, dora: bool) -> int:
 
 def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> bool:
     """Whether blocks of ``step`` rows (or columns) of ``b @ a`` computed alone give the full product's bits."""
-    key = ("product", tuple(b.shape), tuple(a.shape), step, columns, torch.get_num_threads())
+    key = (
+        "product",
+        tuple(b.shape),
+        b.stride(),
+        tuple(a.shape),
+        a.stride(),
+        step,
+        columns,
+        torch.get_num_threads(),
+    )
     if key not in _exact_shapes:
         # the whole product once (an lm_head's delta is as large as the weight), into a buffer that
         # is spilled to disk past a few row blocks; mm with out= runs the same kernel as @
@@ -84,22 +92,19 @@ def blockwise_row_norm_is_exact(n_rows: int, n_cols: int, step: int) -> bool:
     return _exact_shapes[key]
 
 
+class _Check:
+    """The BLAS checks a variant asks for when it computes its rows (fastsave.adapters.variants)."""
+
+    def product(self, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> bool:
+        return blockwise_product_is_exact(b, a, step, columns)
+
+
+_CHECK = _Check()
+
+
 def delta_rows(delta: LoraDelta, step: int) -> DeltaRows | None:
-    """Rows i..j of ``delta`` computed alone, when that gives the whole delta's bits; else None."""
-    if not delta.variant.by_rows(delta):
-        return None
-    b, a = delta.factors_float32("cpu")
-    scaling = delta.scaling
-    transposed = delta.variant.rows_are_columns(delta)
-    if not transposed:
-        if not blockwise_product_is_exact(b, a, step):
-            return None
-        # scaled in place: the same float32 multiply as peft's `* scaling`, without a second block
-        return lambda i, j: (b[i:j] @ a).mul_(scaling)
-    # peft's delta is (B @ A).T: rows of the delta are columns of the product
-    if not blockwise_product_is_exact(b, a, step, columns=True):
-        return None
-    return lambda i, j: (b @ a[:, i:j]).mul_(scaling).T
+    """Rows i..j of ``delta``'s operand computed alone, when that gives the whole delta's bits; else None."""
+    return delta.variant.rows(delta, step, _CHECK)
 
 
 @dataclass

@@ -9,8 +9,12 @@ resolved: the save's *input* (fastsave.inputs) answers that through :class:`Reso
 
 Module kinds, each decided once, by what the module is:
 
-* a peft LoRA layer: its base layer's tensors, the weight merged with the selected adapters'
-  deltas, the bias with lora_bias adapters'; names without ``base_layer``;
+* a peft LoRA layer, or a layer of another tuner fastsave merges (IA3, LoHa, LoKr, VeRA, ...;
+  fastsave.adapters.tuners): its base layer's tensors, the weight merged with the selected
+  adapters' deltas, the bias with those that change it (lora_bias, IA3); names without
+  ``base_layer``;
+* peft's trainable-tokens wrapper (``trainable_token_indices`` beside LoRA): the same, for the
+  tuner layer it holds (``token_adapter``) around the embedding;
 * peft's ParamWrapper (LoRA on bare parameters, possibly nested): the wrapped module's tensors,
   the wrapped parameters merged;
 * peft's ModulesToSaveWrapper: the trained copy replaces the original;
@@ -33,13 +37,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from fastsave.adapters.delta import LoraDelta
+from fastsave.adapters.delta import LoraDelta, TunerDelta
 from fastsave.adapters.live_peft import (
     base_layer_of,
     deltas_of,
+    is_adapter_layer,
     is_lora_factor_container,
-    is_lora_layer,
     is_param_wrapper,
+    is_tokens_wrapper,
     refuse_other_tuner,
     select_adapters,
 )
@@ -130,8 +135,8 @@ class _Walk:
         module: nn.Module,
         entry: ModuleTensor,
         role: str = "copy",
-        deltas: Sequence[LoraDelta] = (),
-        merged_before: Sequence[LoraDelta] = (),
+        deltas: Sequence[LoraDelta | TunerDelta] = (),
+        merged_before: Sequence[LoraDelta | TunerDelta] = (),
         modified: bool = False,
         lora_module: str | None = None,
     ) -> None:
@@ -197,8 +202,10 @@ class _Walk:
         for entry in module_tensors(module, meta_ok=self.shapes_only):
             self.add(prefix + entry.attr, module, entry, modified=modified)
 
-    def add_lora_layer(self, name: str, layer: nn.Module) -> None:
-        """A LoRA layer: its base layer's weight merged, its bias merged with lora_bias adapters."""
+    def add_adapter_layer(self, name: str, layer: nn.Module, census_name: str | None = None) -> None:
+        """A LoRA (or other merged tuner's) layer: its base layer's weight merged, its bias merged with
+        the adapters that change it. ``census_name``: the layer's own name, where it is not ``name``
+        (the tuner layer inside peft's trainable-tokens wrapper)."""
         prefix = f"{name}." if name else ""
         base = base_layer_of(layer)
         to_add, merged = select_adapters(layer, self.adapter_names)
@@ -207,13 +214,13 @@ class _Walk:
         meta_ok = self.shapes_only
         deltas = deltas_of(layer, to_add, merged, name, has_bias, meta_ok) if to_add else ()
         merged_before = deltas_of(layer, merged, (), name, has_bias, meta_ok) if merged else ()
-        lora_module = name if (to_add or merged) else None
+        lora_module = (census_name or name) if (to_add or merged) else None
         for entry in module_tensors(base, meta_ok=meta_ok):
             full = prefix + entry.attr
             if entry.attr == "weight":
                 self.add(full, base, entry, "weight", deltas, merged_before, bool(to_add), lora_module)
             elif entry.attr == "bias":
-                changed = any(d.bias is not None for d in deltas)
+                changed = any(d.variant.changes_bias(d) for d in deltas)
                 self.add(full, base, entry, "bias", deltas, merged_before, changed)
             else:
                 self.add(full, base, entry)
@@ -263,7 +270,7 @@ def _is_modules_to_save(module: nn.Module) -> bool:
 
 
 def _planned_whole(module: nn.Module) -> bool:
-    return is_param_wrapper(module) or is_lora_layer(module) or _is_modules_to_save(module)
+    return is_adapter_layer(module) or is_tokens_wrapper(module) or _is_modules_to_save(module)
 
 
 def walk_units(root: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
@@ -286,8 +293,10 @@ def _plan_unit(
     prefix = f"{name}." if name else ""
     if is_param_wrapper(module):
         walk.add_param_wrappers(name, module)
-    elif is_lora_layer(module):
-        walk.add_lora_layer(name, module)
+    elif is_adapter_layer(module):
+        walk.add_adapter_layer(name, module)
+    elif is_tokens_wrapper(module):
+        walk.add_adapter_layer(name, module.token_adapter, f"{prefix}token_adapter")
     elif _is_modules_to_save(module):
         saved = _saved_copy(module, adapter_names)
         modified = saved is not module.original_module

@@ -1,0 +1,55 @@
+"""AdaLoRA: LoRA in SVD form, ``B @ (A * E)``, scaled by ``scaling / (ranknum + 1e-5)``.
+
+peft's delta is ``transpose(B @ (A * E), fan_in_fan_out) * scaling / (ranknum + 1e-5)``, ranknum
+a float32 tensor. Rows of it are rows of ``B`` times ``A * E`` (columns with fan_in_fan_out),
+streamed where the BLAS gives blocks of the product the whole product's bits (checked per shape).
+The pruned singular values are zeros in E: nothing special to do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastsave.adapters.delta import TunerDelta
+from fastsave.adapters.tuner_reading import Fetch, LayerFacts, refuse_unless_linear
+from fastsave.adapters.variants import BlockwiseCheck, DeltaRows, Variant
+
+
+class AdaLoraVariant(Variant):
+    """``transpose(B @ (A * E)) * scaling / (ranknum + 1e-5)``, added; by rows."""
+
+    name = "adalora"
+
+    def _parts(self, delta: TunerDelta, device):
+        a_e = delta.tensor32("lora_A", device) * delta.tensor32("lora_E", device)
+        return delta.tensor32("lora_B", device), a_e, delta.tensor32("ranknum", device) + 1e-5
+
+    def dense(self, delta: TunerDelta, device: torch.device | str) -> torch.Tensor:
+        b, a_e, denominator = self._parts(delta, device)
+        product = b @ a_e
+        return (product.T if delta.fan_in_fan_out else product) * delta.scaling / denominator
+
+    def rows(self, delta: TunerDelta, step: int, check: BlockwiseCheck) -> DeltaRows | None:
+        b, a_e, denominator = self._parts(delta, "cpu")
+        scaling = delta.scaling
+        if not delta.fan_in_fan_out:
+            if not check.product(b, a_e, step):
+                return None
+            return lambda i, j: (b[i:j] @ a_e).mul_(scaling).div_(denominator)
+        if not check.product(b, a_e, step, columns=True):
+            return None
+        return lambda i, j: (b @ a_e[:, i:j]).T.mul_(scaling).div_(denominator)
+
+
+ADALORA = AdaLoraVariant()
+
+
+def read(layer: torch.nn.Module, adapter: str, facts: LayerFacts, fetch: Fetch) -> TunerDelta:
+    """The AdaLoRA delta of ``adapter`` on ``layer``."""
+    refuse_unless_linear(layer, facts, "AdaLoRA")
+    tensors = {
+        key: fetch(getattr(layer, key), adapter, key) for key in ("lora_A", "lora_B", "lora_E", "ranknum")
+    }
+    return TunerDelta(
+        adapter, ADALORA, tensors, scaling=float(layer.scaling[adapter]), fan_in_fan_out=facts.fan_in_fan_out
+    )

@@ -1,0 +1,196 @@
+"""Every peft tuner whose layers peft can merge: merged bit-exactly against peft's own merge on a
+float32 dequantized copy (tests/test_fidelity.py's oracle: no fastsave code computes the reference),
+or refused by name with the reason, before anything is written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import test_fidelity
+import torch
+from peft import get_peft_model
+from test_fidelity import _load, check_exact
+
+import fastsave
+from fastsave.errors import UnsupportedAdapterError
+from fastsave.merge import dispatch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+base_dir = test_fidelity.base_dir  # the fixture: tiny random bf16 checkpoints, one per architecture
+
+ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def perturb_trained(model, seed: int = 1, size: float = 0.05) -> None:
+    """Move every trainable adapter tensor away from its initial value (many tuners start as the
+    identity: IA3's ones, LoHa's zero factor, OFT's zero skew)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad and param.is_floating_point():
+                param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * size)
+
+
+# tokens of check_exact's logits prompts, so that trained token rows change what it compares
+PROMPT_TOKENS = sorted(
+    set(torch.randint(3, 320, (2, 10), generator=torch.Generator().manual_seed(0))[0, :4].tolist())
+)
+
+
+def tuner_config(tuner: str, **overrides):
+    """A peft config of ``tuner`` on the tiny Llama's linear layers."""
+    import peft
+
+    targets = overrides.pop("target_modules", ["q_proj", "v_proj", "down_proj"])
+    if tuner == "IA3":
+        return peft.IA3Config(target_modules=targets, feedforward_modules=["down_proj"], **overrides)
+    if tuner == "AdaLoRA":
+        return peft.AdaLoraConfig(target_modules=targets, total_step=10, init_r=8, target_r=4, **overrides)
+    if tuner == "VeRA":
+        return peft.VeraConfig(target_modules=targets, r=16, **overrides)
+    if tuner == "TrainableTokens":
+        return peft.TrainableTokensConfig(
+            target_modules=["embed_tokens"], token_indices=PROMPT_TOKENS, **overrides
+        )
+    cls = {
+        "LoHa": peft.LoHaConfig,
+        "LoKr": peft.LoKrConfig,
+        "OFT": peft.OFTConfig,
+        "BOFT": peft.BOFTConfig,
+        "HRA": peft.HRAConfig,
+        "FourierFT": peft.FourierFTConfig,
+        "SHiRA": peft.ShiraConfig,
+        "VBLoRA": peft.VBLoRAConfig,
+        "RandLoRA": peft.RandLoraConfig,
+        "C3A": peft.C3AConfig,
+    }[tuner]
+    return cls(target_modules=targets, **overrides)
+
+
+# what the tiny model needs of each tuner (sizes that divide its 64 and 128 features)
+OVERRIDES = {
+    "VBLoRA": dict(vector_length=32),
+    "C3A": dict(block_size=32),
+    "FourierFT": dict(n_frequency=100),
+    "SHiRA": dict(r=4),
+}
+STREAMED_16BIT = ["IA3", "LoHa", "LoKr", "AdaLoRA", "VeRA", "TrainableTokens", "OFT", "BOFT", "HRA"]
+
+
+@pytest.mark.parametrize("tuner", STREAMED_16BIT)
+def test_tuner_on_16bit_base(tuner, base_dir, tmp_path, monkeypatch):
+    """Streamed: no weight goes through the whole-matrix path (it would raise here)."""
+    base = base_dir()
+    model = get_peft_model(_load(base, bits=None), tuner_config(tuner))
+    perturb_trained(model)
+
+    def whole_matrix(source, deltas):
+        raise AssertionError(f"{tuner}: a weight was merged whole, not in row blocks")
+
+    monkeypatch.setattr(dispatch, "merge_whole", whole_matrix)
+    check_exact(model, base, tmp_path, f"{tuner} on a bf16 base")
+
+
+WHOLE_MATRIX_16BIT = ["FourierFT", "SHiRA", "VBLoRA", "RandLoRA", "C3A"]
+
+
+@pytest.mark.parametrize("tuner", WHOLE_MATRIX_16BIT)
+def test_whole_matrix_tuner_on_16bit_base(tuner, base_dir, tmp_path):
+    base = base_dir()
+    model = get_peft_model(_load(base, bits=None), tuner_config(tuner, **OVERRIDES.get(tuner, {})))
+    perturb_trained(model)
+    check_exact(model, base, tmp_path, f"{tuner} on a bf16 base")
+
+
+# peft's own forward over these quantized layers fails or is wrong (peft 0.21: dtype mismatches,
+# the packed weight multiplied), so the reload's logits are held to the float32 oracle's instead
+PEFT_FORWARD_BROKEN = {
+    ("IA3", 4),
+    ("IA3", 8),
+    ("LoKr", 4),
+    ("AdaLoRA", 8),
+    ("SHiRA", 8),
+    ("HRA", 4),
+    ("HRA", 8),
+}
+# peft builds these adapters for the packed storage of a 4-bit weight, or cannot compute their
+# delta over bitsandbytes at all: refused (test_unmergeable_quantized_adapters_are_refused)
+REFUSED_QUANTIZED = {("LoHa", 4), ("RandLoRA", 4), ("RandLoRA", 8)}
+QUANTIZED_CASES = [
+    (tuner, bits)
+    for bits in (4, 8)
+    for tuner in STREAMED_16BIT + WHOLE_MATRIX_16BIT
+    if (tuner, bits) not in REFUSED_QUANTIZED
+]
+
+
+@pytest.mark.parametrize(("tuner", "bits"), QUANTIZED_CASES)
+def test_tuner_on_quantized_base(tuner, bits, base_dir, tmp_path):
+    """bitsandbytes NF4 (double quantized) and LLM.int8 bases: peft cannot merge most of these into
+    a quantized layer at all; the oracle merges them into the float32 dequantized copy."""
+    base = base_dir()
+    model = get_peft_model(_load(base, bits=bits), tuner_config(tuner, **OVERRIDES.get(tuner, {})))
+    perturb_trained(model, size=0.3 if tuner == "AdaLoRA" else 0.05)  # AdaLoRA's E starts at zero
+    logits_from = "oracle" if (tuner, bits) in PEFT_FORWARD_BROKEN else "peft"
+    check_exact(
+        model, base, tmp_path, f"{tuner} on a {'NF4' if bits == 4 else 'int8'} base", logits_from=logits_from
+    )
+
+
+@pytest.mark.parametrize(("tuner", "bits"), sorted(REFUSED_QUANTIZED))
+def test_unmergeable_quantized_adapters_are_refused(tuner, bits, base_dir, tmp_path):
+    base = base_dir()
+    model = get_peft_model(_load(base, bits=bits), tuner_config(tuner, **OVERRIDES.get(tuner, {})))
+    with pytest.raises(
+        UnsupportedAdapterError, match=rf"(?s){tuner}.*(packs|bitsandbytes).*save_method='lora'"
+    ):
+        fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tuner", ["GraLoRA", "PEANuT", "WaveFT"])
+def test_more_tuners_from_peft_delta(tuner, base_dir, tmp_path):
+    """Further additive tuners whose transform fastsave takes from peft's own layer (float32)."""
+    import peft
+
+    cls = {"GraLoRA": peft.GraloraConfig, "PEANuT": peft.PeanutConfig, "WaveFT": peft.WaveFTConfig}[tuner]
+    extra = dict(n_frequency=64) if tuner == "WaveFT" else {}
+    base = base_dir()
+    model = get_peft_model(
+        _load(base, bits=None), cls(target_modules=["q_proj", "v_proj", "down_proj"], **extra)
+    )
+    perturb_trained(model)
+    check_exact(model, base, tmp_path, f"{tuner} on a bf16 base")
+
+
+REFUSED_TUNERS = [
+    "beft", "deft", "delora", "frod", "glora", "hira", "lily", "ln_tuning", "miss", "osf", "poly", "psoft",
+    "pvera", "supertuning", "tinylora", "unilora",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("tuner", REFUSED_TUNERS)
+def test_tuners_without_an_exact_merge_are_refused(tuner, base_dir, tmp_path):
+    """Each peft tuner fastsave does not merge is refused by name, with the reason, before anything
+    is written: a 'merged' checkpoint never holds an unmerged adapter."""
+    import importlib
+    import inspect
+
+    from fastsave.adapters import tuners
+
+    module = importlib.import_module(f"peft.tuners.{tuner}")
+    config_class = next(
+        getattr(module, attr)
+        for attr in dir(module)
+        if attr.endswith("Config") and inspect.isclass(getattr(module, attr))
+    )
+    targets = ["input_layernorm"] if tuner == "ln_tuning" else ["q_proj", "v_proj"]
+    model = get_peft_model(_load(base_dir(), bits=None), config_class(target_modules=targets))
+    reason = tuners.REFUSED.get(tuner, "fastsave has no exact merge for this tuner")
+    with pytest.raises(
+        UnsupportedAdapterError,
+        match=rf"(?s){re.escape(tuners.title(tuner))}.*{re.escape(reason[:40])}.*save_method='lora'",
+    ):
+        fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
