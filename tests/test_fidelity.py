@@ -205,13 +205,18 @@ def build_oracle(
     arch: str = "llama",
     absmax_to_bf16: bool = False,
     dequantized: dict[str, torch.Tensor] | None = None,
+    vocab_size: int | None = None,
 ):
     """A float32 peft model holding the same (dequantized) weights and adapters as ``peft_model``.
 
     ``dequantized``: parameter name -> float32 weight, for bases whose weights this function cannot
     dequantize itself (HQQ, torchao): the test computes them with the backend's own API.
+    ``vocab_size``: the model's embeddings were resized (added tokens): resize the copy the same
+    way before the adapter is attached (the new rows are then copied from the model).
     """
     f32 = _auto(arch).from_pretrained(base, dtype=torch.float32)
+    if vocab_size is not None:
+        f32.resize_token_embeddings(vocab_size)
     out_emb = f32.get_output_embeddings()
     if out_emb is not None and out_emb.weight is f32.get_input_embeddings().weight:
         out_emb.weight = nn.Parameter(out_emb.weight.detach().clone())  # see the module docstring

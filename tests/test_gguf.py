@@ -257,3 +257,35 @@ def test_fetching_the_converter_skips_only_when_the_registry_is_unreachable():
     assert not registry_unreachable(
         "ERROR: Exception: Traceback ... OSError: [Errno 28] No space left on device"
     )
+
+
+def test_added_tokens_reach_the_gguf(tmp_path, llama_cpp, gguf):
+    """Chat tokens added, the embeddings resized and trained with peft's trainable tokens: the GGUF
+    holds the new tokens under their ids, the merged rows, and a vocabulary of the embedding's size."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    save_random_model(tiny_llama_config(vocab_size=300), base)
+    build_sentencepiece_tokenizer(base)  # llama.cpp's converter reads a sentencepiece vocabulary here
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model = load_4bit(base)
+    model.resize_token_embeddings(len(tokenizer))
+    new_ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    model = attach_lora(model, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": new_ids})
+    trained = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].copy_(
+            trained
+        )
+
+    (path,) = fastsave.save_pretrained_gguf(model, tmp_path / "out", tokenizer, "f32", llama_cpp=llama_cpp)
+    reader = gguf.GGUFReader(path)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == len(tokenizer)
+    assert [tokens[i] for i in new_ids] == ["<|im_start|>", "<|im_end|>"]
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert all(gguf.TokenType(types[i]) == gguf.TokenType.CONTROL for i in new_ids)
+    embedding = {t.name: t for t in reader.tensors}["token_embd.weight"]
+    rows = np.asarray(embedding.data).reshape(len(tokenizer), 64)
+    assert np.array_equal(rows[new_ids], trained.numpy())  # f32: the trained rows, exactly

@@ -115,3 +115,17 @@ class TunerDelta:
     def dense_float32(self, device: torch.device | str) -> object:
         """The operand of the whole-matrix fold (see fastsave.adapters.variants)."""
         return self.variant.dense(self, device)
+
+
+def change_key(deltas: tuple) -> tuple:
+    """What makes the change ``deltas`` bring to a weight, by identity of the tensors that hold it:
+    two tied sides with equal keys are merged by the same tensors, so stay identical
+    (fastsave.plan.ties)."""
+    key = []
+    for delta in deltas:
+        if isinstance(delta, TunerDelta):
+            tensors = tuple(delta.tensors.values())
+        else:
+            tensors = (delta.lora_a, delta.lora_b, delta.magnitude, delta.bias)
+        key.append((type(delta.variant).__name__, delta.adapter, *(id(t) for t in tensors if t is not None)))
+    return tuple(key)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fastsave.dtypes import GGUF_TYPES, dtype_of_gguf_type
+from fastsave.export.added_tokens import stage_added_tokens
 from fastsave.export.convert import convert_checkpoint, quantize_gguf
 from fastsave.export.llama_cpp import find_llama_cpp
 from fastsave.export.methods import DEFAULT_METHOD, file_type_name, normalize_methods
@@ -191,6 +192,7 @@ def _export(
         plan = output_plan(save_input, checkpoint_opts)
         write_merged_weights(plan, checkpoint, checkpoint_opts)
         save_input.write_files(checkpoint, plan, checkpoint_opts, keep_quantization=False)
+        stage_added_tokens(checkpoint, tokenizer)  # where the converter reads a sentencepiece vocabulary's
         timings["merge"] = time.perf_counter() - tick
         facts = read_checkpoint_facts(checkpoint)
         first_file = work / f"{stem}.{file_type_name(first)}.gguf"

@@ -37,7 +37,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from fastsave.adapters.delta import LoraDelta, TunerDelta
+from fastsave.adapters.delta import LoraDelta, TunerDelta, change_key
 from fastsave.adapters.live_peft import (
     base_layer_of,
     deltas_of,
@@ -128,6 +128,7 @@ class _Walk:
         self.items: list[PlanItem] = []
         self.ties = TiedWeights()
         self.unit: str | None = None  # the walk unit being planned (PlanItem.planned_by)
+        self.merged_through_tie: list[str] = []  # see Plan.merged_through_tie
 
     def add(
         self,
@@ -137,10 +138,11 @@ class _Walk:
         role: str = "copy",
         deltas: Sequence[LoraDelta | TunerDelta] = (),
         merged_before: Sequence[LoraDelta | TunerDelta] = (),
-        modified: bool = False,
+        modified: bool | tuple = False,
         lora_module: str | None = None,
     ) -> None:
-        """Plan one tensor; ``role``: "weight" (merged), "bias" (merged lora_bias) or "copy"."""
+        """Plan one tensor; ``role``: "weight" (merged), "bias" (merged lora_bias) or "copy";
+        ``modified``: the change the adapters bring (fastsave.plan.ties)."""
         name = clean_name(name)
         entry = self.resolver.resolve(name, module, entry, merged=bool(deltas) or bool(merged_before))
         if entry is None:
@@ -148,6 +150,8 @@ class _Walk:
         if entry.without_merged_adapters:  # the source has none of the adapters the model merged
             deltas = (*merged_before, *deltas)
         if not self.ties.should_write(name, entry.tensor, modified):
+            if lora_module is not None:  # merged alike under the tied name written first
+                self.merged_through_tie.append(clean_name(lora_module))
             return
         source = entry.source
         if isinstance(source, StoredPiecesSource):
@@ -218,7 +222,8 @@ class _Walk:
         for entry in module_tensors(base, meta_ok=meta_ok):
             full = prefix + entry.attr
             if entry.attr == "weight":
-                self.add(full, base, entry, "weight", deltas, merged_before, bool(to_add), lora_module)
+                change = change_key(deltas) if to_add else False
+                self.add(full, base, entry, "weight", deltas, merged_before, change, lora_module)
             elif entry.attr == "bias":
                 changed = any(d.variant.changes_bias(d) for d in deltas)
                 self.add(full, base, entry, "bias", deltas, merged_before, changed)
@@ -334,7 +339,7 @@ def walk_model(
         walk = _Walk(resolver, dtype, adapter_names, shapes_only)
         for name, module, _ in walk_units(root):
             _plan_unit(walk, name, module, shared, adapter_names)
-    return Plan(walk.items, dtype, census, walk.ties.untied)
+    return Plan(walk.items, dtype, census, walk.ties.untied, merged_through_tie=walk.merged_through_tie)
 
 
 def plan_unit(
