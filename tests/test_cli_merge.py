@@ -468,3 +468,76 @@ def test_command_line_merges_in_row_blocks(bases, tmp_path, monkeypatch, base_we
     monkeypatch.setattr(dispatch, "merge_whole", lambda s, d: whole.append(s) or real_whole(s, d))
     assert _merge([adapter, tmp_path / "out", "--base", bases["base"], "--base-weights", base_weights]) == 0
     assert len(blocks) == 14 and not whole, (blocks, whole)
+
+
+def _perturbed(model, seed: int = 4):
+    """Every trained tensor moved; not AdaLoRA's ranknum, which peft does not save (it is the rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and param.is_floating_point() and ".ranknum." not in name:
+                param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("tuner", ["IA3", "VeRA", "AdaLoRA", "OFT", "TrainableTokens"])
+def test_other_tuners_from_the_command_line(bases, tmp_path, tuner):
+    """An adapter of another tuner, trained on the 4-bit model: the command line's merge equals the
+    in-memory save of that model, file for file."""
+    from peft import get_peft_model
+    from test_tuners import tuner_config
+
+    model = _perturbed(get_peft_model(load_4bit(bases["base"]), tuner_config(tuner)))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(str(adapter))
+    fastsave.save_pretrained_merged(model, tmp_path / "memory", bases["tokenizer"])
+    assert _merge([adapter, tmp_path / "cli", "--base", bases["base"]]) == 0
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.safetensors")
+
+
+def test_loha_into_the_original_base_equals_peft(bases, tmp_path):
+    """LoHa (trained on a 16-bit model; peft builds it wrongly over 4-bit weights) into the original
+    base equals peft's merge_and_unload on the float32 base, rounded once."""
+    from peft import LoHaConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(bases["base"]), dtype=torch.bfloat16)
+    model = _perturbed(get_peft_model(model, LoHaConfig(target_modules=["q_proj", "down_proj"])))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(str(adapter))
+    assert _merge([adapter, tmp_path / "cli", "--base", bases["base"], "--base-weights", "original"]) == 0
+
+    base = AutoModelForCausalLM.from_pretrained(str(bases["base"]), dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
+    for name, tensor in saved_tensors(tmp_path / "cli").items():
+        assert torch.equal(tensor, reference[name].to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("how", ["trainable tokens", "modules_to_save"])
+def test_adapter_of_a_resized_vocabulary(bases, tmp_path, how):
+    """Chat tokens added and the embeddings resized before training: peft saves the resized
+    embeddings with the adapter, and the command line merges into a model of that size, equal to
+    the in-memory save, with the new tokens in the tokenizer it writes."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bases["base"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model = load_4bit(bases["base"])
+    model.resize_token_embeddings(len(tokenizer))
+    new_ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    if how == "trainable tokens":
+        extra = dict(trainable_token_indices={"embed_tokens": new_ids, "lm_head": new_ids})
+    else:
+        extra = dict(modules_to_save=["embed_tokens", "lm_head"])
+    model = _perturbed(attach_lora(model, target_modules=["q_proj", "v_proj"], **extra))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(str(adapter))
+    tokenizer.save_pretrained(str(adapter))
+    fastsave.save_pretrained_merged(model, tmp_path / "memory", tokenizer)
+    assert _merge([adapter, tmp_path / "cli", "--base", bases["base"]]) == 0
+
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.safetensors")
+    config = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert config["vocab_size"] == len(tokenizer) == 322
+    written = AutoTokenizer.from_pretrained(tmp_path / "cli")
+    assert written.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == new_ids

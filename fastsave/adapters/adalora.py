@@ -47,9 +47,11 @@ ADALORA = AdaLoraVariant()
 def read(layer: torch.nn.Module, adapter: str, facts: LayerFacts, fetch: Fetch) -> TunerDelta:
     """The AdaLoRA delta of ``adapter`` on ``layer``."""
     refuse_unless_linear(layer, facts, "AdaLoRA")
-    tensors = {
-        key: fetch(getattr(layer, key), adapter, key) for key in ("lora_A", "lora_B", "lora_E", "ranknum")
-    }
+    tensors = {key: fetch(getattr(layer, key), adapter, key) for key in ("lora_A", "lora_B", "lora_E")}
+    ranknum = layer.ranknum[adapter]
+    # peft fills ranknum with the layer's rank and does not save it: an adapter read from disk onto
+    # the meta device takes it from ``r``, as peft's own update_layer sets it
+    tensors["ranknum"] = ranknum if not ranknum.is_meta else torch.full((1,), float(layer.r[adapter]))
     return TunerDelta(
         adapter, ADALORA, tensors, scaling=float(layer.scaling[adapter]), fan_in_fan_out=facts.fan_in_fan_out
     )

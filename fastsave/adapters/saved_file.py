@@ -1,11 +1,16 @@
-"""A peft LoRA adapter saved on disk, attached to a model built on the meta device.
+"""A peft adapter saved on disk (LoRA, or another tuner fastsave merges), attached to a model built
+on the meta device.
 
-No 16-bit weight is loaded: peft builds its LoRA layers around the meta base (so the scaling,
+No 16-bit weight is loaded: peft builds its adapter layers around the meta base (so the scaling,
 rank and alpha patterns, rslora, fan_in_fan_out, DoRA and target matching are peft's own), and
 the adapter file's tensors are then put in place of the meta ones, key by key, using the names
 peft's own ``get_peft_model_state_dict`` gives each parameter. Every key of the file must land on
-a parameter of the model, and every LoRA parameter must get a value from the file: an adapter
+a parameter of the model, and every adapter parameter must get a value from the file: an adapter
 that does not fit the base model is refused before anything runs.
+
+An adapter saved from a model whose vocabulary was resized (added tokens) holds the resized
+embeddings (peft's ``save_embedding_layers``): the meta model is resized to them first, and they
+are used as peft uses them when it loads the adapter, in place of the base checkpoint's.
 
 The result is a live peft model whose LoRA factors (and modules_to_save copies) are real and
 whose base weights are still on the meta device; the save's input reads those from the base
@@ -22,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastsave.adapters import tuners
 from fastsave.errors import PlanError, UnsupportedAdapterError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -33,7 +39,6 @@ _REFUSED_FIELDS = (
     "use_qalora",
     "use_bdlora",
     "arrow_config",
-    "trainable_token_indices",
     "layer_replication",
     "megatron_config",
     "kasa_config",
@@ -76,9 +81,12 @@ class SavedAdapter:
         config = PeftConfig.from_pretrained(str(directory))
         peft_type = getattr(config, "peft_type", None)
         peft_type = str(getattr(peft_type, "value", peft_type) or "")
-        if peft_type != "LORA":
+        tuner = peft_type.lower()
+        if peft_type != "LORA" and tuner not in tuners.READERS:
+            why = tuners.REFUSED.get(tuner, "fastsave has no exact merge for this tuner")
             raise UnsupportedAdapterError(
-                f"the adapter in {str(directory)!r} is {peft_type or 'not a peft adapter'}; fastsave merges LoRA"
+                f"the adapter in {str(directory)!r} is {peft_type or 'not a peft adapter'}: {why}. Nothing was "
+                "written"
             )
         for name in _REFUSED_FIELDS:
             if getattr(config, name, None):
@@ -99,8 +107,8 @@ class SavedAdapter:
             tensors = load_file(str(weights))
         else:
             tensors = torch.load(str(weights), map_location="cpu", weights_only=True)
-        if not any("lora_" in key for key in tensors):
-            raise PlanError(f"the adapter in {str(directory)!r} holds no LoRA tensor: nothing to merge")
+        if not tensors:
+            raise PlanError(f"the adapter in {str(directory)!r} holds no tensor: nothing to merge")
         return cls(directory, config, weights, tensors)
 
     @property
@@ -114,22 +122,53 @@ class SavedAdapter:
         return getattr(self.config, "revision", None)
 
     def lora_modules(self) -> list[str]:
-        """The modules the file holds LoRA factors for, read from its keys alone (an independent census)."""
+        """The modules the file holds adapter tensors for, read from its keys alone (an independent
+        census): LoRA's ``lora_A`` / ``lora_embedding_A``, another tuner's first container (peft's
+        ``adapter_layer_names``)."""
+        markers = [".lora_A.", ".lora_embedding_A"]
+        peft_type = getattr(self.config, "peft_type", None)
+        tuner = str(getattr(peft_type, "value", peft_type) or "").lower()
+        if tuner in tuners.READERS:
+            markers = [f".{name}" for name in tuners.adapter_containers(tuner)[:1]]
+        markers.append(".trainable_tokens_delta")  # peft's trainable tokens beside any tuner
         modules = set()
         for key in self.tensors:
             name = key.removeprefix("base_model.model.")
-            for marker in (".lora_A.", ".lora_embedding_A"):
+            for marker in markers:
                 if marker in name:
                     modules.add(name.split(marker)[0])
         return sorted(modules)
 
 
+def _resize_to_saved_embeddings(meta_model: nn.Module, adapter: SavedAdapter) -> None:
+    """Resize the meta model's embeddings to the rows of the input embedding the adapter saved (a
+    model whose vocabulary grew with added tokens); nothing when it saved none or the same rows."""
+    embeddings = meta_model.get_input_embeddings() if hasattr(meta_model, "get_input_embeddings") else None
+    if embeddings is None:
+        return
+    names = {name for name, module in meta_model.named_modules() if module is embeddings}
+    for key, value in adapter.tensors.items():
+        name = key.removeprefix("base_model.model.")
+        if (
+            any(name.startswith(f"{embedding}.") for embedding in names)
+            and name.endswith(".weight")
+            and value.dim() == 2
+            and value.shape[0] != embeddings.weight.shape[0]
+        ):
+            with torch.device("meta"):
+                meta_model.resize_token_embeddings(int(value.shape[0]), mean_resizing=False)
+            return
+
+
 def _parameter_slots(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
-    return {
-        id(param): (module, attr)
-        for module in model.modules()
-        for attr, param in module.named_parameters(recurse=False)
-    }
+    """Where each parameter and buffer lives (VeRA's shared projections are buffers)."""
+    slots = {}
+    for module in model.modules():
+        for attr, param in module.named_parameters(recurse=False):
+            slots[id(param)] = (module, attr)
+        for attr, buffer in module.named_buffers(recurse=False):
+            slots.setdefault(id(buffer), (module, attr))
+    return slots
 
 
 def attach_saved_adapter(meta_model: nn.Module, adapter: SavedAdapter, base_tensor=None) -> nn.Module:
@@ -150,6 +189,7 @@ def attach_saved_adapter(meta_model: nn.Module, adapter: SavedAdapter, base_tens
 
     config = adapter.config
     config.inference_mode = True
+    _resize_to_saved_embeddings(meta_model, adapter)
     with warnings.catch_warnings():
         # peft's notes about building a model (a renamed base path, fan_in_fan_out set for Conv1D,
         # embedding tying) concern training, not reading the adapter back: kept out of the save log
@@ -189,16 +229,19 @@ def attach_saved_adapter(meta_model: nn.Module, adapter: SavedAdapter, base_tens
                 "vocabulary or another base model; merge in the training session (or check --base). "
                 "Nothing was written."
             )
-        if key not in expected:  # a base-layer copy peft saved beside an embedding LoRA
+        if key not in expected:  # the embeddings peft saved beside the adapter (save_embedding_layers)
             name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
             stored = base_tensor(name) if base_tensor is not None else None
-            if stored is None or not torch.equal(value.to(stored.dtype), stored):
-                raise PlanError(
-                    f"the adapter holds its own base weight for {name} that differs from the base checkpoint's "
-                    "(a resized or retrained vocabulary): not supported from the command line; merge in the "
-                    "training session. Nothing was written."
-                )
-            continue  # identical: the checkpoint's tensor is read as for any other base weight
+            if (
+                stored is not None
+                and tuple(stored.shape) == tuple(value.shape)
+                and torch.equal(value.to(stored.dtype), stored)
+            ):
+                continue  # the checkpoint's own: read from it as any other base weight
+            # a resized (or retrained) vocabulary: the adapter's copy is the model's, as peft loads it
         module, attr = slots[id(param)]
-        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        if attr in module._buffers:
+            module._buffers[attr] = value
+        else:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     return model

@@ -52,3 +52,19 @@ def tuner_of(cls: type) -> str | None:
 def title(tuner: str | None) -> str:
     """A tuner's name as people write it."""
     return TITLES.get(tuner or "", (tuner or "non-LoRA").upper())
+
+
+def adapter_containers(tuner: str) -> tuple[str, ...]:
+    """The names of the containers that hold a tuner's adapter tensors (peft's ``adapter_layer_names``
+    of its layer class), or () when peft has no such layer."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"peft.tuners.{tuner}.layer")
+    except ImportError:
+        return ()
+    for value in vars(module).values():
+        names = getattr(value, "adapter_layer_names", None)
+        if isinstance(value, type) and names and getattr(value, "__module__", "") == module.__name__:
+            return tuple(names)
+    return ()
