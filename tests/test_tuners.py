@@ -194,3 +194,36 @@ def test_tuners_without_an_exact_merge_are_refused(tuner, base_dir, tmp_path):
     ):
         fastsave.save_pretrained_merged(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_several_tuners_nested_on_one_layer(base_dir, tmp_path):
+    """peft's mixed model: LoRA, then LoHa around it on q_proj, and IA3 elsewhere, all active:
+    merged in peft's order (inner layers first), bit-exact against peft's mixed merge in float32."""
+    import copy
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base = base_dir()
+    configs = {
+        "lora": peft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        "loha": peft.LoHaConfig(target_modules=["q_proj", "down_proj"], init_weights=False),
+    }
+
+    def mixed(model):
+        model = get_peft_model(model, copy.deepcopy(configs["lora"]), adapter_name="lora", mixed=True)
+        model.add_adapter("loha", copy.deepcopy(configs["loha"]))
+        model.set_adapter(["lora", "loha"])
+        return model
+
+    model = mixed(_load(base, bits=None))
+    perturb_trained(model)
+    oracle = mixed(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+    source = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in oracle.named_parameters():
+            param.copy_(source[name].float())
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__module__.startswith("peft.tuners.loha")
+    assert type(q_proj.base_layer).__module__.startswith("peft.tuners.lora")
+    check_exact(model, base, tmp_path, "LoRA + LoHa nested (peft mixed model)", oracle=oracle)

@@ -89,8 +89,9 @@ class Plan:
         census: every module holding LoRA weights of a selected adapter, found independently of
             the walk that built ``items`` (fastsave.plan.checks compares the two).
         untied_embeddings: tied input/output embeddings that the adapter made differ.
-        merged_through_tie: adapter modules on the second name of a tied weight whose change is
-            the first side's (the same tensors merge both): written once, under the first name.
+        also_merged: adapter modules merged into an item that names another: the second name of
+            a tied weight whose change is the first side's (the same tensors merge both, written
+            once), and the inner layers of tuners nested around one base layer (peft's mixed models).
         release: gives back what producing the items held at the end (a sharded model's last
             gathered module); called once the items are produced, also after an error.
     """
@@ -100,7 +101,7 @@ class Plan:
     census: list[str]
     untied_embeddings: bool = False
     release: Callable[[], None] | None = field(default=None, repr=False)
-    merged_through_tie: list[str] = field(default_factory=list)
+    also_merged: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -110,9 +111,7 @@ class Plan:
     @property
     def merged_modules(self) -> list[str]:
         """The LoRA modules whose weight the plan merges."""
-        return [
-            item.lora_module for item in self.items if item.lora_module is not None
-        ] + self.merged_through_tie
+        return [item.lora_module for item in self.items if item.lora_module is not None] + self.also_merged
 
     def source_kinds(self) -> list[str]:
         """Where the merged weights come from, each kind once, for the save log."""

@@ -61,6 +61,10 @@ try:
     from peft.utils.other import ModulesToSaveWrapper
 except ImportError:  # pragma: no cover - peft is a dependency
     ModulesToSaveWrapper = ()
+try:
+    from peft import PeftMixedModel
+except ImportError:  # pragma: no cover - peft before mixed models
+    PeftMixedModel = None
 
 
 class Resolver(Protocol):
@@ -82,10 +86,15 @@ class Resolver(Protocol):
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or the model itself), under any torch.compile wrapper."""
+    """The transformers model inside a PeftModel or PeftMixedModel (or the model itself), under any
+    torch.compile wrapper."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    if callable(get_base):
+        return get_base()
+    if PeftMixedModel is not None and isinstance(model, PeftMixedModel):  # it has no get_base_model
+        return model.base_model.model
+    return model
 
 
 def _saved_copy(wrapper: nn.Module, adapter_names: Sequence[str] | None) -> nn.Module:
@@ -128,7 +137,7 @@ class _Walk:
         self.items: list[PlanItem] = []
         self.ties = TiedWeights()
         self.unit: str | None = None  # the walk unit being planned (PlanItem.planned_by)
-        self.merged_through_tie: list[str] = []  # see Plan.merged_through_tie
+        self.also_merged: list[str] = []  # see Plan.also_merged
 
     def add(
         self,
@@ -151,7 +160,7 @@ class _Walk:
             deltas = (*merged_before, *deltas)
         if not self.ties.should_write(name, entry.tensor, modified):
             if lora_module is not None:  # merged alike under the tied name written first
-                self.merged_through_tie.append(clean_name(lora_module))
+                self.also_merged.append(clean_name(lora_module))
             return
         source = entry.source
         if isinstance(source, StoredPiecesSource):
@@ -209,20 +218,38 @@ class _Walk:
     def add_adapter_layer(self, name: str, layer: nn.Module, census_name: str | None = None) -> None:
         """A LoRA (or other merged tuner's) layer: its base layer's weight merged, its bias merged with
         the adapters that change it. ``census_name``: the layer's own name, where it is not ``name``
-        (the tuner layer inside peft's trainable-tokens wrapper)."""
+        (the tuner layer inside peft's trainable-tokens wrapper).
+
+        Layers of several tuners nested around one base layer (peft's mixed models) are merged in
+        peft's order: the inner layers from the outside in, then the outermost.
+        """
         prefix = f"{name}." if name else ""
+        own_name = census_name or name
+        chain = [(own_name, layer)]
+        while is_adapter_layer(inner := chain[-1][1]._modules.get("base_layer")):
+            chain.append((f"{chain[-1][0]}.base_layer", inner))
         base = base_layer_of(layer)
-        to_add, merged = select_adapters(layer, self.adapter_names)
         bias = base._parameters.get("bias") if "bias" in base._parameters else getattr(base, "bias", None)
         has_bias = isinstance(bias, torch.Tensor)
         meta_ok = self.shapes_only
-        deltas = deltas_of(layer, to_add, merged, name, has_bias, meta_ok) if to_add else ()
-        merged_before = deltas_of(layer, merged, (), name, has_bias, meta_ok) if merged else ()
-        lora_module = (census_name or name) if (to_add or merged) else None
+        deltas: list = []
+        merged_before: list = []
+        merged_names = []
+        for layer_name, adapter_layer in chain[1:] + chain[:1]:
+            to_add, merged = select_adapters(adapter_layer, self.adapter_names)
+            if to_add:
+                deltas += deltas_of(adapter_layer, to_add, merged, name, has_bias, meta_ok)
+            if merged:
+                merged_before += deltas_of(adapter_layer, merged, (), name, has_bias, meta_ok)
+            if to_add or merged:
+                merged_names.append(layer_name)
+        # the census counts every layer that holds an adapter: one names the item, the rest ride on it
+        lora_module = own_name if own_name in merged_names else (merged_names[0] if merged_names else None)
+        self.also_merged += [n for n in merged_names if n != lora_module]
         for entry in module_tensors(base, meta_ok=meta_ok):
             full = prefix + entry.attr
             if entry.attr == "weight":
-                change = change_key(deltas) if to_add else False
+                change = change_key(tuple(deltas)) if deltas else False
                 self.add(full, base, entry, "weight", deltas, merged_before, change, lora_module)
             elif entry.attr == "bias":
                 changed = any(d.variant.changes_bias(d) for d in deltas)
@@ -339,7 +366,7 @@ def walk_model(
         walk = _Walk(resolver, dtype, adapter_names, shapes_only)
         for name, module, _ in walk_units(root):
             _plan_unit(walk, name, module, shared, adapter_names)
-    return Plan(walk.items, dtype, census, walk.ties.untied, merged_through_tie=walk.merged_through_tie)
+    return Plan(walk.items, dtype, census, walk.ties.untied, also_merged=walk.also_merged)
 
 
 def plan_unit(
