@@ -17,14 +17,14 @@ from fastsave.inputs.live_model import LiveModelInput
 from fastsave.log import shows_its_lines
 from fastsave.options import parse_options
 from fastsave.parallel.team import SaveTeam
-from fastsave.pipeline.preflight import check_model, check_tokenizer
+from fastsave.pipeline.preflight import check_model, check_tokenizer, not_main_process
 from fastsave.pipeline.run import run_save
 
 
 @shows_its_lines
 def save_pretrained_merged(
     model: nn.Module, save_directory: str | Path, tokenizer: Any = None, **options: Any
-) -> str:
+) -> str | None:
     """Save ``model`` as a LoRA adapter, a merged 16-bit checkpoint, or a merged 4-bit one.
 
     Args:
@@ -37,7 +37,8 @@ def save_pretrained_merged(
             private, revision, commit_message, create_pr, is_main_process, adapter_names.
 
     Returns:
-        The saved directory's path, or the hub URL when pushed.
+        The saved directory's path, or the hub URL when pushed; None on a process with
+        ``is_main_process=False``, which returns before looking at anything else.
 
     Raises:
         TypeError: an unknown option, or a tokenizer that is not one. ValueError: an invalid
@@ -45,6 +46,8 @@ def save_pretrained_merged(
             as asked. SaveInProgressError: another save into save_directory is running.
             DiskSpaceError: not enough room. In every case save_directory keeps what it held.
     """
+    if not_main_process(model, options):
+        return None
     opts = parse_options(save_directory, **options)
     check_model(model, opts)
     check_tokenizer(tokenizer)
@@ -55,20 +58,20 @@ def save_pretrained_merged(
         if opts.save_method == "lora":
             raise lora_save_refused()  # before any work
         return run_save(ShardedModelInput(model, tokenizer), opts)
-    if not opts.is_main_process:
-        return str(opts.save_directory)
     return run_save(LiveModelInput(model, tokenizer), opts)
 
 
 @shows_its_lines
-def push_to_hub_merged(model: nn.Module, repo_id: str, tokenizer: Any = None, **options: Any) -> str:
+def push_to_hub_merged(model: nn.Module, repo_id: str, tokenizer: Any = None, **options: Any) -> str | None:
     """Save ``model`` (``save_pretrained_merged``'s options) and upload it to the hub as ``repo_id``.
 
     ``use_temp_dir=True`` saves the local copy into a temporary directory that is removed after the
     upload; otherwise (None, as in Unsloth's merged push, or False) it stays in a local folder named
     after the repo (or ``save_directory=``). Returns the repo URL (the pull request's with
-    ``create_pr=True``).
+    ``create_pr=True``); None with ``is_main_process=False`` (nothing checked, saved or uploaded).
     """
+    if not_main_process(model, options):
+        return None
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"repo_id must be a hub repo id such as 'user/model', got {repo_id!r}")
     use_temp_dir = options.pop("use_temp_dir", None)

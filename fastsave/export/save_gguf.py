@@ -41,6 +41,7 @@ from fastsave.export.verify import load_gguf, read_checkpoint_facts, verify_gguf
 from fastsave.io.model_card import facts_from_model, place_model_card, render_model_card
 from fastsave.log import shows_its_lines
 from fastsave.options import SaveOptions, parse_gguf_options
+from fastsave.pipeline.preflight import not_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def save_pretrained_gguf(
     first_conversion: str | None = None,
     imatrix_file: str | Path | None = None,
     **options: Any,
-) -> list[str]:
+) -> list[str] | None:
     """Merge ``model`` and write it as GGUF file(s) into ``save_directory`` (see the module docstring).
 
     Args:
@@ -100,7 +101,8 @@ def save_pretrained_gguf(
             maximum_memory_usage, adapter_names, tags, datasets, push_to_hub, token, ...).
 
     Returns:
-        The paths of the GGUF files written (also with ``push_to_hub=True``; the URL is logged).
+        The paths of the GGUF files written (also with ``push_to_hub=True``; the URL is logged);
+        None with ``is_main_process=False``, which returns before anything is checked.
 
     Raises:
         ValueError / TypeError: an invalid option or method, or no tokenizer; LlamaCppNotFoundError:
@@ -108,6 +110,8 @@ def save_pretrained_gguf(
         GGUFConversionError / GGUFVerificationError: llama.cpp failed, or wrote a file that does not
         match the checkpoint; nothing is published then.
     """
+    if not_main_process(model, options):
+        return None
     paths, _ = _export(
         model,
         save_directory,
@@ -164,8 +168,6 @@ def _export(
     unquantized = GGUF_TYPES[model_dtype]
     methods = normalize_methods(quantization_method, unquantized, imatrix=imatrix_file is not None)
     first = choose_first_conversion(methods, unquantized, first_conversion)
-    if not opts.is_main_process:
-        return [], None
     tools = find_llama_cpp(llama_cpp, need_quantize=any(m != first for m in methods))
     checkpoint_dtype = opts.dtype or (dtype_of_gguf_type(first) or model_dtype)
     n_weights = logical_parameter_count(model)
@@ -259,13 +261,15 @@ def push_to_hub_gguf(
     *,
     use_temp_dir: bool | None = None,
     **options: Any,
-) -> str:
+) -> str | None:
     """Export to GGUF (as :func:`save_pretrained_gguf`), then upload the files to the hub as ``repo_id``.
 
     As in Unsloth, ``use_temp_dir`` None or True exports into a temporary directory that is removed
     after the upload; False keeps the files in a local folder named after the repo. Returns the URL
-    (of the pull request with ``create_pr=True``).
+    (of the pull request with ``create_pr=True``); None with ``is_main_process=False``.
     """
+    if not_main_process(model, options):
+        return None
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"repo_id must be a hub repo id such as 'user/model-gguf', got {repo_id!r}")
     llama_cpp = options.pop("llama_cpp", None)

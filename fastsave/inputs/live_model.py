@@ -156,8 +156,8 @@ class LiveModelInput:
         (``tied``: see fastsave.adapters.live_peft.lora_module_census).
 
         Raises:
-            UnsupportedAdapterError: a non-LoRA adapter. PlanError: an adapter name that does not
-                exist, or nothing to merge.
+            UnsupportedAdapterError: an adapter fastsave cannot merge. PlanError: an adapter name
+                that does not exist. A model with no adapter at all is saved as it is (a warning says so).
         """
         census = lora_module_census(self.root, opts.adapter_names, tied)  # refuses non-LoRA adapters too
         if opts.adapter_names is not None:
@@ -168,9 +168,10 @@ class LiveModelInput:
                     f"adapter(s) {missing} not found in the model's LoRA layers; check adapter_names"
                 )
         if not census:
-            raise PlanError(
-                "the model has no LoRA layer with an active adapter, so there is nothing to merge: pass a peft "
-                "model with a LoRA adapter (or save the base model with save_pretrained)"
+            # a full fine-tune or a plain (4-bit) model: saved in the requested form, as Unsloth does
+            logger.warning(
+                "fastsave: no adapter found: saving the model's own weights (%s)",
+                "dequantized" if _holds_quantized_weights(self.root) else "as they are",
             )
         return census
 
@@ -232,3 +233,11 @@ def _adapter_names_in(root: nn.Module) -> set[str]:
     for module in root.modules():
         names |= adapter_names_of(module)
     return names
+
+
+def _holds_quantized_weights(root: nn.Module) -> bool:
+    """Whether any parameter of the model is a quantized weight (bitsandbytes, HQQ, torchao...)."""
+    return any(
+        not param.is_floating_point() or type(param).__name__ in ("Params4bit", "Int8Params")
+        for param in root.parameters()
+    )

@@ -3,16 +3,19 @@ directory is made where the save writes (fastsave.io.staging)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from fastsave.errors import DiskSpaceError
+from fastsave.errors import DiskSpaceError, PlanError
 from fastsave.io.disk_space import FULL_DISK_ERRNOS
 from fastsave.io.staging import PendingSave
 from fastsave.options import SaveOptions
 from fastsave.plan.walk import unwrap_peft
+
+logger = logging.getLogger(__name__)
 
 
 class Preflight:
@@ -88,11 +91,27 @@ def check_tokenizer(tokenizer: Any) -> None:
         )
 
 
+def not_main_process(model: Any, options: dict[str, Any]) -> bool:
+    """True when this call runs on a rank that must do nothing (``is_main_process=False``), decided
+    before any option is validated: every rank but one in a multi-process script returns at once.
+    A model sharded by FSDP or ZeRO-3 is the exception: every rank holds part of every weight, so
+    every rank takes part in its (collective) save whatever is_main_process says."""
+    if options.get("is_main_process", True) is not False:
+        return False
+    from fastsave.inputs.sharded_model import is_sharded
+
+    if isinstance(model, nn.Module) and is_sharded(model):
+        return False
+    logger.debug("fastsave: is_main_process=False: this process saves nothing")
+    return True
+
+
 def check_model(model: nn.Module, options: SaveOptions) -> None:
     """Refuse, before any work, something that is not a transformers model (or a peft model over one).
 
     Raises:
         TypeError: ``model`` is not a torch module. ValueError: it has no transformers config.
+        PlanError: ``save_method="lora"`` on a model that holds no adapter.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -100,3 +119,8 @@ def check_model(model: nn.Module, options: SaveOptions) -> None:
         )
     if getattr(unwrap_peft(model), "config", None) is None and options.save_method != "lora":
         raise ValueError("model has no transformers config; fastsave saves transformers models")
+    if options.save_method == "lora" and not hasattr(model, "peft_config"):
+        raise PlanError(
+            "save_method='lora' saves an adapter, and this model has none (no peft adapter attached or "
+            "loaded): save it with save_method='merged_16bit', or attach the adapter first. Nothing was written."
+        )
