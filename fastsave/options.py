@@ -94,6 +94,9 @@ class SaveOptions:
     # Keywords shared with transformers' save_pretrained / push_to_hub (Unsloth passes them through).
     variant: str | None = None  # weight files named model.<variant>.safetensors, as transformers names them
     save_peft_format: bool = True  # False: adapter tensor names without the "base_model.model." prefix
+    # lora: peft's save_pretrained keyword: the embedding layers saved with the adapter (True, False,
+    # or "auto": when the vocabulary was resized or the embeddings are targeted)
+    save_embedding_layers: bool | str = "auto"
     tags: tuple[str, ...] = ()  # model card tags
     datasets: tuple[str, ...] = ()  # model card datasets
     commit_description: str | None = None  # hub commit description
@@ -213,12 +216,22 @@ def no_effect_options(kwargs: Mapping[str, Any], save_method: str, purpose: str 
     file names, shards or serialization format a user sees.
     """
     # A keyword left at its default (None for Unsloth's own) asks for nothing, so it is not named.
-    given = [name for name, value in kwargs.items() if value is not None and value != _DEFAULTS.get(name)]
+    given = [name for name, value in kwargs.items() if value is not None and not _is_default(name, value)]
     ignored = set(NO_EFFECT_OPTIONS) | {"use_temp_dir"}  # push_to_hub_merged/_gguf consume use_temp_dir
-    ignored |= {"variant"} if save_method == "lora" else {"save_peft_format"}
+    ignored |= {"variant"} if save_method == "lora" else {"save_peft_format", "save_embedding_layers"}
     if purpose == "gguf":
         ignored |= {"variant", "max_shard_size", "safe_serialization", "save_peft_format"}
     return [name for name in given if name in ignored]
+
+
+def _is_default(name: str, value: Any) -> bool:
+    """Whether ``value`` asks for the default of option ``name`` ("5GB" is max_shard_size's default)."""
+    if name == "max_shard_size" and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return parse_shard_size(value) == _DEFAULTS["max_shard_size"]
+        except ValueError:
+            return False
+    return value == _DEFAULTS.get(name)
 
 
 def warn_no_effect(names: list[str], purpose: str = "save") -> None:
@@ -239,6 +252,7 @@ _CONDITIONAL_REASONS = {
     "variant": "it names merged weight files; an adapter is written as adapter_model.safetensors, and a "
     "GGUF export's 16-bit checkpoint is temporary",
     "save_peft_format": "it names adapter tensors, and this save writes no adapter",
+    "save_embedding_layers": "it chooses what an adapter save holds, and this save writes no adapter",
     "max_shard_size": "the 16-bit checkpoint of a GGUF export is temporary",
     "safe_serialization": "the 16-bit checkpoint of a GGUF export is temporary",
     "use_temp_dir": "only push_to_hub_merged and push_to_hub_gguf choose where their local copy goes",
@@ -274,6 +288,19 @@ _DEFAULTS = {
 
 
 def _parse(save_directory: str | Path, kwargs: dict[str, Any], purpose: str) -> SaveOptions:
+    if "selected_adapters" in kwargs:  # peft's save_pretrained name for adapter_names
+        kwargs = dict(kwargs)
+        selected = kwargs.pop("selected_adapters")
+        if (
+            kwargs.get("adapter_names") is not None
+            and selected is not None
+            and list(selected) != list(kwargs["adapter_names"])
+        ):
+            raise ValueError(
+                f"selected_adapters={selected!r} and adapter_names={kwargs['adapter_names']!r} disagree: give one"
+            )
+        if selected is not None:
+            kwargs["adapter_names"] = selected
     known = set(SaveOptions.__dataclass_fields__) - {"save_directory"}
     unknown = sorted(set(kwargs) - known - set(NO_EFFECT_OPTIONS))
     if unknown:
@@ -351,6 +378,11 @@ def _parse(save_directory: str | Path, kwargs: dict[str, Any], purpose: str) -> 
     ):
         if flag in kwargs and not isinstance(kwargs[flag], bool):
             raise ValueError(f"{flag} must be True or False, got {kwargs[flag]!r}")
+    layers = kwargs.get("save_embedding_layers", "auto")
+    if not (isinstance(layers, bool) or layers == "auto"):
+        raise ValueError(
+            f"save_embedding_layers must be True, False or 'auto' (peft's meaning), got {layers!r}"
+        )
     if kwargs.get("use_temp_dir") is not None and not isinstance(kwargs["use_temp_dir"], bool):
         raise ValueError(f"use_temp_dir must be True, False or None, got {kwargs['use_temp_dir']!r}")
     for text in ("commit_message", "commit_description", "revision", "repo_id"):
@@ -381,6 +413,7 @@ def _parse(save_directory: str | Path, kwargs: dict[str, Any], purpose: str) -> 
         original_base_path=kwargs.get("original_base_path"),
         variant=_parse_variant(kwargs.get("variant")),
         save_peft_format=kwargs.get("save_peft_format", _DEFAULTS["save_peft_format"]),
+        save_embedding_layers=layers,
         tags=_string_list("tags", kwargs.get("tags")),
         datasets=_string_list("datasets", kwargs.get("datasets")),
         commit_description=kwargs.get("commit_description"),

@@ -29,79 +29,18 @@ from __future__ import annotations
 import logging
 import types
 import weakref
-from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from fastsave.methods import METHODS
 
 logger = logging.getLogger(__name__)
 
 _MISSING = object()
 
 
-def _save_pretrained_merged(
-    self: nn.Module,
-    save_directory: str | Path,
-    tokenizer: Any = None,
-    save_method: str | None = "merged_16bit",
-    **options: Any,
-) -> str:
-    """Save this model merged (or as an adapter): see ``fastsave.save_pretrained_merged``.
-
-    ``save_method`` may be given positionally, as Unsloth's method allows.
-    """
-    from fastsave.api import save_pretrained_merged
-
-    return save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **options)
-
-
-def _push_to_hub_merged(
-    self: nn.Module,
-    repo_id: str,
-    tokenizer: Any = None,
-    save_method: str | None = "merged_16bit",
-    **options: Any,
-) -> str:
-    """Save this model merged, then upload it to the hub as ``repo_id``: see ``fastsave.api``."""
-    from fastsave.api import push_to_hub_merged
-
-    return push_to_hub_merged(self, repo_id, tokenizer, save_method=save_method, **options)
-
-
-def _save_pretrained_gguf(
-    self: nn.Module,
-    save_directory: str | Path,
-    tokenizer: Any = None,
-    quantization_method: Any = "fast_quantized",
-    **options: Any,
-) -> list[str]:
-    """Merge this model and convert it to GGUF with llama.cpp: see ``fastsave.export.save_pretrained_gguf``."""
-    from fastsave.export.save_gguf import save_pretrained_gguf
-
-    return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, **options)
-
-
-def _push_to_hub_gguf(
-    self: nn.Module,
-    repo_id: str,
-    tokenizer: Any = None,
-    quantization_method: Any = "fast_quantized",
-    **options: Any,
-) -> str:
-    """Export this model to GGUF, then upload it to the hub as ``repo_id``: see ``fastsave.export``."""
-    from fastsave.export.save_gguf import push_to_hub_gguf
-
-    return push_to_hub_gguf(self, repo_id, tokenizer, quantization_method, **options)
-
-
-_FUNCTIONS = {
-    "save_pretrained_merged": _save_pretrained_merged,
-    "push_to_hub_merged": _push_to_hub_merged,
-    "save_pretrained_gguf": _save_pretrained_gguf,
-    "push_to_hub_gguf": _push_to_hub_gguf,
-}
-for _name, _function in _FUNCTIONS.items():
-    _function.__name__ = _function.__qualname__ = _name
+_FUNCTIONS = METHODS  # the methods, with Unsloth's signatures (fastsave.methods)
 METHOD_NAMES = tuple(_FUNCTIONS)
 
 _claimed: weakref.WeakSet = weakref.WeakSet()  # models fastsave.patch(model) was called on (or found)

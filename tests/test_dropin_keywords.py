@@ -76,20 +76,28 @@ def _float32_oracle(layer) -> torch.Tensor:
 
 
 def test_every_unsloth_keyword_with_a_positional_method(qlora_model, tiny_tokenizer, tmp_path, monkeypatch):
-    """Unsloth's full signature, save_method positional: same checkpoint, one warning naming the no-ops."""
-    monkeypatch.chdir(tmp_path)  # the relative temporary_location lands here, and must not stay
+    """Unsloth's full signature, save_method positional: the same checkpoint; keywords at Unsloth's
+    defaults ask for nothing (no warning); those that mean nothing here, given values of their own,
+    are named in one warning. Returns None, as Unsloth's method does."""
+    monkeypatch.chdir(tmp_path)  # Unsloth's default buffer folder would land here: none may be made
     model = fastsave.patch(qlora_model())
     plain = tmp_path / "plain"
     model.save_pretrained_merged(plain, tiny_tokenizer)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         out = model.save_pretrained_merged("unsloth", tiny_tokenizer, "merged_16bit", **UNSLOTH_SAVE_DEFAULTS)
-    assert out == "unsloth"
+    assert out is None
+    assert _fastsave_warnings(record) == []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        own_values = dict(
+            UNSLOTH_SAVE_DEFAULTS, save_function=print, num_calibration_samples=64, max_seq_length=512
+        )
+        model.save_pretrained_merged("unsloth-2", tiny_tokenizer, "merged_16bit", **own_values)
     messages = _fastsave_warnings(record)
     assert len(messages) == 1, messages
-    named = messages[0].split(" ha")[0]
-    assert named == "fastsave: save_function, num_calibration_samples, max_seq_length"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "unsloth"]  # no temporary directory left
+    assert messages[0].split(" ha")[0] == "fastsave: save_function, num_calibration_samples, max_seq_length"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "unsloth", "unsloth-2"]  # no buffer folder
     a, b = _tensors(plain), _tensors(tmp_path / "unsloth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -310,10 +318,10 @@ def test_push_to_hub_merged_with_unsloths_keywords(
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     monkeypatch.chdir(tmp_path)
     model = fastsave.patch(qlora_model())
-    url = model.push_to_hub_merged(
+    returned = model.push_to_hub_merged(
         "someone/tiny", tiny_tokenizer, "merged_16bit", use_temp_dir=use_temp_dir, **UNSLOTH_PUSH_KEYWORDS
     )
-    assert url == "https://huggingface.co/someone/tiny"
+    assert returned is None  # as Unsloth's method returns
     ((folder, files, kwargs),) = uploads
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
     assert kwargs["commit_description"] == UNSLOTH_PUSH_KEYWORDS["commit_description"]
@@ -322,3 +330,38 @@ def test_push_to_hub_merged_with_unsloths_keywords(
         assert not (tmp_path / folder).exists() and list(tmp_path.iterdir()) == []
     else:  # as Unsloth's merged push: a local folder named after the repo, kept
         assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+@pytest.mark.parametrize("layers", [True, False, "auto"])
+@pytest.mark.parametrize("resized", [False, True], ids=["same-vocab", "resized"])
+def test_peft_save_keywords_for_lora(qlora_model, tiny_tokenizer, tmp_path, layers, resized):
+    """save_method='lora' takes peft's own save_pretrained keywords: selected_adapters and
+    save_embedding_layers, and writes what peft writes with them, byte for byte."""
+    model = fastsave.patch(qlora_model(target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("second", copy.deepcopy(model.peft_config["default"]))
+    if resized:  # chat tokens added: peft's "auto" then saves the embeddings with the adapter
+        model.base_model.model.resize_token_embeddings(tiny_tokenizer.vocab_size + 2)
+    keywords = dict(selected_adapters=["second"], save_embedding_layers=layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's note on saving embeddings
+        model.save_pretrained_merged(tmp_path / "ours", None, "lora", **keywords)
+        model.save_pretrained(str(tmp_path / "peft"), **keywords)
+    theirs = sorted(p.relative_to(tmp_path / "peft") for p in (tmp_path / "peft").rglob("*") if p.is_file())
+    ours = sorted(p.relative_to(tmp_path / "ours") for p in (tmp_path / "ours").rglob("*") if p.is_file())
+    assert [p for p in ours if p.name != "README.md"] == [p for p in theirs if p.name != "README.md"]
+    for relative in theirs:
+        if relative.name != "README.md":
+            assert (tmp_path / "ours" / relative).read_bytes() == (
+                tmp_path / "peft" / relative
+            ).read_bytes(), relative
+    weights = load_file(tmp_path / "ours" / "second" / "adapter_model.safetensors")
+    holds_embeddings = any("embed_tokens" in key for key in weights)
+    assert holds_embeddings == (layers is True or (layers == "auto" and resized))
+
+
+def test_selected_adapters_and_adapter_names_must_agree(tmp_path):
+    with pytest.raises(ValueError, match="disagree"):
+        parse_options(tmp_path / "x", selected_adapters=["a"], adapter_names=["b"])
+    assert parse_options(tmp_path / "x", selected_adapters=["a"]).adapter_names == ("a",)
+    with pytest.raises(ValueError, match="save_embedding_layers"):
+        parse_options(tmp_path / "x", save_embedding_layers="yes")

@@ -35,7 +35,7 @@ def bind_like_unsloth(model, tag: str = "unsloth"):
 
 
 def _is_fastsave(method, expected_self) -> bool:
-    return method.__func__.__module__ == "fastsave.patching" and method.__self__ is expected_self
+    return method.__func__.__module__ == "fastsave.methods" and method.__self__ is expected_self
 
 
 @pytest.fixture

@@ -84,9 +84,12 @@ def test_default_q8_0_next_to_the_users_readme(spm_base, llama_cpp, gguf, tmp_pa
     out = tmp_path / "model_gguf"
     out.mkdir()
     (out / "README.md").write_text("my own notes\n")
-    paths = model.save_pretrained_gguf(out, tokenizer, llama_cpp=llama_cpp)  # Unsloth's default method
+    result = model.save_pretrained_gguf(out, tokenizer, llama_cpp=llama_cpp)  # Unsloth's default method
 
+    paths = result["gguf_files"]  # the method returns what Unsloth's returns
     assert paths == [str(out / "tiny-llama.Q8_0.gguf")]  # "-bnb-4bit" dropped, as Unsloth names it
+    assert result["save_directory"] == result["gguf_directory"] == str(out)
+    assert result["want_full_precision"] is False and result["modelfile_location"] is None
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "tiny-llama.Q8_0.gguf"]
     assert (out / "README.md").read_text() == "my own notes\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_gguf"]  # no temporary checkpoint left

@@ -212,7 +212,10 @@ class LiveModelInput:
             raise PlanError(
                 "save_method='lora' needs a peft model (or a transformers model with an adapter loaded)"
             )
-        kwargs: dict[str, Any] = {"safe_serialization": opts.safe_serialization}
+        kwargs: dict[str, Any] = {
+            "safe_serialization": opts.safe_serialization,
+            "save_embedding_layers": opts.save_embedding_layers,
+        }
         if opts.adapter_names is not None:
             kwargs["selected_adapters"] = list(opts.adapter_names)
         if opts.state_dict is not None:  # peft takes the adapter's tensors from it
