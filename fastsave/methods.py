@@ -187,13 +187,17 @@ def save_pretrained_gguf(
     imatrix_file: Any = None,
     merge_is_disposable: bool = True,
     **options: Any,
-) -> dict[str, Any] | None:
+) -> dict[str, Any] | str | None:
     """Merge this model and convert it to GGUF with llama.cpp: see ``fastsave.export``.
+
+    ``save_method="lora"`` writes the adapter alone as a GGUF LoRA file (fastsave.export.lora_gguf;
+    quantization_method: f16 (default), f32, bf16 or q8_0).
 
     Returns what Unsloth's method returns: ``{"save_directory", "gguf_directory", "gguf_files"
     (the paths written), "modelfile_location" (None: fastsave writes no Ollama Modelfile),
     "want_full_precision" (every file 16- or 32-bit), "is_vlm" (False: text models),
-    "fix_bos_token" (False: the tokenizer is never edited)}``; None with is_main_process=False.
+    "fix_bos_token" (False: the tokenizer is never edited)}``; the file's path for a LoRA GGUF;
+    None with is_main_process=False.
     """
     from fastsave.export.save_gguf import save_pretrained_gguf as export
 
@@ -222,6 +226,10 @@ def save_pretrained_gguf(
     )
     if paths is None:
         return None
+    from fastsave.export.save_gguf import _is_lora
+
+    if _is_lora(save_method):  # Unsloth returns the LoRA GGUF's path
+        return paths[0]
     return {
         "save_directory": str(save_directory),
         "gguf_directory": str(save_directory),
@@ -299,9 +307,84 @@ def repo_id_of(url: str, asked: str) -> str:
     return "/".join(parts[:2]) if len(parts) >= 2 else asked
 
 
+UNSLOTH_LORA_COMMIT_MESSAGE = "Converted LoRA to GGUF with Unsloth"
+UNSLOTH_LORA_COMMIT_DESCRIPTION = "Convert LoRA to GGUF format using Unsloth"
+
+
+def save_pretrained_ggml(
+    self: nn.Module,
+    save_directory: str,
+    tokenizer: Any,
+    temporary_location: str = UNSLOTH_BUFFERS,
+    maximum_memory_usage: float = 0.85,
+    outtype: str = "f16",
+    **options: Any,
+) -> str | None:
+    """Write this model's LoRA adapter as a GGUF LoRA file (f16, f32, bf16 or q8_0) with llama.cpp's
+    convert_lora_to_gguf.py (fastsave.export.lora_gguf); returns its path, as Unsloth's method does."""
+    from fastsave.pipeline.preflight import not_main_process
+
+    if not_main_process(self, options):
+        return None
+    from fastsave.export.lora_gguf import save_lora_gguf
+
+    return save_lora_gguf(
+        self,
+        save_directory,
+        outtype,
+        temporary_location=_own(temporary_location, UNSLOTH_BUFFERS),
+        maximum_memory_usage=maximum_memory_usage,
+        **options,
+    )
+
+
+def push_to_hub_ggml(
+    self: nn.Module,
+    tokenizer: Any,
+    repo_id: str,
+    use_temp_dir: bool | None = None,
+    commit_message: str | None = UNSLOTH_LORA_COMMIT_MESSAGE,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    commit_description: str = UNSLOTH_LORA_COMMIT_DESCRIPTION,
+    temporary_location: str = UNSLOTH_BUFFERS,
+    maximum_memory_usage: float = 0.85,
+    outtype: str = "f16",
+    **options: Any,
+) -> str | None:
+    """:meth:`save_pretrained_ggml`, then upload the file to the hub as ``repo_id`` (note Unsloth's
+    order: the tokenizer first); returns the full repo id, as Unsloth's method does."""
+    from fastsave.pipeline.preflight import not_main_process
+
+    if not_main_process(self, options):
+        return None
+    from fastsave.export.lora_gguf import push_lora_gguf
+
+    url = push_lora_gguf(
+        self,
+        repo_id,
+        outtype,
+        use_temp_dir=use_temp_dir,
+        commit_message=commit_message,
+        private=private,
+        token=token,
+        create_pr=create_pr,
+        revision=revision,
+        commit_description=commit_description,
+        temporary_location=_own(temporary_location, UNSLOTH_BUFFERS),
+        maximum_memory_usage=maximum_memory_usage,
+        **options,
+    )
+    return repo_id_of(url, repo_id)
+
+
 METHODS = {
     "save_pretrained_merged": save_pretrained_merged,
     "push_to_hub_merged": push_to_hub_merged,
     "save_pretrained_gguf": save_pretrained_gguf,
     "push_to_hub_gguf": push_to_hub_gguf,
+    "save_pretrained_ggml": save_pretrained_ggml,
+    "push_to_hub_ggml": push_to_hub_ggml,
 }

@@ -21,7 +21,7 @@ import pytest
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 _SDIST = "llama_cpp_python-0.3.36.tar.gz"
 _VENDOR = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-_KEEP = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/")
+_KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "LICENSE", "conversion/", "gguf-py/")
 
 
 def cache_dir() -> Path:
@@ -50,7 +50,7 @@ def registry_unreachable(pip_stderr: str) -> bool:
 def llama_cpp_checkout() -> Path:
     """A llama.cpp folder with convert_hf_to_gguf.py and gguf-py (fetched on first use), or a skip."""
     target = cache_dir() / "llama.cpp-0.3.36"
-    if (target / "convert_hf_to_gguf.py").is_file():
+    if all((target / name).is_file() for name in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")):
         return target
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
@@ -76,8 +76,10 @@ def llama_cpp_checkout() -> Path:
                 if member.name.startswith(_VENDOR) and relative.startswith(_KEEP) and member.isfile():
                     member.name = relative
                     archive.extract(member, unpacked, filter="data")
-        if not target.exists():
-            os.replace(unpacked, target)
+        if target.exists():  # an older cache without every file kept now
+            stale = Path(scratch) / "stale"
+            os.replace(target, stale)
+        os.replace(unpacked, target)
     return target
 
 

@@ -53,13 +53,25 @@ UNSLOTH = {
         ("maximum_memory_usage", 0.85), ("datasets", None), ("save_method", None), ("imatrix_file", None),
         ("is_main_process", True),
     ],
+    "save_pretrained_ggml": [
+        ("save_directory", EMPTY), ("tokenizer", EMPTY), ("temporary_location", B), ("maximum_memory_usage", 0.85),
+        ("outtype", "f16"),
+    ],
+    "push_to_hub_ggml": [
+        ("tokenizer", EMPTY), ("repo_id", EMPTY), ("use_temp_dir", None),
+        ("commit_message", "Converted LoRA to GGUF with Unsloth"), ("private", None), ("token", None),
+        ("create_pr", False), ("revision", None), ("commit_description", "Convert LoRA to GGUF format using Unsloth"),
+        ("temporary_location", B), ("maximum_memory_usage", 0.85), ("outtype", "f16"),
+    ],
 }  # fmt: skip
 # what Unsloth's methods return: None, or (for the GGUF ones) a dict and the full repo id
 RETURNS = {
     "save_pretrained_merged": "None",
     "push_to_hub_merged": "None",
-    "save_pretrained_gguf": "dict[str, Any] | None",
+    "save_pretrained_gguf": "dict[str, Any] | str | None",
     "push_to_hub_gguf": "str | None",
+    "save_pretrained_ggml": "str | None",
+    "push_to_hub_ggml": "str | None",
 }
 
 

@@ -125,6 +125,14 @@ def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="when the disk cannot hold OUT_DIR's previous checkpoint and the new one together, delete "
         "the previous one first (without this, such a save is refused)",
     )
+    parser.add_argument(
+        "--gguf",
+        choices=("f32", "f16", "bf16", "q8_0"),
+        default=None,
+        help="with --save-method lora: write the adapter as a GGUF LoRA file of this type with llama.cpp's "
+        "convert_lora_to_gguf.py (beside the base's GGUF, llama.cpp loads it with --lora)",
+    )
+    parser.add_argument("--llama-cpp", default=None, help="a llama.cpp checkout (for --gguf)")
     parser.set_defaults(func=run_merge)
     return parser
 
@@ -141,6 +149,8 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace, distributed: bool, who: str) -> int:
+    if args.gguf is not None:
+        return _lora_gguf(args)
     try:
         merge_adapter(
             args.adapter_dir,
@@ -158,6 +168,30 @@ def _merge(args: argparse.Namespace, distributed: bool, who: str) -> int:
         )
     except _ERRORS as error:
         print(f"fastsave merge{who}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _lora_gguf(args: argparse.Namespace) -> int:
+    """``--save-method lora --gguf TYPE``: the saved adapter as a GGUF LoRA file."""
+    from fastsave.export.lora_gguf import save_saved_lora_gguf
+
+    try:
+        if args.save_method != "lora":
+            raise ValueError(
+                "--gguf writes a GGUF LoRA adapter and needs --save-method lora (to export a merged model to "
+                "GGUF, merge it and convert the checkpoint with llama.cpp's convert_hf_to_gguf.py)"
+            )
+        save_saved_lora_gguf(
+            args.adapter_dir,
+            args.out_dir,
+            args.gguf,
+            base=args.base,
+            llama_cpp=args.llama_cpp,
+            temporary_location=args.temporary_location,
+        )
+    except _ERRORS as error:
+        print(f"fastsave merge: error: {error}", file=sys.stderr)
         return 1
     return 0
 

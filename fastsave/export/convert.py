@@ -18,7 +18,12 @@ from fastsave.export.llama_cpp import HOW_TO_BUILD_QUANTIZE, LlamaCpp
 from fastsave.export.methods import file_type_name
 
 
-def _run(command: list[str], what: str, cwd: Path) -> float:
+def run_tool(command: list[str], what: str, cwd: Path) -> float:
+    """Run one of llama.cpp's tools offline in ``cwd``; return the seconds.
+
+    Raises:
+        GGUFConversionError: it failed (its last lines of output in the message).
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.perf_counter()
     result = subprocess.run(
@@ -49,7 +54,7 @@ def convert_checkpoint(tools: LlamaCpp, checkpoint: Path, outfile: Path, outtype
         "--outtype",
         outtype,
     ]
-    seconds = _run(command, "llama.cpp's convert_hf_to_gguf.py", cwd=outfile.parent)
+    seconds = run_tool(command, "llama.cpp's convert_hf_to_gguf.py", cwd=outfile.parent)
     if not outfile.is_file():
         raise GGUFConversionError(f"convert_hf_to_gguf.py reported success but wrote no {outfile}")
     return seconds
@@ -74,7 +79,7 @@ def quantize_gguf(
         command += ["--output-tensor-type", "q8_0", "--token-embedding-type", "q8_0"]
         kind = "q2_k"
     command += [str(infile), str(outfile), file_type_name(kind), str(os.cpu_count() or 1)]
-    seconds = _run(command, "llama.cpp's llama-quantize", cwd=outfile.parent)
+    seconds = run_tool(command, "llama.cpp's llama-quantize", cwd=outfile.parent)
     if not outfile.is_file():
         raise GGUFConversionError(f"llama-quantize reported success but wrote no {outfile}")
     return seconds

@@ -48,6 +48,13 @@ logger = logging.getLogger(__name__)
 _NAME_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit")
 
 
+def _is_lora(save_method: Any) -> bool:
+    """save_method asks for the adapter alone (Unsloth's save_method="lora" on its GGUF methods)."""
+    from fastsave.options import normalize_save_method
+
+    return save_method is not None and normalize_save_method(save_method) == "lora"
+
+
 def gguf_stem(model: nn.Module) -> str:
     """The model part of the GGUF file names: the base model's name, without Unsloth's 4-bit suffix."""
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
@@ -112,6 +119,13 @@ def save_pretrained_gguf(
     """
     if not_main_process(model, options):
         return None
+    if _is_lora(options.get("save_method")):  # the adapter alone, as a GGUF LoRA file
+        from fastsave.export.lora_gguf import save_lora_gguf
+
+        if options.get("push_to_hub"):
+            raise ValueError("push a GGUF LoRA file with push_to_hub_gguf(..., save_method='lora')")
+        options = {k: v for k, v in options.items() if k != "save_method"}
+        return [save_lora_gguf(model, save_directory, quantization_method, llama_cpp=llama_cpp, **options)]
     paths, _ = _export(
         model,
         save_directory,
@@ -272,6 +286,12 @@ def push_to_hub_gguf(
         return None
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"repo_id must be a hub repo id such as 'user/model-gguf', got {repo_id!r}")
+    if _is_lora(options.get("save_method")):  # the adapter alone, as a GGUF LoRA file
+        from fastsave.export.lora_gguf import push_lora_gguf
+
+        for unused in ("first_conversion", "imatrix_file", "save_method"):
+            options.pop(unused, None)
+        return push_lora_gguf(model, repo_id, quantization_method, use_temp_dir=use_temp_dir, **options)
     llama_cpp = options.pop("llama_cpp", None)
     first = options.pop("first_conversion", None)
     imatrix_file = options.pop("imatrix_file", None)

@@ -176,7 +176,12 @@ class SavedAdapterInput:
         self.model: nn.Module | None = None  # the peft model on the meta device, once planned
         self._how = ""
 
-    def _resolve_base(self) -> tuple[Path, SafetensorsCheckpoint, Any]:
+    def resolve_base(self) -> tuple[Path, SafetensorsCheckpoint, Any]:
+        """The base's directory, its checkpoint and its config, found locally (never downloaded).
+
+        Raises:
+            PlanError: not found, quantized, or without config.json.
+        """
         from transformers import AutoConfig
 
         candidates = [self.base] if self.base else [self.adapter.base_name]
@@ -201,7 +206,7 @@ class SavedAdapterInput:
             PlanError: no base found, an adapter that does not fit it, a checkpoint that does not
                 match its config, an adapter feature fastsave cannot merge exactly.
         """
-        self.base_dir, checkpoint, config = self._resolve_base()
+        self.base_dir, checkpoint, config = self.resolve_base()
         self.config = config
         base = meta_model(config, getattr(self.adapter.config, "task_type", None))
         aliases: dict[int, list[str]] = {}
