@@ -307,6 +307,22 @@ def repo_id_of(url: str, asked: str) -> str:
     return "/".join(parts[:2]) if len(parts) >= 2 else asked
 
 
+def save_pretrained_torchao(
+    self: nn.Module,
+    save_directory: str | os.PathLike,
+    tokenizer: Any = None,
+    torchao_config: Any = None,
+    push_to_hub: bool = False,
+    token: str | bool | None = None,
+    **options: Any,
+) -> None:
+    """Merge this model and save it quantized with torchao (fastsave.export.torchao_export);
+    returns None, as Unsloth's method does."""
+    from fastsave.export.torchao_export import save_pretrained_torchao as save
+
+    save(self, save_directory, tokenizer, torchao_config, push_to_hub, token, **options)
+
+
 UNSLOTH_LORA_COMMIT_MESSAGE = "Converted LoRA to GGUF with Unsloth"
 UNSLOTH_LORA_COMMIT_DESCRIPTION = "Convert LoRA to GGUF format using Unsloth"
 
@@ -387,4 +403,5 @@ METHODS = {
     "push_to_hub_gguf": push_to_hub_gguf,
     "save_pretrained_ggml": save_pretrained_ggml,
     "push_to_hub_ggml": push_to_hub_ggml,
+    "save_pretrained_torchao": save_pretrained_torchao,
 }

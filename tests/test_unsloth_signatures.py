@@ -63,6 +63,10 @@ UNSLOTH = {
         ("create_pr", False), ("revision", None), ("commit_description", "Convert LoRA to GGUF format using Unsloth"),
         ("temporary_location", B), ("maximum_memory_usage", 0.85), ("outtype", "f16"),
     ],
+    "save_pretrained_torchao": [
+        ("save_directory", EMPTY), ("tokenizer", None), ("torchao_config", None), ("push_to_hub", False),
+        ("token", None),
+    ],
 }  # fmt: skip
 # what Unsloth's methods return: None, or (for the GGUF ones) a dict and the full repo id
 RETURNS = {
@@ -72,6 +76,7 @@ RETURNS = {
     "push_to_hub_gguf": "str | None",
     "save_pretrained_ggml": "str | None",
     "push_to_hub_ggml": "str | None",
+    "save_pretrained_torchao": "None",
 }
 
 

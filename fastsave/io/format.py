@@ -33,6 +33,9 @@ TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 DTYPE_SIZES = {
     code: torch.empty((), dtype=dtype).element_size() for dtype, code in SAFETENSORS_DTYPES.items()
 }
+# codes fastsave does not read as tensors but must size when it verifies a checkpoint another
+# library wrote into a save (torchao's float8 weights, unsigned ints)
+DTYPE_SIZES.update({"F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8})
 # codes of floating-point data (the float8 ones too, which fastsave does not read as tensors)
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
