@@ -227,7 +227,7 @@ def test_disk_space_for_checkpoint_and_gguf_is_checked_first(
         ((), {}, ValueError, "tokenizer"),
         ((True, "q9_9"), {}, ValueError, "unknown"),
         ((True, "iq2_xs"), {}, ValueError, "imatrix_file"),
-        ((True,), {"save_method": "lora"}, ValueError, "convert_lora_to_gguf"),
+        ((True, "q4_k_m"), {"save_method": "lora"}, ValueError, "f32, f16, bf16, q8_0"),
         ((True,), {"first_conversion": "q4_k_m"}, ValueError, "first_conversion"),
         ((True, "iq2_xs"), {"imatrix_file": True}, ValueError, "never downloads"),
         ((True,), {"bogus": 1}, TypeError, "bogus"),

@@ -61,7 +61,7 @@ def test_every_unsloth_save_form_is_exact(model_dirs, tmp_path, checkpoint, patc
     result = json.loads(
         [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT") :]
     )
-    assert set(result["bound"].values()) == {"fastsave.patching"}, result["bound"]
+    assert set(result["bound"].values()) == {"fastsave.methods"}, result["bound"]
     assert result["lora_modules"] == 14
     assert len(result["loss"]) == 3
     merged = {label: save for label, save in result["saves"].items() if "differ" in save}
