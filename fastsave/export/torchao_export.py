@@ -87,6 +87,12 @@ def save_pretrained_torchao(
         Whatever transformers' torchao quantizer raises for a config it cannot run here (nothing is
         published then).
     """
+    if torchao_config is None and getattr(model, "_torchao_config", None) is not None:
+        raise ValueError(
+            "this model carries a torchao config from quantization-aware training (Unsloth's qat_scheme); "
+            "fastsave does not convert QAT models yet: pass torchao_config= explicitly, or save it with "
+            "Unsloth. Nothing was written."
+        )
     quant_type = torchao_quant_type(torchao_config)
     opts = parse_options(
         save_directory, save_method="merged_16bit", push_to_hub=push_to_hub, token=token, **options
