@@ -32,6 +32,35 @@ def tiny_base_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_cpp() -> Path:
+    """A llama.cpp folder with its converters and gguf-py (tests/gguf_tools.py fetches it once)."""
+    from gguf_tools import llama_cpp_checkout
+
+    return llama_cpp_checkout()
+
+
+@pytest.fixture(scope="session")
+def gguf(llama_cpp):
+    """llama.cpp's own gguf package (gguf-py), the reader the GGUF tests hold files to."""
+    import sys
+
+    sys.path.insert(0, str(llama_cpp / "gguf-py"))
+    import gguf as module
+
+    return module
+
+
+@pytest.fixture(scope="session")
+def spm_base(tmp_path_factory):
+    """A tiny Llama with a sentencepiece tokenizer.model, as llama.cpp's converter reads it."""
+    from fastsave.tiny import build_sentencepiece_tokenizer
+
+    directory = tmp_path_factory.mktemp("gguf-base") / "tiny-llama-bnb-4bit"
+    save_random_model(tiny_llama_config(vocab_size=300), directory)
+    return directory, build_sentencepiece_tokenizer(directory)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_base_dir):
     """The tokenizer saved beside the tiny base."""
     from transformers import AutoTokenizer

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import bitsandbytes.functional as bnb_functional
@@ -16,7 +15,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from gguf_tools import llama_cpp_checkout, write_fake_quantize
+from gguf_tools import write_fake_quantize
 
 import fastsave
 from fastsave.errors import DiskSpaceError
@@ -42,27 +41,6 @@ UNPERMUTED = {
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
-
-
-@pytest.fixture(scope="module")
-def llama_cpp() -> Path:
-    return llama_cpp_checkout()
-
-
-@pytest.fixture(scope="module")
-def gguf(llama_cpp):
-    sys.path.insert(0, str(llama_cpp / "gguf-py"))
-    import gguf as module
-
-    return module
-
-
-@pytest.fixture(scope="module")
-def spm_base(tmp_path_factory):
-    """A tiny Llama with a sentencepiece tokenizer.model, as llama.cpp's converter reads it."""
-    directory = tmp_path_factory.mktemp("gguf-base") / "tiny-llama-bnb-4bit"
-    save_random_model(tiny_llama_config(vocab_size=300), directory)
-    return directory, build_sentencepiece_tokenizer(directory)
 
 
 @torch.no_grad()

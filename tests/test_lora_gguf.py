@@ -9,47 +9,22 @@ itself by scripts/test_lora_gguf_runtime.sh (it builds llama-cpp-python).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from gguf_tools import llama_cpp_checkout
 
 import fastsave
 from fastsave.errors import UnsupportedAdapterError
 from fastsave.tiny import (
     attach_lora,
-    build_sentencepiece_tokenizer,
     load_4bit,
-    save_random_model,
-    tiny_llama_config,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 UNPERMUTED = {"attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_down": "mlp.down_proj"}
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    return llama_cpp_checkout()
-
-
-@pytest.fixture(scope="module")
-def gguf(llama_cpp):
-    sys.path.insert(0, str(llama_cpp / "gguf-py"))
-    import gguf as module
-
-    return module
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("lora-gguf") / "tiny-llama-bnb-4bit"
-    save_random_model(tiny_llama_config(vocab_size=300), directory)
-    return directory, build_sentencepiece_tokenizer(directory)
 
 
 def _lora_model(directory, **lora):
@@ -76,8 +51,8 @@ def _check_tensors(gguf, path, model, alpha):
     return reader
 
 
-def test_save_pretrained_gguf_lora_method(base, llama_cpp, gguf, tmp_path, fastsave_log):
-    directory, tokenizer = base
+def test_save_pretrained_gguf_lora_method(spm_base, llama_cpp, gguf, tmp_path, fastsave_log):
+    directory, tokenizer = spm_base
     model = fastsave.patch(_lora_model(directory))
     out = tmp_path / "out"
     path = model.save_pretrained_gguf(out, tokenizer, "f32", save_method="lora", llama_cpp=llama_cpp)
@@ -89,8 +64,8 @@ def test_save_pretrained_gguf_lora_method(base, llama_cpp, gguf, tmp_path, fasts
     fastsave.unpatch(model)
 
 
-def test_save_pretrained_ggml_and_outtypes(base, llama_cpp, gguf, tmp_path):
-    directory, tokenizer = base
+def test_save_pretrained_ggml_and_outtypes(spm_base, llama_cpp, gguf, tmp_path):
+    directory, tokenizer = spm_base
     model = fastsave.patch(_lora_model(directory))
     path = model.save_pretrained_ggml(tmp_path / "ggml", tokenizer, outtype="q8_0", llama_cpp=llama_cpp)
     reader = gguf.GGUFReader(path)
@@ -108,8 +83,8 @@ def test_save_pretrained_ggml_and_outtypes(base, llama_cpp, gguf, tmp_path):
         (dict(alpha_pattern={"v_proj": 4}), "alpha_pattern"),
     ],
 )
-def test_adapters_llama_cpp_cannot_load_are_refused_first(base, llama_cpp, tmp_path, lora, why):
-    directory, tokenizer = base
+def test_adapters_llama_cpp_cannot_load_are_refused_first(spm_base, llama_cpp, tmp_path, lora, why):
+    directory, tokenizer = spm_base
     model = _lora_model(directory, **lora)
     with pytest.raises(UnsupportedAdapterError, match=why):
         fastsave.save_pretrained_gguf(
@@ -118,10 +93,10 @@ def test_adapters_llama_cpp_cannot_load_are_refused_first(base, llama_cpp, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_command_line_saved_adapter_to_gguf(base, llama_cpp, gguf, tmp_path):
+def test_command_line_saved_adapter_to_gguf(spm_base, llama_cpp, gguf, tmp_path):
     from fastsave.cli import main
 
-    directory, _ = base
+    directory, _ = spm_base
     model = _lora_model(directory)
     model.save_pretrained(str(tmp_path / "adapter"))
     argv = ["merge", str(tmp_path / "adapter"), str(tmp_path / "out"), "--base", str(directory)]
@@ -131,10 +106,10 @@ def test_command_line_saved_adapter_to_gguf(base, llama_cpp, gguf, tmp_path):
     _check_tensors(gguf, str(path), model, 16.0)
 
 
-def test_push_to_hub_gguf_lora_uploads_the_file(base, llama_cpp, tmp_path, monkeypatch):
+def test_push_to_hub_gguf_lora_uploads_the_file(spm_base, llama_cpp, tmp_path, monkeypatch):
     import huggingface_hub
 
-    directory, tokenizer = base
+    directory, tokenizer = spm_base
     uploads = []
 
     class FakeHfApi:
@@ -158,13 +133,13 @@ def test_push_to_hub_gguf_lora_uploads_the_file(base, llama_cpp, tmp_path, monke
 
 
 @pytest.mark.llama_runtime
-def test_base_plus_lora_gguf_computes_the_merged_gguf_in_llama_cpp(base, llama_cpp, tmp_path):
+def test_base_plus_lora_gguf_computes_the_merged_gguf_in_llama_cpp(spm_base, llama_cpp, tmp_path):
     """In llama.cpp itself (llama-cpp-python): the base GGUF with the LoRA GGUF applied (--lora) gives
     the merged GGUF's next-token argmax at >= 99% of the positions of the test prompts (all f32)."""
     llama = pytest.importorskip(
         "llama_cpp", reason="scripts/test_lora_gguf_runtime.sh installs llama-cpp-python"
     )
-    directory, tokenizer = base
+    directory, tokenizer = spm_base
     model = _lora_model(directory, target_modules="all-linear", exclude_modules=["lm_head"])
     with torch.no_grad():  # an adapter that moves the logits well beyond float32 noise
         for name, param in model.named_parameters():
