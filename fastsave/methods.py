@@ -226,9 +226,9 @@ def save_pretrained_gguf(
     )
     if paths is None:
         return None
-    from fastsave.export.save_gguf import _is_lora
+    from fastsave.export.methods import is_lora
 
-    if _is_lora(save_method):  # Unsloth returns the LoRA GGUF's path
+    if is_lora(save_method):  # Unsloth returns the LoRA GGUF's path
         return paths[0]
     return {
         "save_directory": str(save_directory),

@@ -31,6 +31,7 @@ from torch import nn
 from fastsave.errors import GGUFVerificationError, UnsupportedAdapterError
 from fastsave.export.convert import run_tool
 from fastsave.export.llama_cpp import LlamaCppNotFoundError, find_llama_cpp
+from fastsave.export.methods import gguf_stem
 from fastsave.export.verify import load_gguf
 from fastsave.io.ownership import GGUF
 from fastsave.options import parse_options
@@ -146,7 +147,6 @@ def save_lora_gguf(
         )
     return_url = options.pop("_return_url", False)
     opts = parse_options(save_directory, save_method="lora", **options)
-    from fastsave.export.save_gguf import gguf_stem
 
     def stage(work: Path) -> tuple[Path, Path]:
         adapter_dir, base_dir = work / "adapter", work / "base-config"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 DEFAULT_METHOD = "fast_quantized"
 # Unsloth's aliases. "not_quantized" keeps the 16-bit dtype the merged checkpoint has (Unsloth
@@ -94,3 +95,23 @@ def bits_per_weight(method: str) -> float:
 def file_type_name(method: str) -> str:
     """The type as it appears in a GGUF file name and in llama-quantize's arguments (Q4_K_M)."""
     return method.upper()
+
+
+_NAME_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit")
+
+
+def is_lora(save_method: Any) -> bool:
+    """save_method asks for the adapter alone (Unsloth's save_method="lora" on its GGUF methods)."""
+    from fastsave.options import normalize_save_method
+
+    return save_method is not None and normalize_save_method(save_method) == "lora"
+
+
+def gguf_stem(model: Any) -> str:
+    """The model part of the GGUF file names: the base model's name, without Unsloth's 4-bit suffix."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    name = str(getattr(getattr(inner, "config", None), "_name_or_path", "") or "").rstrip("/\\")
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in _NAME_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name if name and name not in (".", "..") else "model"

@@ -34,7 +34,7 @@ from fastsave.dtypes import GGUF_TYPES, dtype_of_gguf_type
 from fastsave.export.added_tokens import stage_added_tokens
 from fastsave.export.convert import convert_checkpoint, quantize_gguf
 from fastsave.export.llama_cpp import find_llama_cpp
-from fastsave.export.methods import DEFAULT_METHOD, file_type_name, normalize_methods
+from fastsave.export.methods import DEFAULT_METHOD, file_type_name, gguf_stem, is_lora, normalize_methods
 from fastsave.export.methods import first_conversion as choose_first_conversion
 from fastsave.export.space import check_export_space, logical_parameter_count
 from fastsave.export.verify import load_gguf, read_checkpoint_facts, verify_gguf
@@ -44,25 +44,6 @@ from fastsave.options import SaveOptions, parse_gguf_options
 from fastsave.pipeline.preflight import not_main_process
 
 logger = logging.getLogger(__name__)
-
-_NAME_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit")
-
-
-def _is_lora(save_method: Any) -> bool:
-    """save_method asks for the adapter alone (Unsloth's save_method="lora" on its GGUF methods)."""
-    from fastsave.options import normalize_save_method
-
-    return save_method is not None and normalize_save_method(save_method) == "lora"
-
-
-def gguf_stem(model: nn.Module) -> str:
-    """The model part of the GGUF file names: the base model's name, without Unsloth's 4-bit suffix."""
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    name = str(getattr(getattr(inner, "config", None), "_name_or_path", "") or "").rstrip("/\\")
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    for suffix in _NAME_SUFFIXES:
-        name = name.removesuffix(suffix)
-    return name if name and name not in (".", "..") else "model"
 
 
 def _checkpoint_options(opts: SaveOptions, checkpoint: Path, dtype: torch.dtype) -> SaveOptions:
@@ -119,7 +100,7 @@ def save_pretrained_gguf(
     """
     if not_main_process(model, options):
         return None
-    if _is_lora(options.get("save_method")):  # the adapter alone, as a GGUF LoRA file
+    if is_lora(options.get("save_method")):  # the adapter alone, as a GGUF LoRA file
         from fastsave.export.lora_gguf import save_lora_gguf
 
         if options.get("push_to_hub"):
@@ -286,7 +267,7 @@ def push_to_hub_gguf(
         return None
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"repo_id must be a hub repo id such as 'user/model-gguf', got {repo_id!r}")
-    if _is_lora(options.get("save_method")):  # the adapter alone, as a GGUF LoRA file
+    if is_lora(options.get("save_method")):  # the adapter alone, as a GGUF LoRA file
         from fastsave.export.lora_gguf import push_lora_gguf
 
         for unused in ("first_conversion", "imatrix_file", "save_method"):
