@@ -13,28 +13,7 @@ from typing import Any
 import torch
 
 from fastsave.dtypes import SPELLINGS
-
-# The save methods every input supports; output formats add theirs (fastsave.formats.register).
-_SAVE_METHODS = ["lora", "merged_16bit"]
-
-
-def add_save_method(name: str) -> None:
-    """Accept ``name`` as a save_method (an output format registers its own)."""
-    if name not in _SAVE_METHODS:
-        _SAVE_METHODS.append(name)
-
-
-def remove_save_method(name: str) -> None:
-    """Undo :func:`add_save_method` (tests register toy formats)."""
-    if name in ("lora", "merged_16bit"):
-        raise ValueError(f"{name!r} is not an output format's save method")
-    _SAVE_METHODS.remove(name)
-
-
-def save_methods() -> tuple[str, ...]:
-    """Every save_method accepted now."""
-    return tuple(_SAVE_METHODS)
-
+from fastsave.save_methods import add_save_method, remove_save_method, save_methods  # noqa: F401 - re-exported
 
 # Other spellings notebooks use (Unsloth's zoo accepts "forced_merged_4bit" for the forced 4-bit save).
 # Methods are also matched case-insensitively, with spaces and hyphens read as underscores.
@@ -166,9 +145,9 @@ def normalize_save_method(value: Any) -> str:
             "step). Save 'merged_16bit' for inference and GGUF conversion, or 'lora' to keep the adapter; "
             "if you really want a 4-bit merged checkpoint, ask for it with save_method='merged_4bit_forced'."
         )
-    if method not in _SAVE_METHODS:
+    if method not in save_methods():
         raise ValueError(
-            f"save_method={value!r} is unknown: use one of {', '.join(map(repr, _SAVE_METHODS))}"
+            f"save_method={value!r} is unknown: use one of {', '.join(map(repr, save_methods()))}"
         )
     return method
 

@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fastsave never downloads behind the user's back
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from fastsave.demo import format_report, run_demo
+        from fastsave.cli.quiet import quiet_imports
+
+        with quiet_imports():
+            from fastsave.demo import format_report, run_demo
 
         try:
             report = run_demo(args.output_dir, train_steps=args.steps)

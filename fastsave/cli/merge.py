@@ -16,23 +16,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fastsave.api import merge_adapter
-from fastsave.errors import SaveInProgressError, VerifyError
-from fastsave.options import save_methods
-from fastsave.parallel.ranks import RankFailedError, RanksDisagreeError
-from fastsave.parallel.team import CollectiveCallError, RankLostError
-from fastsave.sources.settings_4bit import Quant4bitSettings
+from fastsave.cli.quiet import quiet_imports
+from fastsave.save_methods import COMMAND_LINE_SAVE_METHODS
 
-_ERRORS = (
-    ValueError,
-    OSError,  # DiskSpaceError is an OSError
-    SaveInProgressError,
-    VerifyError,
-    RankFailedError,
-    RankLostError,
-    RanksDisagreeError,
-    CollectiveCallError,
-)
+
+def _errors() -> tuple[type[BaseException], ...]:
+    """The errors the command reports as a message (imported when a merge runs, not to parse arguments)."""
+    from fastsave.errors import SaveInProgressError, VerifyError
+    from fastsave.parallel.ranks import RankFailedError, RanksDisagreeError
+    from fastsave.parallel.team import CollectiveCallError, RankLostError
+
+    return (
+        ValueError,
+        OSError,  # DiskSpaceError is an OSError
+        SaveInProgressError,
+        VerifyError,
+        RankFailedError,
+        RankLostError,
+        RanksDisagreeError,
+        CollectiveCallError,
+    )
 
 
 def launched_on_ranks() -> bool:
@@ -88,7 +91,7 @@ def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="16-bit base checkpoint: a local directory or a repo id already in the local HF cache "
         "(default: the adapter's base_model_name_or_path); never downloaded",
     )
-    parser.add_argument("--save-method", choices=save_methods(), default="merged_16bit")
+    parser.add_argument("--save-method", choices=COMMAND_LINE_SAVE_METHODS, default="merged_16bit")
     parser.add_argument(
         "--max-shard-size", default="5GB", help="like transformers: 500MB, 5GB, 2GiB (default 5GB)"
     )
@@ -151,6 +154,9 @@ def run_merge(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace, distributed: bool, who: str) -> int:
     if args.gguf is not None:
         return _lora_gguf(args)
+    with quiet_imports():
+        from fastsave.api import merge_adapter
+        from fastsave.sources.settings_4bit import Quant4bitSettings
     try:
         merge_adapter(
             args.adapter_dir,
@@ -166,7 +172,7 @@ def _merge(args: argparse.Namespace, distributed: bool, who: str) -> int:
             replace_in_place=args.replace_in_place,
             distributed=distributed,
         )
-    except _ERRORS as error:
+    except _errors() as error:
         print(f"fastsave merge{who}: error: {error}", file=sys.stderr)
         return 1
     return 0
@@ -174,7 +180,8 @@ def _merge(args: argparse.Namespace, distributed: bool, who: str) -> int:
 
 def _lora_gguf(args: argparse.Namespace) -> int:
     """``--save-method lora --gguf TYPE``: the saved adapter as a GGUF LoRA file."""
-    from fastsave.export.lora_gguf import save_saved_lora_gguf
+    with quiet_imports():
+        from fastsave.export.lora_gguf import save_saved_lora_gguf
 
     try:
         if args.save_method != "lora":
@@ -190,7 +197,7 @@ def _lora_gguf(args: argparse.Namespace) -> int:
             llama_cpp=args.llama_cpp,
             temporary_location=args.temporary_location,
         )
-    except _ERRORS as error:
+    except _errors() as error:
         print(f"fastsave merge: error: {error}", file=sys.stderr)
         return 1
     return 0

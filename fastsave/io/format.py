@@ -12,30 +12,41 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fastsave._version import __version__
 
-# torch dtype -> safetensors dtype code, for every dtype fastsave writes or reads as a tensor
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+# safetensors dtype code -> bytes per element, for every code fastsave writes, reads or verifies
+# (the float8 and unsigned ones only verified: torchao's weights in a save_pretrained_torchao output)
 DTYPE_SIZES = {
-    code: torch.empty((), dtype=dtype).element_size() for dtype, code in SAFETENSORS_DTYPES.items()
-}
-# codes fastsave does not read as tensors but must size when it verifies a checkpoint another
-# library wrote into a save (torchao's float8 weights, unsigned ints)
-DTYPE_SIZES.update({"F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8})
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """``SAFETENSORS_DTYPES`` (torch dtype -> code, for every dtype fastsave writes or reads as a
+    tensor) and ``TORCH_DTYPES`` (the reverse), built on first use: reading a header (``fastsave
+    verify``) needs no torch."""
+    if name in ("SAFETENSORS_DTYPES", "TORCH_DTYPES"):
+        import torch
+
+        codes = {
+            torch.float64: "F64",
+            torch.float32: "F32",
+            torch.float16: "F16",
+            torch.bfloat16: "BF16",
+            torch.int64: "I64",
+            torch.int32: "I32",
+            torch.int16: "I16",
+            torch.int8: "I8",
+            torch.uint8: "U8",
+            torch.bool: "BOOL",
+        }
+        globals()["SAFETENSORS_DTYPES"] = codes
+        globals()["TORCH_DTYPES"] = {code: dtype for dtype, code in codes.items()}
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # codes of floating-point data (the float8 ones too, which fastsave does not read as tensors)
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
@@ -59,12 +70,13 @@ def encode_header(tensors: Iterable[Any], metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for tensor in tensors:
-        if tensor.dtype not in SAFETENSORS_DTYPES:
+        codes = __getattr__("SAFETENSORS_DTYPES")
+        if tensor.dtype not in codes:
             raise ValueError(
                 f"tensor {tensor.name!r} has dtype {tensor.dtype}, which safetensors cannot store"
             )
         header[tensor.name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "dtype": codes[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + tensor.nbytes],
         }

@@ -15,10 +15,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # only named in annotations: reading a card (fastsave verify) needs no torch
+    import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
