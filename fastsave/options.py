@@ -30,7 +30,6 @@ NO_EFFECT_OPTIONS = {
     "max_seq_length": "only Unsloth's FP8/FP4 compressed exports use calibration data",
     "install_missing_dependencies": "fastsave never installs anything at run time",
     "merge_is_disposable": "the temporary 16-bit checkpoint of a GGUF export is always removed",
-    "gguf_shard_size": "fastsave writes each GGUF as one file",
 }
 _SIZE_UNITS = {
     "B": 1,

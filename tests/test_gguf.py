@@ -189,13 +189,30 @@ def test_k_quant_without_llama_quantize_is_refused_before_any_work(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("route", ["fed", "checkpoint"])
 def test_disk_space_for_checkpoint_and_gguf_is_checked_first(
-    qlora_model, tiny_tokenizer, llama_cpp, tmp_path, monkeypatch
+    qlora_model, tiny_tokenizer, llama_cpp, tmp_path, monkeypatch, route
 ):
+    """The space the export needs is checked before any work: the GGUF alone when the converter is
+    fed from the merge, the temporary 16-bit checkpoint too on the checkpoint route."""
+    from fastsave.export import feed
+
+    if route == "checkpoint":
+        monkeypatch.setattr(feed, "_converter", lambda tools: (_ for _ in ()).throw(feed.FeedUnavailable("forced")))
+    sizes = []
+    real_check = space.check_export_space
+
+    def recording(*args, **kwargs):
+        sizes.append(args[1])  # the checkpoint's bytes per weight
+        return real_check(*args, **kwargs)
+
     real = space.shutil.disk_usage
     monkeypatch.setattr(space.shutil, "disk_usage", lambda path: real(path)._replace(free=10**6))
-    with pytest.raises(DiskSpaceError, match="temporary 16-bit checkpoint"):
+    monkeypatch.setattr("fastsave.export.save_gguf.check_export_space", recording)
+    words = "temporary 16-bit checkpoint" if route == "checkpoint" else r"\(the GGUF file\(s\)"
+    with pytest.raises(DiskSpaceError, match=words):
         fastsave.save_pretrained_gguf(qlora_model(), tmp_path / "out", tiny_tokenizer, llama_cpp=llama_cpp)
+    assert sizes == [0 if route == "fed" else 2]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -270,3 +287,103 @@ def test_added_tokens_reach_the_gguf(tmp_path, llama_cpp, gguf):
     embedding = {t.name: t for t in reader.tensors}["token_embd.weight"]
     rows = np.asarray(embedding.data).reshape(len(tokenizer), 64)
     assert np.array_equal(rows[new_ids], trained.numpy())  # f32: the trained rows, exactly
+
+
+@pytest.mark.parametrize("method", ["f32", "bf16", "q8_0"])
+def test_gguf_straight_from_the_merge_is_the_checkpoint_routes_file(
+    spm_base, llama_cpp, tmp_path, monkeypatch, method
+):
+    """llama.cpp's converter fed from the plan writes, byte for byte, the file it writes from the
+    16-bit checkpoint; and on that route no weight file is ever written, only config and tokenizer."""
+    from fastsave.export import feed, save_gguf
+
+    base, tokenizer = spm_base
+    model = attach_lora(load_4bit(base), seed=2)
+    staged_during_conversion = []
+    real = save_gguf.convert_from_plan
+
+    def spy(tools, staged, plan, outfile, outtype, split_max_size=0):
+        staged_during_conversion.extend(sorted(p.name for p in staged.iterdir()))
+        return real(tools, staged, plan, outfile, outtype, split_max_size)
+
+    monkeypatch.setattr(save_gguf, "convert_from_plan", spy)
+    import fastsave.pipeline.write
+
+    monkeypatch.setattr(
+        fastsave.pipeline.write, "write_merged_weights", None
+    )  # the fed route writes no weights
+    (fed,) = fastsave.save_pretrained_gguf(model, tmp_path / "fed", tokenizer, method, llama_cpp=llama_cpp)
+    assert staged_during_conversion and not [
+        n for n in staged_during_conversion if n.endswith((".safetensors", ".bin"))
+    ]
+    assert "config.json" in staged_during_conversion and "tokenizer.model" in staged_during_conversion
+    monkeypatch.undo()
+
+    monkeypatch.setattr(
+        feed, "_converter", lambda tools: (_ for _ in ()).throw(feed.FeedUnavailable("forced"))
+    )
+    (from_checkpoint,) = fastsave.save_pretrained_gguf(
+        model, tmp_path / "ckpt", tokenizer, method, llama_cpp=llama_cpp
+    )
+    assert Path(fed).read_bytes() == Path(from_checkpoint).read_bytes()
+
+
+def test_gguf_falls_back_to_the_checkpoint_route_saying_why(
+    spm_base, llama_cpp, tmp_path, monkeypatch, fastsave_log
+):
+    from fastsave.export import feed
+
+    base, tokenizer = spm_base
+
+    def unavailable(tools):
+        raise feed.FeedUnavailable("llama.cpp's converter at X has no ModelBase.index_tensors")
+
+    monkeypatch.setattr(feed, "_converter", unavailable)
+    (path,) = fastsave.save_pretrained_gguf(
+        attach_lora(load_4bit(base)), tmp_path / "out", tokenizer, "f16", llama_cpp=llama_cpp
+    )
+    assert Path(path).is_file()
+    assert any(
+        "no ModelBase.index_tensors; converting from a temporary 16-bit checkpoint instead" in line
+        for line in fastsave_log.messages
+    )
+
+
+def test_a_nan_reaches_no_gguf_on_the_fed_route(spm_base, llama_cpp, tmp_path):
+    base, tokenizer = spm_base
+    model = attach_lora(load_4bit(base))
+    with torch.no_grad():
+        model.base_model.model.model.layers[1].mlp.up_proj.lora_B["default"].weight[3, 0] = float("nan")
+    with pytest.raises(Exception, match=r"up_proj\.weight.*NaN"):
+        fastsave.save_pretrained_gguf(model, tmp_path / "out", tokenizer, "f16", llama_cpp=llama_cpp)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_shard_size_writes_llama_cpps_split_layout(spm_base, llama_cpp, gguf, tmp_path):
+    """A forced small gguf_shard_size: parts named <name>-0000i-of-0000N.gguf, the metadata in the
+    first, every tensor once across them, the same tensors as the one-file export."""
+    base, tokenizer = spm_base
+    model = attach_lora(load_4bit(base), seed=6)
+    (whole,) = fastsave.save_pretrained_gguf(model, tmp_path / "whole", tokenizer, "f32", llama_cpp=llama_cpp)
+    parts = fastsave.save_pretrained_gguf(
+        model, tmp_path / "split", tokenizer, "f32", llama_cpp=llama_cpp, gguf_shard_size="100KB"
+    )
+    count = len(parts)
+    assert count >= 3
+    assert [Path(p).name for p in parts] == [
+        f"tiny-llama.F32-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)
+    ]
+    readers = [gguf.GGUFReader(p) for p in parts]
+    assert readers[0].fields["split.count"].contents() == count
+    assert all(sum(t.n_bytes for t in r.tensors) <= 100_000 or len(r.tensors) == 1 for r in readers)
+    split = {t.name: np.asarray(t.data).copy() for r in readers for t in r.tensors}
+    one = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(whole).tensors}
+    assert split.keys() == one.keys() and all(np.array_equal(split[k], one[k]) for k in one)
+
+
+def test_gguf_shard_size_with_a_k_quant_is_refused_first(qlora_model, tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="gguf-split"):
+        fastsave.save_pretrained_gguf(
+            qlora_model(), tmp_path / "out", tiny_tokenizer, "q4_k_m", gguf_shard_size="1GB"
+        )
+    assert list(tmp_path.iterdir()) == []

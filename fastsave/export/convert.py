@@ -38,7 +38,9 @@ def run_tool(command: list[str], what: str, cwd: Path) -> float:
     return time.perf_counter() - started
 
 
-def convert_checkpoint(tools: LlamaCpp, checkpoint: Path, outfile: Path, outtype: str) -> float:
+def convert_checkpoint(
+    tools: LlamaCpp, checkpoint: Path, outfile: Path, outtype: str, split_max_size: int = 0
+) -> float:
     """Convert a transformers checkpoint directory to one GGUF file of ``outtype``; return the seconds.
 
     Raises:
@@ -54,8 +56,10 @@ def convert_checkpoint(tools: LlamaCpp, checkpoint: Path, outfile: Path, outtype
         "--outtype",
         outtype,
     ]
+    if split_max_size:  # llama.cpp's own split layout: <stem>-00001-of-0000N.gguf
+        command += ["--split-max-size", str(split_max_size)]
     seconds = run_tool(command, "llama.cpp's convert_hf_to_gguf.py", cwd=outfile.parent)
-    if not outfile.is_file():
+    if not outfile.is_file() and not split_parts(outfile):
         raise GGUFConversionError(f"convert_hf_to_gguf.py reported success but wrote no {outfile}")
     return seconds
 
@@ -83,3 +87,10 @@ def quantize_gguf(
     if not outfile.is_file():
         raise GGUFConversionError(f"llama-quantize reported success but wrote no {outfile}")
     return seconds
+
+
+def split_parts(outfile: Path) -> list[Path]:
+    """The parts llama.cpp wrote for ``outfile`` split (``<stem>-00001-of-0000N.gguf``), in order."""
+    return sorted(
+        outfile.parent.glob(f"{outfile.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].gguf")
+    )

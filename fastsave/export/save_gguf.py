@@ -32,12 +32,13 @@ from torch import nn
 
 from fastsave.dtypes import GGUF_TYPES, dtype_of_gguf_type
 from fastsave.export.added_tokens import stage_added_tokens
-from fastsave.export.convert import convert_checkpoint, quantize_gguf
+from fastsave.export.convert import convert_checkpoint, quantize_gguf, split_parts
+from fastsave.export.feed import FED_OUTTYPES, convert_from_plan, feed_unavailable_reason
 from fastsave.export.llama_cpp import find_llama_cpp
 from fastsave.export.methods import DEFAULT_METHOD, file_type_name, gguf_stem, is_lora, normalize_methods
 from fastsave.export.methods import first_conversion as choose_first_conversion
 from fastsave.export.space import check_export_space, logical_parameter_count
-from fastsave.export.verify import load_gguf, read_checkpoint_facts, verify_gguf
+from fastsave.export.verify import facts_from_plan, load_gguf, read_checkpoint_facts, verify_gguf
 from fastsave.io.model_card import facts_from_model, place_model_card, render_model_card
 from fastsave.log import shows_its_lines
 from fastsave.options import SaveOptions, parse_gguf_options
@@ -85,6 +86,9 @@ def save_pretrained_gguf(
         llama_cpp: a llama.cpp checkout (else ``FASTSAVE_LLAMA_CPP``, else ./llama.cpp).
         first_conversion: the converter's output type when quantizing further (default: 16-bit).
         imatrix_file: an importance matrix for llama-quantize (needed by the iq* types).
+        gguf_shard_size (option): split each GGUF into parts of at most this many bytes (int or
+            "2GB"), in llama.cpp's own layout (``<name>-00001-of-0000N.gguf``, loaded as one model);
+            for f32, f16, bf16 and q8_0.
         **options: the options of ``save_pretrained_merged`` (dtype, base_weights, temporary_location,
             maximum_memory_usage, adapter_names, tags, datasets, push_to_hub, token, ...).
 
@@ -151,6 +155,7 @@ def _export(
         )
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf needs the tokenizer: a GGUF file carries the vocabulary")
+    split_bytes = _gguf_shard_size(options.pop("gguf_shard_size", None))
     opts = parse_gguf_options(save_directory, **options)
     if imatrix_file is False:  # Unsloth's spelling of "none"
         imatrix_file = None
@@ -163,6 +168,12 @@ def _export(
     unquantized = GGUF_TYPES[model_dtype]
     methods = normalize_methods(quantization_method, unquantized, imatrix=imatrix_file is not None)
     first = choose_first_conversion(methods, unquantized, first_conversion)
+    if split_bytes and any(method not in FED_OUTTYPES for method in methods):
+        raise ValueError(
+            "gguf_shard_size splits the f32, f16, bf16 and q8_0 files llama.cpp's converter writes; the "
+            f"llama-quantize types asked for ({', '.join(m for m in methods if m not in FED_OUTTYPES)}) are written "
+            "whole here: split them with llama.cpp's gguf-split"
+        )
     tools = find_llama_cpp(llama_cpp, need_quantize=any(m != first for m in methods))
     checkpoint_dtype = opts.dtype or (dtype_of_gguf_type(first) or model_dtype)
     n_weights = logical_parameter_count(model)
@@ -170,11 +181,15 @@ def _export(
     stem = gguf_stem(model)
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    # straight from the merge when this llama.cpp's converter can be fed and writes the first type itself
+    why_not_fed = feed_unavailable_reason(tools) if first in FED_OUTTYPES else "llama-quantize reads a file"
+    if why_not_fed is not None and first in FED_OUTTYPES:
+        logger.info("fastsave: %s; converting from a temporary 16-bit checkpoint instead", why_not_fed)
     preflight = Preflight(opts, kind=GGUF)
     with preflight as work:
         sizes = check_export_space(
             n_weights,
-            torch.empty((), dtype=checkpoint_dtype).element_size(),
+            torch.empty((), dtype=checkpoint_dtype).element_size() if why_not_fed is not None else 0,
             first,
             methods,
             work,
@@ -183,29 +198,39 @@ def _export(
         checkpoint = work / "checkpoint"
         checkpoint.mkdir()
         tick = time.perf_counter()
-        # the same plan and writer as every save, into the export's own staging (its space is checked above)
+        # the same plan as every save, its tensors fed to the converter or written into the export's staging
         checkpoint_opts = _checkpoint_options(opts, checkpoint, checkpoint_dtype)
         save_input = LiveModelInput(model, tokenizer)
         plan = output_plan(save_input, checkpoint_opts)
-        write_merged_weights(plan, checkpoint, checkpoint_opts)
-        save_input.write_files(checkpoint, plan, checkpoint_opts, keep_quantization=False)
-        stage_added_tokens(checkpoint, tokenizer)  # where the converter reads a sentencepiece vocabulary's
-        timings["merge"] = time.perf_counter() - tick
-        facts = read_checkpoint_facts(checkpoint)
         first_file = work / f"{stem}.{file_type_name(first)}.gguf"
-        timings["convert"] = convert_checkpoint(tools, checkpoint, first_file, first)
+        if why_not_fed is None:  # only config.json and the tokenizer on disk
+            save_input.write_files(checkpoint, plan, checkpoint_opts, keep_quantization=False)
+            stage_added_tokens(
+                checkpoint, tokenizer
+            )  # where the converter reads a sentencepiece vocabulary's
+            facts = facts_from_plan(plan, checkpoint)
+            timings["merge and convert"] = convert_from_plan(
+                tools, checkpoint, plan, first_file, first, split_bytes
+            )
+        else:
+            write_merged_weights(plan, checkpoint, checkpoint_opts)
+            save_input.write_files(checkpoint, plan, checkpoint_opts, keep_quantization=False)
+            stage_added_tokens(checkpoint, tokenizer)
+            timings["merge"] = time.perf_counter() - tick
+            facts = read_checkpoint_facts(checkpoint)
+            timings["convert"] = convert_checkpoint(tools, checkpoint, first_file, first, split_bytes)
         shutil.rmtree(checkpoint)  # the temporary 16-bit checkpoint goes before any quantize pass
-        outputs = []
+        outputs: list[list[Path]] = []
         for method in methods:
             target = work / f"{stem}.{file_type_name(method)}.gguf"
             if method != first:
                 timings[f"quantize {method}"] = quantize_gguf(
                     tools, first_file, target, method, Path(imatrix_file) if imatrix_file else None
                 )
-            outputs.append(target)
+            outputs.append(split_parts(target) if split_bytes and not target.is_file() else [target])
         if first not in methods:
             first_file.unlink()
-        checks = [verify_gguf(path, facts, gguf) for path in outputs]
+        checks = [verify_gguf(parts, facts, gguf) for parts in outputs]
         card = facts_from_model(
             model,
             "gguf",
@@ -219,7 +244,11 @@ def _export(
         place_model_card(render_model_card(card, opts.save_directory.name), work, opts.save_directory)
         preflight.pending.publish()
     paths = [opts.save_directory / check.path.name for check in checks]
-    _log_summary(checks, paths, timings, time.perf_counter() - started, sizes, tools.root)
+    _log_summary(
+        checks, paths, timings, time.perf_counter() - started, sizes, tools.root, why_not_fed is None
+    )
+    # every file written: the parts of a split model, in order
+    paths = [opts.save_directory / part.name for parts in outputs for part in parts]
     url = None
     if opts.push_to_hub:
         from fastsave.hub import upload_directory
@@ -228,7 +257,20 @@ def _export(
     return [str(path) for path in paths], url
 
 
-def _log_summary(checks, paths, timings, seconds, sizes, root) -> None:
+def _gguf_shard_size(value: Any) -> int:
+    """``gguf_shard_size`` in bytes (0: one file).
+
+    Raises:
+        ValueError: not a size.
+    """
+    if value in (None, 0, "0"):
+        return 0
+    from fastsave.options import parse_shard_size
+
+    return parse_shard_size(value)
+
+
+def _log_summary(checks, paths, timings, seconds, sizes, root, fed: bool) -> None:
     lines = [
         f"fastsave: GGUF export in {seconds:.1f}s ("
         + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
@@ -241,9 +283,12 @@ def _log_summary(checks, paths, timings, seconds, sizes, root) -> None:
             f"vocab {check.vocab_size}"
         )
         lines += [f"    note: {note}" for note in check.notes]
-    lines.append(
-        f"  converted with {root}; the temporary 16-bit checkpoint ({sizes['checkpoint'] / 1e6:.1f} MB) was removed"
-    )
+    if fed:
+        lines.append(f"  converted with {root}, straight from the merge: no 16-bit checkpoint was written")
+    else:
+        lines.append(
+            f"  converted with {root}; the temporary 16-bit checkpoint ({sizes['checkpoint'] / 1e6:.1f} MB) was removed"
+        )
     logger.info("\n".join(lines))
 
 

@@ -1,8 +1,10 @@
-"""Disk space of a GGUF export, checked before the merge: the 16-bit checkpoint and the GGUF files.
+"""Disk space of a GGUF export, checked before the merge: the GGUF files (and a 16-bit checkpoint).
 
-The export holds, at its peak, the temporary 16-bit checkpoint plus the first GGUF (the converter
-reads one while writing the other); the checkpoint is removed before llama-quantize runs, which
-then holds the first GGUF plus the quantized ones. Sizes come from the model's logical parameter
+Fed straight from the merge (fastsave.export.feed), the export holds the first GGUF, then, for
+llama-quantize types, the first GGUF plus the quantized ones (the first removed at the end unless
+asked for). On the checkpoint route it holds at its peak the temporary 16-bit checkpoint plus
+the first GGUF (the converter reads one while writing the other); the checkpoint is removed before
+llama-quantize runs. Sizes come from the model's logical parameter
 count (4-bit weights counted unpacked), times the bytes per weight of each file.
 """
 
@@ -69,8 +71,9 @@ def check_export_space(
     free = shutil.disk_usage(where).free
     if free < need:
         raise DiskSpaceError(
-            f"not enough disk space for the GGUF export: it needs about {_gb(need)} in {where} (the "
-            f"temporary 16-bit checkpoint, {_gb(checkpoint)}, and the GGUF file(s), {_gb(first_bytes + quantized)}),"
+            f"not enough disk space for the GGUF export: it needs about {_gb(need)} in {where} ("
+            + (f"the temporary 16-bit checkpoint, {_gb(checkpoint)}, and " if checkpoint else "")
+            + f"the GGUF file(s), {_gb(first_bytes + quantized)}),"
             f" and {_gb(free)} is free. Free space there, pass temporary_location= a directory on a disk "
             "with room, or save to another disk. Nothing was written."
         )

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from safetensors import safe_open
 
@@ -38,8 +39,8 @@ class CheckpointFacts:
 class GGUFCheck:
     """A verified GGUF file."""
 
-    path: Path
-    size_bytes: int
+    path: Path  # the first part of a split model
+    size_bytes: int  # of every part
     file_type: str
     architecture: str
     tensor_count: int
@@ -56,6 +57,15 @@ def read_checkpoint_facts(directory: Path) -> CheckpointFacts:
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 shapes[name] = tuple(handle.get_slice(name).get_shape())
     config = json.loads((directory / "config.json").read_text())
+    text = config.get("text_config") or config
+    return CheckpointFacts(shapes, text.get("vocab_size"), text.get("num_hidden_layers"))
+
+
+def facts_from_plan(plan: Any, staged: Path) -> CheckpointFacts:
+    """The same facts as :func:`read_checkpoint_facts`, from the plan's names and shapes (the GGUF fed
+    straight from the merge has no checkpoint to read) and the staged config.json."""
+    shapes = {item.name: tuple(int(d) for d in item.shape) for item in plan.items}
+    config = json.loads((staged / "config.json").read_text())
     text = config.get("text_config") or config
     return CheckpointFacts(shapes, text.get("vocab_size"), text.get("num_hidden_layers"))
 
@@ -90,19 +100,28 @@ def _file_type(reader, gguf: ModuleType, in_file: dict) -> str:
         return "/".join(kinds) or "?"
 
 
-def verify_gguf(path: Path, facts: CheckpointFacts, gguf: ModuleType) -> GGUFCheck:
-    """Check ``path`` against ``facts`` (see the module docstring).
+def verify_gguf(path: Path | list[Path], facts: CheckpointFacts, gguf: ModuleType) -> GGUFCheck:
+    """Check ``path`` against ``facts`` (see the module docstring); a list: the parts of one model
+    split in llama.cpp's layout (the metadata in the first, the tensors across all).
 
     Raises:
         GGUFVerificationError: a missing, extra or misshapen tensor, or a vocabulary or block count
             that does not match the checkpoint.
     """
-    reader = gguf.GGUFReader(str(path))
+    parts = path if isinstance(path, list) else [path]
+    path = parts[0]
+    readers = [gguf.GGUFReader(str(part)) for part in parts]
+    reader = readers[0]
     architecture = _field(reader, "general.architecture")
     in_file = {
         t.name: (tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
-        for t in reader.tensors
+        for part_reader in readers
+        for t in part_reader.tensors
     }
+    if len(parts) > 1 and _field(reader, "split.count") != len(parts):
+        raise GGUFVerificationError(
+            f"{path.name}: split.count is {_field(reader, 'split.count')}, {len(parts)} parts"
+        )
     problems: list[str] = []
     notes: list[str] = []
 
@@ -151,7 +170,7 @@ def verify_gguf(path: Path, facts: CheckpointFacts, gguf: ModuleType) -> GGUFChe
     file_type = _file_type(reader, gguf, in_file)
     return GGUFCheck(
         path=path,
-        size_bytes=path.stat().st_size,
+        size_bytes=sum(part.stat().st_size for part in parts),
         file_type=file_type,
         architecture=architecture,
         tensor_count=len(in_file),
