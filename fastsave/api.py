@@ -69,6 +69,9 @@ def push_to_hub_merged(model: nn.Module, repo_id: str, tokenizer: Any = None, **
     upload; otherwise (None, as in Unsloth's merged push, or False) it stays in a local folder named
     after the repo (or ``save_directory=``). Returns the repo URL (the pull request's with
     ``create_pr=True``); None with ``is_main_process=False`` (nothing checked, saved or uploaded).
+    ``low_disk_space_usage=True`` (Unsloth's keyword) uploads each shard as soon as it is written and
+    deletes it, then commits every file at once (fastsave.hub.push_shard_by_shard): the local disk
+    needs about two shards, not the model.
     """
     if not_main_process(model, options):
         return None
@@ -76,6 +79,20 @@ def push_to_hub_merged(model: nn.Module, repo_id: str, tokenizer: Any = None, **
         raise ValueError(f"repo_id must be a hub repo id such as 'user/model', got {repo_id!r}")
     use_temp_dir = options.pop("use_temp_dir", None)
     save_directory = options.pop("save_directory", None)
+    if options.pop("low_disk_space_usage", False):  # Unsloth's keyword: shard by shard, one commit
+        from fastsave.hub import push_shard_by_shard
+
+        opts = parse_options(
+            save_directory or Path(repo_id).name,
+            **{**options, "push_to_hub": True, "repo_id": options.get("repo_id") or repo_id},
+        )
+        check_model(model, opts)
+        check_tokenizer(tokenizer)
+        if opts.save_method == "lora":
+            raise ValueError(
+                "low_disk_space_usage uploads a merged checkpoint's shards; an adapter is small: omit it"
+            )
+        return push_shard_by_shard(LiveModelInput(model, tokenizer), opts)
     options = {**options, "push_to_hub": True, "repo_id": options.get("repo_id") or repo_id}
     if use_temp_dir:
         with tempfile.TemporaryDirectory(prefix="fastsave-push-") as temporary:

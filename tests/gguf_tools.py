@@ -10,6 +10,7 @@ any other failure to fetch it fails them.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -97,3 +98,50 @@ def write_fake_quantize(directory: Path) -> Path:
     )
     script.chmod(0o755)
     return script
+
+
+def built_llama_quantize() -> Path:
+    """llama.cpp's llama-quantize, built once (cmake, that target only) from the llama.cpp sources of
+    the llama-cpp-python sdist the converter comes from, cached beside it (minutes on 2 cores)."""
+    cached = cache_dir() / "llama-quantize-0.3.36" / "llama-quantize"
+    if cached.is_file() and os.access(cached, os.X_OK):
+        return cached
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+        result = subprocess.run(
+            [*command, LLAMA_CPP_PYTHON, "-d", scratch],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        sdist = Path(scratch) / _SDIST
+        if result.returncode != 0 or not sdist.is_file():
+            pytest.fail(f"{LLAMA_CPP_PYTHON} could not be fetched: {result.stderr.strip()[-300:]}")
+        with tarfile.open(sdist) as archive:
+            members = [m for m in archive.getmembers() if m.name.startswith(_VENDOR)]
+            archive.extractall(scratch, members=members, filter="data")
+        source = Path(scratch) / _VENDOR
+        build = source / "build"
+        flags = [
+            "-DGGML_NATIVE=OFF",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+        ]
+        for step in (
+            ["cmake", "-S", str(source), "-B", str(build), *flags],
+            ["cmake", "--build", str(build), "--target", "llama-quantize", "-j", str(os.cpu_count() or 1)],
+        ):
+            done = subprocess.run(step, capture_output=True, text=True, timeout=3600, check=False)
+            if done.returncode != 0:
+                pytest.fail(
+                    f"building llama-quantize failed: {' '.join(step)}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+                )
+        binary = next(build.rglob("llama-quantize"))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(binary, cached)
+        for library in build.rglob("*.so*"):  # a shared build: its libraries beside it
+            shutil.copy2(library, cached.parent / library.name)
+    return cached

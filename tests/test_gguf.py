@@ -198,7 +198,9 @@ def test_disk_space_for_checkpoint_and_gguf_is_checked_first(
     from fastsave.export import feed
 
     if route == "checkpoint":
-        monkeypatch.setattr(feed, "_converter", lambda tools: (_ for _ in ()).throw(feed.FeedUnavailable("forced")))
+        monkeypatch.setattr(
+            feed, "_converter", lambda tools: (_ for _ in ()).throw(feed.FeedUnavailable("forced"))
+        )
     sizes = []
     real_check = space.check_export_space
 
@@ -387,3 +389,31 @@ def test_gguf_shard_size_with_a_k_quant_is_refused_first(qlora_model, tiny_token
             qlora_model(), tmp_path / "out", tiny_tokenizer, "q4_k_m", gguf_shard_size="1GB"
         )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.llama_runtime
+def test_real_k_quants_from_one_merge(llama_cpp, gguf, tmp_path, monkeypatch):
+    """llama-quantize built from llama.cpp's sources: q8_0, q4_k_m and q5_k_m from one merge and one
+    conversion; each file loads with gguf and its block weights have the types asked for (k-quants
+    need rows of 256: a model of hidden size 256)."""
+    from gguf_tools import built_llama_quantize
+
+    monkeypatch.setenv("FASTSAVE_LLAMA_QUANTIZE", str(built_llama_quantize()))
+    base = tmp_path / "tiny-llama-256"
+    save_random_model(tiny_llama_config(vocab_size=300, hidden_size=256, intermediate_size=512), base)
+    tokenizer = build_sentencepiece_tokenizer(base)
+    model = attach_lora(load_4bit(base), seed=7)
+    paths = fastsave.save_pretrained_gguf(
+        model, tmp_path / "out", tokenizer, ["q8_0", "q4_k_m", "q5_k_m"], llama_cpp=llama_cpp
+    )
+    names = ["tiny-llama-256.Q8_0.gguf", "tiny-llama-256.Q4_K_M.gguf", "tiny-llama-256.Q5_K_M.gguf"]
+    assert [Path(p).name for p in paths] == names
+    expected = {"MOSTLY_Q8_0": {"Q8_0"}, "MOSTLY_Q4_K_M": {"Q4_K", "Q6_K"}, "MOSTLY_Q5_K_M": {"Q5_K", "Q6_K"}}
+    for path, (kind, allowed) in zip(paths, expected.items(), strict=True):
+        reader = gguf.GGUFReader(path)
+        assert gguf.LlamaFileType(reader.fields["general.file_type"].contents()).name == kind
+        block_weights = {
+            t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2
+        }
+        assert block_weights <= allowed and sorted(allowed)[0] in block_weights, (kind, block_weights)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*names, "README.md"])

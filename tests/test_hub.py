@@ -145,3 +145,90 @@ def test_upload_error_propagates_without_the_token(fake_hub, tmp_path, monkeypat
     with pytest.raises(PermissionError) as error:
         upload_directory(opts)
     _no_token_anywhere(tmp_path, str(error.value) + fastsave_log.text)
+
+
+class _RecordingHub:
+    """A fake HfApi: pre-uploads (LFS for .safetensors, regular otherwise, as the hub decides by
+    kind), one commit; records every call and the bytes it received, and how many shards the
+    local disk held at each pre-upload."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.fail_after = fail_after
+        self.preuploaded: dict[str, bytes] = {}
+        self.shards_on_disk: list[int] = []
+        self.commits: list[dict] = []
+
+    def api(self):
+        hub = self
+
+        class FakeHfApi:
+            def __init__(self, token=None, **kwargs):
+                pass
+
+            def create_repo(self, repo_id, **kwargs):
+                import huggingface_hub
+
+                return huggingface_hub.RepoUrl(f"https://huggingface.co/someone/{repo_id.split('/')[-1]}")
+
+            def preupload_lfs_files(self, repo_id, additions, **kwargs):
+                for operation in additions:
+                    path = Path(operation.path_or_fileobj)
+                    hub.shards_on_disk.append(len(list(path.parent.glob("*.safetensors"))))
+                    if hub.fail_after is not None and len(hub.preuploaded) >= hub.fail_after:
+                        raise ConnectionError("the network went away")
+                    hub.preuploaded[operation.path_in_repo] = path.read_bytes()
+                    operation._upload_mode = "lfs"
+                    operation._is_uploaded = True
+
+            def create_commit(self, repo_id, operations, **kwargs):
+                files = {}
+                for operation in operations:
+                    if operation._is_uploaded:
+                        files[operation.path_in_repo] = hub.preuploaded[operation.path_in_repo]
+                    else:
+                        files[operation.path_in_repo] = Path(operation.path_or_fileobj).read_bytes()
+                hub.commits.append({"files": files, **kwargs})
+                return type("Commit", (), {"pr_url": None})()
+
+        return FakeHfApi
+
+
+def test_low_disk_space_usage_uploads_shard_by_shard_and_commits_once(
+    qlora_model, tiny_tokenizer, tmp_path, monkeypatch
+):
+    import huggingface_hub
+
+    hub = _RecordingHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api())
+    monkeypatch.chdir(tmp_path)
+    model = fastsave.patch(qlora_model())
+    model.push_to_hub_merged(
+        "tiny", tiny_tokenizer, "merged_16bit", max_shard_size="60KB", low_disk_space_usage=True
+    )
+    fastsave.save_pretrained_merged(model, tmp_path / "tiny", tiny_tokenizer, max_shard_size="60KB")
+
+    ((commit,),) = [hub.commits]
+    local = {p.name: p.read_bytes() for p in (tmp_path / "tiny").iterdir()}
+    shards = sorted(name for name in local if name.endswith(".safetensors"))
+    assert len(shards) >= 3
+    assert sorted(hub.preuploaded) == shards  # every shard pre-uploaded, nothing else
+    assert max(hub.shards_on_disk) <= 2  # never more than two shards on the local disk
+    for name, data in local.items():  # the commit holds exactly what a local save writes
+        assert commit["files"][name] == data, name
+    assert set(commit["files"]) == set(local)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # the local save; the push left nothing
+    fastsave.unpatch(model)
+
+
+def test_low_disk_space_usage_failure_commits_nothing(qlora_model, tiny_tokenizer, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = _RecordingHub(fail_after=1)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConnectionError):
+        fastsave.api.push_to_hub_merged(
+            qlora_model(), "tiny", tiny_tokenizer, max_shard_size="60KB", low_disk_space_usage=True
+        )
+    assert hub.commits == []
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,9 +120,15 @@ class ShardWriter:
     """
 
     def __init__(
-        self, directory: Path, shards: list[Shard], safe_serialization: bool = True, index: bool = True
+        self,
+        directory: Path,
+        shards: list[Shard],
+        safe_serialization: bool = True,
+        index: bool = True,
+        on_shard_done: Callable[[Path], None] | None = None,
     ) -> None:
         self.directory = directory
+        self.on_shard_done = on_shard_done  # called with each shard's path once it is complete on disk
         self.shards = shards
         self.safe_serialization = safe_serialization
         self.index = index
@@ -174,6 +180,8 @@ class ShardWriter:
             torch.save(self._bin_buffer, self.directory / shard.filename)
             self._bin_buffer = {}
         self._open_index = -1
+        if self.on_shard_done is not None:
+            self.on_shard_done(self.directory / shard.filename)
 
     def write(self, tensor: torch.Tensor) -> None:
         """Append the next planned tensor whole; its shape and dtype must match the plan.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,12 @@ def write_merged_weights(
     options: SaveOptions,
     team: SaveTeam | None = None,
     pending: PendingSave | None = None,
+    on_shard_done: Callable[[Path], None] | None = None,
 ) -> list[str]:
     """Merge and stream every planned tensor into shards in ``directory``; return the shard names.
+
+    ``on_shard_done``: called with each shard's path as soon as it is complete on disk (fsynced,
+    its digest in its header), before the next shard is begun (an upload shard by shard).
 
     The disk-space check runs first, before any tensor is merged. A producer thread computes the
     tensors' pieces ahead of the writer, as far as ``maximum_memory_usage`` allows
@@ -69,7 +74,9 @@ def write_merged_weights(
         except Exception as error:
             space_error = error
     team.agree(space_error, "checking the disk space")
-    writer = ShardWriter(directory, mine, options.safe_serialization, index=False)
+    writer = ShardWriter(
+        directory, mine, options.safe_serialization, index=False, on_shard_done=on_shard_done
+    )
     memory = MemoryBudget(options.maximum_memory_usage, team.local_world, sum(shard.nbytes for shard in mine))
     budget = ByteBudget(memory.allowance)
     spill = spill_directory(options.temporary_location, directory, team.rank if team.collective else None)
