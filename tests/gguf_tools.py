@@ -129,6 +129,7 @@ def built_llama_quantize() -> Path:
             "-DLLAMA_CURL=OFF",
             "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DBUILD_SHARED_LIBS=OFF",  # one binary that outlives its build folder
         ]
         for step in (
             ["cmake", "-S", str(source), "-B", str(build), *flags],
@@ -142,6 +143,4 @@ def built_llama_quantize() -> Path:
         binary = next(build.rglob("llama-quantize"))
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(binary, cached)
-        for library in build.rglob("*.so*"):  # a shared build: its libraries beside it
-            shutil.copy2(library, cached.parent / library.name)
     return cached

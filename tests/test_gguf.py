@@ -417,3 +417,11 @@ def test_real_k_quants_from_one_merge(llama_cpp, gguf, tmp_path, monkeypatch):
         }
         assert block_weights <= allowed and sorted(allowed)[0] in block_weights, (kind, block_weights)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*names, "README.md"])
+    # first_conversion="q8_0": llama-quantize reads the q8_0 file (the disk holds 8.5 + 4.9 bits a weight)
+    (path,) = fastsave.save_pretrained_gguf(
+        model, tmp_path / "from-q8", tokenizer, "q4_k_m", first_conversion="q8_0", llama_cpp=llama_cpp
+    )
+    assert (
+        gguf.LlamaFileType(gguf.GGUFReader(path).fields["general.file_type"].contents()).name
+        == "MOSTLY_Q4_K_M"
+    )

@@ -4,7 +4,7 @@ methods and the command line.
 Oracle: llama.cpp's own gguf reader reads the file back; its lora_a / lora_b are peft's lora_A /
 lora_B (for the weights llama.cpp's Llama converter does not permute), its alpha the adapter's.
 That the base GGUF plus this file compute what the merged GGUF computes is checked in llama.cpp
-itself by scripts/test_lora_gguf_runtime.sh (it builds llama-cpp-python).
+itself by scripts/test_llama_cpp_runtime.sh (it builds llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def test_base_plus_lora_gguf_computes_the_merged_gguf_in_llama_cpp(spm_base, lla
     """In llama.cpp itself (llama-cpp-python): the base GGUF with the LoRA GGUF applied (--lora) gives
     the merged GGUF's next-token argmax at >= 99% of the positions of the test prompts (all f32)."""
     llama = pytest.importorskip(
-        "llama_cpp", reason="scripts/test_lora_gguf_runtime.sh installs llama-cpp-python"
+        "llama_cpp", reason="scripts/test_llama_cpp_runtime.sh installs llama-cpp-python"
     )
     directory, tokenizer = spm_base
     model = _lora_model(directory, target_modules="all-linear", exclude_modules=["lm_head"])

@@ -76,6 +76,8 @@ def quantize_gguf(
         raise GGUFConversionError(f"quantizing to {method} needs llama-quantize. {HOW_TO_BUILD_QUANTIZE}")
     infile, outfile = infile.absolute(), outfile.absolute()
     command = [str(tools.quantize)]
+    if infile.name.upper().endswith(".Q8_0.GGUF"):  # first_conversion="q8_0": quantized already
+        command.append("--allow-requantize")
     if imatrix is not None:
         command += ["--imatrix", str(imatrix)]
     kind = method
