@@ -99,5 +99,10 @@ class GGUFConversionError(FastsaveError, RuntimeError):
     """llama.cpp's converter or quantizer failed; the message holds the end of its output."""
 
 
+class FeedUnavailable(FastsaveError, RuntimeError):
+    """This llama.cpp's converter cannot be fed from the merge; the message says why (the GGUF
+    export then takes the checkpoint route: never raised to the user)."""
+
+
 class GGUFVerificationError(FastsaveError, RuntimeError):
     """A GGUF file does not hold what its checkpoint does; the message says what differs."""

@@ -425,3 +425,27 @@ def test_real_k_quants_from_one_merge(llama_cpp, gguf, tmp_path, monkeypatch):
         gguf.LlamaFileType(gguf.GGUFReader(path).fields["general.file_type"].contents()).name
         == "MOSTLY_Q4_K_M"
     )
+
+
+@pytest.mark.llama_runtime
+def test_llama_cpp_loads_a_split_gguf_as_one_model(spm_base, llama_cpp, tmp_path):
+    """llama.cpp itself (llama-cpp-python) loads the first part of a split GGUF as the whole model:
+    the same logits as the one-file GGUF."""
+    llama = pytest.importorskip(
+        "llama_cpp", reason="scripts/test_llama_cpp_runtime.sh installs llama-cpp-python"
+    )
+    base, tokenizer = spm_base
+    model = attach_lora(load_4bit(base), seed=6)
+    (whole,) = fastsave.save_pretrained_gguf(model, tmp_path / "whole", tokenizer, "f32", llama_cpp=llama_cpp)
+    parts = fastsave.save_pretrained_gguf(
+        model, tmp_path / "split", tokenizer, "f32", llama_cpp=llama_cpp, gguf_shard_size="100KB"
+    )
+    assert len(parts) >= 3
+
+    def logits(path):
+        runner = llama.Llama(model_path=path, logits_all=True, n_ctx=64, verbose=False)
+        ids = runner.tokenize(b"the quick brown fox jumps over the lazy dog")
+        runner.eval(ids)
+        return np.asarray(runner.scores[: len(ids)])
+
+    assert np.array_equal(logits(parts[0]), logits(whole))

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastsave.errors import FeedUnavailable
 from fastsave.export.llama_cpp import LlamaCpp
 from fastsave.io.finite import check_finite
 from fastsave.plan.items import Plan
@@ -36,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 # the converter's own outtype names
 FED_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-
-
-class FeedUnavailable(RuntimeError):
-    """This llama.cpp's converter cannot be fed from the plan; the message says why."""
 
 
 def _converter(tools: LlamaCpp) -> Any:
