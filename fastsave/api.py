@@ -70,7 +70,7 @@ def push_to_hub_merged(model: nn.Module, repo_id: str, tokenizer: Any = None, **
     after the repo (or ``save_directory=``). Returns the repo URL (the pull request's with
     ``create_pr=True``); None with ``is_main_process=False`` (nothing checked, saved or uploaded).
     ``low_disk_space_usage=True`` (Unsloth's keyword) uploads each shard as soon as it is written and
-    deletes it, then commits every file at once (fastsave.hub.push_shard_by_shard): the local disk
+    deletes it, then commits every file at once (fastsave.pipeline.shard_upload): the local disk
     needs about two shards, not the model.
     """
     if not_main_process(model, options):
@@ -80,7 +80,7 @@ def push_to_hub_merged(model: nn.Module, repo_id: str, tokenizer: Any = None, **
     use_temp_dir = options.pop("use_temp_dir", None)
     save_directory = options.pop("save_directory", None)
     if options.pop("low_disk_space_usage", False):  # Unsloth's keyword: shard by shard, one commit
-        from fastsave.hub import push_shard_by_shard
+        from fastsave.pipeline.shard_upload import push_shard_by_shard
 
         opts = parse_options(
             save_directory or Path(repo_id).name,

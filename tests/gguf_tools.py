@@ -48,6 +48,27 @@ def registry_unreachable(pip_stderr: str) -> bool:
     return any(sign in pip_stderr for sign in _UNREACHABLE)
 
 
+def _fetch_sdist(scratch: Path) -> Path:
+    """The llama-cpp-python sdist downloaded into ``scratch``; a skip only when the registry cannot be
+    reached, a failure for anything else (a wrong name or version, a broken pip)."""
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+    result = subprocess.run(
+        [*command, LLAMA_CPP_PYTHON, "-d", str(scratch)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    sdist = scratch / _SDIST
+    if result.returncode != 0 or not sdist.is_file():
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        message = f"llama.cpp's sources ({LLAMA_CPP_PYTHON}) could not be fetched: {reason}"
+        if registry_unreachable(result.stderr):
+            pytest.skip(f"the package registry cannot be reached; {message}")
+        pytest.fail(message)
+    return sdist
+
+
 def llama_cpp_checkout() -> Path:
     """A llama.cpp folder with convert_hf_to_gguf.py and gguf-py (fetched on first use), or a skip."""
     target = cache_dir() / "llama.cpp-0.3.36"
@@ -55,21 +76,7 @@ def llama_cpp_checkout() -> Path:
         return target
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
-        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-        result = subprocess.run(
-            [*command, LLAMA_CPP_PYTHON, "-d", scratch],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        sdist = Path(scratch) / _SDIST
-        if result.returncode != 0 or not sdist.is_file():
-            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            message = f"llama.cpp's converter ({LLAMA_CPP_PYTHON}) could not be fetched: {reason}"
-            if registry_unreachable(result.stderr):
-                pytest.skip(f"the package registry cannot be reached; {message}")
-            pytest.fail(message)  # anything else (a wrong name or version, a broken pip) is a real failure
+        sdist = _fetch_sdist(Path(scratch))
         unpacked = Path(scratch) / "llama.cpp"
         with tarfile.open(sdist) as archive:
             for member in archive.getmembers():
@@ -108,17 +115,7 @@ def built_llama_quantize() -> Path:
         return cached
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
-        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-        result = subprocess.run(
-            [*command, LLAMA_CPP_PYTHON, "-d", scratch],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        sdist = Path(scratch) / _SDIST
-        if result.returncode != 0 or not sdist.is_file():
-            pytest.fail(f"{LLAMA_CPP_PYTHON} could not be fetched: {result.stderr.strip()[-300:]}")
+        sdist = _fetch_sdist(Path(scratch))
         with tarfile.open(sdist) as archive:
             members = [m for m in archive.getmembers() if m.name.startswith(_VENDOR)]
             archive.extractall(scratch, members=members, filter="data")
