@@ -227,3 +227,58 @@ def test_several_tuners_nested_on_one_layer(base_dir, tmp_path):
     assert type(q_proj).__module__.startswith("peft.tuners.loha")
     assert type(q_proj.base_layer).__module__.startswith("peft.tuners.lora")
     check_exact(model, base, tmp_path, "LoRA + LoHa nested (peft mixed model)", oracle=oracle)
+
+
+@pytest.mark.parametrize(
+    ("tuner", "backend"),
+    # peft attaches IA3 and LoHa to nn.Linear only, not to HQQ's HQQLinear
+    [("OFT", "hqq"), ("IA3", "torchao"), ("LoHa", "torchao"), ("OFT", "torchao")],
+)
+def test_tuners_on_hqq_and_torchao_bases(tuner, backend, base_dir, tmp_path):
+    """Other tuners over weights quantized by HQQ or torchao: W from the backend's own dequantize
+    (tests/test_fidelity.py's oracles for those bases), peft's float32 merge on top."""
+    import copy
+
+    from test_fidelity import _affine_dequantize, _auto, build_oracle
+
+    base = base_dir()
+    dequantized = {}
+    if backend == "hqq":
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+        from hqq.models.hf.base import AutoHQQHFModel
+
+        model = _auto("llama").from_pretrained(base, dtype=torch.bfloat16)
+        AutoHQQHFModel.quantize_model(
+            model,
+            quant_config=BaseQuantizeConfig(nbits=4, group_size=64),
+            compute_dtype=torch.bfloat16,
+            device="cpu",
+        )
+        model = get_peft_model(model, tuner_config(tuner))
+        for name, module in model.named_modules():
+            if isinstance(module, HQQLinear):
+                float32 = copy.deepcopy(module)
+                float32.meta = {
+                    k: (v.float() if k in ("scale", "zero") and torch.is_tensor(v) else v)
+                    for k, v in module.meta.items()
+                }
+                float32.meta["compute_dtype"] = float32.compute_dtype = torch.float32
+                dequantized[f"{name}.weight"] = float32.dequantize().float()
+    else:
+        import torchao.quantization as tq
+        from transformers import TorchAoConfig
+
+        model = _auto("llama").from_pretrained(
+            base,
+            quantization_config=TorchAoConfig(tq.Int8WeightOnlyConfig()),
+            device_map="cpu",
+            dtype=torch.bfloat16,
+        )
+        model = get_peft_model(model, tuner_config(tuner))
+        for name, param in model.named_parameters():
+            if hasattr(param, "qdata"):
+                dequantized[name] = _affine_dequantize(param)
+    perturb_trained(model)
+    assert dequantized
+    oracle = build_oracle(model, base, dequantized=dequantized)
+    check_exact(model, base, tmp_path, f"{tuner} on a {backend} base", oracle=oracle, logits_from="oracle")
