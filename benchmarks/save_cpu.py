@@ -16,7 +16,8 @@ beyond their share (torch's OpenMP threads spin while one of them waits for a co
 run the script waits (--idle-wait) for the CPUs to go quiet, and a run during which others used
 more than --disturbed of the CPUs is repeated (--retries) and counts only when no quiet run exists.
 
-  raw write   the checkpoint's number of bytes written from memory + fsync: the floor
+  raw write   the checkpoint's number of bytes written from memory + fsync, the fastest of: one
+              write call, 16 MiB writes, a thread per core, O_DIRECT (where allowed): the floor
   fastsave    save_pretrained_merged(merged_16bit) of the 4-bit peft model held in memory
   peft        the usual route: load the 16-bit base + adapter, merge_and_unload, save_pretrained,
               fsync (save_pretrained alone does not; the time before it is in the JSON)
@@ -57,7 +58,7 @@ from benchlib import (
 
 CONTENDERS = ("raw", "fastsave", "peft", "cli", "loop", "producer")
 LABELS = {
-    "raw": "raw write + fsync of the same bytes",
+    "raw": "raw write + fsync of the same bytes (fastest way)",
     "fastsave": "fastsave save_pretrained_merged (4-bit peft model in memory)",
     "peft": "peft recipe: load 16-bit + adapter, merge_and_unload, save_pretrained, fsync",
     "cli": "`fastsave merge ADAPTER OUT` (saved adapter + 16-bit base on disk)",
@@ -133,11 +134,17 @@ def summarize(runs: dict[str, list[dict]], disturbed: float = 0.10) -> dict[str,
         if not ok:
             best[contender] = {"outcome": results[-1]["outcome"] if results else "not run"}
             continue
-        fastest = min(ok, key=lambda r: r["seconds"])
+        # the raw floor: the fastest way of writing the bytes within each run (not the sum of the ways)
+        seconds_of = (
+            (lambda r: r.get("floor_seconds", r["seconds"]))
+            if contender == "raw"
+            else (lambda r: r["seconds"])
+        )
+        fastest = min(ok, key=seconds_of)
         entry = {
             "outcome": "ok",
             "runs": len(ok),
-            "seconds": fastest["seconds"],
+            "seconds": seconds_of(fastest),
             "process_seconds": min(r["process_seconds"] for r in ok),
             "held": fastest["held"],
             "extra": {
@@ -146,6 +153,8 @@ def summarize(runs: dict[str, list[dict]], disturbed: float = 0.10) -> dict[str,
             "others_cpu_share": fastest.get("others_cpu_share"),
             "disturbed": all_disturbed,
         }
+        if contender == "raw" and "ways" in fastest:
+            entry["ways"], entry["floor_way"] = fastest["ways"], fastest["floor_way"]
         for key in ("merged_parameters", "merged_seconds", "plan_seconds", "seconds_before_fsync"):
             if key in fastest:
                 entry[key] = min(r[key] for r in ok) if key.endswith("seconds") else fastest[key]
@@ -201,6 +210,10 @@ def report(result: dict[str, Any], repeat: int) -> str:
         "CPU used by others",
     ]
     lines.append(markdown_table(header, rows))
+    raw = best.get("raw", {})
+    if raw.get("ways"):
+        ways = ", ".join(f"{way} {seconds:.2f} s" for way, seconds in raw["ways"].items())
+        lines.append(f"\nraw write, each way in its fastest run: {ways}; the floor is {raw['floor_way']}")
     compute = []
     lora_params = result["model"]["lora_parameters"]
 
