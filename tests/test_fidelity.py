@@ -648,9 +648,27 @@ _LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 
 @pytest.mark.parametrize("nbits", [4, 8])
+def hqq_dequantized(model) -> dict[str, torch.Tensor]:
+    """Every HQQLinear's weight by hqq's own dequantize, on a copy whose scale, zero and compute
+    dtype are float32: parameter name -> float32 weight (build_oracle's ``dequantized``)."""
+    from hqq.core.quantize import HQQLinear
+
+    dequantized = {}
+    for name, module in model.named_modules():
+        if isinstance(module, HQQLinear):
+            float32 = copy.deepcopy(module)
+            float32.meta = {
+                k: (v.float() if k in ("scale", "zero") and torch.is_tensor(v) else v)
+                for k, v in module.meta.items()
+            }
+            float32.meta["compute_dtype"] = float32.compute_dtype = torch.float32
+            dequantized[f"{name}.weight"] = float32.dequantize().float()
+    return dequantized
+
+
 def test_hqq_base(nbits, base_dir, tmp_path):
     """hqq's HQQLinear (the hqq package's own quantizer, CPU backend): W = hqq's dequantize in float32."""
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from hqq.core.quantize import BaseQuantizeConfig
     from hqq.models.hf.base import AutoHQQHFModel
 
     base = base_dir()
@@ -662,17 +680,7 @@ def test_hqq_base(nbits, base_dir, tmp_path):
         device="cpu",
     )
     model = attach_lora(model, target_modules=_LINEARS)
-    dequantized = {}
-    for name, module in model.named_modules():
-        if isinstance(module, HQQLinear):
-            # HQQLinear.dequantize on a copy whose scale, zero and compute dtype are float32
-            float32 = copy.deepcopy(module)
-            float32.meta = {
-                k: (v.float() if k in ("scale", "zero") and torch.is_tensor(v) else v)
-                for k, v in module.meta.items()
-            }
-            float32.meta["compute_dtype"] = float32.compute_dtype = torch.float32
-            dequantized[f"{name}.weight"] = float32.dequantize().float()
+    dequantized = hqq_dequantized(model)
     assert len(dequantized) == 14
     oracle = build_oracle(model, base, dequantized=dequantized)
     check_exact(model, base, tmp_path, f"HQQ {nbits}-bit (group 64)", oracle=oracle)

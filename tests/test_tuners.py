@@ -197,8 +197,9 @@ def test_tuners_without_an_exact_merge_are_refused(tuner, base_dir, tmp_path):
 
 
 def test_several_tuners_nested_on_one_layer(base_dir, tmp_path):
-    """peft's mixed model: LoRA, then LoHa around it on q_proj, and IA3 elsewhere, all active:
-    merged in peft's order (inner layers first), bit-exact against peft's mixed merge in float32."""
+    """peft's mixed model: LoRA on q_proj and v_proj, LoHa around it on q_proj and alone on
+    down_proj, both active: merged in peft's order (inner layers first), bit-exact against peft's
+    mixed merge in float32."""
     import copy
 
     import peft
@@ -237,14 +238,13 @@ def test_several_tuners_nested_on_one_layer(base_dir, tmp_path):
 def test_tuners_on_hqq_and_torchao_bases(tuner, backend, base_dir, tmp_path):
     """Other tuners over weights quantized by HQQ or torchao: W from the backend's own dequantize
     (tests/test_fidelity.py's oracles for those bases), peft's float32 merge on top."""
-    import copy
 
-    from test_fidelity import _affine_dequantize, _auto, build_oracle
+    from test_fidelity import _affine_dequantize, _auto, build_oracle, hqq_dequantized
 
     base = base_dir()
     dequantized = {}
     if backend == "hqq":
-        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+        from hqq.core.quantize import BaseQuantizeConfig
         from hqq.models.hf.base import AutoHQQHFModel
 
         model = _auto("llama").from_pretrained(base, dtype=torch.bfloat16)
@@ -255,15 +255,7 @@ def test_tuners_on_hqq_and_torchao_bases(tuner, backend, base_dir, tmp_path):
             device="cpu",
         )
         model = get_peft_model(model, tuner_config(tuner))
-        for name, module in model.named_modules():
-            if isinstance(module, HQQLinear):
-                float32 = copy.deepcopy(module)
-                float32.meta = {
-                    k: (v.float() if k in ("scale", "zero") and torch.is_tensor(v) else v)
-                    for k, v in module.meta.items()
-                }
-                float32.meta["compute_dtype"] = float32.compute_dtype = torch.float32
-                dequantized[f"{name}.weight"] = float32.dequantize().float()
+        dequantized = hqq_dequantized(model)
     else:
         import torchao.quantization as tq
         from transformers import TorchAoConfig
