@@ -647,7 +647,6 @@ def test_16bit_base(base_dir, tmp_path):
 _LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("nbits", [4, 8])
 def hqq_dequantized(model) -> dict[str, torch.Tensor]:
     """Every HQQLinear's weight by hqq's own dequantize, on a copy whose scale, zero and compute
     dtype are float32: parameter name -> float32 weight (build_oracle's ``dequantized``)."""
@@ -666,6 +665,7 @@ def hqq_dequantized(model) -> dict[str, torch.Tensor]:
     return dequantized
 
 
+@pytest.mark.parametrize("nbits", [4, 8])
 def test_hqq_base(nbits, base_dir, tmp_path):
     """hqq's HQQLinear (the hqq package's own quantizer, CPU backend): W = hqq's dequantize in float32."""
     from hqq.core.quantize import BaseQuantizeConfig
