@@ -24,12 +24,29 @@ from fastsave.parallel.team import SaveTeam
 from fastsave.pipeline.producer import DONE, END, Agreed, produce_into
 from fastsave.pipeline.schedule import schedule
 from fastsave.plan.items import Plan
+from fastsave.threads import save_thread_stacks
 from fastsave.vram import DeviceBudget
 
 logger = logging.getLogger(__name__)
 
 
 def write_merged_weights(
+    plan: Plan,
+    directory: Path,
+    options: SaveOptions,
+    team: SaveTeam | None = None,
+    pending: PendingSave | None = None,
+    on_shard_done: Callable[[Path], None] | None = None,
+) -> list[str]:
+    """:func:`_write_merged_weights` (its docstring says what it does) with the stacks of the threads
+    it starts (producer, hashing, the producer's OpenMP team) reserved at the size they use
+    (fastsave.threads): under a tight memory cap their default 8 MiB reservations, which
+    RLIMIT_DATA counts, failed a save that had room for its data."""
+    with save_thread_stacks():
+        return _write_merged_weights(plan, directory, options, team, pending, on_shard_done)
+
+
+def _write_merged_weights(
     plan: Plan,
     directory: Path,
     options: SaveOptions,
