@@ -47,9 +47,8 @@ def _converter(tools: LlamaCpp) -> Any:
         where = str(Path(getattr(loaded, "__file__", "") or "").resolve())
         if not where.startswith(str(Path(gguf_py).resolve())):
             raise FeedUnavailable(f"another gguf package ({where}) is already imported in this process")
-    for path in (str(tools.root), gguf_py):
-        if path is not None and path not in sys.path:
-            sys.path.insert(0, path)
+    if gguf_py is not None and gguf_py not in sys.path:
+        sys.path.insert(0, gguf_py)  # the converter's gguf, as load_gguf reads the result with it
     loaded_conversion = sys.modules.get("conversion")
     if loaded_conversion is not None:
         where = Path(getattr(loaded_conversion, "__file__", "") or "").resolve()
@@ -57,10 +56,16 @@ def _converter(tools: LlamaCpp) -> Any:
             raise FeedUnavailable(
                 f"another llama.cpp's conversion package ({where.parent}) is already imported"
             )
+    root_added = str(tools.root) not in sys.path
+    if root_added:  # only to import llama.cpp's `conversion` package; its folders must not shadow others
+        sys.path.insert(0, str(tools.root))
     try:
         conversion = importlib.import_module("conversion")
-    except Exception as error:
+    except Exception as error:  # any failure means: the checkpoint route instead
         raise FeedUnavailable(f"llama.cpp's conversion package does not import here ({error})") from None
+    finally:
+        if root_added and str(tools.root) in sys.path:
+            sys.path.remove(str(tools.root))  # the package knows its own folder from here on
     needed = ("ModelBase", "ModelType", "get_model_architecture", "get_model_class", "LazyTorchTensor")
     missing = [name for name in needed if not hasattr(conversion, name)]
     base = getattr(conversion, "ModelBase", None)
