@@ -7,10 +7,21 @@ or written to a file (the options object hides it from its repr too).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastsave.options import SaveOptions
 
 logger = logging.getLogger(__name__)
+
+
+def prepare_repo(api: Any, repo_id: str, opts: SaveOptions) -> tuple[Any, str]:
+    """Create the repo when missing (and the ``revision`` branch); the repo URL and the hub's own
+    spelling of the repo id (the user namespace added)."""
+    repo_url = api.create_repo(repo_id=repo_id, private=opts.private, exist_ok=True)
+    repo_id = getattr(repo_url, "repo_id", None) or repo_id
+    if opts.revision is not None:
+        api.create_branch(repo_id=repo_id, branch=opts.revision, exist_ok=True)
+    return repo_url, repo_id
 
 
 def upload_directory(opts: SaveOptions) -> str:
@@ -29,10 +40,7 @@ def upload_directory(opts: SaveOptions) -> str:
     if not repo_id or repo_id in (".", "/"):
         raise ValueError("push_to_hub needs a repo id: pass repo_id='user/name'")
     api = HfApi(token=opts.token)
-    repo_url = api.create_repo(repo_id=repo_id, private=opts.private, exist_ok=True)
-    repo_id = getattr(repo_url, "repo_id", None) or repo_id  # the hub's own spelling (user namespace added)
-    if opts.revision is not None:
-        api.create_branch(repo_id=repo_id, branch=opts.revision, exist_ok=True)
+    repo_url, repo_id = prepare_repo(api, repo_id, opts)
     logger.info("fastsave: uploading %s to the hub as %s", opts.save_directory, repo_id)
     extra = {"commit_description": opts.commit_description} if opts.commit_description is not None else {}
     commit = api.upload_folder(

@@ -192,10 +192,6 @@ def _compute(tuner: str, layer: torch.nn.Module, adapter: str, facts: LayerFacts
 
         in_features = facts.base_shape[1]
         return lambda: get_circulant_fast(layer.c3a_kernel[adapter].to(torch.float32)) / in_features
-    if tuner == "oft":
-        return lambda: (layer.get_delta_weight(adapter), None)
-    if tuner == "boft":
-        return lambda: layer.get_delta_weight(adapter)
-    if tuner == "hra":
+    if tuner in ("oft", "hra"):  # the transform alone (BOFT's comes with its scale already)
         return lambda: (layer.get_delta_weight(adapter), None)
     return lambda: layer.get_delta_weight(adapter)

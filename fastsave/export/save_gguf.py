@@ -38,7 +38,7 @@ from fastsave.export.llama_cpp import find_llama_cpp
 from fastsave.export.methods import DEFAULT_METHOD, file_type_name, gguf_stem, is_lora, normalize_methods
 from fastsave.export.methods import first_conversion as choose_first_conversion
 from fastsave.export.space import check_export_space, logical_parameter_count
-from fastsave.export.verify import facts_from_plan, load_gguf, read_checkpoint_facts, verify_gguf
+from fastsave.export.verify import facts_from_plan, load_gguf, verify_gguf
 from fastsave.io.model_card import facts_from_model, place_model_card, render_model_card
 from fastsave.log import shows_its_lines
 from fastsave.options import SaveOptions, parse_gguf_options
@@ -203,21 +203,16 @@ def _export(
         save_input = LiveModelInput(model, tokenizer)
         plan = output_plan(save_input, checkpoint_opts)
         first_file = work / f"{stem}.{file_type_name(first)}.gguf"
+        save_input.write_files(checkpoint, plan, checkpoint_opts, keep_quantization=False)
+        stage_added_tokens(checkpoint, tokenizer)  # where the converter reads a sentencepiece vocabulary's
+        facts = facts_from_plan(plan, checkpoint)  # what the checkpoint holds, whichever route
         if why_not_fed is None:  # only config.json and the tokenizer on disk
-            save_input.write_files(checkpoint, plan, checkpoint_opts, keep_quantization=False)
-            stage_added_tokens(
-                checkpoint, tokenizer
-            )  # where the converter reads a sentencepiece vocabulary's
-            facts = facts_from_plan(plan, checkpoint)
             timings["merge and convert"] = convert_from_plan(
                 tools, checkpoint, plan, first_file, first, split_bytes
             )
         else:
             write_merged_weights(plan, checkpoint, checkpoint_opts)
-            save_input.write_files(checkpoint, plan, checkpoint_opts, keep_quantization=False)
-            stage_added_tokens(checkpoint, tokenizer)
             timings["merge"] = time.perf_counter() - tick
-            facts = read_checkpoint_facts(checkpoint)
             timings["convert"] = convert_checkpoint(tools, checkpoint, first_file, first, split_bytes)
         shutil.rmtree(checkpoint)  # the temporary 16-bit checkpoint goes before any quantize pass
         outputs: list[list[Path]] = []

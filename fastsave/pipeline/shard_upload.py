@@ -38,6 +38,7 @@ def push_shard_by_shard(save_input: Any, opts: SaveOptions) -> str:
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    from fastsave.hub import prepare_repo
     from fastsave.io.format import read_safetensors_header
     from fastsave.io.model_card import write_model_card
     from fastsave.pipeline.run import output_plan
@@ -45,10 +46,7 @@ def push_shard_by_shard(save_input: Any, opts: SaveOptions) -> str:
 
     repo_id = opts.repo_id or opts.save_directory.name
     api = HfApi(token=opts.token)
-    repo_url = api.create_repo(repo_id=repo_id, private=opts.private, exist_ok=True)
-    repo_id = getattr(repo_url, "repo_id", None) or repo_id
-    if opts.revision is not None:
-        api.create_branch(repo_id=repo_id, branch=opts.revision, exist_ok=True)
+    repo_url, repo_id = prepare_repo(api, repo_id, opts)
     operations: list[Any] = []
 
     def upload(path: Path) -> None:

@@ -30,23 +30,8 @@ from fastsave.vram import DeviceBudget
 logger = logging.getLogger(__name__)
 
 
+@save_thread_stacks()  # a new context for each call
 def write_merged_weights(
-    plan: Plan,
-    directory: Path,
-    options: SaveOptions,
-    team: SaveTeam | None = None,
-    pending: PendingSave | None = None,
-    on_shard_done: Callable[[Path], None] | None = None,
-) -> list[str]:
-    """:func:`_write_merged_weights` (its docstring says what it does) with the stacks of the threads
-    it starts (producer, hashing, the producer's OpenMP team) reserved at the size they use
-    (fastsave.threads): under a tight memory cap their default 8 MiB reservations, which
-    RLIMIT_DATA counts, failed a save that had room for its data."""
-    with save_thread_stacks():
-        return _write_merged_weights(plan, directory, options, team, pending, on_shard_done)
-
-
-def _write_merged_weights(
     plan: Plan,
     directory: Path,
     options: SaveOptions,
@@ -58,6 +43,10 @@ def _write_merged_weights(
 
     ``on_shard_done``: called with each shard's path as soon as it is complete on disk (fsynced,
     its digest in its header), before the next shard is begun (an upload shard by shard).
+
+    The threads it starts (producer, hashing, the producer's OpenMP team) reserve small stacks
+    (fastsave.threads): under a tight memory cap their default 8 MiB reservations, which
+    RLIMIT_DATA counts, failed a save that had room for its data.
 
     The disk-space check runs first, before any tensor is merged. A producer thread computes the
     tensors' pieces ahead of the writer, as far as ``maximum_memory_usage`` allows
