@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fastsave.compressed_schemes import calibration_refusal
 from fastsave.dtypes import SPELLINGS
 from fastsave.save_methods import add_save_method, remove_save_method, save_methods  # noqa: F401 - re-exported
 
@@ -144,6 +145,9 @@ def normalize_save_method(value: Any) -> str:
             "step). Save 'merged_16bit' for inference and GGUF conversion, or 'lora' to keep the adapter; "
             "if you really want a 4-bit merged checkpoint, ask for it with save_method='merged_4bit_forced'."
         )
+    needs_data = calibration_refusal(method)
+    if needs_data is not None:
+        raise ValueError(needs_data)
     if method not in save_methods():
         raise ValueError(
             f"save_method={value!r} is unknown: use one of {', '.join(map(repr, save_methods()))}"

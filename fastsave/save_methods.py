@@ -6,11 +6,13 @@ its arguments without importing anything heavy.
 
 from __future__ import annotations
 
+from fastsave.compressed_schemes import SCHEMES
+
 # The save methods every input supports; output formats add theirs (fastsave.formats.register).
 _SAVE_METHODS = ["lora", "merged_16bit"]
 # What ``fastsave merge --save-method`` offers, known before any heavy import: the two above and the
 # built-in output formats of fastsave.formats (tests/test_cli_merge.py holds the two lists together).
-COMMAND_LINE_SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit_forced")
+COMMAND_LINE_SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit_forced", *SCHEMES)
 
 
 def add_save_method(name: str) -> None:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from fastsave.cli.quiet import quiet_imports
+from fastsave.compressed_schemes import NEEDS_CALIBRATION
 from fastsave.save_methods import COMMAND_LINE_SAVE_METHODS
 
 
@@ -91,7 +92,12 @@ def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="16-bit base checkpoint: a local directory or a repo id already in the local HF cache "
         "(default: the adapter's base_model_name_or_path); never downloaded",
     )
-    parser.add_argument("--save-method", choices=COMMAND_LINE_SAVE_METHODS, default="merged_16bit")
+    parser.add_argument(
+        "--save-method",
+        # the calibrated schemes are offered so that the save refuses them saying what they need
+        choices=(*COMMAND_LINE_SAVE_METHODS, *NEEDS_CALIBRATION),
+        default="merged_16bit",
+    )
     parser.add_argument(
         "--max-shard-size", default="5GB", help="like transformers: 500MB, 5GB, 2GiB (default 5GB)"
     )

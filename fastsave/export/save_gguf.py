@@ -203,7 +203,7 @@ def _export(
         save_input = LiveModelInput(model, tokenizer)
         plan = output_plan(save_input, checkpoint_opts)
         first_file = work / f"{stem}.{file_type_name(first)}.gguf"
-        save_input.write_files(checkpoint, plan, checkpoint_opts, keep_quantization=False)
+        save_input.write_files(checkpoint, plan, checkpoint_opts, None)
         stage_added_tokens(checkpoint, tokenizer)  # where the converter reads a sentencepiece vocabulary's
         facts = facts_from_plan(plan, checkpoint)  # what the checkpoint holds, whichever route
         if why_not_fed is None:  # only config.json and the tokenizer on disk

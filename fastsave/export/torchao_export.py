@@ -117,7 +117,7 @@ def save_pretrained_torchao(
         save_input = LiveModelInput(model, tokenizer)
         plan = output_plan(save_input, merged_opts)
         write_merged_weights(plan, merged, merged_opts)
-        save_input.write_files(merged, plan, merged_opts, keep_quantization=False)
+        save_input.write_files(merged, plan, merged_opts, None)
         merge_seconds = time.perf_counter() - started
         model_class = type(unwrap_peft(model))
         quantized = model_class.from_pretrained(

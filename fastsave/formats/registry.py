@@ -17,13 +17,14 @@ class OutputFormat:
     Attributes:
         save_method: the name users pass.
         transform: ``(save_input, plan) -> plan``; may refuse (before anything is written).
-        keeps_quantization_config: config.json keeps (or gets) the model's quantization_config.
+        quantization_config: ``(save_input, plan) -> config``: the quantization_config config.json
+            gets (None: the checkpoint is plain 16-bit and config.json has none).
         summary: the lines this format adds to the save's closing summary.
     """
 
     save_method: str
     transform: Callable[[Any, Plan], Plan]
-    keeps_quantization_config: bool = False
+    quantization_config: Callable[[Any, Plan], Any] | None = None
     summary: Callable[[Plan], list[str]] = lambda plan: []
 
 
@@ -40,6 +41,14 @@ def unregister(output_format: OutputFormat) -> None:
     """Undo :func:`register` (tests register toy formats)."""
     del _FORMATS[output_format.save_method]
     remove_save_method(output_format.save_method)
+
+
+def quantization_config_of(save_method: str, save_input: Any, plan: Plan) -> Any:
+    """The quantization_config config.json gets for a save with ``save_method`` (None: none)."""
+    output_format = _FORMATS.get(save_method)
+    if output_format is None or output_format.quantization_config is None:
+        return None
+    return output_format.quantization_config(save_input, plan)
 
 
 def format_of(save_method: str) -> OutputFormat | None:

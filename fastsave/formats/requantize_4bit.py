@@ -161,10 +161,16 @@ def requantize_plan(plan: Plan) -> Plan:
             continue
         group = _QuantizedGroup(item, item.requantize, item.requantize_transposed)
         for index, (name, shape, dtype) in enumerate(group.layout):
-            lora = item.lora_module if index == 0 else None
+            first = index == 0  # the codes: they carry the census entry and the settings (summary, config)
             items.append(
                 group._shared.item(
-                    name, shape, dtype, lora_module=lora, source_kind=item.source_kind, holds_codes=index == 0
+                    name,
+                    shape,
+                    dtype,
+                    lora_module=item.lora_module if first else None,
+                    source_kind=item.source_kind,
+                    holds_codes=first,
+                    requantize=item.requantize if first else None,
                 )
             )
     return replace(plan, items=items)
@@ -197,6 +203,6 @@ def _summary(plan: Plan) -> list[str]:
 FORMAT = OutputFormat(
     save_method="merged_4bit_forced",
     transform=_transform,
-    keeps_quantization_config=True,
+    quantization_config=lambda save_input, plan: save_input.quantization_config(plan),
     summary=_summary,
 )

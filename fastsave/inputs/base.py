@@ -30,13 +30,12 @@ class SaveInput(Protocol):
         ...
 
     def quantization_config(self, plan: Plan) -> Any:
-        """The quantization_config a merged_4bit_forced checkpoint carries."""
+        """The quantization_config a merged_4bit_forced checkpoint carries (the training settings)."""
         ...
 
-    def write_files(
-        self, directory: Path, plan: Plan, opts: SaveOptions, keep_quantization: bool
-    ) -> list[str]:
-        """config.json, generation_config.json and tokenizer files beside the weights; the tokenizer files written."""
+    def write_files(self, directory: Path, plan: Plan, opts: SaveOptions, quantization: Any) -> list[str]:
+        """config.json (with ``quantization`` as its quantization_config, or none), generation_config.json
+        and tokenizer files beside the weights; the tokenizer files written."""
         ...
 
     def write_adapter(self, directory: Path, opts: SaveOptions) -> list[str]:

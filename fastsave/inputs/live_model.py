@@ -194,11 +194,9 @@ class LiveModelInput:
             )
         return quantization
 
-    def write_files(
-        self, directory: Path, plan: Plan, opts: SaveOptions, keep_quantization: bool
-    ) -> list[str]:
+    def write_files(self, directory: Path, plan: Plan, opts: SaveOptions, quantization: Any) -> list[str]:
         """config.json (dtype set, ties true to the weights), generation_config.json, tokenizer files."""
-        write_config(self.root.config, directory, plan.dtype, plan.untied_embeddings, keep_quantization)
+        write_config(self.root.config, directory, plan.dtype, plan.untied_embeddings, quantization)
         write_generation_config(self.root, directory)
         return write_tokenizer(self.tokenizer, directory)
 

@@ -259,14 +259,9 @@ class SavedAdapterInput:
             bnb_4bit_quant_storage=torch.uint8,
         )
 
-    def write_files(
-        self, directory: Path, plan: Plan, opts: SaveOptions, keep_quantization: bool
-    ) -> list[str]:
+    def write_files(self, directory: Path, plan: Plan, opts: SaveOptions, quantization: Any) -> list[str]:
         """config.json from the base's, generation_config.json and tokenizer files copied from adapter or base."""
-        config = self.config
-        if keep_quantization:
-            config = _with_quantization(config, self.quantization_config(plan))
-        write_config(config, directory, plan.dtype, plan.untied_embeddings, keep_quantization)
+        write_config(self.config, directory, plan.dtype, plan.untied_embeddings, quantization)
         _copy_files(("generation_config.json",), self.adapter.directory, directory)
         _copy_files(("generation_config.json",), self.base_dir, directory)
         return copy_tokenizer_files(self.adapter.directory, self.base_dir, directory)
@@ -279,11 +274,3 @@ class SavedAdapterInput:
     def describe(self, plan: Plan) -> str:
         """What the adapter was merged into."""
         return self._how
-
-
-def _with_quantization(config: Any, quantization: Any) -> Any:
-    import copy
-
-    config = copy.deepcopy(config)
-    config.quantization_config = quantization
-    return config

@@ -6,6 +6,7 @@ import copy
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,18 +17,24 @@ DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float
 
 
 def write_config(
-    config, directory: Path, dtype: torch.dtype, untied_embeddings: bool, keep_quantization: bool = False
+    config, directory: Path, dtype: torch.dtype, untied_embeddings: bool, quantization: Any = None
 ) -> None:
     """config.json of the saved model: dtype set, ties made true to the weights written.
 
-    A 16-bit save drops quantization_config (the weights are plain); a 4-bit save keeps it so
-    transformers loads the checkpoint 4-bit.
+    The model's own quantization_config is dropped (the merged weights are plain); ``quantization``,
+    when given, is the one the checkpoint's weights are stored in (a 4-bit save's bitsandbytes
+    settings, a compressed-tensors scheme's config), so transformers loads them as stored.
     """
     config = copy.deepcopy(config)
-    if not keep_quantization:
-        for attr in ("quantization_config", "_pre_quantization_dtype"):
-            if hasattr(config, attr):
-                delattr(config, attr)
+    for attr in (
+        ("quantization_config",)
+        if quantization is not None
+        else ("quantization_config", "_pre_quantization_dtype")
+    ):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    if quantization is not None:
+        config.quantization_config = quantization
     config.dtype = DTYPE_NAMES[dtype]
     if untied_embeddings:
         config.tie_word_embeddings = False

@@ -40,6 +40,7 @@ def __getattr__(name: str) -> Any:
             torch.int8: "I8",
             torch.uint8: "U8",
             torch.bool: "BOOL",
+            torch.float8_e4m3fn: "F8_E4M3",  # compressed-tensors' FP8 weights
         }
         globals()["SAFETENSORS_DTYPES"] = codes
         globals()["TORCH_DTYPES"] = {code: dtype for dtype, code in codes.items()}

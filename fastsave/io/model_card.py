@@ -128,7 +128,11 @@ def facts_from_model(
 def _metadata(facts: CardFacts, library_name: str | None) -> str:
     from huggingface_hub import ModelCardData
 
+    from fastsave.compressed_schemes import SCHEMES
+
     tags = ["fastsave", *(["gguf"] if facts.save_method == "gguf" else ["merged"]), *facts.tags]
+    if facts.save_method in SCHEMES:
+        tags.append("compressed-tensors")
     data = ModelCardData(
         base_model=_hub_id(facts.base_model),
         library_name=library_name,
@@ -141,13 +145,22 @@ def _metadata(facts: CardFacts, library_name: str | None) -> str:
 def render_model_card(facts: CardFacts, title: str) -> str:
     """The README.md text of a merged or GGUF output (YAML metadata, marker, what the files are)."""
     from fastsave._version import __version__
+    from fastsave.compressed_schemes import SCHEMES
 
     gguf = facts.save_method == "gguf"
+    scheme = SCHEMES.get(facts.save_method)
     rows = [("base model", f"`{facts.base_model}`" if facts.base_model else "unknown")]
     rows += [("adapter", line) for line in facts.adapters] or [("adapter", "none")]
     rows.append(
         ("save method", "GGUF (merged 16-bit, converted with llama.cpp)" if gguf else facts.save_method)
     )
+    if scheme is not None:
+        rows.append(
+            (
+                "quantization",
+                f"{scheme.preset} (compressed-tensors `{scheme.format}`), lm_head and embeddings 16-bit",
+            )
+        )
     if facts.base_weights:
         meaning = {
             "dequantized": "merged into the 4-bit weights the adapter was trained against",
@@ -171,6 +184,8 @@ def render_model_card(facts: CardFacts, title: str) -> str:
             f'model = AutoModelForCausalLM.from_pretrained("{title}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{title}")\n```'
         )
+    if scheme is not None:
+        usage = f"```bash\nvllm serve {title}\n```\n\nor, with compressed-tensors installed:\n\n{usage}"
     what = (
         "GGUF file(s) of a model whose LoRA adapter was merged into its weights"
         if gguf

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 import warnings
 
-from fastsave.formats import format_of
+from fastsave.formats import format_of, quantization_config_of
 from fastsave.inputs.base import SaveInput
 from fastsave.io.adapter_files import apply_save_peft_format
 from fastsave.io.model_card import write_model_card
@@ -90,9 +90,8 @@ def run_save(save_input: SaveInput, opts: SaveOptions) -> str:
             report.plan = plan
 
             def write_files() -> None:
-                output_format = format_of(opts.save_method)
-                keep_quantization = output_format is not None and output_format.keeps_quantization_config
-                report.tokenizer_files = save_input.write_files(staging, plan, opts, keep_quantization)
+                quantization = quantization_config_of(opts.save_method, save_input, plan)
+                report.tokenizer_files = save_input.write_files(staging, plan, opts, quantization)
                 report.merged_into = save_input.describe(plan)
 
             team.on_publisher(write_files, "writing config and tokenizer files")

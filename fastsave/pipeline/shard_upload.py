@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fastsave.formats import quantization_config_of
 from fastsave.options import SaveOptions
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ def push_shard_by_shard(save_input: Any, opts: SaveOptions) -> str:
         local = replace(opts, save_directory=directory, push_to_hub=False)
         plan = output_plan(save_input, local)
         write_merged_weights(plan, directory, local, on_shard_done=upload)
-        save_input.write_files(directory, plan, local, keep_quantization=local.save_method != "merged_16bit")
+        save_input.write_files(
+            directory, plan, local, quantization_config_of(local.save_method, save_input, plan)
+        )
         if getattr(save_input, "model", None) is not None:
             write_model_card(save_input.model, local, directory, plan.dtype)
         uploaded = {operation.path_in_repo for operation in operations}

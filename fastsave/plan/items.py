@@ -45,6 +45,8 @@ class PlanItem:
         holds_codes: its values are packed quantized codes stored in a floating dtype (bitsandbytes'
             ``bnb_4bit_quant_storage``, e.g. bfloat16), not numbers: the writer does not check them
             for NaN/Inf (random codes form NaN bit patterns).
+        linear_weight: the weight of a linear layer (``nn.Linear`` and the quantized layers that
+            stand for one): what a compressed-tensors save quantizes.
     """
 
     name: str
@@ -62,6 +64,7 @@ class PlanItem:
     participate: Callable[[], None] | None = field(default=None, repr=False)
     group: SharedProducer | None = field(default=None, repr=False, compare=False)
     holds_codes: bool = False
+    linear_weight: bool = False
 
     def pieces(self) -> Iterator[torch.Tensor]:
         """The tensor's values as consecutive pieces (one piece: the whole tensor, when it does not stream)."""

@@ -207,6 +207,7 @@ class _Walk:
                 stream=production.stream if production else None,
                 working_bytes=production.working_bytes if production else 0,
                 planned_by=self.unit,
+                linear_weight=entry.attr == "weight" and not entry.transposed and _is_linear(module),
             )
         )
 
@@ -295,6 +296,11 @@ class _Walk:
                     bool(to_add),
                     layer_name,
                 )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A linear layer as transformers builds it (bitsandbytes' and torchao's are nn.Linear; HQQ's is not)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "HQQLinear"
 
 
 def _is_modules_to_save(module: nn.Module) -> bool:
