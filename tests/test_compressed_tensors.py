@@ -108,6 +108,21 @@ def test_arithmetic_equals_compressed_tensors(method, dtype):
                 assert same_bits(got[key], expected[key]), (method, dtype, rows, rows_per_block, key)
 
 
+@pytest.mark.parametrize("num_bits", [4, 8])
+def test_integer_packing_equals_compressed_tensors(num_bits):
+    """Whole words (the byte-view path) and ragged widths (compressed-tensors' zero padding), down the rows too."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    low, high = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1)
+    generator = torch.Generator().manual_seed(num_bits)
+    for rows, cols in [(16, 256), (5, 100), (9, 36), (3, 7)]:
+        codes = torch.randint(low, high, (rows, cols), generator=generator, dtype=torch.int8)
+        codes[0, :2] = torch.tensor([low, high - 1], dtype=torch.int8)
+        assert same_bits(compressed_arithmetic.pack_int(codes, num_bits), pack_to_int32(codes, num_bits))
+        expected = pack_to_int32(codes, num_bits, packed_dim=0)
+        assert same_bits(compressed_arithmetic.pack_zero_points(codes, num_bits), expected)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A QLoRA model (NF4, double quant) after a few steps, with its merged_16bit save."""

@@ -21,6 +21,7 @@ scale exactly as ``generate_gparam`` does.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -146,20 +147,26 @@ def _scales(
 
 
 def _round_fp4(scaled: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes (sign bit 8, magnitude 0-7) of values already in [-6, 6], as compressed-tensors rounds."""
-    magnitude = torch.abs(scaled)
-    code = (
-        (magnitude > 0.25).to(torch.uint8)
-        + (magnitude >= 0.75)
-        + (magnitude > 1.25)
-        + (magnitude >= 1.75)
-        + (magnitude > 2.5)
-        + (magnitude >= 3.5)
-        + (magnitude > 5.0)
-    ).to(torch.uint8)
+    """E2M1 codes (sign bit 8, magnitude 0-7) of values already in [-6, 6], as compressed-tensors rounds.
+
+    Its thresholds, each side as it has them (ties go to the even code); compared in float32, which
+    holds every bfloat16 / float16 value exactly, so the answers are the same and faster.
+    """
+    magnitude = torch.abs(scaled).float()
+    code = (magnitude > 0.25).to(torch.uint8)
+    for threshold, inclusive in (
+        (0.75, True),
+        (1.25, False),
+        (1.75, True),
+        (2.5, False),
+        (3.5, True),
+        (5.0, False),
+    ):
+        code += (magnitude >= threshold) if inclusive else (magnitude > threshold)
     # compressed-tensors multiplies the magnitude by sign(x) and packs the sign bit of the product: a
     # negative value rounded to 0 keeps its sign bit, -0.0 (whose sign is +0) does not
-    return code | ((scaled < 0).to(torch.uint8) << 3)
+    code |= (scaled < 0).to(torch.uint8) << 3
+    return code
 
 
 def quantize_rows(
@@ -216,9 +223,16 @@ def pack_int(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
     """compressed-tensors' ``pack_to_int32`` along rows: 32 / num_bits offset codes per int32, low bits first."""
     rows, cols = codes.shape
     per_word = 32 // num_bits
+    if sys.byteorder == "little" and num_bits in (4, 8) and cols % per_word == 0:
+        # whole words: the offset code (code + 2^(bits-1)) is the two's complement byte with its top
+        # bit flipped, and on a little-endian machine a word's low bits are its first byte
+        if num_bits == 8:
+            return (codes.contiguous().view(torch.uint8) ^ 0x80).view(torch.int32)
+        nibbles = (codes.contiguous().view(torch.uint8) & 0x0F) ^ 0x08
+        return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous().view(torch.int32)
     values = codes.to(torch.int64) + (1 << (num_bits - 1))
     padded_cols = -(-cols // 32) * 32
-    if padded_cols > cols:
+    if padded_cols > cols:  # compressed-tensors pads with zeros after the offset: they are not codes
         values = torch.nn.functional.pad(values, (0, padded_cols - cols))
     shifts = torch.arange(per_word, dtype=torch.int64) * num_bits
     words = (values.reshape(rows, -1, per_word) << shifts).sum(-1)
