@@ -17,6 +17,7 @@ from torch import nn
 from fastsave.errors import PlanError
 from fastsave.sources.base import RowReader, Source
 from fastsave.sources.bnb import bnb_functional
+from fastsave.sources.nf4_fused import round_trip
 from fastsave.sources.settings_4bit import Quant4bitSettings
 
 
@@ -79,7 +80,8 @@ class Nf4RoundTripSource(Source):
         row block by row block. Double quantization is global (its offset is the mean of every
         block's absmax), so a first pass reads the rows once to collect the absmax of every block
         (max |x| is exact in any precision), quantizes that vector as bitsandbytes does, and each
-        row block is then decoded with its part of it.
+        row block is then quantized and decoded with its part of it, in one pass where that gives
+        bitsandbytes' bits (fastsave.sources.nf4_fused).
         """
         inner = self.inner.row_reader()
         settings = self.quant_settings
@@ -105,12 +107,7 @@ class Nf4RoundTripSource(Source):
 
         def read(i: int, j: int) -> torch.Tensor:
             rows = inner.read(i, j).to(self.load_dtype)
-            codes, state = bnb_functional.quantize_4bit(
-                rows, blocksize=settings.blocksize, compress_statistics=False, quant_type=settings.quant_type
-            )
-            state.absmax = absmax[i * blocks_per_row : j * blocks_per_row]
-            state.dtype = torch.float32
-            return bnb_functional.dequantize_4bit(codes, state)
+            return round_trip(rows, settings, absmax[i * blocks_per_row : j * blocks_per_row])
 
         return RowReader(read)
 

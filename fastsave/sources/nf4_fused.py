@@ -1,0 +1,103 @@
+"""The 4-bit round trip of a block of rows in one pass: quantize and dequantize without packing.
+
+``fastsave merge`` rebuilds the weights QLoRA training saw by quantizing the 16-bit base to NF4 /
+FP4 and dequantizing it again. bitsandbytes does that in two calls per row block: quantize (scale
+by the block's absmax, round to the nearest code, pack two codes a byte) and dequantize (unpack,
+look the code up, multiply by the possibly double-quantized absmax). The codes in between are
+never needed: this module computes the same thing in one pass over the block while it is in
+cache, with the same float32 operations, and no packing.
+
+It is only used where it gives bitsandbytes' bits: the first time a (quant_type, blocksize, dtype)
+is met, both are run on a probe of adversarial values (ties on every rounding boundary, zeros,
+subnormals, huge and tiny blocks) and compared; a bitsandbytes whose arithmetic differs (another
+release, another backend) keeps its own path, and the log says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import torch
+
+from fastsave.sources.bnb import bnb_functional
+from fastsave.sources.settings_4bit import Quant4bitSettings
+
+logger = logging.getLogger(__name__)
+
+
+@cache
+def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rounding boundaries between the sorted codes, the code values in sorted order)."""
+    code = bnb_functional.get_4bit_type(quant_type, device="cpu").to(torch.float32)
+    ordered = code[torch.argsort(code)]  # bitsandbytes' own order (FP4 holds 0.0 and -0.0)
+    return (ordered[:-1] + ordered[1:]) / 2, ordered
+
+
+def fused_round_trip(rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor) -> torch.Tensor:
+    """Dequantized float32 values of ``rows`` (already in the dtype the model was loaded in).
+
+    ``absmax``: the absmax each block is dequantized with (double-quantized when training used it);
+    the rounding uses the block's own absmax, as quantizing does.
+    """
+    boundaries, ordered = _tables(quant_type)
+    values = rows.reshape(-1, blocksize).float()
+    own = values.abs().amax(1)
+    scaled = torch.clamp(values * (1.0 / own.clamp(min=1e-38)).view(-1, 1), -1, 1)
+    # the index of the nearest code in sorted order: the code bitsandbytes stores (FP4's codes are
+    # not sorted, but each maps back to the same value)
+    nearest = torch.bucketize(scaled, boundaries, out_int32=True)
+    return (ordered[nearest] * absmax.view(-1, 1)).reshape(rows.shape)
+
+
+def bitsandbytes_round_trip(rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor) -> torch.Tensor:
+    """The same with bitsandbytes' quantize_4bit and dequantize_4bit."""
+    codes, state = bnb_functional.quantize_4bit(
+        rows, blocksize=blocksize, compress_statistics=False, quant_type=quant_type
+    )
+    state.absmax = absmax
+    state.dtype = torch.float32
+    return bnb_functional.dequantize_4bit(codes, state)
+
+
+def _probe(blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows that hit every boundary case of the rounding, in ``dtype``."""
+    boundaries, ordered = _tables("nf4")
+    fp4_boundaries, fp4_ordered = _tables("fp4")
+    generator = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(blocksize, generator=generator) for _ in range(4)]
+    for edges in (boundaries, ordered, fp4_boundaries, fp4_ordered):
+        ties = torch.cat([edges, -edges, torch.tensor([1.0])])  # the block's absmax is 1: values are the ties
+        blocks.append(torch.nn.functional.pad(ties, (0, blocksize - ties.numel())) if ties.numel() < blocksize else ties[:blocksize])
+    blocks.append(torch.zeros(blocksize))
+    blocks.append(torch.full((blocksize,), 1e-40))
+    blocks.append(torch.randn(blocksize, generator=generator) * 1e30)
+    blocks.append(torch.randn(blocksize, generator=generator) * 1e-30)
+    probe = torch.stack(blocks).to(dtype)
+    return probe.reshape(-1, blocksize * 2) if probe.shape[0] % 2 == 0 else probe
+
+
+@cache
+def fused_matches_bitsandbytes(quant_type: str, blocksize: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`fused_round_trip` gives bitsandbytes' bits here (checked once, on the probe)."""
+    rows = _probe(blocksize, dtype)
+    own = rows.float().reshape(-1, blocksize).abs().amax(1)
+    for absmax in (own, own * 1.0078125 + 1e-3):  # its own absmax and a double-quantized-like one
+        expected = bitsandbytes_round_trip(rows, blocksize, quant_type, absmax)
+        got = fused_round_trip(rows, blocksize, quant_type, absmax)
+        if not torch.equal(got.view(torch.int32), expected.view(torch.int32)):
+            logger.info(
+                "fastsave: this bitsandbytes rounds %s (blocksize %d) differently from fastsave's one-pass round "
+                "trip; using bitsandbytes' quantize + dequantize",
+                quant_type,
+                blocksize,
+            )
+            return False
+    return True
+
+
+def round_trip(rows: torch.Tensor, settings: Quant4bitSettings, absmax: torch.Tensor) -> torch.Tensor:
+    """The float32 round trip of ``rows`` (the load dtype), fused when that gives bitsandbytes' bits."""
+    if fused_matches_bitsandbytes(settings.quant_type, settings.blocksize, rows.dtype):
+        return fused_round_trip(rows, settings.blocksize, settings.quant_type, absmax)
+    return bitsandbytes_round_trip(rows, settings.blocksize, settings.quant_type, absmax)
