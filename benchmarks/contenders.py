@@ -279,6 +279,18 @@ def cli_merge(state: dict, params: dict) -> dict:
     return {}
 
 
+@contender("cli-original", _imports_only)
+def cli_merge_original(state: dict, params: dict) -> dict:
+    """``fastsave merge ADAPTER OUT --base-weights original``: no 4-bit round trip of the base."""
+    from fastsave.cli import main
+
+    adapter = str(Path(params["work"]) / "adapter")
+    code = main(["merge", adapter, params["out"], "--base-weights", "original"])
+    if code != 0:
+        raise RuntimeError(f"fastsave merge exited with status {code}")
+    return {}
+
+
 def lora_layers(model: Any) -> list:
     """The peft LoRA layers of ``model``, in module order."""
     from peft.tuners.lora import LoraLayer

@@ -23,6 +23,8 @@ more than --disturbed of the CPUs is repeated (--retries) and counts only when n
               fsync (save_pretrained alone does not; the time before it is in the JSON)
   cli         `fastsave merge ADAPTER OUT` (its main(), imports done before the clock starts;
               "process" is the whole command's wall time) on the saved adapter + 16-bit base
+  cli-original  the same with --base-weights original: the base as it is on disk, no NF4 round
+              trip (the default path's target: within 1.3x of this)
   loop        merge compute alone: per LoRA-wrapped 4-bit linear, bitsandbytes' float32
               dequantize, addmm of the delta, cast to bf16; nothing written
   producer    fastsave's producer alone: every planned tensor's produce() in plan order, nothing
@@ -56,12 +58,13 @@ from benchlib import (
     wait_for_idle,
 )
 
-CONTENDERS = ("raw", "fastsave", "peft", "cli", "loop", "producer")
+CONTENDERS = ("raw", "fastsave", "peft", "cli", "cli-original", "loop", "producer")
 LABELS = {
     "raw": "raw write + fsync of the same bytes (fastest way)",
     "fastsave": "fastsave save_pretrained_merged (4-bit peft model in memory)",
     "peft": "peft recipe: load 16-bit + adapter, merge_and_unload, save_pretrained, fsync",
     "cli": "`fastsave merge ADAPTER OUT` (saved adapter + 16-bit base on disk)",
+    "cli-original": "`fastsave merge ... --base-weights original` (no NF4 round trip)",
 }
 WRITERS = tuple(LABELS)
 
@@ -183,7 +186,7 @@ def report(result: dict[str, Any], repeat: int) -> str:
             continue
         anon = entry["extra"].get("RssAnon")
         seconds = f"{entry['seconds']:.2f}" + (" (disturbed)" if entry.get("disturbed") else "")
-        if contender == "cli":
+        if contender.startswith("cli"):
             seconds += f" (process {entry['process_seconds']:.1f})"
         rows.append(
             [

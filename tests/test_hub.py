@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -193,8 +194,9 @@ class _RecordingHub:
         return FakeHfApi
 
 
+@pytest.mark.parametrize("save_method", ["merged_16bit", "fp8"])
 def test_low_disk_space_usage_uploads_shard_by_shard_and_commits_once(
-    qlora_model, tiny_tokenizer, tmp_path, monkeypatch
+    qlora_model, tiny_tokenizer, tmp_path, monkeypatch, save_method
 ):
     import huggingface_hub
 
@@ -203,9 +205,13 @@ def test_low_disk_space_usage_uploads_shard_by_shard_and_commits_once(
     monkeypatch.chdir(tmp_path)
     model = fastsave.patch(qlora_model())
     model.push_to_hub_merged(
-        "tiny", tiny_tokenizer, "merged_16bit", max_shard_size="60KB", low_disk_space_usage=True
+        "tiny", tiny_tokenizer, save_method, max_shard_size="60KB", low_disk_space_usage=True
     )
-    fastsave.save_pretrained_merged(model, tmp_path / "tiny", tiny_tokenizer, max_shard_size="60KB")
+    fastsave.save_pretrained_merged(
+        model, tmp_path / "tiny", tiny_tokenizer, save_method=save_method, max_shard_size="60KB"
+    )
+    config = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert ("quantization_config" in config) == (save_method == "fp8")  # a compressed-tensors checkpoint
 
     ((commit,),) = [hub.commits]
     local = {p.name: p.read_bytes() for p in (tmp_path / "tiny").iterdir()}

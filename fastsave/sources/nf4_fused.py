@@ -34,7 +34,9 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (ordered[:-1] + ordered[1:]) / 2, ordered
 
 
-def fused_round_trip(rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor) -> torch.Tensor:
+def fused_round_trip(
+    rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor
+) -> torch.Tensor:
     """Dequantized float32 values of ``rows`` (already in the dtype the model was loaded in).
 
     ``absmax``: the absmax each block is dequantized with (double-quantized when training used it);
@@ -44,13 +46,20 @@ def fused_round_trip(rows: torch.Tensor, blocksize: int, quant_type: str, absmax
     values = rows.reshape(-1, blocksize).float()
     own = values.abs().amax(1)
     scaled = torch.clamp(values * (1.0 / own.clamp(min=1e-38)).view(-1, 1), -1, 1)
-    # the index of the nearest code in sorted order: the code bitsandbytes stores (FP4's codes are
-    # not sorted, but each maps back to the same value)
-    nearest = torch.bucketize(scaled, boundaries, out_int32=True)
-    return (ordered[nearest] * absmax.view(-1, 1)).reshape(rows.shape)
+    # the index of the nearest code in sorted order, as bitsandbytes' bucketize finds it (the number
+    # of boundaries strictly below the value), counted with 15 vectorized comparisons: 3x faster on
+    # the CPU than torch.bucketize's binary search per element. FP4's codes are not sorted, but the
+    # code bitsandbytes stores maps back to the same value.
+    nearest = (scaled > boundaries[0]).to(torch.uint8)
+    for boundary in boundaries[1:]:
+        nearest += scaled > boundary
+    values = torch.nn.functional.embedding(nearest.long(), ordered.view(-1, 1)).squeeze(-1)
+    return (values * absmax.view(-1, 1)).reshape(rows.shape)
 
 
-def bitsandbytes_round_trip(rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor) -> torch.Tensor:
+def bitsandbytes_round_trip(
+    rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor
+) -> torch.Tensor:
     """The same with bitsandbytes' quantize_4bit and dequantize_4bit."""
     codes, state = bnb_functional.quantize_4bit(
         rows, blocksize=blocksize, compress_statistics=False, quant_type=quant_type
@@ -68,12 +77,17 @@ def _probe(blocksize: int, dtype: torch.dtype) -> torch.Tensor:
     blocks = [torch.randn(blocksize, generator=generator) for _ in range(4)]
     for edges in (boundaries, ordered, fp4_boundaries, fp4_ordered):
         ties = torch.cat([edges, -edges, torch.tensor([1.0])])  # the block's absmax is 1: values are the ties
-        blocks.append(torch.nn.functional.pad(ties, (0, blocksize - ties.numel())) if ties.numel() < blocksize else ties[:blocksize])
+        blocks.append(
+            torch.nn.functional.pad(ties, (0, blocksize - ties.numel()))
+            if ties.numel() < blocksize
+            else ties[:blocksize]
+        )
+    finfo = torch.finfo(dtype)
     blocks.append(torch.zeros(blocksize))
-    blocks.append(torch.full((blocksize,), 1e-40))
-    blocks.append(torch.randn(blocksize, generator=generator) * 1e30)
-    blocks.append(torch.randn(blocksize, generator=generator) * 1e-30)
-    probe = torch.stack(blocks).to(dtype)
+    blocks.append(torch.full((blocksize,), finfo.tiny / 4))  # subnormal
+    blocks.append(torch.randn(blocksize, generator=generator).clamp(-3, 3) * (finfo.max / 4))
+    blocks.append(torch.randn(blocksize, generator=generator) * (finfo.tiny * 64))
+    probe = torch.stack(blocks).to(dtype)  # finite: non-finite weights are refused by the writer anyway
     return probe.reshape(-1, blocksize * 2) if probe.shape[0] % 2 == 0 else probe
 
 

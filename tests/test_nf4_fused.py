@@ -1,0 +1,95 @@
+"""The one-pass 4-bit round trip of ``fastsave merge`` against bitsandbytes' quantize + dequantize.
+
+bitsandbytes is the oracle: every case compares the float32 bits of fastsave's fused round trip
+with ``quantize_4bit`` followed by ``dequantize_4bit`` (with the same, possibly double-quantized,
+absmax), for both 4-bit types, every blocksize bitsandbytes takes, the three load dtypes, and
+random, adversarial and real-shaped weights.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+
+from fastsave.sources import nf4_fused
+from fastsave.sources.nf4_roundtrip import Nf4RoundTripSource, quantize_dequantize_float32
+from fastsave.sources.settings_4bit import Quant4bitSettings
+
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(torch.int32)
+
+
+def _adversarial(rows: int, cols: int, dtype: torch.dtype, quant_type: str, seed: int) -> torch.Tensor:
+    """Random rows plus ties on every rounding boundary, zeros, subnormals and values near the dtype's max."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator) * 0.02
+    code = bnb_functional.get_4bit_type(quant_type, device="cpu").float()
+    ordered = torch.sort(code).values
+    ties = torch.cat([(ordered[:-1] + ordered[1:]) / 2, ordered])
+    ties = torch.cat([ties, -ties, torch.tensor([1.0])])
+    flat = weight.reshape(-1)
+    flat[: ties.numel()] = ties[: flat.numel()]  # absmax 1 in the first block: the values are the ties
+    finfo = torch.finfo(dtype)
+    weight[1 % rows] = 0.0
+    weight[2 % rows, : cols // 2] = finfo.tiny / 4
+    weight[3 % rows] = torch.randn(cols, generator=generator).clamp(-3, 3) * (finfo.max / 4)
+    weight[4 % rows, ::3] = -0.0
+    return weight.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_fused_round_trip_equals_bitsandbytes(quant_type, blocksize, dtype):
+    cols = max(blocksize, 256)
+    rows = 8
+    weight = _adversarial(rows, cols, dtype, quant_type, seed=blocksize)
+    own = weight.float().reshape(-1, blocksize).abs().amax(1)
+    # the block's own absmax, and the double-quantized one bitsandbytes decodes with
+    quantized, state2 = bnb_functional.quantize_blockwise(own - own.mean(), blocksize=256)
+    double = bnb_functional.dequantize_blockwise(quantized, state2) + own.mean()
+    assert nf4_fused.fused_matches_bitsandbytes(quant_type, blocksize, dtype)
+    for absmax in (own, double):
+        expected = nf4_fused.bitsandbytes_round_trip(weight, blocksize, quant_type, absmax)
+        got = nf4_fused.fused_round_trip(weight, blocksize, quant_type, absmax)
+        assert torch.equal(_bits(got), _bits(expected))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_real_shaped_weight_streams_to_the_bits_of_one_bitsandbytes_call(quant_type):
+    """A (1024, 2816) weight, its rows read in blocks, equals bitsandbytes' whole-tensor round trip."""
+    from fastsave.sources.dense import DenseSource
+
+    generator = torch.Generator().manual_seed(7)
+    weight = (torch.randn(1024, 2816, generator=generator) * 0.02).to(torch.bfloat16)
+    for double_quant in (True, False):
+        settings = Quant4bitSettings(quant_type, 64, double_quant, torch.uint8)
+        expected = quantize_dequantize_float32(weight, settings, torch.bfloat16, conv1d=False)
+        source = Nf4RoundTripSource(DenseSource(weight), settings, torch.bfloat16, conv1d=False)
+        reader = source.row_reader()
+        got = torch.cat([reader.read(i, min(1024, i + 100)) for i in range(0, 1024, 100)])
+        assert torch.equal(_bits(got), _bits(expected))
+
+
+def test_a_bitsandbytes_that_rounds_otherwise_keeps_its_own_path(monkeypatch):
+    """When the fused arithmetic does not give bitsandbytes' bits, bitsandbytes computes the round trip."""
+    nf4_fused.fused_matches_bitsandbytes.cache_clear()
+    real = nf4_fused.bitsandbytes_round_trip
+
+    def shifted(rows, blocksize, quant_type, absmax):  # a bitsandbytes one ulp away
+        return torch.nextafter(real(rows, blocksize, quant_type, absmax), torch.tensor(float("inf")))
+
+    monkeypatch.setattr(nf4_fused, "bitsandbytes_round_trip", shifted)
+    try:
+        assert not nf4_fused.fused_matches_bitsandbytes("nf4", 64, torch.bfloat16)
+        rows = torch.randn(4, 128).to(torch.bfloat16)
+        absmax = rows.float().reshape(-1, 64).abs().amax(1)
+        settings = Quant4bitSettings("nf4", 64, False, torch.uint8)
+        assert torch.equal(nf4_fused.round_trip(rows, settings, absmax), shifted(rows, 64, "nf4", absmax))
+    finally:
+        nf4_fused.fused_matches_bitsandbytes.cache_clear()
