@@ -31,12 +31,13 @@ def log_summary(opts: SaveOptions, report: SaveReport, seconds: float, team: Sav
     ranks = f" by {team.world} ranks" if team.collective else ""
     lines = [f"fastsave: saved {opts.save_method} to {opts.save_directory}{ranks} in {seconds:.1f}s"]
     if plan is not None:
+        output_format = format_of(opts.save_method)
+        dtype = str(plan.dtype).removeprefix("torch.")
+        stored = f"as {dtype}" if output_format is None else f"({dtype} where not quantized)"
         lines.append(
             f"  merged {len(plan.merged_modules)} LoRA modules into {report.merged_into}; "
-            f"{len(plan.items)} tensors, {plan.total_bytes / 1e9:.2f} GB as {str(plan.dtype).removeprefix('torch.')}"
-            f" in {len(report.shards)} shard(s)"
+            f"{len(plan.items)} tensors, {plan.total_bytes / 1e9:.2f} GB {stored} in {len(report.shards)} shard(s)"
         )
-        output_format = format_of(opts.save_method)
         if output_format is not None:
             lines.extend(output_format.summary(plan))
         if plan.untied_embeddings:
