@@ -131,6 +131,35 @@ def test_fsdp2_trained_model_saved_by_two_ranks_is_the_single_process_save(tmp_p
     assert leftovers(tmp_path) == []
 
 
+# -- FSDP2, a compressed-tensors save ----------------------------------------------------------
+
+
+def _fsdp2_compressed_worker(rank: int, world: int, out: str) -> dict:
+    from fastsave.errors import PlanError
+
+    model = tiny_peft()
+    _fully_shard(model)
+    written = _record_written_shards()
+    fastsave.save_pretrained_merged(model, f"{out}/collective/out", save_method="fp8", max_shard_size=SHARD)
+    try:  # NVFP4 needs each weight's largest magnitude before quantizing it: refused across ranks
+        fastsave.save_pretrained_merged(model, f"{out}/nvfp4/out", save_method="nvfp4a16")
+        refused = ""
+    except PlanError as error:
+        refused = str(error)
+    return {"written": written, "refused": refused}
+
+
+def test_fsdp2_fp8_save_by_two_ranks_is_the_single_process_save(tmp_path):
+    reports = values(run_ranks(_fsdp2_compressed_worker, str(tmp_path)))
+    _assert_split([r["written"] for r in reports], tmp_path / "collective" / "out")
+    fastsave.save_pretrained_merged(
+        tiny_peft(), tmp_path / "solo" / "out", save_method="fp8", max_shard_size=SHARD
+    )
+    _assert_same(tmp_path / "solo" / "out", tmp_path / "collective" / "out")
+    assert all("across ranks" in r["refused"] for r in reports)
+    assert not (tmp_path / "nvfp4").exists() or leftovers(tmp_path / "nvfp4") == []
+
+
 # -- FSDP1, tied embeddings -------------------------------------------------------------------
 
 
