@@ -151,12 +151,14 @@ class _CompressedWeight:
         self.group = SharedProducer(self._make, source.participate)
 
     def working_bytes(self) -> int:
-        """The source's own working set, every part held until written, one row block's temporaries."""
+        """The source's own working set (NVFP4: the largest of its siblings', merged first for the
+        global scale), every part held until written, one row block's temporaries."""
         outputs = sum(
             math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in self.layout
         )
         block = _rows_per_block(self.source.shape, self.source.dtype, self.scheme) * self.source.shape[1]
-        return self.source.working_set() + outputs + 16 * block
+        members = self.shared.members if self.shared is not None else [self.source]
+        return max(member.working_set() for member in members) + outputs + 16 * block
 
     def _make(self) -> dict[str, torch.Tensor]:
         scheme = self.scheme
