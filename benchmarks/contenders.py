@@ -265,30 +265,28 @@ def peft_recipe(state: dict, params: dict) -> dict:
     return {"seconds_before_fsync": before_fsync}
 
 
+def _run_merge_command(params: dict, *flags: str) -> dict:
+    from fastsave.cli import main
+
+    code = main(["merge", str(Path(params["work"]) / "adapter"), params["out"], *flags])
+    if code != 0:
+        raise RuntimeError(f"fastsave merge exited with status {code}")
+    return {}
+
+
 @contender("cli", _imports_only)
 def cli_merge(state: dict, params: dict) -> dict:
     """``fastsave merge ADAPTER OUT``: the console script's own main() on the saved adapter.
 
     The base is found from the adapter's base_model_name_or_path (the prepared base directory).
     """
-    from fastsave.cli import main
-
-    code = main(["merge", str(Path(params["work"]) / "adapter"), params["out"]])
-    if code != 0:
-        raise RuntimeError(f"fastsave merge exited with status {code}")
-    return {}
+    return _run_merge_command(params)
 
 
 @contender("cli-original", _imports_only)
 def cli_merge_original(state: dict, params: dict) -> dict:
     """``fastsave merge ADAPTER OUT --base-weights original``: no 4-bit round trip of the base."""
-    from fastsave.cli import main
-
-    adapter = str(Path(params["work"]) / "adapter")
-    code = main(["merge", adapter, params["out"], "--base-weights", "original"])
-    if code != 0:
-        raise RuntimeError(f"fastsave merge exited with status {code}")
-    return {}
+    return _run_merge_command(params, "--base-weights", "original")
 
 
 def lora_layers(model: Any) -> list:
