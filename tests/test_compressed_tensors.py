@@ -66,7 +66,8 @@ def _adversarial(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.T
 def test_arithmetic_equals_compressed_tensors(method, dtype):
     """Whole weights and the same weights in row blocks (as the merge streams them) give the oracle's bits."""
     scheme = SCHEMES[method]
-    for seed, (rows, cols) in enumerate([(256, 384), (200, 256), (130, 512)]):
+    # (384, 128): one group a row, whose zero points pack as a single row
+    for seed, (rows, cols) in enumerate([(256, 384), (200, 256), (130, 512), (384, 128)]):
         weight = _adversarial(rows, cols, dtype, seed)
         sibling = (weight[:64] * 3).contiguous()
         expected = compress({"w": weight, "s": sibling}, scheme.preset)["w"]
@@ -115,7 +116,7 @@ def test_integer_packing_equals_compressed_tensors(num_bits):
 
     low, high = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1)
     generator = torch.Generator().manual_seed(num_bits)
-    for rows, cols in [(16, 256), (5, 100), (9, 36), (3, 7)]:
+    for rows, cols in [(16, 256), (1, 256), (5, 100), (9, 36), (3, 7)]:
         codes = torch.randint(low, high, (rows, cols), generator=generator, dtype=torch.int8)
         codes[0, :2] = torch.tensor([low, high - 1], dtype=torch.int8)
         assert same_bits(compressed_arithmetic.pack_int(codes, num_bits), pack_to_int32(codes, num_bits))

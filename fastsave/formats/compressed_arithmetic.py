@@ -226,10 +226,13 @@ def pack_int(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
     if sys.byteorder == "little" and num_bits in (4, 8) and cols % per_word == 0:
         # whole words: the offset code (code + 2^(bits-1)) is the two's complement byte with its top
         # bit flipped, and on a little-endian machine a word's low bits are its first byte
+        # (viewed flat: a one-row result may carry any stride on its size-1 dimension)
         if num_bits == 8:
-            return (codes.contiguous().view(torch.uint8) ^ 0x80).view(torch.int32)
-        nibbles = (codes.contiguous().view(torch.uint8) & 0x0F) ^ 0x08
-        return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous().view(torch.int32)
+            packed = codes.contiguous().view(torch.uint8) ^ 0x80
+        else:
+            nibbles = (codes.contiguous().view(torch.uint8) & 0x0F) ^ 0x08
+            packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+        return packed.reshape(-1).view(torch.int32).reshape(rows, -1)
     values = codes.to(torch.int64) + (1 << (num_bits - 1))
     padded_cols = -(-cols // 32) * 32
     if padded_cols > cols:  # compressed-tensors pads with zeros after the offset: they are not codes
