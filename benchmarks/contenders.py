@@ -135,21 +135,14 @@ def _write_all(fd: int, view: memoryview, offset: int | None = None) -> None:
             offset += written
 
 
-def _one_write(data, path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, memoryview(data))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _chunked(data, path: str) -> None:
+def _sequential(data, path: str, chunk: int | None = _CHUNK) -> None:
+    """The bytes in write calls of ``chunk`` bytes (None: one call), then fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)
-        for start in range(0, len(view), _CHUNK):
-            _write_all(fd, view[start : start + _CHUNK])
+        step = chunk or max(1, len(view))
+        for start in range(0, len(view), step):
+            _write_all(fd, view[start : start + step])
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -197,7 +190,12 @@ def _direct(data, path: str) -> None:
         os.close(fd)
 
 
-RAW_WAYS = {"one write": _one_write, "16 MiB writes": _chunked, "threads": _threads, "O_DIRECT": _direct}
+RAW_WAYS = {
+    "one write": lambda data, path: _sequential(data, path, chunk=None),
+    "16 MiB writes": _sequential,
+    "threads": _threads,
+    "O_DIRECT": _direct,
+}
 
 
 @contender("raw", _raw_setup)

@@ -54,7 +54,7 @@ def test_fused_round_trip_equals_bitsandbytes(quant_type, blocksize, dtype):
     quantized, state2 = bnb_functional.quantize_blockwise(own - own.mean(), blocksize=256)
     double = bnb_functional.dequantize_blockwise(quantized, state2) + own.mean()
     assert nf4_fused.fused_matches_bitsandbytes(quant_type, blocksize, dtype)
-    for absmax in (own, double):
+    for absmax in (None, own, double):  # None: each block's own, as without double quantization
         expected = nf4_fused.bitsandbytes_round_trip(weight, blocksize, quant_type, absmax)
         got = nf4_fused.fused_round_trip(weight, blocksize, quant_type, absmax)
         assert torch.equal(_bits(got), _bits(expected))

@@ -51,21 +51,23 @@ def _range(scheme: CompressedScheme) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(-top), torch.tensor(top)
 
 
+def _tiles(block: torch.Tensor, scheme: CompressedScheme) -> torch.Tensor:
+    """A row block as its (block rows, block columns, height, width) tiles, padded with zeros to whole
+    tiles as compressed-tensors pads (a zero changes no scale: 0 is always in the range)."""
+    height, width = scheme.block
+    rows, cols = block.shape
+    pad_rows, pad_cols = (-rows) % height, (-cols) % width
+    if pad_rows or pad_cols:
+        block = torch.nn.functional.pad(block, (0, pad_cols, 0, pad_rows))
+    return block.reshape(block.shape[0] // height, height, block.shape[1] // width, width).transpose(1, 2)
+
+
 def _observed(block: torch.Tensor, scheme: CompressedScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-scale minimum and maximum of a row block, shaped like the scales."""
-    rows, cols = block.shape
     if scheme.strategy == "channel":
         view = block.unsqueeze(-2)  # (rows, 1, cols)
     elif scheme.strategy == "block":
-        height, width = scheme.block
-        pad_rows, pad_cols = (-rows) % height, (-cols) % width
-        if pad_rows or pad_cols:  # zeros change nothing: 0 is always in the range
-            block = torch.nn.functional.pad(block, (0, pad_cols, 0, pad_rows))
-        view = (
-            block.reshape(block.shape[0] // height, height, block.shape[1] // width, width)
-            .transpose(1, 2)
-            .flatten(-2, -1)
-        )
+        view = _tiles(block, scheme).flatten(-2, -1)
     else:
         view = block.unflatten(-1, (-1, scheme.group_size))
     return torch.amin(view, dim=-1), torch.amax(view, dim=-1)
@@ -184,16 +186,10 @@ def quantize_rows(
     if scheme.strategy == "channel":
         scaled = block / divisor
     elif scheme.strategy == "block":
-        height, width = scheme.block
+        tiles = _tiles(block, scheme) / divisor.unsqueeze(-1).unsqueeze(-1)
+        whole_rows, whole_cols = tiles.shape[0] * tiles.shape[2], tiles.shape[1] * tiles.shape[3]
         rows, cols = block.shape
-        pad_rows, pad_cols = (-rows) % height, (-cols) % width
-        padded = torch.nn.functional.pad(block, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else block
-        tiles = padded.reshape(padded.shape[0] // height, height, padded.shape[1] // width, width).transpose(
-            1, 2
-        )
-        scaled = (
-            (tiles / divisor.unsqueeze(-1).unsqueeze(-1)).transpose(1, 2).reshape(padded.shape)[:rows, :cols]
-        )
+        scaled = tiles.transpose(1, 2).reshape(whole_rows, whole_cols)[:rows, :cols]
     else:
         scaled = block.unflatten(-1, (-1, scheme.group_size)) / divisor.unsqueeze(-1)
         if zero_points is not None:

@@ -114,7 +114,9 @@ def row_blocks(source: PlanItem, rows_per_block: int) -> Iterator[torch.Tensor]:
 
 
 def _rows_per_block(shape: tuple[int, ...], dtype: torch.dtype, scheme: CompressedScheme) -> int:
-    align = scheme.block[0] if scheme.block else 8  # whole 128-row blocks; 8 rows pack a zero-point word
+    # fp8_block: whole 128-row blocks (a scale covers 128 rows); otherwise any row count gives the same
+    # bits, and at least 8 rows a block keeps the per-block overhead small
+    align = scheme.block[0] if scheme.block else 8
     rows = max(1, ROW_BLOCK_BYTES // (shape[1] * torch.empty((), dtype=dtype).element_size()))
     return max(align, rows // align * align)
 

@@ -26,11 +26,7 @@ def write_config(
     settings, a compressed-tensors scheme's config), so transformers loads them as stored.
     """
     config = copy.deepcopy(config)
-    for attr in (
-        ("quantization_config",)
-        if quantization is not None
-        else ("quantization_config", "_pre_quantization_dtype")
-    ):
+    for attr in ("quantization_config", "_pre_quantization_dtype"):  # the latter: older transformers' bnb
         if hasattr(config, attr):
             delattr(config, attr)
     if quantization is not None:

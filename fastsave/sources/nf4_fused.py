@@ -35,12 +35,12 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fused_round_trip(
-    rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor
+    rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor | None
 ) -> torch.Tensor:
     """Dequantized float32 values of ``rows`` (already in the dtype the model was loaded in).
 
-    ``absmax``: the absmax each block is dequantized with (double-quantized when training used it);
-    the rounding uses the block's own absmax, as quantizing does.
+    ``absmax``: the absmax each block is dequantized with when it is not the block's own (the
+    double-quantized one); the rounding uses the block's own absmax, as quantizing does.
     """
     boundaries, ordered = _tables(quant_type)
     values = rows.reshape(-1, blocksize).float()
@@ -54,17 +54,18 @@ def fused_round_trip(
     for boundary in boundaries[1:]:
         nearest += scaled > boundary
     values = torch.nn.functional.embedding(nearest.long(), ordered.view(-1, 1)).squeeze(-1)
-    return (values * absmax.view(-1, 1)).reshape(rows.shape)
+    return (values * (own if absmax is None else absmax).view(-1, 1)).reshape(rows.shape)
 
 
 def bitsandbytes_round_trip(
-    rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor
+    rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor | None
 ) -> torch.Tensor:
     """The same with bitsandbytes' quantize_4bit and dequantize_4bit."""
     codes, state = bnb_functional.quantize_4bit(
         rows, blocksize=blocksize, compress_statistics=False, quant_type=quant_type
     )
-    state.absmax = absmax
+    if absmax is not None:
+        state.absmax = absmax
     state.dtype = torch.float32
     return bnb_functional.dequantize_4bit(codes, state)
 
@@ -77,18 +78,14 @@ def _probe(blocksize: int, dtype: torch.dtype) -> torch.Tensor:
     blocks = [torch.randn(blocksize, generator=generator) for _ in range(4)]
     for edges in (boundaries, ordered, fp4_boundaries, fp4_ordered):
         ties = torch.cat([edges, -edges, torch.tensor([1.0])])  # the block's absmax is 1: values are the ties
-        blocks.append(
-            torch.nn.functional.pad(ties, (0, blocksize - ties.numel()))
-            if ties.numel() < blocksize
-            else ties[:blocksize]
-        )
+        blocks.append(torch.nn.functional.pad(ties[:blocksize], (0, max(0, blocksize - ties.numel()))))
     finfo = torch.finfo(dtype)
     blocks.append(torch.zeros(blocksize))
     blocks.append(torch.full((blocksize,), finfo.tiny / 4))  # subnormal
     blocks.append(torch.randn(blocksize, generator=generator).clamp(-3, 3) * (finfo.max / 4))
     blocks.append(torch.randn(blocksize, generator=generator) * (finfo.tiny * 64))
     probe = torch.stack(blocks).to(dtype)  # finite: non-finite weights are refused by the writer anyway
-    return probe.reshape(-1, blocksize * 2) if probe.shape[0] % 2 == 0 else probe
+    return probe.reshape(-1, blocksize * 2)  # 12 blocks, two a row: rows span several blocks
 
 
 @cache
@@ -96,7 +93,7 @@ def fused_matches_bitsandbytes(quant_type: str, blocksize: int, dtype: torch.dty
     """Whether :func:`fused_round_trip` gives bitsandbytes' bits here (checked once, on the probe)."""
     rows = _probe(blocksize, dtype)
     own = rows.float().reshape(-1, blocksize).abs().amax(1)
-    for absmax in (own, own * 1.0078125 + 1e-3):  # its own absmax and a double-quantized-like one
+    for absmax in (None, own * 1.0078125 + 1e-3):  # its own absmax and a double-quantized-like one
         expected = bitsandbytes_round_trip(rows, blocksize, quant_type, absmax)
         got = fused_round_trip(rows, blocksize, quant_type, absmax)
         if not torch.equal(got.view(torch.int32), expected.view(torch.int32)):
@@ -110,8 +107,9 @@ def fused_matches_bitsandbytes(quant_type: str, blocksize: int, dtype: torch.dty
     return True
 
 
-def round_trip(rows: torch.Tensor, settings: Quant4bitSettings, absmax: torch.Tensor) -> torch.Tensor:
-    """The float32 round trip of ``rows`` (the load dtype), fused when that gives bitsandbytes' bits."""
+def round_trip(rows: torch.Tensor, settings: Quant4bitSettings, absmax: torch.Tensor | None) -> torch.Tensor:
+    """The float32 round trip of ``rows`` (the load dtype), fused when that gives bitsandbytes' bits;
+    ``absmax``: the double-quantized absmax of its blocks (None: each block's own)."""
     if fused_matches_bitsandbytes(settings.quant_type, settings.blocksize, rows.dtype):
         return fused_round_trip(rows, settings.blocksize, settings.quant_type, absmax)
     return bitsandbytes_round_trip(rows, settings.blocksize, settings.quant_type, absmax)

@@ -77,7 +77,8 @@ class Nf4RoundTripSource(Source):
         """Rows of the round trip, the same bits as the whole-tensor quantization (when blocks fit in rows).
 
         4-bit codes of a block depend only on the block's values and its absmax, so they are computed
-        row block by row block. Double quantization is global (its offset is the mean of every
+        row block by row block; without double quantization each block decodes with its own absmax.
+        Double quantization is global (its offset is the mean of every
         block's absmax), so a first pass reads the rows once to collect the absmax of every block
         (max |x| is exact in any precision), quantizes that vector as bitsandbytes does, and each
         row block is then quantized and decoded with its part of it, in one pass where that gives
@@ -87,6 +88,12 @@ class Nf4RoundTripSource(Source):
         settings = self.quant_settings
         if inner is None or self.conv1d or len(self.shape) != 2 or self.shape[1] % settings.blocksize:
             return None
+        if not settings.double_quant:  # each block decodes with its own absmax: one pass
+
+            def read_single(i: int, j: int) -> torch.Tensor:
+                return round_trip(inner.read(i, j).to(self.load_dtype), settings, None)
+
+            return RowReader(read_single)
         n_rows, n_cols = self.shape
         blocks_per_row = n_cols // settings.blocksize
         step = max(1, (64 << 20) // (4 * n_cols))  # the first pass reads 64 MiB of float32 at a time
@@ -100,10 +107,9 @@ class Nf4RoundTripSource(Source):
                 for i in range(0, n_rows, step)
             ]
         ).to(torch.float32)
-        if settings.double_quant:
-            offset = absmax.mean()
-            quantized, state2 = bnb_functional.quantize_blockwise(absmax - offset, blocksize=256)
-            absmax = bnb_functional.dequantize_blockwise(quantized, state2) + offset
+        offset = absmax.mean()
+        quantized, state2 = bnb_functional.quantize_blockwise(absmax - offset, blocksize=256)
+        absmax = bnb_functional.dequantize_blockwise(quantized, state2) + offset
 
         def read(i: int, j: int) -> torch.Tensor:
             rows = inner.read(i, j).to(self.load_dtype)
