@@ -1,4 +1,4 @@
-"""What fastsave's save guarantees cost: the NaN/Inf check, the sha256 digests, the atomic switch.
+"""What fastsave's save guarantees cost: the NaN/Inf check, the checksums, O_DIRECT, the atomic switch.
 
     python benchmarks/save_io.py [--hidden 1024 --layers 12 --repeat 3 --dir DIR]
 
@@ -7,14 +7,16 @@ it in 4-bit with a LoRA adapter once, then saves it merged (bf16) again and agai
 the variants interleaved so that a slow spell of the disk hits all of them; each variant's fastest
 run counts:
 
-  full             what a save does: NaN/Inf check, sha256 on a worker thread, atomic publish
-  no-sha256        the digest switched off
-  sha256-inline    the digest computed on the writer's own thread (what the worker thread saves)
+  full             what a save does: NaN/Inf check, CRC-32s on the I/O thread, O_DIRECT writes
+                   (where the filesystem suits), atomic publish
+  no-checksum      the CRC-32s switched off
+  sha256           a sha256 of the data on the I/O thread instead (what fastsave recorded before)
+  page-cache       FASTSAVE_O_DIRECT=0: the same writes through the page cache
   no-finite-check  the NaN/Inf check switched off
   re-save          full, over the previous checkpoint with 200 user files beside it (hard-linked
                    into staging, then the directories exchanged)
 
-It also measures the NaN/Inf check (torch.aminmax) and sha256 alone, per GB, on 1 and all threads.
+It also measures the NaN/Inf check (torch.aminmax), CRC-32 and sha256 alone, per GB.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 
@@ -45,6 +48,8 @@ def _micro(threads: int) -> dict[str, float]:
     data = memoryview(os.urandom(256 * 2**20))
     best = min(_timed(lambda: hashlib.sha256(data).digest()) for _ in range(3))
     result["sha256, 1 thread"] = best / (len(data) / 1e9)
+    best = min(_timed(lambda: zlib.crc32(data)) for _ in range(3))
+    result["CRC-32 (zlib), 1 thread"] = best / (len(data) / 1e9)
     return result
 
 
@@ -62,7 +67,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None)
-    parser.add_argument("--variants", default="full,no-sha256,sha256-inline,no-finite-check,re-save")
+    parser.add_argument("--variants", default="full,no-checksum,sha256,page-cache,no-finite-check,re-save")
     parser.add_argument("--no-micro", action="store_true", help="skip the per-GB measurements")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,7 +75,7 @@ def main() -> None:
 
     import fastsave
     from fastsave.io import finite, shards
-    from fastsave.io.checksums import BackgroundDigest
+    from fastsave.io.checksums import BlockCrc32
     from fastsave.tiny import attach_lora, load_4bit, save_random_model, tiny_llama_config
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="fastsave-io-bench-"))
@@ -88,21 +93,27 @@ def main() -> None:
     model = attach_lora(load_4bit(work / "base"), r=16, alpha=32)
     torch.set_num_threads(os.cpu_count())
 
-    class InlineDigest(BackgroundDigest):
-        def update(self, data, owner=None):
-            self._hash.update(data)
-
-    class NoDigest(BackgroundDigest):
-        def update(self, data, owner=None):
+    class NoChecksum(BlockCrc32):
+        def update(self, data):
             pass
+
+    class Sha256(BlockCrc32):  # what the I/O thread would spend on a sha256 of the same bytes
+        def __init__(self, block: int = 0) -> None:
+            super().__init__()
+            self._sha = hashlib.sha256()
+
+        def update(self, data):
+            self._sha.update(data)
 
     real_check = finite.check_finite
 
     def configure(variant: str) -> None:
-        shards.BackgroundDigest = {"no-sha256": NoDigest, "sha256-inline": InlineDigest}.get(
-            variant, BackgroundDigest
-        )
+        shards.BlockCrc32 = {"no-checksum": NoChecksum, "sha256": Sha256}.get(variant, BlockCrc32)
         shards.check_finite = (lambda tensor, name: None) if variant == "no-finite-check" else real_check
+        if variant == "page-cache":
+            os.environ["FASTSAVE_O_DIRECT"] = "0"
+        else:
+            os.environ.pop("FASTSAVE_O_DIRECT", None)
 
     variants = args.variants.split(",")
     best: dict[str, float] = {}
@@ -132,7 +143,7 @@ def main() -> None:
     print("|---|---|")
     for threads in sorted({1, os.cpu_count() or 1}):
         for name, seconds in _micro(threads).items():
-            if "sha256" in name and threads > 1:
+            if ("sha256" in name or "CRC" in name) and threads > 1:
                 continue
             print(f"| {name} | {seconds * 1000:.0f} |")
     if not args.dir:

@@ -96,7 +96,7 @@ def memory_limit() -> int:
     return min(total, limit) if limit else total
 
 
-# Threads a save starts (the producer, the sha256 worker of fastsave.io.checksums, tqdm's monitor):
+# Threads a save starts (the producer, the I/O thread of fastsave.io.direct_file, tqdm's monitor):
 # each stack is a private mapping of RLIMIT_STACK's size (8 MiB by default) that counts against
 # RLIMIT_DATA, touched or not. (Counting two of the three left a save at a quarter of its output in
 # headroom failing about one run in three.) The producer's first parallel torch operation also

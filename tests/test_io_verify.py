@@ -1,7 +1,8 @@
-"""fastsave verify, the sha256 recorded at write time, and the NaN/Inf check on the way to disk.
+"""fastsave verify, the checksums recorded at write time, and the NaN/Inf check on the way to disk.
 
-Oracles: hashlib over the bytes after the header (parsed here with struct and json, not with
-fastsave's reader), safetensors' own reader, torch.isfinite.
+Oracles: zlib's CRC-32 (and hashlib's sha256, for what older versions recorded) over the bytes
+after the header (parsed here with struct and json, not with fastsave's reader), safetensors' own
+reader and writer, torch.isfinite.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -40,21 +42,69 @@ def saved(qlora_model, tiny_tokenizer, tmp_path):
     return sharded, single
 
 
-def test_sha256_of_each_shard_is_recorded_in_the_shard_and_the_index(saved):
+def _crc32_record(data: bytes, block: int = 64 * 2**20) -> str:
+    return f"{block}:" + ",".join(
+        f"{zlib.crc32(data[i : i + block]):08x}" for i in range(0, len(data), block)
+    )
+
+
+def test_crc32_of_each_shard_is_recorded_in_the_shard_and_the_index(saved):
     sharded, single = saved
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
-    recorded = index["metadata"]["fastsave_sha256"]
+    recorded = index["metadata"]["fastsave_crc32"]
     shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
     assert sorted(recorded) == shards and len(shards) > 3
     for path in [*(sharded / s for s in shards), single / "model.safetensors"]:
         header, data = _header_and_data(path)
-        digest = hashlib.sha256(data).hexdigest()
-        assert header["__metadata__"]["fastsave_sha256"] == digest, path.name
+        digest = _crc32_record(data)
+        assert header["__metadata__"]["fastsave_crc32"] == digest, path.name
+        assert (path.stat().st_size - len(data)) % 4096 == 0  # the data starts page-aligned
         if path.parent == sharded:
             assert recorded[path.name] == digest
         with safe_open(path, framework="pt") as handle:  # safetensors itself still reads it
-            assert handle.metadata()["format"] == "pt" and handle.metadata()["fastsave_sha256"] == digest
+            assert handle.metadata()["format"] == "pt" and handle.metadata()["fastsave_crc32"] == digest
     assert index["metadata"]["total_size"] == sum(len(_header_and_data(sharded / s)[1]) for s in shards)
+
+
+def test_a_checkpoint_with_the_sha256_older_versions_recorded_still_verifies(tmp_path):
+    from safetensors.torch import save_file
+
+    directory = tmp_path / "old"
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    path = directory / "model.safetensors"
+    tensors = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 7, dtype=torch.bfloat16)}
+    save_file(tensors, path, metadata={"format": "pt", "fastsave_sha256": "0" * 64})
+    digest = hashlib.sha256(_header_and_data(path)[1]).hexdigest()
+    save_file(tensors, path, metadata={"format": "pt", "fastsave_sha256": digest})
+    report = verify_checkpoint(directory, checksums=True)
+    assert report.ok and report.digests_checked == 1, report.summary()
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    report = verify_checkpoint(directory, checksums=True)
+    assert not report.ok and "sha256 of the data is" in report.problems[0], report.summary()
+
+
+def test_a_crc32_mismatch_names_the_block_that_changed(tmp_path):
+    from safetensors.torch import save_file
+
+    from fastsave.io.checksums import compare_recorded
+
+    path = tmp_path / "model.safetensors"
+    tensors = {"a": torch.arange(5000, dtype=torch.float32)}  # 20000 bytes: blocks of 4096
+    save_file(tensors, path)
+    data = _header_and_data(path)[1]
+    save_file(tensors, path, metadata={"fastsave_crc32": _crc32_record(data, 4096)})
+    assert compare_recorded(path, _crc32_record(data, 4096)) == []
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) - len(data) + 9000] ^= 0x80  # in the third block
+    path.write_bytes(bytes(raw))
+    problems = compare_recorded(path, _crc32_record(data, 4096))
+    assert len(problems) == 1 and problems[0].startswith("bytes 8192-12288 of the data changed"), problems
+    unfinished = "4096:" + ",".join(["xxxxxxxx"] * 5)
+    assert "did not finish" in compare_recorded(path, unfinished)[0]
+    assert "not one fastsave writes" in compare_recorded(path, "4096:1234")[0]
 
 
 def test_verify_a_good_save_and_the_command(saved, capsys):
@@ -75,7 +125,7 @@ def test_verify_finds_each_kind_of_damage(saved, tmp_path, capsys):
     shard.write_bytes(bytes(raw))
     assert verify_checkpoint(sharded).ok
     report = verify_checkpoint(sharded, checksums=True)
-    assert not report.ok and f"{shard.name}: sha256 of the data is" in report.problems[0]
+    assert not report.ok and f"{shard.name} (the index): bytes 0-" in report.problems[0], report.problems
     assert main(["verify", str(sharded), "--checksums"]) == 1
     assert "PROBLEM" in capsys.readouterr().out
 
@@ -98,7 +148,7 @@ def test_verify_checkpoints_fastsave_did_not_write(qlora_model, tmp_path):
     assert report.ok and report.kind == "adapter", report.summary()
     model.get_base_model().save_pretrained(tmp_path / "plain")  # transformers' own (4-bit) save
     report = verify_checkpoint(tmp_path / "plain", checksums=True)
-    assert report.ok and any("no sha256 recorded" in n for n in report.notes), report.summary()
+    assert report.ok and any("no checksum recorded" in n for n in report.notes), report.summary()
 
 
 _INT_VIEW = {

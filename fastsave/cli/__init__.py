@@ -23,11 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_parser(commands)
     verify = commands.add_parser(
         "verify",
-        help="re-read a saved checkpoint: shard headers, index, sizes (and sha256 with --checksums)",
+        help="re-read a saved checkpoint: shard headers, index, sizes (and the data checksums with --checksums)",
     )
     verify.add_argument("directory", help="a directory written by save_pretrained_merged or fastsave merge")
     verify.add_argument(
-        "--checksums", action="store_true", help="also re-hash every shard against its recorded sha256"
+        "--checksums",
+        action="store_true",
+        help="also re-read every shard's data against the checksums recorded when it was written",
     )
     verify.set_defaults(func=run_verify)
     return parser

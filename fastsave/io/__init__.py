@@ -5,8 +5,9 @@ one step, so ``save_directory`` holds its previous contents or the complete new 
 any crash, kill, Ctrl-C or full disk. One module per job:
 
 - ``format``, ``names``: the safetensors header and dtypes; the names of shards, indexes, variants;
-- ``shards``: the streaming safetensors writer (headers first, tensors appended as produced);
-- ``finite``, ``checksums``: the NaN/Inf check and the sha256 of each shard's data on the way;
+- ``shards``: the streaming safetensors writer (tensors appended as produced, each header last);
+- ``finite``, ``checksums``, ``direct_file``: the NaN/Inf check, the CRC-32s of each shard's data,
+  and its aligned (O_DIRECT) writes on the way;
 - ``ownership``: which files a checkpoint of each kind consists of (what a save may replace);
 - ``target``, ``lock``: the facts about ``save_directory`` checked first; one save per directory;
 - ``staging``: the pending save: staging directory, dead ones cleaned up, disk space, the decision

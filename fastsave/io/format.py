@@ -61,9 +61,10 @@ def fastsave_version() -> str:
     return __version__
 
 
-def encode_header(tensors: Iterable[Any], metadata: dict[str, str]) -> bytes:
+def encode_header(tensors: Iterable[Any], metadata: dict[str, str], align: int = 8) -> bytes:
     """The 8-byte length and the JSON header for ``tensors`` (each with name, dtype, shape, nbytes)
-    stored back to back, padded so that the data starts 8-aligned, as safetensors writes it.
+    stored back to back, padded with spaces so that the data starts at a multiple of ``align`` bytes
+    (safetensors itself pads to 8; its JSON reader skips any trailing whitespace).
 
     Raises:
         ValueError: a tensor's dtype is one safetensors cannot store.
@@ -83,7 +84,7 @@ def encode_header(tensors: Iterable[Any], metadata: dict[str, str]) -> bytes:
         }
         offset += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
+    encoded += b" " * (-(8 + len(encoded)) % align)
     return struct.pack("<Q", len(encoded)) + encoded
 
 

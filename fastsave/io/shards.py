@@ -5,9 +5,10 @@ tensor's dtype, shape and byte range, then the raw bytes. Because the plan knows
 dtype before any merge runs, each shard's header is written first and tensors are appended as
 they are produced: no shard, and never the whole state dict, is ever held in memory.
 
-On its way to disk every floating tensor is checked for NaN/Inf (fastsave.io.finite) and every
-shard's data is hashed (fastsave.io.checksums); a full disk becomes a DiskSpaceError that says how
-many bytes were still to write.
+On its way to disk every floating tensor is checked for NaN/Inf (fastsave.io.finite); every
+shard's data is checksummed (fastsave.io.checksums) and written through aligned buffers, with
+O_DIRECT where the filesystem allows it (fastsave.io.direct_file), the header last; a full disk
+becomes a DiskSpaceError that says how many bytes were still to write.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastsave.errors import DiskSpaceError
-from fastsave.io.checksums import PLACEHOLDER, SHA256_KEY, BackgroundDigest
+from fastsave.io.checksums import CRC32_KEY, BlockCrc32, placeholder
+from fastsave.io.direct_file import ALIGN, BUFFER_BYTES, DEPTH, AlignedWriter
 from fastsave.io.disk_space import FULL_DISK_ERRNOS, full_disk_error
 from fastsave.io.finite import check_finite
 from fastsave.io.format import FASTSAVE_METADATA_KEY, encode_header, fastsave_version
@@ -70,9 +72,10 @@ def assign_shards(
     return [Shard(name, group) for name, group in zip(names, groups, strict=True)]
 
 
-def shard_metadata() -> dict[str, str]:
-    """The ``__metadata__`` of a shard fastsave writes; the digest is a placeholder until closed."""
-    return {"format": "pt", FASTSAVE_METADATA_KEY: fastsave_version(), SHA256_KEY: PLACEHOLDER}
+def shard_metadata(checksum: str) -> dict[str, str]:
+    """The ``__metadata__`` of a shard fastsave writes, with its data's ``checksum`` (a placeholder of
+    the same length while the data is written)."""
+    return {"format": "pt", FASTSAVE_METADATA_KEY: fastsave_version(), CRC32_KEY: checksum}
 
 
 def write_index(
@@ -81,12 +84,12 @@ def write_index(
     digests: dict[str, str],
     safe_serialization: bool = True,
 ) -> None:
-    """The index of a checkpoint of several shards: every tensor's shard, the size, each shard's sha256
-    (named for the variant the shards' names carry)."""
+    """The index of a checkpoint of several shards: every tensor's shard, the size, each shard's
+    checksums (named for the variant the shards' names carry)."""
     total = sum(shard.nbytes for shard in shards)
     metadata: dict[str, Any] = {"total_size": total, FASTSAVE_METADATA_KEY: fastsave_version()}
     if digests:
-        metadata[SHA256_KEY] = dict(sorted(digests.items()))
+        metadata[CRC32_KEY] = dict(sorted(digests.items()))
     index = {
         "metadata": metadata,
         "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
@@ -111,12 +114,13 @@ class ShardWriter:
 
     Use as ``writer.write(tensor)`` in plan order (or ``write_piece`` for each piece of a tensor,
     then ``end_tensor``), then ``writer.close()``, which writes the index when there is more than
-    one shard. Each floating tensor is checked for NaN/Inf before its
-    bytes are written; each safetensors shard records the sha256 of its data in its header (and
-    the index, when there is one).
+    one shard. Each floating tensor is checked for NaN/Inf before its bytes are written; each
+    safetensors shard records the CRC-32s of its data in its header (and the index, when there is
+    one).
 
     ``index=False``: the caller writes the index (:func:`write_index`), as when several ranks each
-    write some of the shards of one checkpoint.
+    write some of the shards of one checkpoint. ``buffer_bytes`` x ``depth``: the memory the
+    aligned writes hold (fastsave.io.direct_file), from construction to close or abort.
     """
 
     def __init__(
@@ -126,6 +130,8 @@ class ShardWriter:
         safe_serialization: bool = True,
         index: bool = True,
         on_shard_done: Callable[[Path], None] | None = None,
+        buffer_bytes: int = BUFFER_BYTES,
+        depth: int = DEPTH,
     ) -> None:
         self.directory = directory
         self.on_shard_done = on_shard_done  # called with each shard's path once it is complete on disk
@@ -134,12 +140,11 @@ class ShardWriter:
         self.index = index
         self._order = [(i, t) for i, shard in enumerate(shards) for t in shard.tensors]
         self._position = 0
-        self._file = None
         self._open_index = -1
-        self._digest_offset = 0
         self._bin_buffer: dict[str, torch.Tensor] = {}
-        self._digest = BackgroundDigest() if safe_serialization else None
-        self.digests: dict[str, str] = {}  # shard file name -> sha256 of its data section
+        self._file = AlignedWriter(buffer_bytes, depth) if safe_serialization else None
+        self._checksum: BlockCrc32 | None = None
+        self.digests: dict[str, str] = {}  # shard file name -> the CRC-32s of its data section
         self._total = sum(s.nbytes for s in shards)
         self._written = 0
         self._piece_bytes = 0  # bytes of the current tensor written so far
@@ -148,34 +153,30 @@ class ShardWriter:
     def _open(self, index: int) -> None:
         self._finish_current()
         shard = self.shards[index]
-        path = self.directory / shard.filename
         if self.safe_serialization:
-            header = encode_header(shard.tensors, shard_metadata())
-            self._digest_offset = (
-                header.index(f'"{SHA256_KEY}":"{PLACEHOLDER}"'.encode()) + len(SHA256_KEY) + 4
-            )
-            self._file = open(path, "wb")  # noqa: SIM115 - closed in _finish_current
-            self._write_data(header)
-            self._digest.restart()
+            header = encode_header(shard.tensors, shard_metadata(placeholder(shard.nbytes)), ALIGN)
+            self._checksum = BlockCrc32()
+            self._file.begin(self.directory / shard.filename, len(header), self._checksum)
         self._open_index = index
 
     def _write_data(self, data: bytes | memoryview) -> None:
-        """The one place bytes reach a shard file (tests inject faults here)."""
+        """The one place tensor bytes go to a shard file (tests inject faults here); the header is
+        written by ``_finish_current``, once the data is."""
         self._file.write(data)
 
     def _finish_current(self) -> None:
         if self._open_index < 0:
             return
         shard = self.shards[self._open_index]
-        if self.safe_serialization and self._file is not None:
-            self._file.seek(self._digest_offset)
-            self._write_data(self._digest.hexdigest().encode())  # the placeholder's 64 bytes
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            self.digests[shard.filename] = self._digest.hexdigest()
-        elif not self.safe_serialization:
+        if self.safe_serialization:
+            checksum = self._checksum
+
+            def header() -> bytes:  # called once every data byte is out, so the checksum is complete
+                return encode_header(shard.tensors, shard_metadata(checksum.recorded()), ALIGN)
+
+            self._file.finish(header)
+            self.digests[shard.filename] = checksum.recorded()
+        else:
             # torch.save needs the whole shard: a legacy format, kept to one shard's worth of RAM.
             torch.save(self._bin_buffer, self.directory / shard.filename)
             self._bin_buffer = {}
@@ -229,9 +230,7 @@ class ShardWriter:
             if index != self._open_index:
                 self._open(index)
             if self.safe_serialization:
-                data = _tensor_bytes(piece)
-                self._write_data(data)
-                self._digest.update(data, piece)
+                self._write_data(_tensor_bytes(piece))
             else:
                 self._bin_pieces.append(piece.detach().reshape(-1).clone())
         self._piece_bytes += nbytes
@@ -262,16 +261,13 @@ class ShardWriter:
             self._finish_current()
             if self.index and len(self.shards) > 1:
                 write_index(self.directory, self.shards, self.digests, self.safe_serialization)
-        if self._digest is not None:
-            self._digest.close()
+        if self._file is not None:
+            self._file.close()
 
     def abort(self) -> None:
         """Close any open file without finishing it (the staging directory is removed by the caller)."""
         if self._file is not None:
             self._file.close()
-            self._file = None
-        if self._digest is not None:
-            self._digest.close()
 
     @contextmanager
     def _full_disk_is_disk_space_error(self) -> Iterator[None]:

@@ -2,7 +2,8 @@
 
 The light check (run on every save before its switch, and by ``fastsave verify DIR``) reads only
 headers and small files. ``checksums=True`` (``fastsave verify DIR --checksums``) also re-hashes
-every shard's data and compares it with the sha256 recorded when it was written.
+every shard's data and compares it with the checksums recorded when it was written (the CRC-32 of
+each 64 MiB block; the sha256 that older fastsave versions recorded is checked too).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastsave.io.checksums import PLACEHOLDER, SHA256_KEY, data_digest
+from fastsave.io.checksums import CRC32_KEY, SHA256_KEY, compare_recorded
 from fastsave.io.format import DTYPE_SIZES, read_safetensors_header
 from fastsave.io.names import is_index_name, is_weight_file_name, variant_of
 from fastsave.io.ownership import (
@@ -52,7 +53,7 @@ class VerifyReport:
         lines = [
             f"{self.directory}: {what}, {self.shards} weight file(s), {self.tensors} tensors, "
             f"{self.data_bytes / 1e9:.3f} GB of tensor data"
-            + (f", {self.digests_checked} sha256 digest(s) checked" if self.digests_checked else "")
+            + (f", the checksums of {self.digests_checked} checked" if self.digests_checked else "")
         ]
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  PROBLEM: {p}" for p in self.problems]
@@ -119,14 +120,21 @@ def check_safetensors_file(path: Path, report: VerifyReport) -> dict | None:
     return header
 
 
-def _check_digest(path: Path, recorded: str | None, report: VerifyReport, where: str) -> None:
-    if not recorded or recorded == PLACEHOLDER:
-        report.problems.append(f"{path.name}: no sha256 recorded ({where}): the write did not finish")
+def _recorded(metadata: dict) -> tuple[str, object] | None:
+    """The checksum key a fastsave header or index metadata holds, and its value."""
+    for key in (CRC32_KEY, SHA256_KEY):
+        if key in metadata:
+            return key, metadata[key]
+    return None
+
+
+def _check_digest(path: Path, recorded: object, report: VerifyReport, where: str) -> None:
+    if not recorded:
+        report.problems.append(f"{path.name}: no checksum recorded ({where}): the write did not finish")
         return
-    actual = data_digest(path)
     report.digests_checked += 1
-    if actual != recorded:
-        report.problems.append(f"{path.name}: sha256 of the data is {actual}, {where} recorded {recorded}")
+    for problem in compare_recorded(path, recorded):
+        report.problems.append(f"{path.name} ({where}): {problem}")
 
 
 def _verify_merged(directory: Path, report: VerifyReport, checksums: bool) -> None:
@@ -157,10 +165,11 @@ def _verify_weights(directory: Path, report: VerifyReport, checksums: bool, vari
                 header = check_safetensors_file(directory / name, report)
                 recorded = (header or {}).get("__metadata__", {}) or {}
                 if checksums and header is not None:
-                    if SHA256_KEY in recorded:
-                        _check_digest(directory / name, recorded[SHA256_KEY], report, "its header")
+                    found = _recorded(recorded)
+                    if found is not None:
+                        _check_digest(directory / name, found[1], report, "its header")
                     else:
-                        report.notes.append(f"{name}: no sha256 recorded (not written by fastsave)")
+                        report.notes.append(f"{name}: no checksum recorded (not written by fastsave)")
             else:
                 report.shards += 1
                 report.notes.append(f"{name}: legacy torch .bin, checked for presence only")
@@ -181,7 +190,8 @@ def _verify_weights(directory: Path, report: VerifyReport, checksums: bool, vari
             f"weight files not named by {index_path.name} (stale, or loaded instead): {', '.join(stray)}"
         )
     metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-    digests = metadata.get(SHA256_KEY) if isinstance(metadata.get(SHA256_KEY), dict) else None
+    found = _recorded(metadata)
+    key, digests = found if found is not None and isinstance(found[1], dict) else (CRC32_KEY, None)
     total = 0
     for shard, names in sorted(by_shard.items()):
         path = directory / shard
@@ -207,14 +217,14 @@ def _verify_weights(directory: Path, report: VerifyReport, checksums: bool, vari
             for k, e in header.items()
             if k != "__metadata__"
         )
-        own = (header.get("__metadata__") or {}).get(SHA256_KEY)
+        own = (header.get("__metadata__") or {}).get(key)
         if digests is not None:
             if digests.get(shard) != own:
-                report.problems.append(f"{shard}: the sha256 in its header and in the index differ")
+                report.problems.append(f"{shard}: the checksums in its header and in the index differ")
             if checksums:
                 _check_digest(path, digests.get(shard), report, "the index")
         elif checksums:
-            report.notes.append(f"{shard}: no sha256 recorded in the index (not written by fastsave)")
+            report.notes.append(f"{shard}: no checksum recorded in the index (not written by fastsave)")
     declared = metadata.get("total_size")
     if (
         index_path.name.startswith("model.safetensors")

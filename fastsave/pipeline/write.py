@@ -59,7 +59,7 @@ def write_merged_weights(
 
     ``team``: in a collective save (fastsave.parallel.team) every rank calls this with the same
     plan; each writes the shards assigned to it (balanced by bytes) and rank 0 the index, with the
-    sha256 digests every rank computed. The memory allowance is shared by the ranks on one machine.
+    checksums every rank computed. The memory allowance is shared by the ranks on one machine.
 
     Raises:
         DiskSpaceError: the checkpoint does not fit (nothing written), or the disk filled up.

@@ -1,0 +1,210 @@
+"""Shard files written through aligned buffers (O_DIRECT where the filesystem takes it), header last.
+
+Oracles: the bytes handed in, concatenated here; zlib's CRC-32 of them; the file as read back.
+Filesystems that refuse O_DIRECT (at open, or at the first write) are produced deterministically by
+failing those calls with EINVAL, whatever the filesystem under the test does.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import zlib
+from pathlib import Path
+
+import pytest
+
+from fastsave.io import direct_file
+from fastsave.io.checksums import BlockCrc32
+from fastsave.io.direct_file import ALIGN, AlignedWriter
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def _write(
+    path: Path, pieces: list[bytes], header_bytes: int = ALIGN, **sizes
+) -> tuple[AlignedWriter, BlockCrc32]:
+    writer = AlignedWriter(**sizes)
+    checksum = BlockCrc32(block=3 * ALIGN)
+    writer.begin(path, header_bytes, checksum)
+    for piece in pieces:
+        writer.write(piece)
+    head = b"H" * header_bytes
+    assert writer.finish(lambda: head) == header_bytes + sum(map(len, pieces))
+    return writer, checksum
+
+
+def _pieces(seed: int, total: int) -> list[bytes]:
+    rng = random.Random(seed)
+    pieces, left = [], total
+    while left:
+        size = min(left, rng.choice([0, 1, 7, 4095, 4096, 4097, 8192, 20000, 70001]))
+        pieces.append(rng.randbytes(size))
+        left -= size
+    return pieces
+
+
+def _crc_blocks(data: bytes, block: int) -> list[int]:
+    return [zlib.crc32(data[i : i + block]) for i in range(0, len(data), block)]
+
+
+@pytest.mark.parametrize("total", [0, 1, 4096, 8192 * 2, 300_001])
+@pytest.mark.parametrize("header_bytes", [ALIGN, 3 * ALIGN])
+def test_the_file_holds_the_header_then_every_byte_in_order(tmp_path, total, header_bytes):
+    pieces = _pieces(total, total)
+    writer, checksum = _write(tmp_path / "f", pieces, header_bytes, buffer_bytes=2 * ALIGN, depth=2)
+    data = b"".join(pieces)
+    assert (tmp_path / "f").read_bytes() == b"H" * header_bytes + data
+    assert checksum.blocks() == _crc_blocks(data, 3 * ALIGN)
+    writer.begin(tmp_path / "g", ALIGN)  # the same buffers for the next file
+    writer.write(b"second")
+    writer.finish(lambda: b"h" * ALIGN)
+    assert (tmp_path / "g").read_bytes() == b"h" * ALIGN + b"second"
+    writer.close()
+
+
+def test_a_filesystem_refusing_o_direct_at_open_gets_the_same_bytes(tmp_path, monkeypatch):
+    real_open = os.open
+    opened = []
+
+    def refusing(path, flags, *args):
+        opened.append(flags)
+        if flags & O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(direct_file.os, "open", refusing)
+    monkeypatch.setattr(direct_file, "direct_io_suits", lambda directory: bool(O_DIRECT))
+    pieces = _pieces(1, 100_000)
+    writer, checksum = _write(tmp_path / "f", pieces, buffer_bytes=4 * ALIGN, depth=3)
+    assert not writer.direct and opened[-1] & O_DIRECT == 0
+    assert (tmp_path / "f").read_bytes() == b"H" * ALIGN + b"".join(pieces)
+    assert checksum.blocks() == _crc_blocks(b"".join(pieces), 3 * ALIGN)
+    writer.close()
+
+
+@pytest.mark.skipif(not O_DIRECT, reason="O_DIRECT is Linux's; elsewhere every write uses the page cache")
+def test_a_filesystem_refusing_o_direct_writes_gets_the_same_bytes_through_the_page_cache(
+    tmp_path, monkeypatch
+):
+    real_pwrite = os.pwrite
+    refused = []
+
+    def refusing(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_file.os, "pwrite", refusing)
+    monkeypatch.setattr(
+        direct_file, "_open", lambda path, direct: (os.open(path, os.O_WRONLY | os.O_CREAT | O_DIRECT), True)
+    )
+    pieces = _pieces(2, 50_000)
+    writer, _ = _write(tmp_path / "f", pieces, buffer_bytes=2 * ALIGN, depth=2)
+    assert refused == [ALIGN] and not writer.direct  # refused once, then the page cache
+    assert (tmp_path / "f").read_bytes() == b"H" * ALIGN + b"".join(pieces)
+    writer.close()
+
+
+def test_a_failed_write_on_the_io_thread_reaches_the_caller_and_closes_the_file(tmp_path, monkeypatch):
+    real_pwrite = os.pwrite
+    calls = []
+
+    def full(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_file.os, "pwrite", full)
+    writer = AlignedWriter(buffer_bytes=ALIGN, depth=2)
+    writer.begin(tmp_path / "f", ALIGN)
+    with pytest.raises(OSError) as raised:
+        for _ in range(10):
+            writer.write(b"x" * ALIGN)
+        writer.finish(lambda: b"H" * ALIGN)
+    assert raised.value.errno == errno.ENOSPC
+    writer.abort()
+    writer.close()
+    assert len(calls) == 3  # nothing was written after the failure
+
+
+def test_a_header_of_another_length_than_reserved_is_refused(tmp_path):
+    writer = AlignedWriter(buffer_bytes=ALIGN, depth=2)
+    writer.begin(tmp_path / "f", 2 * ALIGN)
+    writer.write(b"data")
+    with pytest.raises(RuntimeError, match="header came out 4096 bytes long, 8192 were left"):
+        writer.finish(lambda: b"H" * ALIGN)
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        writer.begin(tmp_path / "g", 100)
+    writer.close()
+
+
+def test_block_crc32_matches_zlib_over_any_split():
+    rng = random.Random(5)
+    data = rng.randbytes(50_000)
+    for block in (1, 7, 4096, 50_000, 10**6):
+        crc = BlockCrc32(block)
+        position = 0
+        while position < len(data):
+            step = rng.choice([1, 3, 999, 5000])
+            crc.update(data[position : position + step])
+            position += step
+        assert crc.blocks() == _crc_blocks(data, block)
+        assert crc.recorded() == f"{block}:" + ",".join(f"{v:08x}" for v in _crc_blocks(data, block))
+
+
+def test_o_direct_is_used_on_local_disk_filesystems_only(tmp_path, monkeypatch):
+    device = os.stat(tmp_path).st_dev
+    here = f"{os.major(device)}:{os.minor(device)}"
+    table = tmp_path / "mountinfo"
+    monkeypatch.setattr(direct_file, "_MOUNTINFO", table)
+
+    def mounted(kind: str, dev: str = here, point: str = "/") -> None:
+        table.write_text(
+            "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+            f"27 1 {dev} / {point} rw,relatime - {kind} /dev/sda1 rw\n"
+        )
+
+    for kind, expected in [
+        ("ext4", True),
+        ("xfs", True),
+        ("nfs4", False),
+        ("fuse.gcsfuse", False),
+        ("tmpfs", False),
+    ]:
+        mounted(kind)
+        assert direct_file.filesystem_type(tmp_path) == kind
+        assert direct_file.direct_io_suits(tmp_path) is (expected and bool(O_DIRECT)), kind
+    mounted("btrfs", dev="0:99", point="/")  # no device match (a btrfs subvolume): the mount point decides
+    assert direct_file.filesystem_type(tmp_path) == "btrfs"
+    mounted("ext4", dev="0:99", point=str(tmp_path).replace(" ", "\\040") + "\\040x")  # "<tmp_path> x"
+    assert direct_file.filesystem_type(tmp_path) is None and not direct_file.direct_io_suits(tmp_path)
+    mounted("ext4", dev="0:99", point=str(tmp_path.parent))
+    assert direct_file.filesystem_type(tmp_path) == "ext4"
+    mounted("ext4")
+    monkeypatch.setenv("FASTSAVE_O_DIRECT", "0")
+    assert not direct_file.direct_io_suits(tmp_path)
+
+
+def test_a_save_writes_its_shards_with_o_direct_where_it_suits(qlora_model, tmp_path, monkeypatch):
+    """Whatever the filesystem under the test: told that it suits, the shards are opened asking for
+    O_DIRECT (taken, or refused and written through the page cache), and they verify."""
+    import fastsave
+    from fastsave.io.verify import verify_checkpoint
+
+    monkeypatch.setattr(direct_file, "direct_io_suits", lambda directory: True)
+    real_open, asked = direct_file._open, []
+
+    def spying(path, direct):
+        asked.append(direct)
+        return real_open(path, direct)
+
+    monkeypatch.setattr(direct_file, "_open", spying)
+    fastsave.save_pretrained_merged(qlora_model(), tmp_path / "out", max_shard_size="60KB")
+    assert len(asked) > 3 and all(asked)
+    report = verify_checkpoint(tmp_path / "out", checksums=True)
+    assert report.ok and report.digests_checked == len(asked), report.summary()
