@@ -8,21 +8,21 @@ venv="${1:-$(mktemp -d "${TMPDIR:-/tmp}/fastsave-oldest-venv.XXXXXX")}"
 python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip
-pins="$("$py" - <<'PY'
+mapfile -t pins < <("$py" - <<'PY'
 import re, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 pins = []
 for dep in deps:
-    m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9A-Za-z.]*)\s*", dep)
+    m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9A-Za-z.]*)\s*(;.*)?", dep)
     if not m:
         raise SystemExit(f"pyproject dependency without a plain lower bound: {dep!r}")
-    pins.append(f"{m.group(1)}=={m.group(2)}")
-print(" ".join(pins))
+    pins.append(f"{m.group(1)}=={m.group(2)}" + (m.group(3) or ""))
+print("\n".join(pins))
 PY
-)"
-echo "pinned: $pins"
-# shellcheck disable=SC2086
-"$py" -m pip install --quiet $pins "pytest>=7" "sentencepiece>=0.2" "protobuf>=4"
+)
+(( ${#pins[@]} )) || { echo "no lower bounds read from pyproject.toml" >&2; exit 1; }
+echo "pinned: ${pins[*]}"
+"$py" -m pip install --quiet "${pins[@]}" "pytest>=7" "sentencepiece>=0.2" "protobuf>=4"
 "$py" -m pip install --quiet --no-deps -e .
 "$py" -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|bitsandbytes|safetensors|huggingface.hub)=='
 "$py" -m pytest -q -p no:cacheprovider \
