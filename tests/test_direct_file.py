@@ -208,3 +208,18 @@ def test_a_save_writes_its_shards_with_o_direct_where_it_suits(qlora_model, tmp_
     assert len(asked) > 3 and all(asked)
     report = verify_checkpoint(tmp_path / "out", checksums=True)
     assert report.ok and report.digests_checked == len(asked), report.summary()
+
+
+def test_a_minimal_memory_budget_gets_small_write_buffers():
+    from fastsave.io.direct_file import BUFFER_BYTES, DEPTH, write_buffers
+
+    assert write_buffers(16 << 20, minimal=False) == (BUFFER_BYTES, DEPTH)
+    for allowance in (1 << 20, 5 << 20, 63 << 20):
+        each, depth = write_buffers(allowance, minimal=True)
+        assert (
+            depth == 2
+            and each % ALIGN == 0
+            and each >= ALIGN
+            and each * depth <= max(2 * ALIGN, allowance // 8)
+        )
+    assert write_buffers(0, minimal=True) == (ALIGN, 2)

@@ -54,6 +54,16 @@ class StreamChecksum(Protocol):
     def update(self, data: memoryview) -> None: ...
 
 
+def write_buffers(allowance: int, minimal: bool) -> tuple[int, int]:
+    """The size and number of the write buffers a save holds: :data:`DEPTH` of :data:`BUFFER_BYTES`
+    (8 MiB), or, when the memory budget is minimal, an eighth of its ``allowance`` in two (4 KiB
+    each at least)."""
+    if not minimal:
+        return BUFFER_BYTES, DEPTH
+    each = max(ALIGN, min(BUFFER_BYTES, allowance // 16) // ALIGN * ALIGN)
+    return each, 2
+
+
 def aligned(nbytes: int) -> int:
     """``nbytes`` rounded up to a multiple of :data:`ALIGN`."""
     return -(-nbytes // ALIGN) * ALIGN

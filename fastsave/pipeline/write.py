@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastsave.io.direct_file import write_buffers
 from fastsave.io.disk_space import check_free_space
 from fastsave.io.shards import ShardWriter, assign_shards, write_index
 from fastsave.io.staging import PendingSave
@@ -80,11 +81,19 @@ def write_merged_weights(
         except Exception as error:
             space_error = error
     team.agree(space_error, "checking the disk space")
-    writer = ShardWriter(
-        directory, mine, options.safe_serialization, index=False, on_shard_done=on_shard_done
-    )
     memory = MemoryBudget(options.maximum_memory_usage, team.local_world, sum(shard.nbytes for shard in mine))
-    budget = ByteBudget(memory.allowance)
+    buffer_bytes, depth = write_buffers(memory.allowance, memory.minimal)
+    writer = ShardWriter(
+        directory,
+        mine,
+        options.safe_serialization,
+        index=False,
+        on_shard_done=on_shard_done,
+        buffer_bytes=buffer_bytes,
+        depth=depth,
+    )
+    # a tight budget pays for the writer's buffers out of what may wait for it
+    budget = ByteBudget(memory.allowance - (buffer_bytes * depth if memory.minimal else 0))
     spill = spill_directory(options.temporary_location, directory, team.rank if team.collective else None)
     # device blocks reach the host as pinned copies: a few of them and the pieces waiting must fit
     # the RAM allowance too
