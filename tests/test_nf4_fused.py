@@ -93,3 +93,33 @@ def test_a_bitsandbytes_that_rounds_otherwise_keeps_its_own_path(monkeypatch):
         assert torch.equal(nf4_fused.round_trip(rows, settings, absmax), shifted(rows, 64, "nf4", absmax))
     finally:
         nf4_fused.fused_matches_bitsandbytes.cache_clear()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_values_on_both_sides_of_every_boundary_inside_its_cell(quant_type):
+    """The lookup by the top 16 bits compares with the boundary only in the cell it falls in: every
+    float32 from that cell's first to its last, on both sides of the boundary, against bitsandbytes."""
+    code = bnb_functional.get_4bit_type(quant_type, device="cpu").float()
+    ordered = torch.sort(code).values
+    boundaries = (ordered[:-1] + ordered[1:]) / 2
+    values = []
+    for boundary in torch.cat([boundaries, -boundaries]):
+        bits = int(boundary.view(torch.int32)) & ~0xFFFF  # the cell: the boundary's top 16 bits
+        cell = torch.arange(0, 0x10000, 0x101, dtype=torch.int64) | bits
+        near = boundary.view(torch.int32) + torch.arange(-3, 4, dtype=torch.int32)
+        values += [cell.to(torch.int32).view(torch.float32), near.view(torch.float32)]
+    values = torch.cat(values)
+    values = values[(values.abs() <= 1) & torch.isfinite(values)]
+    blocksize = 64
+    rows = torch.cat([values, torch.zeros(-values.numel() % (blocksize - 1))]).view(-1, blocksize - 1)
+    rows = torch.cat([rows, torch.ones(rows.shape[0], 1)], 1).reshape(1, -1)  # each block's absmax is 1
+    expected = nf4_fused.bitsandbytes_round_trip(rows, blocksize, quant_type, None)
+    got = nf4_fused.fused_round_trip(rows, blocksize, quant_type, None)
+    assert torch.equal(_bits(got), _bits(expected))
+    tables = nf4_fused._cell_tables(quant_type)
+    low_bits = [int(b.view(torch.int32)) & 0xFFFF for b in boundaries]
+    at_the_cells_top = sum(
+        bits == (0 if b < 0 else 0xFFFF) for b, bits in zip(boundaries, low_bits, strict=True)
+    )
+    # a cell per boundary, unless the boundary is its cell's largest value (FP4's -0.0859375)
+    assert int(torch.isnan(tables.value).sum()) == boundaries.numel() - at_the_cells_top

@@ -30,10 +30,15 @@ RowRead = Callable[[int, int], torch.Tensor]
 
 @dataclass(frozen=True)
 class RowReader:
-    """Rows of a 2-D weight on demand: ``read(i, j)`` (a new float32 tensor), in steps of ``alignment`` rows."""
+    """Rows of a 2-D weight on demand: ``read(i, j)`` (a new float32 tensor), in steps of ``alignment`` rows.
+
+    ``read_stored(i, j)``, where the source has it: the same rows in their stored dtype, for a
+    consumer that casts them to another one (the 4-bit round trip) without a float32 copy between.
+    """
 
     read: RowRead
     alignment: int = 1
+    read_stored: RowRead | None = None
 
 
 class Source(abc.ABC):

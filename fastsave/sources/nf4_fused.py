@@ -16,6 +16,7 @@ release, another backend) keeps its own path, and the log says so once.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -34,6 +35,43 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (ordered[:-1] + ordered[1:]) / 2, ordered
 
 
+@dataclass(frozen=True)
+class _CellTables:
+    """The nearest code of every float32 by its top 16 bits (its "cell": sign, exponent, 7 bits of
+    mantissa). In all but the few cells a rounding boundary falls in, every value of the cell has
+    the same nearest code: ``value`` holds it. Where a boundary falls inside, ``value`` is NaN and
+    ``boundary``, ``below`` and ``above`` say which code a value gets on each side of it."""
+
+    value: torch.Tensor
+    boundary: torch.Tensor
+    below: torch.Tensor
+    above: torch.Tensor
+
+
+def _nearest_count(values: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """How many boundaries lie strictly below each value: the index of its nearest code in sorted
+    order, as bitsandbytes' bucketize finds it (NaN: 0)."""
+    return (values.view(-1, 1) > boundaries.view(1, -1)).sum(1)
+
+
+@cache
+def _cell_tables(quant_type: str) -> _CellTables | None:
+    """The tables of :class:`_CellTables`; None if a cell held two boundaries (never for NF4 or FP4)."""
+    boundaries, ordered = _tables(quant_type)
+    top = torch.arange(65536, dtype=torch.int32) << 16
+    first, last = top.view(torch.float32), (top | 0xFFFF).view(torch.float32)
+    low, high = torch.minimum(first, last), torch.maximum(first, last)  # the cell's ends, in value order
+    below, above = _nearest_count(low, boundaries), _nearest_count(high, boundaries)
+    if bool((above - below > 1).any()):
+        return None
+    inside = above > below  # a boundary b falls in the cell: values up to b get `below`, beyond it `above`
+    value = torch.where(inside, torch.tensor(float("nan")), ordered[below])
+    boundary = torch.where(
+        inside, boundaries[below.clamp(max=boundaries.numel() - 1)], torch.tensor(float("inf"))
+    )
+    return _CellTables(value.contiguous(), boundary, ordered[below], ordered[above])
+
+
 def fused_round_trip(
     rows: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor | None
 ) -> torch.Tensor:
@@ -41,20 +79,27 @@ def fused_round_trip(
 
     ``absmax``: the absmax each block is dequantized with when it is not the block's own (the
     double-quantized one); the rounding uses the block's own absmax, as quantizing does.
+
+    The nearest code is looked up by the scaled value's top 16 bits (one gather), and compared with
+    the boundary only where one falls inside that cell (about 0.3% of normally distributed weights):
+    2.2x faster on the CPU than 15 vectorized comparisons, which were 3x faster than
+    torch.bucketize's binary search per element. FP4's codes are not sorted, but the code
+    bitsandbytes stores maps back to the same value.
     """
-    boundaries, ordered = _tables(quant_type)
+    tables = _cell_tables(quant_type)
     values = rows.reshape(-1, blocksize).float()
     own = values.abs().amax(1)
-    scaled = torch.clamp(values * (1.0 / own.clamp(min=1e-38)).view(-1, 1), -1, 1)
-    # the index of the nearest code in sorted order, as bitsandbytes' bucketize finds it (the number
-    # of boundaries strictly below the value), counted with 15 vectorized comparisons: 3x faster on
-    # the CPU than torch.bucketize's binary search per element. FP4's codes are not sorted, but the
-    # code bitsandbytes stores maps back to the same value.
-    nearest = (scaled > boundaries[0]).to(torch.uint8)
-    for boundary in boundaries[1:]:
-        nearest += scaled > boundary
-    values = torch.nn.functional.embedding(nearest.long(), ordered.view(-1, 1)).squeeze(-1)
-    return (values * (own if absmax is None else absmax).view(-1, 1)).reshape(rows.shape)
+    scaled = torch.clamp(values * (1.0 / own.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
+    cell = (scaled.view(torch.int32) >> 16) & 0xFFFF
+    codes = tables.value.index_select(0, cell)
+    straddling = torch.isnan(codes).nonzero().squeeze(1)
+    if straddling.numel():
+        near = cell.index_select(0, straddling)
+        beyond = scaled.index_select(0, straddling) > tables.boundary.index_select(0, near)
+        exact = torch.where(beyond, tables.above.index_select(0, near), tables.below.index_select(0, near))
+        codes.index_copy_(0, straddling, exact)
+    codes = codes.view(-1, blocksize)
+    return (codes * (own if absmax is None else absmax).view(-1, 1)).reshape(rows.shape)
 
 
 def bitsandbytes_round_trip(
@@ -91,6 +136,8 @@ def _probe(blocksize: int, dtype: torch.dtype) -> torch.Tensor:
 @cache
 def fused_matches_bitsandbytes(quant_type: str, blocksize: int, dtype: torch.dtype) -> bool:
     """Whether :func:`fused_round_trip` gives bitsandbytes' bits here (checked once, on the probe)."""
+    if _cell_tables(quant_type) is None:
+        return False
     rows = _probe(blocksize, dtype)
     own = rows.float().reshape(-1, blocksize).abs().amax(1)
     for absmax in (None, own * 1.0078125 + 1e-3):  # its own absmax and a double-quantized-like one

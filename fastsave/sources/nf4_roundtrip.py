@@ -88,22 +88,27 @@ class Nf4RoundTripSource(Source):
         settings = self.quant_settings
         if inner is None or self.conv1d or len(self.shape) != 2 or self.shape[1] % settings.blocksize:
             return None
+        # the rows as training loaded them: cast from the stored dtype (through float32 or not: the
+        # same value, float32 holds every 16-bit one), without a float32 copy where the file has rows
+        read16 = inner.read_stored or inner.read
+
+        def load(i: int, j: int) -> torch.Tensor:
+            return read16(i, j).to(self.load_dtype)
+
         if not settings.double_quant:  # each block decodes with its own absmax: one pass
 
             def read_single(i: int, j: int) -> torch.Tensor:
-                return round_trip(inner.read(i, j).to(self.load_dtype), settings, None)
+                return round_trip(load(i, j), settings, None)
 
             return RowReader(read_single)
         n_rows, n_cols = self.shape
         blocks_per_row = n_cols // settings.blocksize
-        step = max(1, (64 << 20) // (4 * n_cols))  # the first pass reads 64 MiB of float32 at a time
+        step = max(
+            1, (16 << 20) // (4 * n_cols)
+        )  # the first pass reads 16 MiB of float32 (or less) at a time
         absmax = torch.cat(
             [
-                inner.read(i, min(n_rows, i + step))
-                .to(self.load_dtype)
-                .abs()
-                .reshape(-1, settings.blocksize)
-                .amax(1)
+                load(i, min(n_rows, i + step)).abs().reshape(-1, settings.blocksize).amax(1)
                 for i in range(0, n_rows, step)
             ]
         ).to(torch.float32)
@@ -112,8 +117,7 @@ class Nf4RoundTripSource(Source):
         absmax = bnb_functional.dequantize_blockwise(quantized, state2) + offset
 
         def read(i: int, j: int) -> torch.Tensor:
-            rows = inner.read(i, j).to(self.load_dtype)
-            return round_trip(rows, settings, absmax[i * blocks_per_row : j * blocks_per_row])
+            return round_trip(load(i, j), settings, absmax[i * blocks_per_row : j * blocks_per_row])
 
         return RowReader(read)
 

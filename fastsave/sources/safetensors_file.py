@@ -217,10 +217,13 @@ class SafetensorsTensorSource(Source):
         return self.checkpoint.get(self.name)
 
     def row_reader(self) -> RowReader | None:
-        """Rows read from disk (only their bytes), as float32."""
+        """Rows read from disk (only their bytes), as float32 (or as stored)."""
         if len(self.shape) != 2 or not self.floating:
             return None
-        return RowReader(lambda i, j: self.checkpoint.rows(self.name, i, j).to(torch.float32))
+        return RowReader(
+            lambda i, j: self.checkpoint.rows(self.name, i, j).to(torch.float32),
+            read_stored=lambda i, j: self.checkpoint.rows(self.name, i, j),
+        )
 
     def describe(self) -> str:
         """Where the tensor is read from."""
