@@ -76,6 +76,7 @@ def main() -> None:
     import fastsave
     from fastsave.io import finite, shards
     from fastsave.io.checksums import BlockCrc32
+    from fastsave.pipeline import producer
     from fastsave.tiny import attach_lora, load_4bit, save_random_model, tiny_llama_config
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="fastsave-io-bench-"))
@@ -109,7 +110,7 @@ def main() -> None:
 
     def configure(variant: str) -> None:
         shards.BlockCrc32 = {"no-checksum": NoChecksum, "sha256": Sha256}.get(variant, BlockCrc32)
-        shards.check_finite = (lambda tensor, name: None) if variant == "no-finite-check" else real_check
+        producer.check_finite = (lambda tensor, name: None) if variant == "no-finite-check" else real_check
         if variant == "page-cache":
             os.environ["FASTSAVE_O_DIRECT"] = "0"
         else:

@@ -96,11 +96,12 @@ def memory_limit() -> int:
     return min(total, limit) if limit else total
 
 
-# Threads a save starts (the producer, the I/O thread of fastsave.io.direct_file, tqdm's monitor):
+# Threads a save starts (the writer, the I/O thread of fastsave.io.direct_file, tqdm's monitor):
 # each stack is a private mapping of RLIMIT_STACK's size (8 MiB by default) that counts against
 # RLIMIT_DATA, touched or not. (Counting two of the three left a save at a quarter of its output in
-# headroom failing about one run in three.) The producer's first parallel torch operation also
-# starts its own OpenMP team: torch.get_num_threads() - 1 more stacks (see _threads_started).
+# headroom failing about one run in three.) The producer runs in the saving thread, whose first
+# parallel torch operation may start its OpenMP team: torch.get_num_threads() - 1 more stacks,
+# counted in case (see _threads_started).
 THREADS_STARTED = 3
 
 

@@ -2,10 +2,10 @@
 
 A thread's stack is reserved in full when the thread is created: 8 MiB each by default (the
 process's RLIMIT_STACK), and RLIMIT_DATA (a process capped at what it holds plus a little) counts
-every reservation, touched or not. A save starts a producer thread, a hashing thread, and, for the
-producer, the OpenMP team torch creates the first time that thread runs a parallel kernel; under a
-tight cap the team's creation failed (``libgomp: Thread creation failed``) while the save itself
-had room. During the save, new threads get :data:`SAVE_THREAD_STACK` bytes instead: Python's
+every reservation, touched or not. A save starts a writer thread, an I/O thread and, where the
+saving thread never ran a parallel torch kernel before, the OpenMP team torch creates for it (the
+producer runs in the saving thread); under a tight cap a team's creation failed (``libgomp: Thread
+creation failed``) while the save itself had room. During the save, new threads get :data:`SAVE_THREAD_STACK` bytes instead: Python's
 (``threading.stack_size``) and native ones (glibc's default thread attributes, which libgomp's and
 torch's own pools use when they set none). What the save's threads run is shallow (a loop over
 plan items and torch kernels), far within that. The defaults are put back when the save ends.

@@ -22,3 +22,20 @@ def replace_at(monkeypatch: Any, target: str, replacement: Callable) -> list[tup
 
     monkeypatch.setattr(target, recording)
     return calls
+
+
+def fail_pwrite_at(monkeypatch: Any, call: int, code: int) -> list[int]:
+    """``os.pwrite``, as fastsave.io.direct_file's I/O thread calls it, failing with errno ``code``
+    at its ``call``-th call; returns the offsets it was called with."""
+    import os
+
+    real, offsets = os.pwrite, []
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        offsets.append(offset)
+        if len(offsets) == call:
+            raise OSError(code, os.strerror(code))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr("fastsave.io.direct_file.os.pwrite", pwrite)
+    return offsets

@@ -4,7 +4,6 @@ in-place replace, a margin proportional to the checkpoint, and a full disk while
 from __future__ import annotations
 
 import errno
-import os
 import re
 import shutil
 from collections import namedtuple
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_files import leftovers, snapshot
-from patch_sites import replace_at
+from patch_sites import fail_pwrite_at, replace_at
 
 import fastsave
 from fastsave import DiskSpaceError
@@ -148,21 +147,11 @@ def test_disk_filling_up_while_writing_names_the_directory_and_bytes_left(qlora_
 def test_disk_filling_up_under_the_io_thread_is_the_same_error(qlora_model, tmp_path, monkeypatch):
     """The bytes reach the disk on the writer's I/O thread (fastsave.io.direct_file): a full disk
     there fails the save the same way, before anything is published."""
-    from fastsave.io import direct_file
-
     model = qlora_model()
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out, max_shard_size="50KB")
     before = snapshot(out)
-    real, calls = os.pwrite, []
-
-    def fill_up(fd, data, offset):
-        calls.append(offset)
-        if len(calls) == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(direct_file.os, "pwrite", fill_up)
+    calls = fail_pwrite_at(monkeypatch, 4, errno.ENOSPC)
     with pytest.raises(DiskSpaceError, match=rf"(?s)disk holding {re.escape(str(tmp_path))} filled up"):
         fastsave.save_pretrained_merged(model, out, max_shard_size="50KB")
     assert len(calls) == 4 and snapshot(out) == before and leftovers(tmp_path, out) == []

@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from patch_sites import fail_pwrite_at
 
 from fastsave.io import direct_file
 from fastsave.io.checksums import BlockCrc32
@@ -110,16 +111,7 @@ def test_a_filesystem_refusing_o_direct_writes_gets_the_same_bytes_through_the_p
 
 
 def test_a_failed_write_on_the_io_thread_reaches_the_caller_and_closes_the_file(tmp_path, monkeypatch):
-    real_pwrite = os.pwrite
-    calls = []
-
-    def full(fd, data, offset):
-        calls.append(offset)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(direct_file.os, "pwrite", full)
+    calls = fail_pwrite_at(monkeypatch, 3, errno.ENOSPC)
     writer = AlignedWriter(buffer_bytes=ALIGN, depth=2)
     writer.begin(tmp_path / "f", ALIGN)
     with pytest.raises(OSError) as raised:

@@ -5,7 +5,7 @@ tensor's dtype, shape and byte range, then the raw bytes. Because the plan knows
 dtype before any merge runs, each shard's header is written first and tensors are appended as
 they are produced: no shard, and never the whole state dict, is ever held in memory.
 
-On its way to disk every floating tensor is checked for NaN/Inf (fastsave.io.finite); every
+Every floating piece was checked for NaN/Inf by the producer (fastsave.pipeline.producer); every
 shard's data is checksummed (fastsave.io.checksums) and written through aligned buffers, with
 O_DIRECT where the filesystem allows it (fastsave.io.direct_file), the header last; a full disk
 becomes a DiskSpaceError that says how many bytes were still to write.
@@ -27,7 +27,6 @@ from fastsave.errors import DiskSpaceError
 from fastsave.io.checksums import CRC32_KEY, BlockCrc32, placeholder
 from fastsave.io.direct_file import ALIGN, BUFFER_BYTES, DEPTH, AlignedWriter
 from fastsave.io.disk_space import FULL_DISK_ERRNOS, full_disk_error
-from fastsave.io.finite import check_finite
 from fastsave.io.format import FASTSAVE_METADATA_KEY, encode_header, fastsave_version
 from fastsave.io.names import index_name, shard_names, variant_of
 
@@ -114,7 +113,7 @@ class ShardWriter:
 
     Use as ``writer.write(tensor)`` in plan order (or ``write_piece`` for each piece of a tensor,
     then ``end_tensor``), then ``writer.close()``, which writes the index when there is more than
-    one shard. Each floating tensor is checked for NaN/Inf before its bytes are written; each
+    one shard. The pieces come checked for NaN/Inf (fastsave.pipeline.producer); each
     safetensors shard records the CRC-32s of its data in its header (and the index, when there is
     one).
 
@@ -188,7 +187,6 @@ class ShardWriter:
         """Append the next planned tensor whole; its shape and dtype must match the plan.
 
         Raises:
-            NonFiniteError: the tensor holds NaN or Inf (naming it).
             DiskSpaceError: the disk filled up (with the bytes still to write).
         """
         if self._position >= len(self._order):
@@ -206,10 +204,9 @@ class ShardWriter:
         """Append the next piece of the planned tensor being written (its flattened values, in order).
 
         A tensor streamed block by block reaches the file without ever existing whole in memory;
-        each piece is checked for NaN/Inf and hashed as it passes.
+        each piece is checksummed as it passes.
 
         Raises:
-            NonFiniteError: the piece holds NaN or Inf (naming the tensor).
             DiskSpaceError: the disk filled up (with the bytes still to write).
         """
         if self._position >= len(self._order):
@@ -224,8 +221,6 @@ class ShardWriter:
             raise RuntimeError(
                 f"tensor {planned.name!r} came out larger than its planned {planned.nbytes} bytes"
             )
-        if not getattr(planned, "holds_codes", False):  # packed codes in a float dtype are not numbers
-            check_finite(piece, planned.name)
         with self._full_disk_is_disk_space_error():
             if index != self._open_index:
                 self._open(index)

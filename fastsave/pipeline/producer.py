@@ -1,4 +1,4 @@
-"""The producer thread: each scheduled tensor's pieces in plan order, admitted by bytes.
+"""The producer: each scheduled tensor's pieces in plan order, admitted by bytes.
 
 Pieces go through a queue to the writer (fastsave.pipeline.write); the memory they and the tensor
 being merged hold is admitted against the byte budget (fastsave.memory) before it is held.
@@ -9,8 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 
-import torch
-
+from fastsave.io.finite import check_finite
 from fastsave.memory import ByteBudget
 from fastsave.merge.assemble import Assembler, assembling
 from fastsave.parallel.ranks import LocalFailure
@@ -23,7 +22,7 @@ DONE = object()  # the producer went through the whole schedule
 
 
 class Agreed(Exception):
-    """An error every rank raises at the same meeting (the producer thread's agreement at a shard end)."""
+    """An error every rank raises at the same meeting (the producer's agreement at a shard end)."""
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
@@ -47,23 +46,19 @@ def produce_into(
     stop: threading.Event,
     team: SaveTeam,
     failure: LocalFailure,
-    cuda_device: int | None = None,
 ) -> None:
-    """Producer thread: each scheduled tensor's pieces in plan order, admitted by bytes, then END.
+    """The producer (run by the thread that saves): each scheduled tensor's pieces in plan order,
+    admitted by bytes, then END; DONE after the last.
 
     An item's working memory is admitted before it is produced and given back when it is done;
     each piece is admitted before it is queued and given back when the writer has written it. The
-    first error is handed to the writer thread, which re-raises it.
+    first error is handed to the writer thread, which ends at it (the saving thread re-raises it).
 
     In a collective save a rank whose work failed (here, or in the writer, which then sets
     ``stop``) keeps walking the schedule, entering only the collectives, and the ranks meet at each
     shard's end: there every rank raises (an :class:`Agreed` error) as soon as any rank failed.
-    ``cuda_device``: the CUDA device of the thread that started the save (a thread's current device
-    is its own, and nccl's collectives and DeepSpeed's gathers use it).
     """
     try:
-        if cuda_device is not None:
-            torch.cuda.set_device(cuda_device)
         with assembling(assembler):
             for step in steps:
                 failed = failure.error is not None or stop.is_set()
@@ -99,11 +94,21 @@ def produce_into(
 
 
 def _produce_one(item: PlanItem, budget: ByteBudget, sink: queue.Queue, stop: threading.Event) -> bool:
-    """One tensor's pieces into ``sink``, then END; False when ``stop`` ended it early."""
+    """One tensor's pieces into ``sink``, then END; False when ``stop`` ended it early.
+
+    Each floating piece is checked for NaN/Inf here, while it is in cache and before it is queued
+    (fastsave.io.finite), and made contiguous: the writer's thread runs no torch kernel.
+
+    Raises:
+        NonFiniteError: a piece holds NaN or Inf (naming the tensor).
+    """
     if not budget.reserve(item.working_set(), stop):
         return False
     try:
         for piece in item.pieces():
+            if not item.holds_codes:  # packed codes in a float dtype are not numbers
+                check_finite(piece, item.name)
+            piece = piece.contiguous()
             nbytes = piece.numel() * piece.element_size()
             if not budget.acquire(nbytes, stop):
                 return False

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from fastsave.io.direct_file import write_buffers
@@ -103,14 +102,6 @@ def write_merged_weights(
     stop = threading.Event()
     failure = LocalFailure()
     steps = schedule(plan, shards, owners, team.rank)
-    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
-    producer = threading.Thread(
-        target=produce_into,
-        args=(steps, plan, budget, assembler, sink, stop, team, failure, cuda_device),
-        daemon=True,
-        name="fastsave-producer",
-    )
-    producer.start()
     progress = tqdm(
         total=sum(shard.nbytes for shard in mine),
         unit="B",
@@ -119,32 +110,47 @@ def write_merged_weights(
         leave=False,
         disable=not team.publisher,
     )
+    writing = _WriterThread(sink, writer, budget, progress, stop, failure, team.collective)
+    writing.start()
+    interrupted: BaseException | None = None
     try:
-        _write_pieces(sink, writer, budget, progress)
-        writer.close()
-    except BaseException as error:
-        stop.set()
-        writer.abort()
-        agreed = isinstance(error, Agreed)
-        if agreed:
-            producer.join(timeout=60)
-            raise error.error from None
-        if not team.collective or not isinstance(error, Exception):
-            producer.join(timeout=60)
+        # the producer runs in the calling thread and the writer beside it, not the other way round:
+        # libgomp throttles the spinning of torch's OpenMP workers as soon as the threads of all teams
+        # outnumber the cores, and a producer on a second thread (a second team) ran its many short
+        # kernels 2.4x slower on 2 cores. The writer's thread runs no parallel torch kernel.
+        produce_into(steps, plan, budget, assembler, sink, stop, team, failure)
+    except BaseException as error:  # produce_into hands its errors over; an interrupt may land here
+        interrupted = error
+        sink.put(error)
+    sink.put(DONE)  # the writer ends here, unless an error or DONE reached it first
+    while writing.is_alive():  # never leave it writing into a staging directory about to go
+        try:
+            writing.join()
+        except BaseException as error:  # Ctrl-C while waiting: the writer stops at it
+            interrupted = interrupted or error
+            stop.set()
+            sink.put(error)
+    progress.close()
+    stop.set()
+    remove_spill_directory(assembler.spill_directory)
+    release_cached_pinned_memory()
+    error = writing.error or interrupted
+    if error is None:
+        try:
+            writer.close()
+        except BaseException:
+            writer.abort()
             raise
-        # this rank's writing failed: the producer still walks the schedule (the other ranks need
-        # this rank in every gather) until the ranks meet, where everyone raises
-        failure.error = failure.error or error
-        producer.join()
-        _raise_agreed(sink)
-        team.agree(failure.error, "writing the shards")
-        raise  # pragma: no cover - agree raised
-    finally:
-        progress.close()
-        stop.set()
-        producer.join(timeout=60)
-        remove_spill_directory(assembler.spill_directory)
-        release_cached_pinned_memory()
+    else:
+        writer.abort()
+        if isinstance(error, Agreed):
+            raise error.error from None
+        if team.collective and isinstance(error, Exception):
+            # this rank's writing failed: the producer walked the rest of the schedule taking part in
+            # every gather (the other ranks need this rank there), and the ranks meet here
+            _raise_agreed(sink)
+            team.agree(failure.error or error, "writing the shards")
+        raise error
     team.agree(None, "writing the shards")  # every rank's shards are complete (a barrier)
     if assembler.spilled_bytes:
         logger.info(
@@ -160,24 +166,55 @@ def write_merged_weights(
     return [s.filename for s in shards]
 
 
-def _write_pieces(sink: queue.Queue, writer: ShardWriter, budget: ByteBudget, progress: Any) -> None:
-    """The writer thread's loop: pieces into shards until the producer is done (or hands an error)."""
-    while True:
-        item = sink.get()
-        if item is DONE:
-            return
-        if isinstance(item, Agreed):
-            raise item
-        if isinstance(item, BaseException):
-            raise item
-        if item is END:
-            writer.end_tensor()
-            continue
-        piece, nbytes = item
-        writer.write_piece(piece)
-        del piece, item
-        budget.release(nbytes)
-        progress.update(nbytes)
+class _WriterThread(threading.Thread):
+    """Pieces from the producer into shards until DONE (or an error the producer handed over).
+
+    The first error, its own or handed over, is kept in :attr:`error`; then it sets ``stop``, so
+    that the producer waits for nothing, and in a collective save records its own failure, so that
+    the producer walks the rest of the schedule taking part only.
+    """
+
+    def __init__(
+        self,
+        sink: queue.Queue,
+        writer: ShardWriter,
+        budget: ByteBudget,
+        progress: Any,
+        stop: threading.Event,
+        failure: LocalFailure,
+        collective: bool,
+    ) -> None:
+        super().__init__(daemon=True, name="fastsave-writer")
+        self.sink, self.writer, self.budget, self.progress = sink, writer, budget, progress
+        self.stop, self.failure, self.collective = stop, failure, collective
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Write until DONE; keep the first error."""
+        try:
+            self._write_pieces()
+        except BaseException as error:  # re-raised by the thread that started the save
+            self.error = error
+            own = isinstance(error, Exception) and not isinstance(error, Agreed)
+            if self.collective and own and self.failure.error is None:
+                self.failure.error = error  # so that the producer takes part only from now on
+            self.stop.set()
+
+    def _write_pieces(self) -> None:
+        while True:
+            item = self.sink.get()
+            if item is DONE:
+                return
+            if isinstance(item, BaseException):  # the producer's error (or the ranks' agreed one)
+                raise item
+            if item is END:
+                self.writer.end_tensor()
+                continue
+            piece, nbytes = item
+            self.writer.write_piece(piece)
+            del piece, item
+            self.budget.release(nbytes)
+            self.progress.update(nbytes)
 
 
 def _raise_agreed(sink: queue.Queue) -> None:
