@@ -150,3 +150,24 @@ def test_vram_budget_is_a_fraction_of_the_free_memory_read_once(monkeypatch):
     assert small.block_bytes(gpu) == 6 * 2**20 // (2 * vram.BLOCKS_IN_FLIGHT)
     assert vram.DeviceBudget(0.5, host_block_bytes=2**20).block_bytes(gpu) == 2**20  # the host's share
     assert budget.allowance(cpu) is None and budget.fits_whole(cpu, 2**40)  # no bound off a GPU
+
+
+def test_row_blocks_are_multiples_of_16_rows_and_give_the_whole_products_bits():
+    """Blocks of 146 rows (2 MiB of a 3584-wide float32 weight) once gave other bits than the whole
+    rank-16 product under MKL, and such weights fell back to the whole-matrix merge: the blocks are
+    now multiples of 16 rows, checked here against torch's own whole product."""
+    from fastsave.merge.row_blocks import BLAS_ROWS, rows_per_block
+
+    assert rows_per_block(3584, 1, 2 << 20) == 144 and rows_per_block(3072, 1, 4 << 20) == 336
+    assert rows_per_block(3584, 32, 2 << 20) == 128  # the reader's alignment and 16 both
+    assert (
+        rows_per_block(30000, 1, 2 << 20) == 16 and rows_per_block(40000, 1, 2 << 20) == 13
+    )  # fewer: as they come
+    generator = torch.Generator().manual_seed(0)
+    for rows, cols in ((1024, 3584), (3072, 3072), (1024, 3072)):
+        b = torch.randn(rows, 16, generator=generator)
+        a = torch.randn(16, cols, generator=generator)
+        step = rows_per_block(cols, 1, 2 << 20)
+        assert step % BLAS_ROWS == 0
+        full = b @ a
+        assert all(torch.equal(full[i : i + step], b[i : i + step] @ a) for i in range(0, rows, step))
