@@ -103,9 +103,8 @@ class Nf4RoundTripSource(Source):
             return RowReader(read_single)
         n_rows, n_cols = self.shape
         blocks_per_row = n_cols // settings.blocksize
-        step = max(
-            1, (16 << 20) // (4 * n_cols)
-        )  # the first pass reads 16 MiB of float32 (or less) at a time
+        # the first pass reads about 4M values (16 MiB as float32, less as stored) at a time
+        step = max(1, (16 << 20) // (4 * n_cols))
         absmax = torch.cat(
             [
                 load(i, min(n_rows, i + step)).abs().reshape(-1, settings.blocksize).amax(1)
