@@ -24,16 +24,18 @@ def replace_at(monkeypatch: Any, target: str, replacement: Callable) -> list[tup
     return calls
 
 
-def fail_pwrite_at(monkeypatch: Any, call: int, code: int) -> list[int]:
+def fail_pwrite_at(monkeypatch: Any, call: int, code: int, delay: float = 0.0) -> list[int]:
     """``os.pwrite``, as fastsave.io.direct_file's I/O thread calls it, failing with errno ``code``
-    at its ``call``-th call; returns the offsets it was called with."""
+    at its ``call``-th call (after ``delay`` seconds); returns the offsets it was called with."""
     import os
+    import time
 
     real, offsets = os.pwrite, []
 
     def pwrite(fd: int, data: Any, offset: int) -> int:
         offsets.append(offset)
         if len(offsets) == call:
+            time.sleep(delay)
             raise OSError(code, os.strerror(code))
         return real(fd, data, offset)
 

@@ -110,12 +110,15 @@ def test_a_filesystem_refusing_o_direct_writes_gets_the_same_bytes_through_the_p
     writer.close()
 
 
-def test_a_failed_write_on_the_io_thread_reaches_the_caller_and_closes_the_file(tmp_path, monkeypatch):
-    calls = fail_pwrite_at(monkeypatch, 3, errno.ENOSPC)
-    writer = AlignedWriter(buffer_bytes=ALIGN, depth=2)
+@pytest.mark.parametrize("depth", [2, 8])
+def test_a_failed_write_on_the_io_thread_reaches_the_caller_and_closes_the_file(tmp_path, monkeypatch, depth):
+    """Writes queued behind the failing one (up to ``depth`` - 1 of them) are dropped, not written."""
+    # the third write fails slowly, so that the caller queues the other buffers behind it meanwhile
+    calls = fail_pwrite_at(monkeypatch, 3, errno.ENOSPC, delay=0.05)
+    writer = AlignedWriter(buffer_bytes=ALIGN, depth=depth)
     writer.begin(tmp_path / "f", ALIGN)
     with pytest.raises(OSError) as raised:
-        for _ in range(10):
+        for _ in range(20):
             writer.write(b"x" * ALIGN)
         writer.finish(lambda: b"H" * ALIGN)
     assert raised.value.errno == errno.ENOSPC

@@ -147,6 +147,7 @@ class AlignedWriter:
         self._offset = 0  # the file offset of its first byte
         self._start = 0  # where the current file's data begins: the header's length
         self._direct_suits: tuple[Path, bool] | None = None
+        self._failed = False  # a write of the current file failed: the ones queued behind it are dropped
 
     @property
     def direct(self) -> bool:
@@ -165,6 +166,7 @@ class AlignedWriter:
         self._checksum = checksum
         self._start = self._offset = start
         self._fill = 0
+        self._failed = False
 
     def write(self, data: memoryview | bytes) -> None:
         """Append ``data`` to the file (copied: the caller may reuse it on return).
@@ -255,10 +257,16 @@ class AlignedWriter:
             self._wait((self._slot + offset) % len(self._views))
 
     def _write_out(self, slot: int, size: int, offset: int) -> None:
+        if self._failed:  # the file is unfinished already; its error reaches the caller from that write
+            return
         view = self._views[slot]
-        if self._checksum is not None:
-            self._checksum.update(view[:size])
-        self._pwrite(view[: aligned(size)], offset)
+        try:
+            if self._checksum is not None:
+                self._checksum.update(view[:size])
+            self._pwrite(view[: aligned(size)], offset)
+        except BaseException:
+            self._failed = True
+            raise
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         while len(view):
