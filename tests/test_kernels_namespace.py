@@ -145,3 +145,6 @@ def test_built_wheel_has_no_top_level_kernels(tmp_path):
     folders = {str(p.parent.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "fastsave").rglob("*.py")}
     assert [f for f in sorted(folders) if not (REPO_ROOT / f / "__init__.py").is_file()] == []
     assert folders <= {n.rsplit("/", 1)[0] for n in names if n.endswith(".py")}
+    # and the C sources compiled on first use
+    sources = {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "fastsave").rglob("*.c")}
+    assert sources and sources <= set(names)

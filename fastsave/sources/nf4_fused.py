@@ -16,11 +16,13 @@ release, another backend) keeps its own path, and the log says so once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
+from fastsave.sources import nf4_native
 from fastsave.sources.bnb import bnb_functional
 from fastsave.sources.settings_4bit import Quant4bitSettings
 
@@ -133,30 +135,95 @@ def _probe(blocksize: int, dtype: torch.dtype) -> torch.Tensor:
     return probe.reshape(-1, blocksize * 2)  # 12 blocks, two a row: rows span several blocks
 
 
-@cache
-def fused_matches_bitsandbytes(quant_type: str, blocksize: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`fused_round_trip` gives bitsandbytes' bits here (checked once, on the probe)."""
-    if _cell_tables(quant_type) is None:
-        return False
+# (rows, blocksize, quant_type, absmax) -> float32 values, as bitsandbytes_round_trip
+RoundTrip = Callable[[torch.Tensor, int, str, "torch.Tensor | None"], torch.Tensor]
+
+
+def compiled_round_trip(
+    rows: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    absmax: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same in one C loop (fastsave.sources.nf4_native), into ``out`` when given; needs
+    ``nf4_native.available()``."""
+    boundaries, ordered = _tables(quant_type)
+    return nf4_native.round_trip(rows, blocksize, boundaries, ordered, absmax, out)
+
+
+def _matches_bitsandbytes(
+    implementation: RoundTrip, quant_type: str, blocksize: int, dtype: torch.dtype
+) -> bool:
     rows = _probe(blocksize, dtype)
     own = rows.float().reshape(-1, blocksize).abs().amax(1)
     for absmax in (None, own * 1.0078125 + 1e-3):  # its own absmax and a double-quantized-like one
         expected = bitsandbytes_round_trip(rows, blocksize, quant_type, absmax)
-        got = fused_round_trip(rows, blocksize, quant_type, absmax)
+        got = implementation(rows, blocksize, quant_type, absmax)
         if not torch.equal(got.view(torch.int32), expected.view(torch.int32)):
-            logger.info(
-                "fastsave: this bitsandbytes rounds %s (blocksize %d) differently from fastsave's one-pass round "
-                "trip; using bitsandbytes' quantize + dequantize",
-                quant_type,
-                blocksize,
-            )
             return False
     return True
 
 
-def round_trip(rows: torch.Tensor, settings: Quant4bitSettings, absmax: torch.Tensor | None) -> torch.Tensor:
-    """The float32 round trip of ``rows`` (the load dtype), fused when that gives bitsandbytes' bits;
-    ``absmax``: the double-quantized absmax of its blocks (None: each block's own)."""
-    if fused_matches_bitsandbytes(settings.quant_type, settings.blocksize, rows.dtype):
-        return fused_round_trip(rows, settings.blocksize, settings.quant_type, absmax)
-    return bitsandbytes_round_trip(rows, settings.blocksize, settings.quant_type, absmax)
+@cache
+def fused_matches_bitsandbytes(quant_type: str, blocksize: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`fused_round_trip` gives bitsandbytes' bits here (checked once, on the probe)."""
+    return _cell_tables(quant_type) is not None and _matches_bitsandbytes(
+        fused_round_trip, quant_type, blocksize, dtype
+    )
+
+
+@cache
+def compiled_matches_bitsandbytes(quant_type: str, blocksize: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`compiled_round_trip` can run here and gives bitsandbytes' bits (checked once,
+    on the probe)."""
+    return nf4_native.available() and _matches_bitsandbytes(compiled_round_trip, quant_type, blocksize, dtype)
+
+
+@cache
+def chosen_round_trip(quant_type: str, blocksize: int, dtype: torch.dtype) -> RoundTrip:
+    """The fastest round trip that gives bitsandbytes' bits on the probe for these settings: the
+    compiled one, the torch one, else bitsandbytes' quantize + dequantize (the log says so once)."""
+    if compiled_matches_bitsandbytes(quant_type, blocksize, dtype):
+        return compiled_round_trip
+    if nf4_native.available():  # compiled, but other bits than bitsandbytes': worth knowing
+        logger.info(
+            "fastsave: its compiled round trip does not give this bitsandbytes' bits for %s (blocksize %d, "
+            "%s); using the torch one",
+            quant_type,
+            blocksize,
+            dtype,
+        )
+    if fused_matches_bitsandbytes(quant_type, blocksize, dtype):
+        return fused_round_trip
+    logger.info(
+        "fastsave: this bitsandbytes rounds %s (blocksize %d) differently from fastsave's one-pass round "
+        "trip; using bitsandbytes' quantize + dequantize",
+        quant_type,
+        blocksize,
+    )
+    return bitsandbytes_round_trip
+
+
+def round_trip(
+    rows: torch.Tensor,
+    settings: Quant4bitSettings,
+    absmax: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The float32 round trip of ``rows`` (the load dtype) by :func:`chosen_round_trip`; ``absmax``:
+    the double-quantized absmax of its blocks (None: each block's own). Written into ``out`` (a
+    float32 tensor of ``rows``' shape) by the compiled round trip, when given; the others return a
+    new tensor."""
+    implementation = chosen_round_trip(settings.quant_type, settings.blocksize, rows.dtype)
+    if implementation is compiled_round_trip:
+        return compiled_round_trip(rows, settings.blocksize, settings.quant_type, absmax, out)
+    return implementation(rows, settings.blocksize, settings.quant_type, absmax)
+
+
+def block_absmax(rows: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """max |x| of each block of ``blocksize`` consecutive values of ``rows``, in float32 (exact in
+    any precision: no rounding). One C pass where the kernels are available."""
+    if nf4_native.available():
+        return nf4_native.block_absmax(rows, blocksize)
+    return rows.abs().reshape(-1, blocksize).amax(1).to(torch.float32)

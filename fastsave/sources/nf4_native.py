@@ -1,0 +1,166 @@
+"""The 4-bit round trip and the blocks' absmax as one C loop each (fastsave/native/round_trip_4bit.c).
+
+The torch form of the round trip (fastsave.sources.nf4_fused) makes about ten passes over a row
+block's memory (a copy to float32, the absolute values, the scaled values, their bits, the
+looked-up codes, the product...); the C loop reads each 16-bit value once and writes its float32
+result once, and splits the blocks among torch's number of threads. Same float32 operations in
+the same order; nf4_fused still checks it against bitsandbytes on its probe before using it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from fastsave.native import load_library
+
+# the kernel's dtype codes
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    library = load_library("round_trip_4bit")
+    if library is None:
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.fastsave_round_trip_4bit.argtypes = [
+        pointer,  # source values
+        ctypes.c_int,  # their dtype
+        size,  # blocks
+        size,  # blocksize
+        pointer,  # boundaries (n_codes - 1, ascending)
+        pointer,  # codes (ascending)
+        ctypes.c_int,  # n_codes
+        pointer,  # absmax to decode with, or NULL
+        pointer,  # float32 out
+        ctypes.c_int,  # threads
+    ]
+    library.fastsave_round_trip_4bit.restype = ctypes.c_int
+    library.fastsave_block_absmax.argtypes = [pointer, ctypes.c_int, size, size, pointer, ctypes.c_int]
+    library.fastsave_block_absmax.restype = ctypes.c_int
+    library.fastsave_use_openmp.argtypes = [pointer, pointer, pointer]
+    library.fastsave_use_openmp.restype = None
+    _attach_openmp(library, _torch_openmp())
+    return library
+
+
+def _attach_openmp(library: ctypes.CDLL, runtime: ctypes.CDLL | None) -> None:
+    """Have the kernels split their work among ``runtime``'s OpenMP workers (None: threads of their own)."""
+    if runtime is None:
+        library.fastsave_use_openmp(None, None, None)
+    else:
+        library.fastsave_use_openmp(
+            *(ctypes.cast(getattr(runtime, name), ctypes.c_void_p) for name in _OPENMP_ENTRY_POINTS)
+        )
+
+
+_OPENMP_ENTRY_POINTS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+
+
+def _torch_openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch runs its parallel operations on, as loaded in this process (None: torch
+    does not use OpenMP, or it cannot be found). The kernels split their blocks among its workers,
+    which spin a while after each torch operation: threads of their own would compete with them for
+    the cores (measured on 2 cores: the round trip took 1.5x as long on two pthreads of its own)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux: the kernels start threads of their own
+        return None
+    torch_lib = str(Path(torch.__file__).parent)
+    found = set(re.findall(r"(/\S*/lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*)", maps))
+    for path in sorted(found, key=lambda p: not p.startswith(torch_lib)):  # torch's own first
+        try:
+            runtime = ctypes.CDLL(path)  # already loaded: the same handle, nothing loaded anew
+        except OSError:
+            continue
+        if all(hasattr(runtime, name) for name in _OPENMP_ENTRY_POINTS):
+            return runtime
+    return None
+
+
+def available() -> bool:
+    """Whether the compiled kernels could be loaded here (fastsave.native)."""
+    return _library() is not None
+
+
+def _kernel_input(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` as the kernel reads them: contiguous, on the CPU, float32 or 16-bit."""
+    if rows.dtype not in _DTYPES:
+        rows = rows.float()
+    return rows.contiguous()
+
+
+def _blocks(source: torch.Tensor, blocksize: int) -> int:
+    if blocksize < 1 or source.numel() % blocksize:
+        raise ValueError(f"{source.numel()} values are not whole blocks of {blocksize}")
+    return source.numel() // blocksize
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise ValueError(f"fastsave's C kernel refused the arguments of {what}")
+
+
+def round_trip(
+    rows: torch.Tensor,
+    blocksize: int,
+    boundaries: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantized float32 values of ``rows`` quantized to the nearest of ``codes`` (ascending;
+    ``boundaries`` between them), per block of ``blocksize``; decoded with ``absmax`` (float32, a
+    value per block) when given, else each block's own. Written into ``out`` (a contiguous float32
+    tensor of ``rows``' shape) when given, else a new tensor. Needs :func:`available`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("fastsave's compiled round trip is not available here (see available())")
+    source = _kernel_input(rows)
+    n_blocks = _blocks(source, blocksize)
+    boundaries = boundaries.to(torch.float32).contiguous()
+    codes = codes.to(torch.float32).contiguous()
+    decode = None if absmax is None else absmax.to(torch.float32).contiguous()
+    if decode is not None and decode.numel() != n_blocks:
+        raise ValueError(f"{decode.numel()} absmax values for {n_blocks} blocks")
+    if out is None:
+        out = torch.empty(rows.shape, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != rows.shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(rows.shape)}")
+    status = library.fastsave_round_trip_4bit(
+        source.data_ptr(),
+        _DTYPES[source.dtype],
+        n_blocks,
+        blocksize,
+        boundaries.data_ptr(),
+        codes.data_ptr(),
+        codes.numel(),
+        None if decode is None else decode.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(status, "round_trip")
+    return out
+
+
+def block_absmax(rows: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """max |x| of each block of ``blocksize`` consecutive values of ``rows``, float32 (exact; NaN
+    where a block holds one). Needs :func:`available`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("fastsave's compiled block absmax is not available here (see available())")
+    source = _kernel_input(rows)
+    n_blocks = _blocks(source, blocksize)
+    out = torch.empty(n_blocks, dtype=torch.float32)
+    status = library.fastsave_block_absmax(
+        source.data_ptr(), _DTYPES[source.dtype], n_blocks, blocksize, out.data_ptr(), torch.get_num_threads()
+    )
+    _check(status, "block_absmax")
+    return out
