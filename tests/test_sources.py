@@ -97,6 +97,74 @@ def test_checkpoint_reader_refuses_a_truncated_file(tmp_path):
         SafetensorsCheckpoint(tmp_path).get("w")
 
 
+def _vm_data_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+
+
+def test_mapped_rows_are_read_only_file_pages_that_rlimit_data_does_not_count(tmp_path):
+    """The round trip reads rows straight from the file's pages: a read-only shared mapping of just
+    those rows (VmData, what RLIMIT_DATA bounds, does not grow by it), unmapped with the tensor."""
+    import gc
+
+    from safetensors.torch import load_file, save_file
+
+    from fastsave.sources.safetensors_file import SafetensorsCheckpoint
+
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(4096, 1024, generator=generator).to(torch.bfloat16)  # 8 MiB
+    save_file({"pad": torch.ones(3, dtype=torch.bfloat16), "w": weight}, tmp_path / "model.safetensors")
+    path = str(tmp_path / "model.safetensors")
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    before = _vm_data_bytes()
+    rows = checkpoint.mapped_rows("w", 100, 4000)
+    grown = _vm_data_bytes() - before
+    with open("/proc/self/maps") as maps:
+        mapped = [line for line in maps if path in line]
+    assert mapped and all(line.split()[1] == "r--s" for line in mapped)
+    assert grown < 1 << 20
+    assert torch.equal(rows, load_file(path)["w"][100:4000])
+    assert checkpoint.mapped_rows("w", 5, 5).shape == (0, 1024)
+    del rows
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        assert path not in maps.read()
+
+
+def test_mapped_rows_of_a_truncated_file_are_refused_before_mapping(tmp_path):
+    from safetensors.torch import save_file
+
+    from fastsave.sources.safetensors_file import SafetensorsCheckpoint
+
+    save_file({"w": torch.ones(64, 64)}, tmp_path / "model.safetensors")
+    path = tmp_path / "model.safetensors"
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        checkpoint.mapped_rows("w", 60, 64)
+
+
+def test_row_merge_of_a_file_streams_blocks_that_the_next_block_does_not_overwrite(tmp_path):
+    """merged_rows reads every block into one buffer (the reader's read_into); the blocks it streams,
+    kept together, still hold their own rows, in float32 (no cast to copy) as in bfloat16."""
+    from safetensors.torch import save_file
+
+    from fastsave.buffer_pool import pooled_buffers
+    from fastsave.merge.row_blocks import RowMerge, stream_row_blocks
+    from fastsave.sources.safetensors_file import SafetensorsCheckpoint
+
+    weight = torch.randn(70, 33, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    save_file({"w": weight}, tmp_path / "model.safetensors")
+    source = SafetensorsCheckpoint(tmp_path).source("w")
+    reader = source.row_reader()
+    assert reader.read_into is not None
+    for dtype in (torch.float32, torch.bfloat16):
+        with pooled_buffers():
+            blocks = list(stream_row_blocks(RowMerge(source, reader, 16, []), dtype))
+        assert len(blocks) == 5
+        assert torch.equal(torch.cat(blocks), weight.to(dtype))
+
+
 def test_module_tensors_are_torchs_own_parameters_and_persistent_buffers():
     """module_tensors reads the module's dicts directly: the same names and objects as torch's
     named_parameters(recurse=False) and the persistent buffers of its state_dict, each once."""

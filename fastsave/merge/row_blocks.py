@@ -30,6 +30,7 @@ import torch
 
 from fastsave.adapters.delta import LoraDelta
 from fastsave.adapters.variants import DeltaRows
+from fastsave.buffer_pool import ReusedBuffer
 from fastsave.merge.assemble import block_bytes, scratch_buffer
 from fastsave.sources.base import RowReader, Source
 
@@ -152,12 +153,20 @@ def row_merge_plan(source: Source, deltas: Sequence[LoraDelta], name: str = "") 
 
 
 def merged_rows(merge: RowMerge) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(i, j, rows i..j of W + every delta)`` in float32, block after block."""
-    n_rows = merge.source.shape[0]
+    """``(i, j, rows i..j of W + every delta)`` in float32, block after block.
+
+    A block may be overwritten by the next one (the reader's ``read_into``: one block's memory
+    for every block): a consumer copies what it keeps before it asks for the next.
+    """
+    n_rows, n_cols = merge.source.shape
     needs_base = any(d.variant.needs_base for d, _ in merge.deltas)
+    scratch = ReusedBuffer(torch.float32) if merge.reader.read_into is not None else None
     for i in range(0, n_rows, merge.step):
         j = min(n_rows, i + merge.step)
-        block = merge.reader.read(i, j)
+        if scratch is not None:
+            block = merge.reader.read_into(i, j, scratch.take((j - i) * n_cols, (j - i, n_cols)))
+        else:
+            block = merge.reader.read(i, j)
         base = block.clone() if needs_base else None
         for delta, rows in merge.deltas:
             block = delta.variant.fold(delta, base, block, rows(i, j), rows=(i, j))
@@ -165,9 +174,10 @@ def merged_rows(merge: RowMerge) -> Iterator[tuple[int, int, torch.Tensor]]:
 
 
 def stream_row_blocks(merge: RowMerge, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The merged weight, rounded once to ``dtype``, as consecutive blocks of rows."""
+    """The merged weight, rounded once to ``dtype``, as consecutive blocks of rows (each its own
+    tensor: a float32 block is copied, not handed out, since the next may overwrite it)."""
     for _, _, block in merged_rows(merge):
-        yield block.to(dtype)
+        yield block.to(dtype, copy=True)
 
 
 def merge_in_row_blocks(merge: RowMerge, dtype: torch.dtype) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 
+from fastsave.buffer_pool import pooled_buffers
 from fastsave.io.finite import check_finite
 from fastsave.memory import ByteBudget
 from fastsave.merge.assemble import Assembler, assembling
@@ -59,7 +60,8 @@ def produce_into(
     shard's end: there every rank raises (an :class:`Agreed` error) as soon as any rank failed.
     """
     try:
-        with assembling(assembler):
+        # scratch buffers of block readers reuse their memory from one weight to the next
+        with assembling(assembler), pooled_buffers():
             for step in steps:
                 failed = failure.error is not None or stop.is_set()
                 if step.action is Action.PRODUCE and not failed:

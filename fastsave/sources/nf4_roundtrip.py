@@ -17,8 +17,13 @@ from torch import nn
 from fastsave.errors import PlanError
 from fastsave.sources.base import RowReader, Source
 from fastsave.sources.bnb import bnb_functional
-from fastsave.sources.nf4_fused import round_trip
+from fastsave.sources.nf4_fused import block_absmax, round_trip
 from fastsave.sources.settings_4bit import Quant4bitSettings
+
+# what the first pass of a double-quantized round trip reads at a time, counted as float32: the
+# size of a merge's row block (fastsave.merge.assemble.BLOCK_BYTES), so the buffer the reads reuse
+# is no larger than one block's
+FIRST_PASS_BYTES = 4 << 20
 
 
 def quantize_dequantize_float32(
@@ -90,6 +95,7 @@ class Nf4RoundTripSource(Source):
             return None
         # the rows as training loaded them: cast from the stored dtype (through float32 or not: the
         # same value, float32 holds every 16-bit one), without a float32 copy where the file has rows
+        # (read-only pages of the file there: cast, or read by the round trip, never written)
         read16 = inner.read_stored or inner.read
 
         def load(i: int, j: int) -> torch.Tensor:
@@ -97,28 +103,25 @@ class Nf4RoundTripSource(Source):
 
         if not settings.double_quant:  # each block decodes with its own absmax: one pass
 
-            def read_single(i: int, j: int) -> torch.Tensor:
-                return round_trip(load(i, j), settings, None)
+            def read_single_into(i: int, j: int, out: torch.Tensor | None) -> torch.Tensor:
+                return round_trip(load(i, j), settings, None, out)
 
-            return RowReader(read_single)
+            return RowReader(lambda i, j: read_single_into(i, j, None), read_into=read_single_into)
         n_rows, n_cols = self.shape
         blocks_per_row = n_cols // settings.blocksize
-        # the first pass reads about 4M values (16 MiB as float32, less as stored) at a time
-        step = max(1, (16 << 20) // (4 * n_cols))
+        # the first pass reads about 1M values (4 MiB as float32, less as stored) at a time
+        step = max(1, FIRST_PASS_BYTES // (4 * n_cols))
         absmax = torch.cat(
-            [
-                load(i, min(n_rows, i + step)).abs().reshape(-1, settings.blocksize).amax(1)
-                for i in range(0, n_rows, step)
-            ]
-        ).to(torch.float32)
+            [block_absmax(load(i, min(n_rows, i + step)), settings.blocksize) for i in range(0, n_rows, step)]
+        )
         offset = absmax.mean()
         quantized, state2 = bnb_functional.quantize_blockwise(absmax - offset, blocksize=256)
         absmax = bnb_functional.dequantize_blockwise(quantized, state2) + offset
 
-        def read(i: int, j: int) -> torch.Tensor:
-            return round_trip(load(i, j), settings, absmax[i * blocks_per_row : j * blocks_per_row])
+        def read_into(i: int, j: int, out: torch.Tensor | None) -> torch.Tensor:
+            return round_trip(load(i, j), settings, absmax[i * blocks_per_row : j * blocks_per_row], out)
 
-        return RowReader(read)
+        return RowReader(lambda i, j: read_into(i, j, None), read_into=read_into)
 
     def describe(self) -> str:
         """How the weight was reproduced."""

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy
 import torch
 
 from fastsave.io.format import FLOAT_CODES, TORCH_DTYPES, read_safetensors_header
@@ -164,12 +167,39 @@ class SafetensorsCheckpoint:
 
     def rows(self, name: str, i: int, j: int) -> torch.Tensor:
         """Rows i..j of one tensor (only those bytes are read)."""
+        i, j, skip, count = self._row_span(name, i, j)
+        values = self._read(name, skip, count)
+        return values.view(self.dtype(name)).reshape((j - i, *self.shape(name)[1:]))
+
+    def mapped_rows(self, name: str, i: int, j: int) -> torch.Tensor:
+        """Rows i..j of one tensor as a read-only view of the file's pages: mapped, nothing copied
+        into fresh memory (a read-only shared mapping, which RLIMIT_DATA does not count; unmapped
+        when the tensor is garbage). Never write to it: the pages are not writable."""
+        i, j, skip, count = self._row_span(name, i, j)
+        shape, dtype = (j - i, *self.shape(name)[1:]), self.dtype(name)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        offset = self._meta[name][2] + skip
+        descriptor = self._descriptor(self.file_of[name])
+        if os.fstat(descriptor).st_size < offset + count:
+            raise ValueError(
+                f"{self.file_of[name]} ends before the data of {name!r}: the checkpoint file is truncated"
+            )
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(descriptor, offset + count - start, access=mmap.ACCESS_READ, offset=start)
+        pages = numpy.frombuffer(mapping, dtype=numpy.uint8, count=count, offset=offset - start)
+        with warnings.catch_warnings():  # torch warns that the array is not writable: it is not, by design
+            warnings.simplefilter("ignore", UserWarning)
+            values = torch.from_numpy(pages)
+        return values.view(dtype).reshape(shape)
+
+    def _row_span(self, name: str, i: int, j: int) -> tuple[int, int, int, int]:
+        """Rows i..j clipped to the tensor, and the byte offset and count of their data."""
         shape = self.shape(name)
         i, j = max(0, min(i, shape[0])), max(0, min(j, shape[0]))
         j = max(i, j)
         row_bytes = self._meta[name][3] // shape[0] if shape[0] else 0
-        values = self._read(name, i * row_bytes, (j - i) * row_bytes)
-        return values.view(self.dtype(name)).reshape((j - i, *shape[1:]))
+        return i, j, i * row_bytes, (j - i) * row_bytes
 
     def _descriptor(self, file: Path) -> int:
         with self._lock:
@@ -177,10 +207,15 @@ class SafetensorsCheckpoint:
                 self._descriptors[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             return self._descriptors[file]
 
-    def _read(self, name: str, skip: int, count: int) -> torch.Tensor:
-        """``count`` bytes of ``name``'s data from byte ``skip`` on, as a fresh uint8 tensor."""
+    def _read(self, name: str, skip: int, count: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``count`` bytes of ``name``'s data from byte ``skip`` on, as a fresh uint8 tensor (or the
+        first ``count`` bytes of ``into``)."""
         offset = self._meta[name][2] + skip
-        buffer = torch.empty(count, dtype=torch.uint8)
+        if into is not None and (
+            into.dtype != torch.uint8 or not into.is_contiguous() or into.numel() < count
+        ):
+            raise ValueError(f"a buffer of {into.numel()} {into.dtype} values cannot take {count} bytes")
+        buffer = torch.empty(count, dtype=torch.uint8) if into is None else into[:count]
         view = memoryview(buffer.numpy())
         descriptor = self._descriptor(self.file_of[name])
         done = 0
@@ -220,9 +255,11 @@ class SafetensorsTensorSource(Source):
         """Rows read from disk (only their bytes), as float32 (or as stored)."""
         if len(self.shape) != 2 or not self.floating:
             return None
+        # rows straight from the file's pages (mapped): no fresh memory per block, one copy
         return RowReader(
             lambda i, j: self.checkpoint.rows(self.name, i, j).to(torch.float32),
-            read_stored=lambda i, j: self.checkpoint.rows(self.name, i, j),
+            read_stored=lambda i, j: self.checkpoint.mapped_rows(self.name, i, j),
+            read_into=lambda i, j, out: out.copy_(self.checkpoint.mapped_rows(self.name, i, j)),
         )
 
     def describe(self) -> str:
