@@ -66,7 +66,8 @@ def _torch_openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch runs its parallel operations on, as loaded in this process (None: torch
     does not use OpenMP, or it cannot be found). The kernels split their blocks among its workers,
     which spin a while after each torch operation: threads of their own would compete with them for
-    the cores (measured on 2 cores: the round trip took 1.5x as long on two pthreads of its own)."""
+    the cores (profiled on 2 cores with two pthreads of its own: a quarter of the round trip's CPU
+    samples were libgomp's workers spinning)."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     try:

@@ -16,7 +16,6 @@ import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy
 import torch
 
 from fastsave.io.format import FLOAT_CODES, TORCH_DTYPES, read_safetensors_header
@@ -187,10 +186,9 @@ class SafetensorsCheckpoint:
             )
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         mapping = mmap.mmap(descriptor, offset + count - start, access=mmap.ACCESS_READ, offset=start)
-        pages = numpy.frombuffer(mapping, dtype=numpy.uint8, count=count, offset=offset - start)
-        with warnings.catch_warnings():  # torch warns that the array is not writable: it is not, by design
+        with warnings.catch_warnings():  # torch warns that the buffer is not writable: it is not, by design
             warnings.simplefilter("ignore", UserWarning)
-            values = torch.from_numpy(pages)
+            values = torch.frombuffer(mapping, dtype=torch.uint8, count=count, offset=offset - start)
         return values.view(dtype).reshape(shape)
 
     def _row_span(self, name: str, i: int, j: int) -> tuple[int, int, int, int]:
