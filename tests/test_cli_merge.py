@@ -120,6 +120,38 @@ def test_dequantized_merge_equals_in_memory_save_bit_for_bit(bases, tmp_path, ca
         assert (tmp_path / "cli" / name).is_file(), name
 
 
+@pytest.mark.parametrize("round_trip", ["torch", "bitsandbytes"])
+def test_dequantized_merge_without_the_compiled_round_trip_is_the_same(
+    bases, tmp_path, monkeypatch, round_trip
+):
+    """Where the C round trip cannot run (no compiler, FASTSAVE_NATIVE=0), the torch one runs; where
+    that gives other bits than bitsandbytes, bitsandbytes' own: the same files either way."""
+    from fastsave.sources import nf4_fused, nf4_native
+
+    adapter = tmp_path / "adapter"
+    model = _trained_adapter(
+        bases["base"], bases["tokenizer"], adapter, {}, target_modules=["q_proj", "up_proj"]
+    )
+    fastsave.save_pretrained_merged(model, tmp_path / "memory", bases["tokenizer"])
+    monkeypatch.setattr(nf4_native, "available", lambda: False)
+    if round_trip == "bitsandbytes":
+        monkeypatch.setattr(nf4_fused, "fused_matches_bitsandbytes", lambda *args: False)
+    nf4_fused.chosen_round_trip.cache_clear()
+    nf4_fused.compiled_matches_bitsandbytes.cache_clear()
+    used = []
+    real = nf4_fused.chosen_round_trip
+    monkeypatch.setattr(nf4_fused, "chosen_round_trip", lambda *args: used.append(real(*args)) or used[-1])
+    try:
+        assert _merge([adapter, tmp_path / "cli", "--base", bases["base"]]) == 0
+    finally:
+        monkeypatch.undo()
+        nf4_fused.chosen_round_trip.cache_clear()
+        nf4_fused.compiled_matches_bitsandbytes.cache_clear()
+    expected = nf4_fused.fused_round_trip if round_trip == "torch" else nf4_fused.bitsandbytes_round_trip
+    assert used and all(chosen is expected for chosen in used)
+    _same_files(tmp_path / "memory", tmp_path / "cli", "*.safetensors")
+
+
 def test_tied_embeddings_with_lora_on_embed_tokens(bases, tmp_path):
     adapter = tmp_path / "adapter"
     model = _trained_adapter(
