@@ -21,8 +21,8 @@ from fastsave.sources.nf4_fused import block_absmax, round_trip
 from fastsave.sources.settings_4bit import Quant4bitSettings
 
 # what the first pass of a double-quantized round trip reads at a time, counted as float32: the
-# size of a merge's row block (fastsave.merge.assemble.BLOCK_BYTES), so the buffer the reads reuse
-# is no larger than one block's
+# size of a merge's row block (fastsave.merge.assemble.BLOCK_BYTES), so that no pass maps or holds
+# more of a weight at once than a merge's block
 FIRST_PASS_BYTES = 4 << 20
 
 

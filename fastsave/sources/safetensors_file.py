@@ -205,15 +205,10 @@ class SafetensorsCheckpoint:
                 self._descriptors[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             return self._descriptors[file]
 
-    def _read(self, name: str, skip: int, count: int, into: torch.Tensor | None = None) -> torch.Tensor:
-        """``count`` bytes of ``name``'s data from byte ``skip`` on, as a fresh uint8 tensor (or the
-        first ``count`` bytes of ``into``)."""
+    def _read(self, name: str, skip: int, count: int) -> torch.Tensor:
+        """``count`` bytes of ``name``'s data from byte ``skip`` on, as a fresh uint8 tensor."""
         offset = self._meta[name][2] + skip
-        if into is not None and (
-            into.dtype != torch.uint8 or not into.is_contiguous() or into.numel() < count
-        ):
-            raise ValueError(f"a buffer of {into.numel()} {into.dtype} values cannot take {count} bytes")
-        buffer = torch.empty(count, dtype=torch.uint8) if into is None else into[:count]
+        buffer = torch.empty(count, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         descriptor = self._descriptor(self.file_of[name])
         done = 0
