@@ -231,3 +231,19 @@ def test_compiled_round_trip_on_torchs_openmp_workers_and_on_threads_of_its_own(
         torch.set_num_threads(threads)
     assert torch.equal(_bits(shared), _bits(own))
     assert torch.equal(_bits(own), _bits(nf4_fused.bitsandbytes_round_trip(weight, 64, "fp4", None)))
+
+
+def test_compiled_round_trip_with_a_table_of_other_than_16_codes():
+    """The loop for tables other than NF4's and FP4's 16 codes (a generic decode beside the unrolled
+    one), against the same float32 operations in torch: scale, clamp, count the boundaries below."""
+    _implementation("compiled")
+    codes = torch.tensor([-1.0, -0.25, 0.0, 0.5, 1.0])
+    boundaries = (codes[:-1] + codes[1:]) / 2
+    rows = (torch.randn(6, 256, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    values = rows.float().reshape(-1, 64)
+    own = values.abs().amax(1)
+    scaled = torch.clamp(values * (1.0 / own.clamp(min=1e-38)).view(-1, 1), -1, 1)
+    index = (scaled.unsqueeze(-1) > boundaries).sum(-1)
+    expected = (codes[index] * own.view(-1, 1)).reshape(rows.shape)
+    got = nf4_native.round_trip(rows, 64, boundaries, codes, None)
+    assert torch.equal(_bits(got), _bits(expected))
