@@ -146,8 +146,10 @@ def _load(
     double_quant: bool = True,
     storage: torch.dtype = torch.uint8,
     compute: torch.dtype = torch.bfloat16,
+    device_map: str = "cpu",
 ):
-    """The base loaded 4-bit, 8-bit (LLM.int8) or unquantized (bits=None) in ``compute`` dtype."""
+    """The base loaded 4-bit, 8-bit (LLM.int8) or unquantized (bits=None) in ``compute`` dtype, on
+    ``device_map`` (tests/test_cuda.py loads the same bases onto a GPU)."""
     kwargs = {}
     if bits == 4:
         # bitsandbytes' CPU 4-bit kernel cannot run a layer with 1 output (Qwen2-MoE's shared_expert_gate)
@@ -162,7 +164,7 @@ def _load(
         )
     elif bits == 8:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    return _auto(arch).from_pretrained(directory, dtype=compute, device_map="cpu", **kwargs)
+    return _auto(arch).from_pretrained(directory, dtype=compute, device_map=device_map, **kwargs)
 
 
 def _perturb(model: nn.Module, seed: int = 1) -> None:
