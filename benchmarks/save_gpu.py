@@ -18,6 +18,9 @@ Stages, each timed alone in this process (CUDA synchronized around each):
   D2H floor  the output's bytes copied device -> pinned host in 16 MiB blocks, nothing computed
   disk floor the output's bytes written from memory + fsync
   save       fastsave.save_pretrained_merged(merged_16bit) end to end, to --work/out
+  peft       the usual recipe on the same GPU (with --peft): load the 16-bit base onto the GPU, the
+             adapter, merge_and_unload, save_pretrained, fsync (what a user runs without fastsave;
+             its merge starts from the 16-bit base, not from the NF4 weights the model trained on)
 
 Beside them: the peak VRAM the save added (torch.cuda.max_memory_allocated over what the model
 held) against the VRAM budget (maximum_memory_usage x the free VRAM at the start), the extra peak
@@ -49,6 +52,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=Path("/tmp/fastsave-bench-gpu"))
     ap.add_argument("--fraction", type=float, default=0.75, help="maximum_memory_usage of the save")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--peft", action="store_true", help="also time the peft recipe on the GPU")
     return ap.parse_args(argv)
 
 
@@ -95,6 +99,37 @@ def _disk_floor(path: Path, nbytes: int) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     path.unlink()
+
+
+def _peft_recipe(work: Path, out: Path) -> dict[str, float]:
+    """Load the 16-bit base and the adapter onto the GPU, merge_and_unload, save_pretrained, fsync."""
+    import shutil
+
+    import torch
+    from contenders import _fsync_tree
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    shutil.rmtree(out, ignore_errors=True)
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.bfloat16, device_map="cuda")
+    merged = PeftModel.from_pretrained(base, str(work / "adapter")).merge_and_unload()
+    torch.cuda.synchronize()
+    loaded_merged = time.perf_counter() - started
+    merged.save_pretrained(out)
+    _fsync_tree(str(out))
+    seconds = time.perf_counter() - started
+    extra_vram = torch.cuda.max_memory_allocated() - held
+    del merged, base
+    torch.cuda.empty_cache()
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "peft_seconds": seconds,
+        "peft_load_merge_seconds": loaded_merged,
+        "peft_extra_vram_bytes": extra_vram,
+    }
 
 
 def _ulps(a, b) -> tuple[int, int]:
@@ -210,15 +245,31 @@ def main(argv: list[str] | None = None) -> int:
         ["disk floor (write + fsync)", f"{disk_s:.2f}", f"{gb / disk_s:.1f}"],
         ["fastsave save, end to end", f"{save_s:.2f}", f"{gb / save_s:.1f}"],
     ]
+    # printed (and written) before the peft recipe: at 8B the recipe alone takes minutes, and a run
+    # stopped by its time limit must still leave fastsave's numbers behind
     print(f"\n{result['device']}, {size.describe()}, {gb:.2f} GB of bf16 output\n")
     print(markdown_table(["stage", "seconds", "GB/s"], rows))
     print(
         f"\nsave: {save_s / disk_s:.2f}x the disk floor; extra VRAM {mib(extra_vram)} MiB "
         f"(budget {mib(budget)} MiB); extra RssAnon {mib(extra_anon)} MiB; LoRA weights vs the float32 "
-        f"reference: max {check['max_ulp']} bf16 ulp, {check['differing']} of {check['checked']} differ"
+        f"reference: max {check['max_ulp']} bf16 ulp, {check['differing']} of {check['checked']} differ",
+        flush=True,
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+    if args.peft:
+        import shutil
+
+        shutil.rmtree(out)  # room on the disk for the recipe's output
+        peft = _peft_recipe(args.work, args.work / "peft-out")
+        print(
+            f"| peft recipe (load 16-bit, merge, save, fsync) | {peft['peft_seconds']:.2f} | "
+            f"{gb / peft['peft_seconds']:.1f} |\n\npeft recipe: {peft['peft_seconds'] / save_s:.2f}x "
+            f"fastsave's time ({peft['peft_load_merge_seconds']:.2f} s of it loading and merging), "
+            f"extra VRAM {mib(peft['peft_extra_vram_bytes'])} MiB"
+        )
+        if args.json:
+            args.json.write_text(json.dumps({**result, **peft}, indent=1))
     return 0
 
 
