@@ -34,10 +34,10 @@ def fresh(monkeypatch, tmp_path):
 
 @needs_compiler
 def test_compiled_once_then_loaded_from_the_cache(fresh, monkeypatch):
-    library = native.load_library("round_trip_4bit")
+    library = native.load_library("codes_4bit")
     assert isinstance(library, ctypes.CDLL)
     assert hasattr(library, "fastsave_round_trip_4bit")
-    built = list(fresh.glob("round_trip_4bit-*.so"))
+    built = list(fresh.glob("codes_4bit-*.so"))
     assert len(built) == 1
     assert not list(fresh.glob(".*"))  # no temporary file left beside it
 
@@ -46,27 +46,27 @@ def test_compiled_once_then_loaded_from_the_cache(fresh, monkeypatch):
 
     monkeypatch.setattr(native, "_compile", no_compiling)
     native.load_library.cache_clear()
-    assert native.load_library("round_trip_4bit") is not None
+    assert native.load_library("codes_4bit") is not None
 
 
 @needs_compiler
 def test_an_edited_source_is_compiled_anew(fresh, monkeypatch, tmp_path):
     sources = tmp_path / "sources"
     sources.mkdir()
-    source = sources / "round_trip_4bit.c"
-    shutil.copy(native.SOURCE_DIRECTORY / "round_trip_4bit.c", source)
+    source = sources / "codes_4bit.c"
+    shutil.copy(native.SOURCE_DIRECTORY / "codes_4bit.c", source)
     monkeypatch.setattr(native, "SOURCE_DIRECTORY", sources)
-    assert native.load_library("round_trip_4bit") is not None
+    assert native.load_library("codes_4bit") is not None
     source.write_text(source.read_text() + "\nint fastsave_edited(void) { return 7; }\n")
     native.load_library.cache_clear()
-    library = native.load_library("round_trip_4bit")
+    library = native.load_library("codes_4bit")
     assert library.fastsave_edited() == 7
-    assert len(list(fresh.glob("round_trip_4bit-*.so"))) == 2
+    assert len(list(fresh.glob("codes_4bit-*.so"))) == 2
 
 
 def test_turned_off_by_the_environment(fresh, monkeypatch):
     monkeypatch.setenv("FASTSAVE_NATIVE", "0")
-    assert native.load_library("round_trip_4bit") is None
+    assert native.load_library("codes_4bit") is None
     assert not fresh.exists()
 
 
@@ -78,8 +78,8 @@ def test_a_compiler_that_fails_gives_none_and_says_why(fresh, monkeypatch, tmp_p
     failing.chmod(0o755)
     monkeypatch.setenv("CC", str(failing))
     with caplog.at_level(logging.INFO, logger="fastsave.native"):
-        assert native.load_library("round_trip_4bit") is None
-    assert "compiling round_trip_4bit.c failed" in caplog.text
+        assert native.load_library("codes_4bit") is None
+    assert "compiling codes_4bit.c failed" in caplog.text
     assert "no: broken" in caplog.text
     assert not fresh.exists() or not any(fresh.iterdir())  # nothing half-written kept
 
@@ -87,14 +87,14 @@ def test_a_compiler_that_fails_gives_none_and_says_why(fresh, monkeypatch, tmp_p
 def test_a_missing_compiler_gives_none(fresh, monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with caplog.at_level(logging.INFO, logger="fastsave.native"):
-        assert native.load_library("round_trip_4bit") is None
+        assert native.load_library("codes_4bit") is None
     assert "not available" in caplog.text
 
     monkeypatch.delenv("CC")
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang to be found
     native.load_library.cache_clear()
     with caplog.at_level(logging.INFO, logger="fastsave.native"):
-        assert native.load_library("round_trip_4bit") is None
+        assert native.load_library("codes_4bit") is None
     assert "no C compiler found" in caplog.text
 
 
@@ -104,7 +104,7 @@ def test_an_unwritable_cache_compiles_into_a_temporary_directory_that_goes(fresh
     blocker.write_text("a file where the cache directory would be")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    library = native.load_library("round_trip_4bit")
+    library = native.load_library("codes_4bit")
     assert library is not None and hasattr(library, "fastsave_block_absmax")
     assert blocker.read_text() == "a file where the cache directory would be"
     assert glob.glob(os.path.join(tmp_path / "tmp", "*")) == []  # loaded, then removed

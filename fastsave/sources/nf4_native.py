@@ -1,4 +1,5 @@
-"""The 4-bit round trip and the blocks' absmax as one C loop each (fastsave/native/round_trip_4bit.c).
+"""The 4-bit C loops of fastsave/native/codes_4bit.c: the round trip, the blocks' absmax, and a row
+block of a bitsandbytes 4-bit weight dequantized, merged with a LoRA product and rounded.
 
 The torch form of the round trip (fastsave.sources.nf4_fused) makes about ten passes over a row
 block's memory (a copy to float32, the absolute values, the scaled values, their bits, the
@@ -24,7 +25,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    library = load_library("round_trip_4bit")
+    library = load_library("codes_4bit")
     if library is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
@@ -43,6 +44,21 @@ def _library() -> ctypes.CDLL | None:
     library.fastsave_round_trip_4bit.restype = ctypes.c_int
     library.fastsave_block_absmax.argtypes = [pointer, ctypes.c_int, size, size, pointer, ctypes.c_int]
     library.fastsave_block_absmax.restype = ctypes.c_int
+    library.fastsave_merge_4bit.argtypes = [
+        pointer,  # packed codes
+        size,  # blocks
+        size,  # blocksize
+        pointer,  # the 16 code values
+        pointer,  # float32 absmax, one per block
+        pointer,  # float32 product B @ A of these rows, or NULL
+        ctypes.c_float,  # scaling
+        ctypes.c_int,  # output dtype
+        pointer,  # output values
+        ctypes.c_int,  # threads
+    ]
+    library.fastsave_merge_4bit.restype = ctypes.c_int64
+    library.fastsave_force_decode.argtypes = [ctypes.c_int]
+    library.fastsave_force_decode.restype = ctypes.c_int
     library.fastsave_use_openmp.argtypes = [pointer, pointer, pointer]
     library.fastsave_use_openmp.restype = None
     _attach_openmp(library, _torch_openmp())
@@ -165,3 +181,65 @@ def block_absmax(rows: torch.Tensor, blocksize: int) -> torch.Tensor:
     )
     _check(status, "block_absmax")
     return out
+
+
+# the output dtypes fastsave_merge_4bit writes (the kernel's codes)
+MERGE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def merge_4bit(
+    packed: torch.Tensor,
+    blocksize: int,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    product: torch.Tensor | None,
+    scaling: float,
+    out: torch.Tensor,
+) -> int:
+    """``out`` = round(codes[nibble] * absmax[block] + product * float32(scaling)) in ``out``'s dtype
+    (float32 or bfloat16), each float32 operation rounded on its own in that order; without
+    ``product`` the dequantized values alone. ``packed``: uint8, two codes a byte (the first in the
+    high nibble), ``out.numel() // 2`` bytes; ``absmax``: float32, one per block of ``blocksize``;
+    ``product``: float32, ``out``'s shape. Returns how many NaN and infinities were written. Needs
+    :func:`available`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("fastsave's compiled 4-bit merge is not available here (see available())")
+    n = out.numel()
+    if out.dtype not in MERGE_DTYPES or not out.is_contiguous():
+        raise ValueError("out must be a contiguous float32 or bfloat16 tensor")
+    if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() * 2 != n:
+        raise ValueError(f"{packed.numel()} packed bytes for {n} values")
+    n_blocks = _blocks(out, blocksize)
+    if absmax.dtype != torch.float32 or not absmax.is_contiguous() or absmax.numel() != n_blocks:
+        raise ValueError(f"absmax must be {n_blocks} contiguous float32 values")
+    if codes.dtype != torch.float32 or not codes.is_contiguous() or codes.numel() != 16:
+        raise ValueError("codes must be 16 contiguous float32 values")
+    if product is not None and (
+        product.dtype != torch.float32 or not product.is_contiguous() or product.numel() != n
+    ):
+        raise ValueError(f"product must be {n} contiguous float32 values")
+    nonfinite = library.fastsave_merge_4bit(
+        packed.data_ptr(),
+        n_blocks,
+        blocksize,
+        codes.data_ptr(),
+        absmax.data_ptr(),
+        None if product is None else product.data_ptr(),
+        scaling,
+        MERGE_DTYPES[out.dtype],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(0 if nonfinite >= 0 else -1, "merge_4bit")
+    return int(nonfinite)
+
+
+def force_decode(kind: str) -> bool:
+    """Decode the merge's codes with one implementation ("plain", "avx2", "avx512"; "auto": by the
+    CPU), for tests; False where this CPU cannot run it. Needs :func:`available`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("fastsave's compiled 4-bit merge is not available here (see available())")
+    which = {"auto": 0, "plain": 1, "avx2": 2, "avx512": 3}[kind]
+    return library.fastsave_force_decode(which) == 0

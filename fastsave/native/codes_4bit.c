@@ -1,7 +1,9 @@
-/* The 4-bit (NF4 / FP4) round trip of a row block in one pass over memory, and each block's absmax.
+/* Loops over 4-bit (NF4 / FP4) codes, each one pass over memory: the round trip of a row block
+ * (quantize + dequantize), each block's absmax, and a row block of a bitsandbytes 4-bit weight
+ * dequantized, merged with a LoRA product and rounded to the output dtype (fastsave_merge_4bit).
  *
  * fastsave.sources.nf4_native calls these through ctypes (which releases the GIL); see
- * fastsave/native/__init__.py for how this file is compiled. Every value goes through the same
+ * fastsave/native/__init__.py for how this file is compiled. In the round trip every value goes through the same
  * float32 operations, in the same order, as the torch implementation in fastsave.sources.nf4_fused
  * (and bitsandbytes' CPU quantize + dequantize, which fastsave checks on a probe before using
  * either): the reciprocal of the block's absmax (at least 1e-38), the product, a clamp to [-1, 1],
@@ -18,6 +20,10 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define X86_DECODE 1
+#endif
 
 enum { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 enum { MAX_THREADS = 64, MAX_CODES = 16 };
@@ -99,6 +105,13 @@ typedef struct {
     int n_codes;
     const float *decode_absmax; /* per block, or NULL: the block's own */
     float *out;                 /* round trip: values; absmax: one per block */
+    /* merge: `source` holds packed codes (two a byte, the first in the high nibble), `codes` the
+     * 16 values they decode to, `decode_absmax` each block's absmax */
+    const float *product; /* the LoRA product B @ A of these rows (float32), or NULL */
+    float scaling;
+    int out_dtype;       /* FLOAT32 or BFLOAT16 */
+    void *merged;        /* the output values */
+    int64_t *nonfinite;  /* NaN and infinities written, counted */
 } Job;
 
 /* a block's values are converted to float32 and decoded up to CHUNK at a time, on the stack */
@@ -164,6 +177,147 @@ VECTOR_CLONES static void round_trip_blocks(const Job *job) {
 VECTOR_CLONES static void absmax_blocks(const Job *job) {
     for (int64_t block = job->first_block; block < job->end_block; block++)
         job->out[block] = block_magnitude(job->source, job->dtype, block * job->blocksize, job->blocksize);
+}
+
+/* values[2m], values[2m + 1] = the values of bytes[m]'s high and low nibble, times `scale`: the
+ * float32 product bitsandbytes' dequantize computes. The table lookup is one permute per 16 codes
+ * with AVX-512 (8 with AVX2), picked once by the CPU; the plain loop elsewhere. */
+typedef void (*DecodePairs)(const uint8_t *bytes, int64_t n_bytes, const float *table, float scale,
+                            float *values);
+
+static void decode_pairs_plain(const uint8_t *bytes, int64_t n_bytes, const float *table, float scale,
+                               float *values) {
+    for (int64_t m = 0; m < n_bytes; m++) {
+        values[2 * m] = table[bytes[m] >> 4] * scale;
+        values[2 * m + 1] = table[bytes[m] & 15] * scale;
+    }
+}
+
+#ifdef X86_DECODE
+__attribute__((target("avx512f"))) static void decode_pairs_avx512(const uint8_t *bytes, int64_t n_bytes,
+                                                                   const float *table, float scale,
+                                                                   float *values) {
+    const __m512 codes = _mm512_loadu_ps(table), factor = _mm512_set1_ps(scale);
+    const __m512i low_bits = _mm512_set1_epi32(15);
+    /* interleave: element 2k of the first half is high[k] (index k), element 2k + 1 is low[k] (16 + k) */
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    int64_t m = 0;
+    for (; m + 16 <= n_bytes; m += 16) {
+        __m512i byte = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bytes + m)));
+        __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(byte, 4), codes);
+        __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(byte, low_bits), codes);
+        _mm512_storeu_ps(values + 2 * m, _mm512_mul_ps(_mm512_permutex2var_ps(high, first, low), factor));
+        _mm512_storeu_ps(values + 2 * m + 16,
+                         _mm512_mul_ps(_mm512_permutex2var_ps(high, second, low), factor));
+    }
+    decode_pairs_plain(bytes + m, n_bytes - m, table, scale, values + 2 * m);
+}
+
+/* 16 codes from two 8-entry permutes, the one for codes 8-15 where bit 3 (moved to the sign) is set */
+__attribute__((target("avx2"))) static inline __m256 lookup_avx2(__m256i index, __m256 low_codes,
+                                                                 __m256 high_codes) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_codes, index),
+                            _mm256_permutevar8x32_ps(high_codes, index),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+
+__attribute__((target("avx2"))) static void decode_pairs_avx2(const uint8_t *bytes, int64_t n_bytes,
+                                                              const float *table, float scale,
+                                                              float *values) {
+    const __m256 low_codes = _mm256_loadu_ps(table), high_codes = _mm256_loadu_ps(table + 8);
+    const __m256 factor = _mm256_set1_ps(scale);
+    const __m256i low_bits = _mm256_set1_epi32(15);
+    int64_t m = 0;
+    for (; m + 8 <= n_bytes; m += 8) {
+        __m256i byte = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + m)));
+        __m256 high = lookup_avx2(_mm256_srli_epi32(byte, 4), low_codes, high_codes);
+        __m256 low = lookup_avx2(_mm256_and_si256(byte, low_bits), low_codes, high_codes);
+        __m256 pairs_a = _mm256_unpacklo_ps(high, low); /* h0 l0 h1 l1 | h4 l4 h5 l5 */
+        __m256 pairs_b = _mm256_unpackhi_ps(high, low); /* h2 l2 h3 l3 | h6 l6 h7 l7 */
+        _mm256_storeu_ps(values + 2 * m, _mm256_mul_ps(_mm256_permute2f128_ps(pairs_a, pairs_b, 0x20), factor));
+        _mm256_storeu_ps(values + 2 * m + 8,
+                         _mm256_mul_ps(_mm256_permute2f128_ps(pairs_a, pairs_b, 0x31), factor));
+    }
+    decode_pairs_plain(bytes + m, n_bytes - m, table, scale, values + 2 * m);
+}
+#endif
+
+/* 0: by the CPU; 1: the plain loop; 2: AVX2; 3: AVX-512 (for tests: each one on any CPU that runs it) */
+static int forced_decode = 0;
+
+int fastsave_force_decode(int which) {
+#ifdef X86_DECODE
+    __builtin_cpu_init();
+    if ((which == 2 && !__builtin_cpu_supports("avx2")) || (which == 3 && !__builtin_cpu_supports("avx512f")))
+        return -1;
+#else
+    if (which > 1) return -1;
+#endif
+    forced_decode = which;
+    return 0;
+}
+
+static DecodePairs chosen_decode(void) {
+    if (forced_decode == 1) return decode_pairs_plain;
+#ifdef X86_DECODE
+    if (forced_decode == 2) return decode_pairs_avx2;
+    if (forced_decode == 3) return decode_pairs_avx512;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return decode_pairs_avx512;
+    if (__builtin_cpu_supports("avx2")) return decode_pairs_avx2;
+#endif
+    return decode_pairs_plain;
+}
+
+/* float32 to bfloat16 as torch rounds it: to nearest, ties to even. Every NaN becomes 0x7FC0 (torch's
+ * scalar cast; its vectorized cast writes other NaN bits): a NaN in a merged weight fails the save
+ * before anything is published, so no NaN's bits ever reach a file. */
+INLINE uint16_t to_bfloat16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* merged = round(code value * absmax + product * scaling), block by block: the float32 operations
+ * of bitsandbytes' dequantize (the code's value times the block's absmax), peft's delta (the
+ * product times the scaling, its own rounding) and the add, in that order, then one rounding. */
+VECTOR_CLONES static void merge_blocks(const Job *job) {
+    DecodePairs decode_pairs = chosen_decode();
+    float values[CHUNK];
+    const uint8_t *packed = job->source;
+    int64_t blocksize = job->blocksize, nonfinite = 0;
+    for (int64_t block = job->first_block; block < job->end_block; block++) {
+        float scale = job->decode_absmax[block];
+        for (int64_t done = 0; done < blocksize; done += CHUNK) {
+            int64_t count = blocksize - done < CHUNK ? blocksize - done : CHUNK;
+            int64_t start = block * blocksize + done;
+            decode_pairs(packed + start / 2, count / 2, job->codes, scale, values);
+            if (job->product) {
+                const float *product = job->product + start;
+                float scaling = job->scaling;
+                for (int64_t k = 0; k < count; k++) values[k] = values[k] + product[k] * scaling;
+            }
+            if (job->out_dtype == BFLOAT16) {
+                uint16_t *out = (uint16_t *)job->merged + start;
+                for (int64_t k = 0; k < count; k++) {
+                    uint16_t h = to_bfloat16(values[k]);
+                    nonfinite += (h & 0x7F80u) == 0x7F80u;
+                    out[k] = h;
+                }
+            } else {
+                float *out = (float *)job->merged + start;
+                for (int64_t k = 0; k < count; k++) {
+                    uint32_t bits;
+                    memcpy(&bits, &values[k], sizeof bits);
+                    nonfinite += (bits & 0x7F800000u) == 0x7F800000u;
+                    out[k] = values[k];
+                }
+            }
+        }
+    }
+    __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
 }
 
 typedef struct {
@@ -263,4 +417,19 @@ int fastsave_block_absmax(const void *source, int dtype, int64_t n_blocks, int64
     Job job = {source, dtype, 0, n_blocks, blocksize, NULL, NULL, 0, NULL, out};
     run_split(&job, threads, absmax_blocks);
     return 0;
+}
+
+/* merged[n_blocks * blocksize] = round(codes[nibble] * absmax[block] (+ product * scaling)) in
+ * out_dtype, from `packed` (n_blocks * blocksize / 2 bytes); the number of NaN and infinities
+ * written, or -1 on bad arguments */
+int64_t fastsave_merge_4bit(const uint8_t *packed, int64_t n_blocks, int64_t blocksize, const float *codes,
+                            const float *absmax, const float *product, float scaling, int out_dtype,
+                            void *merged, int threads) {
+    if (blocksize < 2 || blocksize % 2 || n_blocks < 0 || (out_dtype != FLOAT32 && out_dtype != BFLOAT16))
+        return -1;
+    int64_t nonfinite = 0;
+    Job job = {packed, 0, 0, n_blocks, blocksize, NULL, codes, 16, absmax, NULL,
+               product, scaling, out_dtype, merged, &nonfinite};
+    run_split(&job, threads, merge_blocks);
+    return nonfinite;
 }
