@@ -361,13 +361,18 @@ def test_row_blocks_give_the_same_bits_as_the_whole_matrix(qlora_model, tmp_path
     assert all(is_repacked(m) == repacked for m in linear4bit_layers(model))
     _small_blocks(monkeypatch, 4 * 64 * 32)  # 32 rows of 64 float32 columns
     used = []
-    real = row_blocks.merged_rows
+    real, real_fused = row_blocks.merged_rows, row_blocks.stream_fused_rows
 
     def spy(merge):
         used.append(merge.name)
         return real(merge)
 
+    def spy_fused(plan, dtype):  # the one-pass C merge of the same row blocks (fastsave.merge.fused_rows)
+        used.append(plan.name)
+        return real_fused(plan, dtype)
+
     monkeypatch.setattr(row_blocks, "merged_rows", spy)
+    monkeypatch.setattr(row_blocks, "stream_fused_rows", spy_fused)
     out = tmp_path / "out"
     fastsave.save_pretrained_merged(model, out)
     # every LoRA linear went through the row blocks (and the 4-bit weights without LoRA too)

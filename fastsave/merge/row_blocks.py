@@ -32,6 +32,7 @@ from fastsave.adapters.delta import LoraDelta
 from fastsave.adapters.variants import DeltaRows
 from fastsave.buffer_pool import ReusedBuffer
 from fastsave.merge.assemble import block_bytes, scratch_buffer
+from fastsave.merge.fused_rows import fused_rows_plan, stream_fused_rows
 from fastsave.sources.base import RowReader, Source
 
 _exact_shapes: dict[tuple, bool] = {}
@@ -175,7 +176,12 @@ def merged_rows(merge: RowMerge) -> Iterator[tuple[int, int, torch.Tensor]]:
 
 def stream_row_blocks(merge: RowMerge, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """The merged weight, rounded once to ``dtype``, as consecutive blocks of rows (each its own
-    tensor: a float32 block is copied, not handed out, since the next may overwrite it)."""
+    tensor: a float32 block is copied, not handed out, since the next may overwrite it); a 4-bit
+    weight with at most one plain LoRA delta in one C pass a block (fastsave.merge.fused_rows)."""
+    fused = fused_rows_plan(merge, dtype)
+    if fused is not None:
+        yield from stream_fused_rows(fused, dtype)
+        return
     for _, _, block in merged_rows(merge):
         yield block.to(dtype, copy=True)
 

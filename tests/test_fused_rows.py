@@ -1,0 +1,209 @@
+"""The one-pass C merge of a 4-bit row block (fastsave.merge.fused_rows) against bitsandbytes and torch.
+
+The oracle of every case is bitsandbytes' own float32 dequantize of the same codes, plus the LoRA
+product times the scaling and one rounding, as torch operations: the row merge's definition. Each
+code decoder of the C loop (plain, AVX2, AVX-512) runs on its own wherever the CPU has it.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+from checkpoint_files import saved_tensors
+from test_core_merged import _lora_layers, _oracle
+
+import fastsave
+from fastsave.merge import fused_rows, row_blocks
+from fastsave.sources import nf4_native
+from fastsave.sources.bnb_4bit import absmax_float32
+
+HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine: the C loop cannot be built"),
+]
+
+
+@pytest.fixture(params=["plain", "avx2", "avx512"])
+def decoder(request):
+    """Each code decoder of the C loop in turn (x86-64 CPUs without AVX-512 cannot run that one)."""
+    assert nf4_native.available(), "a C compiler is here, but fastsave's kernels did not compile or load"
+    if not nf4_native.force_decode(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} decoder")
+    yield request.param
+    nf4_native.force_decode("auto")
+
+
+def _weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random rows with a zero row, a huge and a tiny row, and a row that reaches every code."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    weight[0] = 0.0
+    weight[1] *= 1e30
+    weight[2] *= 1e-30
+    weight[3] = torch.linspace(-1.0, 1.0, cols)
+    return weight.to(torch.bfloat16)
+
+
+def _reference(codes, state, product, scaling, dtype) -> torch.Tensor:
+    state32 = copy.copy(state)
+    state32.dtype = torch.float32
+    weight = bnb_functional.dequantize_4bit(codes, state32)
+    if product is not None:
+        weight = weight + product * scaling
+    return weight.to(dtype)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int16 if tensor.dtype == torch.bfloat16 else torch.int32)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_merge_equals_bitsandbytes_and_torch(decoder, blocksize, quant_type, nested, dtype, with_delta):
+    cols = max(2 * blocksize, 256) + 2 * blocksize  # several blocks a row, an odd number of 16s
+    codes, state = bnb_functional.quantize_4bit(
+        _weight(12, cols), blocksize=blocksize, quant_type=quant_type, compress_statistics=nested
+    )
+    generator = torch.Generator().manual_seed(1)
+    product = (torch.randn(12, 16, generator=generator) @ torch.randn(16, cols, generator=generator)) * 0.01
+    product = product if with_delta else None
+    ours = torch.empty(12, cols, dtype=dtype)
+    nonfinite = nf4_native.merge_4bit(
+        codes.reshape(-1), blocksize, state.code.float(), absmax_float32(state), product, 0.37, ours
+    )
+    expected = _reference(codes, state, product, 0.37, dtype)
+    assert torch.equal(_bits(ours), _bits(expected))
+    assert nonfinite == 0
+
+
+def test_nan_and_infinities_are_counted(decoder):
+    codes, state = bnb_functional.quantize_4bit(_weight(4, 256), blocksize=64, quant_type="nf4")
+    product = torch.zeros(4, 256)
+    product[0, 3], product[1, 7], product[2, 9] = float("inf"), float("nan"), 3e38  # 3e38 * 10 overflows
+    ours = torch.empty(4, 256, dtype=torch.bfloat16)
+    nonfinite = nf4_native.merge_4bit(
+        codes.reshape(-1), 64, state.code.float(), absmax_float32(state), product, 10.0, ours
+    )
+    expected = _reference(codes, state, product, 10.0, torch.bfloat16)
+    assert nonfinite == int((~torch.isfinite(expected)).sum()) == 3
+    # the same infinities and finite values; NaN where torch has NaN (its NaN bits vary with its code
+    # path, and a NaN fails the save before anything is published)
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(ours), nan)
+    assert torch.equal(_bits(ours)[~nan], _bits(expected)[~nan])
+
+
+def test_the_same_on_any_number_of_threads():
+    codes, state = bnb_functional.quantize_4bit(_weight(64, 1024), blocksize=64, quant_type="nf4")
+    product = torch.randn(64, 1024) * 0.01
+    outputs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            out = torch.empty(64, 1024, dtype=torch.bfloat16)
+            nf4_native.merge_4bit(
+                codes.reshape(-1), 64, state.code.float(), absmax_float32(state), product, 2.0, out
+            )
+            outputs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(_bits(o), _bits(outputs[0])) for o in outputs)
+    assert torch.equal(_bits(outputs[0]), _bits(_reference(codes, state, product, 2.0, torch.bfloat16)))
+
+
+def test_bad_arguments_are_refused():
+    codes, state = bnb_functional.quantize_4bit(_weight(4, 256), blocksize=64, quant_type="nf4")
+    absmax = absmax_float32(state)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        nf4_native.merge_4bit(
+            codes.reshape(-1),
+            64,
+            state.code.float(),
+            absmax,
+            None,
+            1.0,
+            torch.empty(4, 256, dtype=torch.float16),
+        )
+    with pytest.raises(ValueError, match="packed bytes"):
+        nf4_native.merge_4bit(
+            codes.reshape(-1)[:10], 64, state.code.float(), absmax, None, 1.0, torch.empty(4, 256)
+        )
+    with pytest.raises(ValueError, match="absmax"):
+        nf4_native.merge_4bit(
+            codes.reshape(-1), 64, state.code.float(), absmax[:3], None, 1.0, torch.empty(4, 256)
+        )
+
+
+def _fused_names(monkeypatch) -> list[str]:
+    used: list[str] = []
+    real = row_blocks.stream_fused_rows
+
+    def spy(plan, dtype):
+        used.append(plan.name)
+        return real(plan, dtype)
+
+    monkeypatch.setattr(row_blocks, "stream_fused_rows", spy)
+    return used
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_save_merges_its_lora_weights_in_one_pass_exactly(qlora_model, tmp_path, monkeypatch, dtype):
+    model = qlora_model()
+    layers = _lora_layers(model)
+    expected = {name + ".weight": _oracle(layer).to(dtype) for name, layer in layers.items()}
+    used = _fused_names(monkeypatch)
+    fastsave.save_pretrained_merged(model, tmp_path / "out", dtype=dtype)
+    assert {name + ".weight" for name in layers} <= set(used)
+    saved = saved_tensors(tmp_path / "out")
+    for name, reference in expected.items():
+        assert torch.equal(_bits(saved[name]), _bits(reference)), name
+
+
+def test_float16_output_and_dora_keep_the_torch_merge(qlora_model, tmp_path, monkeypatch):
+    used = _fused_names(monkeypatch)
+    fastsave.save_pretrained_merged(qlora_model(), tmp_path / "half", dtype=torch.float16)
+    fastsave.save_pretrained_merged(qlora_model(use_dora=True), tmp_path / "dora")
+    assert used == []
+
+
+def test_a_code_table_bitsandbytes_does_not_decode_with_keeps_the_torch_merge(
+    qlora_model, tmp_path, monkeypatch
+):
+    """The probe holds the C loop to bitsandbytes' dequantize: a table that is not the one bitsandbytes'
+    CPU kernel uses fails it, and those weights merge with torch operations (still exactly)."""
+    model = qlora_model()
+    layers = _lora_layers(model)
+    expected = {name + ".weight": _oracle(layer) for name, layer in layers.items()}
+    for layer in layers.values():
+        state = layer.get_base_layer().weight.quant_state
+        state.code = state.code.clone()
+        state.code[5] += 0.001  # not what bitsandbytes' CPU kernel decodes code 5 to
+    fused_rows._probe.cache_clear()
+    used = _fused_names(monkeypatch)
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    fused_rows._probe.cache_clear()
+    assert used == []
+    saved = saved_tensors(tmp_path / "out")
+    for name, reference in expected.items():
+        assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+
+
+def test_without_the_compiled_library_the_torch_merge_runs(qlora_model, tmp_path, monkeypatch):
+    model = qlora_model()
+    expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
+    monkeypatch.setattr(nf4_native, "available", lambda: False)
+    used = _fused_names(monkeypatch)
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert used == []
+    saved = saved_tensors(tmp_path / "out")
+    for name, reference in expected.items():
+        assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
