@@ -8,6 +8,7 @@ code decoder of the C loop (plain, AVX2, AVX-512) runs on its own wherever the C
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 
 import bitsandbytes.functional as bnb_functional
@@ -207,3 +208,17 @@ def test_without_the_compiled_library_the_torch_merge_runs(qlora_model, tmp_path
     saved = saved_tensors(tmp_path / "out")
     for name, reference in expected.items():
         assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+
+
+def test_a_nan_in_a_merged_block_fails_the_save_naming_the_tensor(qlora_model, tmp_path, monkeypatch):
+    from fastsave.errors import NonFiniteError
+
+    model = qlora_model()
+    layer = _lora_layers(model)["model.layers.1.mlp.down_proj"]
+    with torch.no_grad():
+        layer.lora_B["default"].weight[3, 0] = float("nan")
+    used = _fused_names(monkeypatch)
+    with pytest.raises(NonFiniteError, match=re.escape("model.layers.1.mlp.down_proj.weight")):
+        fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert "model.layers.1.mlp.down_proj.weight" in used
+    assert not (tmp_path / "out" / "model.safetensors").exists()

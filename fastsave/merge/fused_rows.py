@@ -31,6 +31,7 @@ import torch
 
 from fastsave.adapters.variants import Variant
 from fastsave.buffer_pool import ReusedBuffer
+from fastsave.io.finite import check_finite
 from fastsave.sources import nf4_native
 from fastsave.sources.bnb_4bit import absmax_float32, blocks_within_rows
 
@@ -101,7 +102,7 @@ def stream_fused_rows(plan: FusedRows, dtype: torch.dtype) -> Iterator[torch.Ten
             # mm with out= runs the kernel `b[i:j] @ a` runs: the row merge's check holds for it
             rows = torch.mm(b[i:j], a, out=product.take((j - i) * n_cols, (j - i, n_cols)))
         out = torch.empty((j - i, n_cols), dtype=dtype)
-        nf4_native.merge_4bit(
+        nonfinite = nf4_native.merge_4bit(
             plan.codes[i * n_cols // 2 : j * n_cols // 2],
             plan.blocksize,
             plan.table,
@@ -110,6 +111,8 @@ def stream_fused_rows(plan: FusedRows, dtype: torch.dtype) -> Iterator[torch.Ten
             plan.scaling,
             out,
         )
+        if nonfinite:  # the loop counted NaN/Inf: the error naming the tensor, before the piece goes on
+            check_finite(out, plan.name)
         yield out
 
 
