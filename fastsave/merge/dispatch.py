@@ -12,7 +12,8 @@ from), in this order:
 3. ``row blocks``: a 2-D source that reads rows (4-bit, 8-bit, 16-bit in memory or on a GPU too
    large for the VRAM allowance, a tensor on disk) and LoRA (or DoRA) deltas of linear layers and
    embeddings: 4 MiB blocks merged and rounded in the CPU cache, streamed to the writer block by
-   block (fastsave.merge.row_blocks).
+   block (fastsave.merge.row_blocks; a 4-bit weight with at most one plain LoRA delta in one C
+   pass a block, fastsave.merge.fused_rows).
 4. ``experts``: a 3-D expert stack with LoRA on the stack (peft's ParamWrapper): one expert at a
    time, streamed (fastsave.merge.expert_stacks).
 5. ``whole``: the whole weight in float32, then one rounding (fastsave.merge.whole_matrix).
