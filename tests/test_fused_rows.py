@@ -156,6 +156,16 @@ def _fused_names(monkeypatch) -> list[str]:
     return used
 
 
+def _saved_exactly_by_the_torch_merge(model, expected: dict, tmp_path, monkeypatch) -> None:
+    """Save ``model``: no weight goes through the C pass, and every LoRA weight equals ``expected``."""
+    used = _fused_names(monkeypatch)
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert used == []
+    saved = saved_tensors(tmp_path / "out")
+    for name, reference in expected.items():
+        assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_save_merges_its_lora_weights_in_one_pass_exactly(qlora_model, tmp_path, monkeypatch, dtype):
     model = qlora_model()
@@ -189,25 +199,17 @@ def test_a_code_table_bitsandbytes_does_not_decode_with_keeps_the_torch_merge(
         state.code = state.code.clone()
         state.code[5] += 0.001  # not what bitsandbytes' CPU kernel decodes code 5 to
     fused_rows._probe.cache_clear()
-    used = _fused_names(monkeypatch)
-    fastsave.save_pretrained_merged(model, tmp_path / "out")
-    fused_rows._probe.cache_clear()
-    assert used == []
-    saved = saved_tensors(tmp_path / "out")
-    for name, reference in expected.items():
-        assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+    try:
+        _saved_exactly_by_the_torch_merge(model, expected, tmp_path, monkeypatch)
+    finally:
+        fused_rows._probe.cache_clear()
 
 
 def test_without_the_compiled_library_the_torch_merge_runs(qlora_model, tmp_path, monkeypatch):
     model = qlora_model()
     expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
     monkeypatch.setattr(nf4_native, "available", lambda: False)
-    used = _fused_names(monkeypatch)
-    fastsave.save_pretrained_merged(model, tmp_path / "out")
-    assert used == []
-    saved = saved_tensors(tmp_path / "out")
-    for name, reference in expected.items():
-        assert torch.equal(saved[name], reference.to(torch.bfloat16)), name
+    _saved_exactly_by_the_torch_merge(model, expected, tmp_path, monkeypatch)
 
 
 def test_a_nan_in_a_merged_block_fails_the_save_naming_the_tensor(qlora_model, tmp_path, monkeypatch):

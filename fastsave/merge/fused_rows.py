@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
 
 import torch
 
+from fastsave.adapters.delta import LoraDelta
 from fastsave.adapters.variants import Variant
 from fastsave.buffer_pool import ReusedBuffer
 from fastsave.io.finite import check_finite
 from fastsave.sources import nf4_native
+from fastsave.sources.base import Source
 from fastsave.sources.bnb_4bit import absmax_float32, blocks_within_rows
-
-if TYPE_CHECKING:
-    from fastsave.merge.row_blocks import RowMerge
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +54,15 @@ class FusedRows:
     name: str = ""  # the output tensor's, for logs and tests
 
 
-def fused_rows_plan(merge: RowMerge, dtype: torch.dtype) -> FusedRows | None:
-    """The one-pass plan for ``merge`` rounded to
-    ``dtype``, when it is a case the C loop serves and its probe passed; else None."""
-    if dtype not in nf4_native.MERGE_DTYPES or len(merge.deltas) > 1 or not nf4_native.available():
+def fused_rows_plan(
+    source: Source, deltas: Sequence[LoraDelta], step: int, dtype: torch.dtype, name: str = ""
+) -> FusedRows | None:
+    """The one-pass plan for ``source`` + ``deltas`` in blocks of ``step`` rows (the row merge's,
+    whose product check passed) rounded to ``dtype``, when it is a case the C loop serves and its
+    probe passed; else None. ``name``: the output tensor's."""
+    if dtype not in nf4_native.MERGE_DTYPES or len(deltas) > 1 or not nf4_native.available():
         return None
-    packed = merge.source.packed_4bit()
+    packed = source.packed_4bit()
     if packed is None:
         return None
     data, state = packed
@@ -69,7 +70,7 @@ def fused_rows_plan(merge: RowMerge, dtype: torch.dtype) -> FusedRows | None:
         return None
     if state.quant_type not in ("nf4", "fp4") or state.blocksize % 2 or state.code.numel() != 16:
         return None
-    delta = merge.deltas[0][0] if merge.deltas else None
+    delta = deltas[0] if deltas else None
     if delta is not None and (type(delta.variant) is not Variant or delta.fan_in_fan_out):
         return None
     table = state.code.to(torch.float32).contiguous()
@@ -82,10 +83,10 @@ def fused_rows_plan(merge: RowMerge, dtype: torch.dtype) -> FusedRows | None:
         table=table,
         blocksize=state.blocksize,
         shape=(int(state.shape[0]), int(state.shape[1])),
-        step=merge.step,
+        step=step,
         factors=delta.factors_float32("cpu") if delta is not None else None,
         scaling=delta.scaling if delta is not None else 1.0,
-        name=merge.name,
+        name=name,
     )
 
 
