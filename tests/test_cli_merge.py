@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import fastsave
 from fastsave.cli.merge import add_merge_parser, run_merge
-from fastsave.sources import quantized_weight_source
+from fastsave.sources import nf4_native, quantized_weight_source
 from fastsave.sources.nf4_roundtrip import quantized_module_names
 from fastsave.tiny import (
     attach_lora,
@@ -492,14 +492,26 @@ def test_command_line_merges_in_row_blocks(bases, tmp_path, monkeypatch, base_we
 
     adapter = tmp_path / "adapter"
     _trained_adapter(bases["base"], bases["tokenizer"], adapter, steps=0)
-    blocks, whole = [], []
-    real_blocks, real_whole = row_blocks.merged_rows, dispatch.merge_whole
+    blocks, fused, whole = [], [], []
+    real_blocks, real_fused, real_whole = (
+        row_blocks.merged_rows,
+        row_blocks.stream_fused_rows,
+        dispatch.merge_whole,
+    )
     monkeypatch.setattr(
         row_blocks, "merged_rows", lambda merge: blocks.append(merge.name) or real_blocks(merge)
     )
+    # the round trip with the merge in one pass (fastsave.merge.fused_rows): the same row blocks
+    monkeypatch.setattr(
+        row_blocks,
+        "stream_fused_rows",
+        lambda plan, dtype: fused.append(plan.name) or real_fused(plan, dtype),
+    )
     monkeypatch.setattr(dispatch, "merge_whole", lambda s, d: whole.append(s) or real_whole(s, d))
     assert _merge([adapter, tmp_path / "out", "--base", bases["base"], "--base-weights", base_weights]) == 0
-    assert len(blocks) == 14 and not whole, (blocks, whole)
+    assert len(blocks) + len(fused) == 14 and not whole, (blocks, fused, whole)
+    # the C pass serves the round trip (a C compiler is here); the original 16-bit rows merge in torch
+    assert len(fused) == (14 if base_weights == "dequantized" and nf4_native.available() else 0)
 
 
 def _perturbed(model, seed: int = 4):

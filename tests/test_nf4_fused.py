@@ -247,3 +247,64 @@ def test_compiled_round_trip_with_a_table_of_other_than_16_codes():
     expected = (codes[index] * own.view(-1, 1)).reshape(rows.shape)
     got = nf4_native.round_trip(rows, 64, boundaries, codes, None)
     assert torch.equal(_bits(got), _bits(expected))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_round_trip_with_the_merge_in_one_pass(quant_type, blocksize, dtype, out_dtype):
+    """The round trip and the merge in one C pass (``fastsave merge``'s rows) against bitsandbytes'
+    quantize + dequantize, then a product times the scaling, the add and one rounding in torch."""
+    _implementation("compiled")
+    cols = max(blocksize, 256)
+    weight = _adversarial(8, cols, dtype, quant_type, seed=blocksize + 1)
+    own = weight.float().reshape(-1, blocksize).abs().amax(1)
+    quantized, state2 = bnb_functional.quantize_blockwise(own - own.mean(), blocksize=256)
+    double = bnb_functional.dequantize_blockwise(quantized, state2) + own.mean()
+    product = torch.randn(8, cols, generator=torch.Generator().manual_seed(3)) * 0.01
+    boundaries, ordered = nf4_fused._tables(quant_type)
+    assert nf4_fused.compiled_merge_matches(quant_type, blocksize, dtype)
+    view = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
+    for absmax in (None, double):
+        decoded = nf4_fused.bitsandbytes_round_trip(weight, blocksize, quant_type, absmax)
+        for delta in (product, None):
+            expected = (decoded + delta * 0.37 if delta is not None else decoded).to(out_dtype)
+            got = torch.empty(8, cols, dtype=out_dtype)
+            nonfinite = nf4_native.round_trip_merge(
+                weight, blocksize, boundaries, ordered, absmax, delta, 0.37, got
+            )
+            # NaN where torch has NaN (torch's own NaN bits vary with its code path; a NaN fails
+            # the save before anything is published), every other value to the bit
+            nan = torch.isnan(expected)
+            assert torch.equal(torch.isnan(got), nan)
+            assert torch.equal(got.view(view)[~nan], expected.view(view)[~nan])
+            assert nonfinite == int((~torch.isfinite(expected)).sum())
+
+
+def test_a_merge_pass_that_rounds_otherwise_is_not_used(monkeypatch, tmp_path):
+    """The round trip's one-pass merge serves ``fastsave merge`` only where its probe gives the bits
+    of the round trip followed by the torch merge."""
+    from fastsave.sources.nf4_roundtrip import Nf4RoundTripSource
+
+    _implementation("compiled")
+    real = nf4_native.round_trip_merge
+
+    def one_ulp_up(*args):
+        nonfinite = real(*args)
+        out = args[-1]
+        out.view(torch.int16 if out.dtype == torch.bfloat16 else torch.int32).add_(1)
+        return nonfinite
+
+    nf4_fused.compiled_merge_matches.cache_clear()
+    monkeypatch.setattr(nf4_native, "round_trip_merge", one_ulp_up)
+    try:
+        assert not nf4_fused.compiled_merge_matches("nf4", 64, torch.bfloat16)
+        source = Nf4RoundTripSource.__new__(Nf4RoundTripSource)
+        source.quant_settings = Quant4bitSettings("nf4", 64, True)
+        source.load_dtype = torch.bfloat16
+        assert not source._merges_in_one_pass()
+    finally:
+        monkeypatch.undo()
+        nf4_fused.compiled_merge_matches.cache_clear()
+    assert nf4_fused.compiled_merge_matches("nf4", 64, torch.bfloat16)

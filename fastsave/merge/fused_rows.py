@@ -33,7 +33,7 @@ from fastsave.adapters.variants import Variant
 from fastsave.buffer_pool import ReusedBuffer
 from fastsave.io.finite import check_finite
 from fastsave.sources import nf4_native
-from fastsave.sources.base import Source
+from fastsave.sources.base import RowReader, RowReadMerged, Source
 from fastsave.sources.bnb_4bit import absmax_float32, blocks_within_rows
 
 logger = logging.getLogger(__name__)
@@ -41,27 +41,50 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FusedRows:
-    """One weight's plan: its packed codes (flat bytes), per-block absmax, code table and delta factors."""
+    """One weight's one-pass plan: its shape and row step, the delta's factors, and the pass itself."""
 
-    codes: torch.Tensor  # uint8, flat
-    absmax: torch.Tensor  # float32, one per block
-    table: torch.Tensor  # float32, the 16 code values
-    blocksize: int
     shape: tuple[int, int]
     step: int  # rows of a block
     factors: tuple[torch.Tensor, torch.Tensor] | None  # (B, A) float32, or None: no delta
     scaling: float
+    merge_rows: RowReadMerged  # (i, j, product or None, scaling, out) -> NaN/Inf written
     name: str = ""  # the output tensor's, for logs and tests
 
 
 def fused_rows_plan(
-    source: Source, deltas: Sequence[LoraDelta], step: int, dtype: torch.dtype, name: str = ""
+    source: Source,
+    deltas: Sequence[LoraDelta],
+    step: int,
+    dtype: torch.dtype,
+    name: str = "",
+    reader: RowReader | None = None,
 ) -> FusedRows | None:
     """The one-pass plan for ``source`` + ``deltas`` in blocks of ``step`` rows (the row merge's,
-    whose product check passed) rounded to ``dtype``, when it is a case the C loop serves and its
-    probe passed; else None. ``name``: the output tensor's."""
+    whose product check passed) rounded to ``dtype``: a bitsandbytes 4-bit weight's C pass, or the
+    ``read_merged`` of its ``reader`` (the 4-bit round trip of ``fastsave merge``), when the case
+    is served and its probe passed; else None. ``name``: the output tensor's."""
     if dtype not in nf4_native.MERGE_DTYPES or len(deltas) > 1 or not nf4_native.available():
         return None
+    delta = deltas[0] if deltas else None
+    if delta is not None and (type(delta.variant) is not Variant or delta.fan_in_fan_out):
+        return None
+    merge_rows = _bnb_4bit_rows(source, dtype, delta is not None)
+    if merge_rows is None and reader is not None:
+        merge_rows = reader.read_merged
+    if merge_rows is None or len(source.shape) != 2:
+        return None
+    return FusedRows(
+        shape=(int(source.shape[0]), int(source.shape[1])),
+        step=step,
+        factors=delta.factors_float32("cpu") if delta is not None else None,
+        scaling=delta.scaling if delta is not None else 1.0,
+        merge_rows=merge_rows,
+        name=name,
+    )
+
+
+def _bnb_4bit_rows(source: Source, dtype: torch.dtype, delta: bool) -> RowReadMerged | None:
+    """The C pass over a bitsandbytes 4-bit weight's codes, when it serves this one (see the module)."""
     packed = source.packed_4bit()
     if packed is None:
         return None
@@ -70,30 +93,25 @@ def fused_rows_plan(
         return None
     if state.quant_type not in ("nf4", "fp4") or state.blocksize % 2 or state.code.numel() != 16:
         return None
-    delta = deltas[0] if deltas else None
-    if delta is not None and (type(delta.variant) is not Variant or delta.fan_in_fan_out):
-        return None
     table = state.code.to(torch.float32).contiguous()
-    if not _probe(state.quant_type, state.blocksize, tuple(table.tolist()), dtype, delta is not None):
+    if not _probe(state.quant_type, state.blocksize, tuple(table.tolist()), dtype, delta):
         return None
-    codes = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-    return FusedRows(
-        codes=codes.reshape(-1),
-        absmax=absmax_float32(state).contiguous(),
-        table=table,
-        blocksize=state.blocksize,
-        shape=(int(state.shape[0]), int(state.shape[1])),
-        step=step,
-        factors=delta.factors_float32("cpu") if delta is not None else None,
-        scaling=delta.scaling if delta is not None else 1.0,
-        name=name,
-    )
+    codes = (data if data.dtype == torch.uint8 else data.view(torch.uint8)).reshape(-1)
+    absmax = absmax_float32(state).contiguous()
+    blocksize, n_cols = state.blocksize, int(state.shape[1])
+    per_row = n_cols // blocksize
+
+    def merge_rows(i: int, j: int, product: torch.Tensor | None, scaling: float, out: torch.Tensor) -> int:
+        rows_codes = codes[i * n_cols // 2 : j * n_cols // 2]
+        rows_absmax = absmax[i * per_row : j * per_row]
+        return nf4_native.merge_4bit(rows_codes, blocksize, table, rows_absmax, product, scaling, out)
+
+    return merge_rows
 
 
 def stream_fused_rows(plan: FusedRows, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """The merged weight in ``dtype``, block after block of rows (each block its own tensor)."""
     n_rows, n_cols = plan.shape
-    per_row = n_cols // plan.blocksize
     product = ReusedBuffer(torch.float32) if plan.factors is not None else None
     for i in range(0, n_rows, plan.step):
         j = min(n_rows, i + plan.step)
@@ -103,16 +121,7 @@ def stream_fused_rows(plan: FusedRows, dtype: torch.dtype) -> Iterator[torch.Ten
             # mm with out= runs the kernel `b[i:j] @ a` runs: the row merge's check holds for it
             rows = torch.mm(b[i:j], a, out=product.take((j - i) * n_cols, (j - i, n_cols)))
         out = torch.empty((j - i, n_cols), dtype=dtype)
-        nonfinite = nf4_native.merge_4bit(
-            plan.codes[i * n_cols // 2 : j * n_cols // 2],
-            plan.blocksize,
-            plan.table,
-            plan.absmax[i * per_row : j * per_row],
-            rows,
-            plan.scaling,
-            out,
-        )
-        if nonfinite:  # the loop counted NaN/Inf: the error naming the tensor, before the piece goes on
+        if plan.merge_rows(i, j, rows, plan.scaling, out):  # NaN/Inf: the error naming the tensor, now
             check_finite(out, plan.name)
         yield out
 

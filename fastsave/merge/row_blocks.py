@@ -178,7 +178,8 @@ def stream_row_blocks(merge: RowMerge, dtype: torch.dtype) -> Iterator[torch.Ten
     """The merged weight, rounded once to ``dtype``, as consecutive blocks of rows (each its own
     tensor: a float32 block is copied, not handed out, since the next may overwrite it); a 4-bit
     weight with at most one plain LoRA delta in one C pass a block (fastsave.merge.fused_rows)."""
-    fused = fused_rows_plan(merge.source, [d for d, _ in merge.deltas], merge.step, dtype, merge.name)
+    deltas = [d for d, _ in merge.deltas]
+    fused = fused_rows_plan(merge.source, deltas, merge.step, dtype, merge.name, merge.reader)
     if fused is not None:
         yield from stream_fused_rows(fused, dtype)
         return

@@ -152,12 +152,52 @@ INLINE void decode16(const float *restrict values, int64_t count, float inverse,
     }
 }
 
+/* float32 to bfloat16 as torch rounds it: to nearest, ties to even. Every NaN becomes 0x7FC0 (torch's
+ * scalar cast; its vectorized cast writes other NaN bits): a NaN in a merged weight fails the save
+ * before anything is published, so no NaN's bits ever reach a file. */
+INLINE uint16_t to_bfloat16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* merged[start..start+count) = round(values + product * scaling) (without a product: values), in
+ * the job's output dtype: the product times the scaling (its own rounding), the add, one rounding
+ * (peft's delta and the merge's order); returns how many NaN and infinities were written */
+INLINE int64_t merge_and_store(const Job *job, float *restrict values, int64_t start, int64_t count) {
+    int64_t nonfinite = 0;
+    if (job->product) {
+        const float *product = job->product + start;
+        float scaling = job->scaling;
+        for (int64_t k = 0; k < count; k++) values[k] = values[k] + product[k] * scaling;
+    }
+    if (job->out_dtype == BFLOAT16) {
+        uint16_t *out = (uint16_t *)job->merged + start;
+        for (int64_t k = 0; k < count; k++) {
+            uint16_t h = to_bfloat16(values[k]);
+            nonfinite += (h & 0x7F80u) == 0x7F80u;
+            out[k] = h;
+        }
+    } else {
+        float *out = (float *)job->merged + start;
+        for (int64_t k = 0; k < count; k++) {
+            uint32_t bits;
+            memcpy(&bits, &values[k], sizeof bits);
+            nonfinite += (bits & 0x7F800000u) == 0x7F800000u;
+            out[k] = values[k];
+        }
+    }
+    return nonfinite;
+}
+
 VECTOR_CLONES static void round_trip_blocks(const Job *job) {
     float values[CHUNK], boundaries[MAX_CODES], codes[MAX_CODES];
     int n_boundaries = job->n_codes - 1;
     memcpy(boundaries, job->boundaries, sizeof(float) * (size_t)n_boundaries);
     memcpy(codes, job->codes, sizeof(float) * (size_t)job->n_codes);
-    int64_t blocksize = job->blocksize;
+    int64_t blocksize = job->blocksize, nonfinite = 0;
+    float decoded[CHUNK]; /* merged output: the round trip's values on their way */
     for (int64_t block = job->first_block; block < job->end_block; block++) {
         int64_t start = block * blocksize;
         float own = block_magnitude(job->source, job->dtype, start, blocksize);
@@ -165,13 +205,16 @@ VECTOR_CLONES static void round_trip_blocks(const Job *job) {
         float scale = job->decode_absmax ? job->decode_absmax[block] : own;
         for (int64_t done = 0; done < blocksize; done += CHUNK) {  /* blocks of more than CHUNK: in parts */
             int64_t count = blocksize - done < CHUNK ? blocksize - done : CHUNK;
+            float *out = job->merged ? decoded : job->out + start + done;
             load_values(job->source, job->dtype, start + done, count, values);
             if (n_boundaries == 15)
-                decode16(values, count, inverse, scale, boundaries, codes, job->out + start + done);
+                decode16(values, count, inverse, scale, boundaries, codes, out);
             else
-                decode(values, count, inverse, scale, boundaries, codes, n_boundaries, job->out + start + done);
+                decode(values, count, inverse, scale, boundaries, codes, n_boundaries, out);
+            if (job->merged) nonfinite += merge_and_store(job, decoded, start + done, count);
         }
     }
+    if (job->merged) __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
 }
 
 VECTOR_CLONES static void absmax_blocks(const Job *job) {
@@ -270,15 +313,6 @@ static DecodePairs chosen_decode(void) {
     return decode_pairs_plain;
 }
 
-/* float32 to bfloat16 as torch rounds it: to nearest, ties to even. Every NaN becomes 0x7FC0 (torch's
- * scalar cast; its vectorized cast writes other NaN bits): a NaN in a merged weight fails the save
- * before anything is published, so no NaN's bits ever reach a file. */
-INLINE uint16_t to_bfloat16(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
 
 /* merged = round(code value * absmax + product * scaling), block by block: the float32 operations
  * of bitsandbytes' dequantize (the code's value times the block's absmax), peft's delta (the
@@ -294,27 +328,7 @@ VECTOR_CLONES static void merge_blocks(const Job *job) {
             int64_t count = blocksize - done < CHUNK ? blocksize - done : CHUNK;
             int64_t start = block * blocksize + done;
             decode_pairs(packed + start / 2, count / 2, job->codes, scale, values);
-            if (job->product) {
-                const float *product = job->product + start;
-                float scaling = job->scaling;
-                for (int64_t k = 0; k < count; k++) values[k] = values[k] + product[k] * scaling;
-            }
-            if (job->out_dtype == BFLOAT16) {
-                uint16_t *out = (uint16_t *)job->merged + start;
-                for (int64_t k = 0; k < count; k++) {
-                    uint16_t h = to_bfloat16(values[k]);
-                    nonfinite += (h & 0x7F80u) == 0x7F80u;
-                    out[k] = h;
-                }
-            } else {
-                float *out = (float *)job->merged + start;
-                for (int64_t k = 0; k < count; k++) {
-                    uint32_t bits;
-                    memcpy(&bits, &values[k], sizeof bits);
-                    nonfinite += (bits & 0x7F800000u) == 0x7F800000u;
-                    out[k] = values[k];
-                }
-            }
+            nonfinite += merge_and_store(job, values, start, count);
         }
     }
     __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
@@ -431,5 +445,23 @@ int64_t fastsave_merge_4bit(const uint8_t *packed, int64_t n_blocks, int64_t blo
     Job job = {packed, 0, 0, n_blocks, blocksize, NULL, codes, 16, absmax, NULL,
                product, scaling, out_dtype, merged, &nonfinite};
     run_split(&job, threads, merge_blocks);
+    return nonfinite;
+}
+
+/* merged[n_blocks * blocksize] = round(round trip of source + product * scaling) in out_dtype: the
+ * round trip of fastsave_round_trip_4bit, then the merge of fastsave_merge_4bit, without the
+ * float32 values in between leaving the cache; the number of NaN and infinities written, or -1 on
+ * bad arguments */
+int64_t fastsave_round_trip_merge_4bit(const void *source, int dtype, int64_t n_blocks, int64_t blocksize,
+                                       const float *boundaries, const float *codes, int n_codes,
+                                       const float *decode_absmax, const float *product, float scaling,
+                                       int out_dtype, void *merged, int threads) {
+    if (n_codes < 2 || n_codes > MAX_CODES || blocksize < 1 || n_blocks < 0 || merged == NULL ||
+        (out_dtype != FLOAT32 && out_dtype != BFLOAT16))
+        return -1;
+    int64_t nonfinite = 0;
+    Job job = {source, dtype, 0, n_blocks, blocksize, boundaries, codes, n_codes, decode_absmax, NULL,
+               product, scaling, out_dtype, merged, &nonfinite};
+    run_split(&job, threads, round_trip_blocks);
     return nonfinite;
 }

@@ -227,3 +227,46 @@ def block_absmax(rows: torch.Tensor, blocksize: int) -> torch.Tensor:
     if nf4_native.available():
         return nf4_native.block_absmax(rows, blocksize)
     return rows.abs().reshape(-1, blocksize).amax(1).to(torch.float32)
+
+
+@cache
+def compiled_merge_matches(quant_type: str, blocksize: int, dtype: torch.dtype) -> bool:
+    """Whether the compiled round trip with the merge in the same pass (nf4_native.round_trip_merge)
+    gives the bits of the compiled round trip followed by the torch merge (a product times a
+    scaling, the add, one rounding), for bfloat16 and float32 output, on the probe."""
+    if not compiled_matches_bitsandbytes(quant_type, blocksize, dtype):
+        return False
+    rows = _probe(blocksize, dtype)
+    generator = torch.Generator().manual_seed(2)
+    product = torch.randn(rows.shape, generator=generator) * 0.01
+    boundaries, ordered = _tables(quant_type)
+    for absmax in (None, rows.float().reshape(-1, blocksize).abs().amax(1) * 1.0078125 + 1e-3):
+        decoded = compiled_round_trip(rows, blocksize, quant_type, absmax)
+        for out_dtype, delta in ((torch.bfloat16, product), (torch.float32, None)):
+            expected = (decoded + delta * 0.7 if delta is not None else decoded).to(out_dtype)
+            got = torch.empty(rows.shape, dtype=out_dtype)
+            nf4_native.round_trip_merge(rows, blocksize, boundaries, ordered, absmax, delta, 0.7, got)
+            view = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
+            # NaN bits aside (torch's vary with its code path; a NaN fails any save), every bit
+            nan = torch.isnan(expected)
+            if not torch.equal(torch.isnan(got), nan) or not torch.equal(
+                got.view(view)[~nan], expected.view(view)[~nan]
+            ):
+                return False
+    return True
+
+
+def round_trip_merge(
+    rows: torch.Tensor,
+    settings: Quant4bitSettings,
+    absmax: torch.Tensor | None,
+    product: torch.Tensor | None,
+    scaling: float,
+    out: torch.Tensor,
+) -> int:
+    """The round trip of ``rows`` plus ``product`` times ``scaling``, rounded into ``out``, in one
+    compiled pass (only where :func:`compiled_merge_matches`); NaN/Inf written."""
+    boundaries, ordered = _tables(settings.quant_type)
+    return nf4_native.round_trip_merge(
+        rows, settings.blocksize, boundaries, ordered, absmax, product, scaling, out
+    )

@@ -57,6 +57,22 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,  # threads
     ]
     library.fastsave_merge_4bit.restype = ctypes.c_int64
+    library.fastsave_round_trip_merge_4bit.argtypes = [
+        pointer,  # source values
+        ctypes.c_int,  # their dtype
+        size,  # blocks
+        size,  # blocksize
+        pointer,  # boundaries
+        pointer,  # codes
+        ctypes.c_int,  # n_codes
+        pointer,  # absmax to decode with, or NULL
+        pointer,  # float32 product, or NULL
+        ctypes.c_float,  # scaling
+        ctypes.c_int,  # output dtype
+        pointer,  # output values
+        ctypes.c_int,  # threads
+    ]
+    library.fastsave_round_trip_merge_4bit.restype = ctypes.c_int64
     library.fastsave_force_decode.argtypes = [ctypes.c_int]
     library.fastsave_force_decode.restype = ctypes.c_int
     library.fastsave_use_openmp.argtypes = [pointer, pointer, pointer]
@@ -232,6 +248,55 @@ def merge_4bit(
         torch.get_num_threads(),
     )
     _check(0 if nonfinite >= 0 else -1, "merge_4bit")
+    return int(nonfinite)
+
+
+def round_trip_merge(
+    rows: torch.Tensor,
+    blocksize: int,
+    boundaries: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor | None,
+    product: torch.Tensor | None,
+    scaling: float,
+    out: torch.Tensor,
+) -> int:
+    """:func:`round_trip` of ``rows`` and the merge of :func:`merge_4bit` in one pass: ``out`` =
+    round(round trip + product * float32(scaling)) in ``out``'s dtype (float32 or bfloat16); the
+    float32 round trip never leaves the cache. Returns how many NaN and infinities were written.
+    Needs :func:`available`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("fastsave's compiled round trip is not available here (see available())")
+    source = _kernel_input(rows)
+    n_blocks = _blocks(source, blocksize)
+    boundaries = boundaries.to(torch.float32).contiguous()
+    codes = codes.to(torch.float32).contiguous()
+    decode = None if absmax is None else absmax.to(torch.float32).contiguous()
+    if decode is not None and decode.numel() != n_blocks:
+        raise ValueError(f"{decode.numel()} absmax values for {n_blocks} blocks")
+    if out.dtype not in MERGE_DTYPES or not out.is_contiguous() or out.numel() != source.numel():
+        raise ValueError(f"out must be a contiguous float32 or bfloat16 tensor of {source.numel()} values")
+    if product is not None and (
+        product.dtype != torch.float32 or not product.is_contiguous() or product.numel() != source.numel()
+    ):
+        raise ValueError(f"product must be {source.numel()} contiguous float32 values")
+    nonfinite = library.fastsave_round_trip_merge_4bit(
+        source.data_ptr(),
+        _DTYPES[source.dtype],
+        n_blocks,
+        blocksize,
+        boundaries.data_ptr(),
+        codes.data_ptr(),
+        codes.numel(),
+        None if decode is None else decode.data_ptr(),
+        None if product is None else product.data_ptr(),
+        scaling,
+        MERGE_DTYPES[out.dtype],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(0 if nonfinite >= 0 else -1, "round_trip_merge")
     return int(nonfinite)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from fastsave.errors import PlanError
 from fastsave.sources.base import RowReader, Source
 from fastsave.sources.bnb import bnb_functional
-from fastsave.sources.nf4_fused import block_absmax, round_trip
+from fastsave.sources.nf4_fused import block_absmax, compiled_merge_matches, round_trip, round_trip_merge
 from fastsave.sources.settings_4bit import Quant4bitSettings
 
 # what the first pass of a double-quantized round trip reads at a time, counted as float32: the
@@ -106,7 +106,14 @@ class Nf4RoundTripSource(Source):
             def read_single_into(i: int, j: int, out: torch.Tensor | None) -> torch.Tensor:
                 return round_trip(load(i, j), settings, None, out)
 
-            return RowReader(lambda i, j: read_single_into(i, j, None), read_into=read_single_into)
+            def read_single_merged(i: int, j: int, product, scaling: float, out: torch.Tensor) -> int:
+                return round_trip_merge(load(i, j), settings, None, product, scaling, out)
+
+            return RowReader(
+                lambda i, j: read_single_into(i, j, None),
+                read_into=read_single_into,
+                read_merged=read_single_merged if self._merges_in_one_pass() else None,
+            )
         n_rows, n_cols = self.shape
         blocks_per_row = n_cols // settings.blocksize
         # the first pass reads about 1M values (4 MiB as float32, less as stored) at a time
@@ -121,7 +128,20 @@ class Nf4RoundTripSource(Source):
         def read_into(i: int, j: int, out: torch.Tensor | None) -> torch.Tensor:
             return round_trip(load(i, j), settings, absmax[i * blocks_per_row : j * blocks_per_row], out)
 
-        return RowReader(lambda i, j: read_into(i, j, None), read_into=read_into)
+        def read_merged(i: int, j: int, product, scaling: float, out: torch.Tensor) -> int:
+            rows_absmax = absmax[i * blocks_per_row : j * blocks_per_row]
+            return round_trip_merge(load(i, j), settings, rows_absmax, product, scaling, out)
+
+        return RowReader(
+            lambda i, j: read_into(i, j, None),
+            read_into=read_into,
+            read_merged=read_merged if self._merges_in_one_pass() else None,
+        )
+
+    def _merges_in_one_pass(self) -> bool:
+        """Whether the compiled round trip, with the merge in the same pass, serves these settings."""
+        settings = self.quant_settings
+        return compiled_merge_matches(settings.quant_type, settings.blocksize, self.load_dtype)
 
     def describe(self) -> str:
         """How the weight was reproduced."""
