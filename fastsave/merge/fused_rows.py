@@ -1,21 +1,23 @@
-"""A bitsandbytes 4-bit weight on the CPU plus one plain LoRA delta, merged a row block at a time in one C pass.
+"""A row block merged in one C pass: a bitsandbytes 4-bit weight, or the 4-bit round trip of ``fastsave merge``.
 
-The row merge (fastsave.merge.row_blocks) computes a block with five torch operations: bitsandbytes'
-dequantize into fresh memory, the rank-r product, its scaling, the add, the rounding to the output
+The row merge (fastsave.merge.row_blocks) computes a block with several torch operations: the
+base's float32 rows (bitsandbytes' dequantize into fresh memory, or the NF4/FP4 round trip of a
+16-bit checkpoint's rows), the rank-r product, its scaling, the add, the rounding to the output
 dtype. Here the product is still torch's (the BLAS's bits, which peft's merge has), into one reused
-buffer, and the rest is one C loop over the packed codes (fastsave/native/codes_4bit.c,
-``fastsave_merge_4bit``): the code's value times the block's absmax, the product times the scaling,
-their sum, one rounding, each float32 operation rounded on its own in that order. Measured on one
-core for a 1M-value block: 0.30 ms against 0.45-0.47 ms for the torch operations (their memory
-already in place).
+buffer, and the rest is one C loop (fastsave/native/codes_4bit.c): the base's value, the product
+times the scaling, their sum, one rounding and a count of NaN/Inf, each float32 operation rounded
+on its own in that order. Measured on one core for a 1M-value block of a bitsandbytes weight:
+0.30 ms against 0.45-0.47 ms for the torch operations (their memory already in place).
 
-It serves only what it was checked on: the codes in bitsandbytes' own layout on the CPU (not the
-layout bitsandbytes repacks them into on CPUs with AVX512-BF16), blocks within rows, NF4 or FP4,
-bfloat16 or float32 output, no delta or one plain LoRA delta of a linear layer (not DoRA, not
-fan_in_fan_out, no other tuner), and each (quant type, blocksize, code table, output dtype, with
-or without a delta) first passes a probe against bitsandbytes' dequantize and the torch operations
-on values that reach every code, zero and huge blocks included. Anything else, or no compiled
-library here, merges as before.
+Two sources have such a pass. A bitsandbytes 4-bit weight on the CPU, in bitsandbytes' own layout
+(not the one it repacks into on CPUs with AVX512-BF16), blocks within rows, NF4 or FP4: its codes
+are decoded here, after a probe of each (quant type, blocksize, code table, output dtype, with or
+without a delta) against bitsandbytes' dequantize and the torch merge on values that reach every
+code. And any row reader with ``read_merged`` (fastsave.sources.base.RowReader): the round trip of
+``fastsave merge`` (fastsave.sources.nf4_roundtrip), probed against the round trip followed by the
+torch merge. Either serves bfloat16 or float32 output with no delta or one plain LoRA delta of a
+linear layer (not DoRA, not fan_in_fan_out, no other tuner); anything else, or no compiled library
+here, merges as before.
 """
 
 from __future__ import annotations
