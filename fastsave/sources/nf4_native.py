@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -141,6 +142,54 @@ def _check(status: int, what: str) -> None:
         raise ValueError(f"fastsave's C kernel refused the arguments of {what}")
 
 
+@dataclass
+class _RoundTripInputs:
+    """The round trip's inputs as the kernel reads them (held here while it runs), checked against
+    each other: the rows, their block count, the float32 boundaries, codes and optional absmax."""
+
+    source: torch.Tensor
+    n_blocks: int
+    blocksize: int
+    boundaries: torch.Tensor
+    codes: torch.Tensor
+    decode: torch.Tensor | None
+
+    def leading_arguments(self) -> tuple:
+        """The kernel's first eight arguments (source to absmax), the same for both round trips."""
+        return (
+            self.source.data_ptr(),
+            _DTYPES[self.source.dtype],
+            self.n_blocks,
+            self.blocksize,
+            self.boundaries.data_ptr(),
+            self.codes.data_ptr(),
+            self.codes.numel(),
+            None if self.decode is None else self.decode.data_ptr(),
+        )
+
+
+def _round_trip_inputs(
+    rows: torch.Tensor,
+    blocksize: int,
+    boundaries: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor | None,
+) -> _RoundTripInputs:
+    source = _kernel_input(rows)
+    n_blocks = _blocks(source, blocksize)
+    decode = None if absmax is None else absmax.to(torch.float32).contiguous()
+    if decode is not None and decode.numel() != n_blocks:
+        raise ValueError(f"{decode.numel()} absmax values for {n_blocks} blocks")
+    return _RoundTripInputs(
+        source,
+        n_blocks,
+        blocksize,
+        boundaries.to(torch.float32).contiguous(),
+        codes.to(torch.float32).contiguous(),
+        decode,
+    )
+
+
 def round_trip(
     rows: torch.Tensor,
     blocksize: int,
@@ -156,26 +205,13 @@ def round_trip(
     library = _library()
     if library is None:
         raise RuntimeError("fastsave's compiled round trip is not available here (see available())")
-    source = _kernel_input(rows)
-    n_blocks = _blocks(source, blocksize)
-    boundaries = boundaries.to(torch.float32).contiguous()
-    codes = codes.to(torch.float32).contiguous()
-    decode = None if absmax is None else absmax.to(torch.float32).contiguous()
-    if decode is not None and decode.numel() != n_blocks:
-        raise ValueError(f"{decode.numel()} absmax values for {n_blocks} blocks")
+    inputs = _round_trip_inputs(rows, blocksize, boundaries, codes, absmax)
     if out is None:
         out = torch.empty(rows.shape, dtype=torch.float32)
     elif out.dtype != torch.float32 or out.shape != rows.shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(rows.shape)}")
     status = library.fastsave_round_trip_4bit(
-        source.data_ptr(),
-        _DTYPES[source.dtype],
-        n_blocks,
-        blocksize,
-        boundaries.data_ptr(),
-        codes.data_ptr(),
-        codes.numel(),
-        None if decode is None else decode.data_ptr(),
+        *inputs.leading_arguments(),
         out.data_ptr(),
         torch.get_num_threads(),
     )
@@ -268,28 +304,16 @@ def round_trip_merge(
     library = _library()
     if library is None:
         raise RuntimeError("fastsave's compiled round trip is not available here (see available())")
-    source = _kernel_input(rows)
-    n_blocks = _blocks(source, blocksize)
-    boundaries = boundaries.to(torch.float32).contiguous()
-    codes = codes.to(torch.float32).contiguous()
-    decode = None if absmax is None else absmax.to(torch.float32).contiguous()
-    if decode is not None and decode.numel() != n_blocks:
-        raise ValueError(f"{decode.numel()} absmax values for {n_blocks} blocks")
-    if out.dtype not in MERGE_DTYPES or not out.is_contiguous() or out.numel() != source.numel():
-        raise ValueError(f"out must be a contiguous float32 or bfloat16 tensor of {source.numel()} values")
+    inputs = _round_trip_inputs(rows, blocksize, boundaries, codes, absmax)
+    n = inputs.source.numel()
+    if out.dtype not in MERGE_DTYPES or not out.is_contiguous() or out.numel() != n:
+        raise ValueError(f"out must be a contiguous float32 or bfloat16 tensor of {n} values")
     if product is not None and (
-        product.dtype != torch.float32 or not product.is_contiguous() or product.numel() != source.numel()
+        product.dtype != torch.float32 or not product.is_contiguous() or product.numel() != n
     ):
-        raise ValueError(f"product must be {source.numel()} contiguous float32 values")
+        raise ValueError(f"product must be {n} contiguous float32 values")
     nonfinite = library.fastsave_round_trip_merge_4bit(
-        source.data_ptr(),
-        _DTYPES[source.dtype],
-        n_blocks,
-        blocksize,
-        boundaries.data_ptr(),
-        codes.data_ptr(),
-        codes.numel(),
-        None if decode is None else decode.data_ptr(),
+        *inputs.leading_arguments(),
         None if product is None else product.data_ptr(),
         scaling,
         MERGE_DTYPES[out.dtype],
