@@ -18,8 +18,8 @@ from checkpoint_files import saved_tensors
 from test_core_merged import _lora_layers, _oracle
 
 import fastsave
-from fastsave.merge import fused_rows, row_blocks
-from fastsave.sources import nf4_native
+from fastsave.merge import row_blocks
+from fastsave.sources import bnb_4bit, nf4_native
 from fastsave.sources.bnb_4bit import absmax_float32
 
 HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
@@ -198,11 +198,11 @@ def test_a_code_table_bitsandbytes_does_not_decode_with_keeps_the_torch_merge(
         state = layer.get_base_layer().weight.quant_state
         state.code = state.code.clone()
         state.code[5] += 0.001  # not what bitsandbytes' CPU kernel decodes code 5 to
-    fused_rows._probe.cache_clear()
+    bnb_4bit.one_pass_matches_bitsandbytes.cache_clear()
     try:
         _saved_exactly_by_the_torch_merge(model, expected, tmp_path, monkeypatch)
     finally:
-        fused_rows._probe.cache_clear()
+        bnb_4bit.one_pass_matches_bitsandbytes.cache_clear()
 
 
 def test_without_the_compiled_library_the_torch_merge_runs(qlora_model, tmp_path, monkeypatch):

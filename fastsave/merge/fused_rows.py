@@ -9,24 +9,19 @@ times the scaling, their sum, one rounding and a count of NaN/Inf, each float32 
 on its own in that order. Measured on one core for a 1M-value block of a bitsandbytes weight:
 0.30 ms against 0.45-0.47 ms for the torch operations (their memory already in place).
 
-Two sources have such a pass. A bitsandbytes 4-bit weight on the CPU, in bitsandbytes' own layout
-(not the one it repacks into on CPUs with AVX512-BF16), blocks within rows, NF4 or FP4: its codes
-are decoded here, after a probe of each (quant type, blocksize, code table, output dtype, with or
-without a delta) against bitsandbytes' dequantize and the torch merge on values that reach every
-code. And any row reader with ``read_merged`` (fastsave.sources.base.RowReader): the round trip of
-``fastsave merge`` (fastsave.sources.nf4_roundtrip), probed against the round trip followed by the
-torch merge. Either serves bfloat16 or float32 output with no delta or one plain LoRA delta of a
-linear layer (not DoRA, not fan_in_fan_out, no other tuner); anything else, or no compiled library
-here, merges as before.
+Two row readers have such a pass (``RowReader.read_merged``), each after a probe of its own: a
+bitsandbytes 4-bit weight on the CPU (fastsave.sources.bnb_4bit; its codes decoded in C, probed
+against bitsandbytes' dequantize and the torch merge on values that reach every code) and the
+round trip of ``fastsave merge`` (fastsave.sources.nf4_roundtrip; probed against the round trip
+followed by the torch merge). Either serves bfloat16 or float32 output with no delta or one plain
+LoRA delta of a linear layer (not DoRA, not fan_in_fan_out, no other tuner); anything else, or no
+compiled library here, merges as before.
 """
 
 from __future__ import annotations
 
-import copy
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
@@ -36,9 +31,6 @@ from fastsave.buffer_pool import ReusedBuffer
 from fastsave.io.finite import check_finite
 from fastsave.sources import nf4_native
 from fastsave.sources.base import RowReader, RowReadMerged, Source
-from fastsave.sources.bnb_4bit import absmax_float32, blocks_within_rows
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,17 +54,15 @@ def fused_rows_plan(
     reader: RowReader | None = None,
 ) -> FusedRows | None:
     """The one-pass plan for ``source`` + ``deltas`` in blocks of ``step`` rows (the row merge's,
-    whose product check passed) rounded to ``dtype``: a bitsandbytes 4-bit weight's C pass, or the
-    ``read_merged`` of its ``reader`` (the 4-bit round trip of ``fastsave merge``), when the case
-    is served and its probe passed; else None. ``name``: the output tensor's."""
+    whose product check passed) rounded to ``dtype``, when its ``reader`` merges in one pass
+    (``read_merged``: a bitsandbytes 4-bit weight, the 4-bit round trip of ``fastsave merge``) and
+    the deltas are a case that pass serves; else None. ``name``: the output tensor's."""
     if dtype not in nf4_native.MERGE_DTYPES or len(deltas) > 1 or not nf4_native.available():
         return None
     delta = deltas[0] if deltas else None
     if delta is not None and (type(delta.variant) is not Variant or delta.fan_in_fan_out):
         return None
-    merge_rows = _bnb_4bit_rows(source, dtype, delta is not None)
-    if merge_rows is None and reader is not None:
-        merge_rows = reader.read_merged
+    merge_rows = reader.read_merged if reader is not None else None
     if merge_rows is None or len(source.shape) != 2:
         return None
     return FusedRows(
@@ -83,32 +73,6 @@ def fused_rows_plan(
         merge_rows=merge_rows,
         name=name,
     )
-
-
-def _bnb_4bit_rows(source: Source, dtype: torch.dtype, delta: bool) -> RowReadMerged | None:
-    """The C pass over a bitsandbytes 4-bit weight's codes, when it serves this one (see the module)."""
-    packed = source.packed_4bit()
-    if packed is None:
-        return None
-    data, state = packed
-    if data.device.type != "cpu" or len(state.shape) != 2 or not blocks_within_rows(state):
-        return None
-    if state.quant_type not in ("nf4", "fp4") or state.blocksize % 2 or state.code.numel() != 16:
-        return None
-    table = state.code.to(torch.float32).contiguous()
-    if not _probe(state.quant_type, state.blocksize, tuple(table.tolist()), dtype, delta):
-        return None
-    codes = (data if data.dtype == torch.uint8 else data.view(torch.uint8)).reshape(-1)
-    absmax = absmax_float32(state).contiguous()
-    blocksize, n_cols = state.blocksize, int(state.shape[1])
-    per_row = n_cols // blocksize
-
-    def merge_rows(i: int, j: int, product: torch.Tensor | None, scaling: float, out: torch.Tensor) -> int:
-        rows_codes = codes[i * n_cols // 2 : j * n_cols // 2]
-        rows_absmax = absmax[i * per_row : j * per_row]
-        return nf4_native.merge_4bit(rows_codes, blocksize, table, rows_absmax, product, scaling, out)
-
-    return merge_rows
 
 
 def stream_fused_rows(plan: FusedRows, dtype: torch.dtype) -> Iterator[torch.Tensor]:
@@ -126,54 +90,3 @@ def stream_fused_rows(plan: FusedRows, dtype: torch.dtype) -> Iterator[torch.Ten
         if plan.merge_rows(i, j, rows, plan.scaling, out):  # NaN/Inf: the error naming the tensor, now
             check_finite(out, plan.name)
         yield out
-
-
-@cache
-def _probe(
-    quant_type: str, blocksize: int, table: tuple[float, ...], dtype: torch.dtype, delta: bool
-) -> bool:
-    """Whether the C loop gives the bits of bitsandbytes' dequantize + the torch merge for these
-    settings, on values that reach every code (a zero block, a huge and a tiny one among them)."""
-    import bitsandbytes.functional as bnb_functional
-
-    generator = torch.Generator().manual_seed(0)
-    n_cols = max(2 * blocksize, 256)
-    weight = torch.randn(8, n_cols, generator=generator)
-    weight[0] = 0.0
-    weight[1] *= 1e30
-    weight[2] *= 1e-30
-    weight[3] = torch.linspace(-1.0, 1.0, n_cols)
-    codes, state = bnb_functional.quantize_4bit(
-        weight.to(torch.bfloat16), blocksize=blocksize, quant_type=quant_type, compress_statistics=True
-    )
-    state32 = copy.copy(state)
-    state32.dtype = torch.float32
-    expected = bnb_functional.dequantize_4bit(codes, state32)
-    product = None
-    if delta:
-        b = torch.randn(8, 4, generator=generator)
-        a = torch.randn(4, n_cols, generator=generator)
-        product = b @ a
-        expected = expected.add_(product.mul(0.3))
-    expected = expected.to(dtype)
-    ours = torch.empty(8, n_cols, dtype=dtype)
-    nf4_native.merge_4bit(
-        codes.reshape(-1),
-        blocksize,
-        torch.tensor(table, dtype=torch.float32),
-        absmax_float32(state).contiguous(),
-        product,
-        0.3,
-        ours,
-    )
-    view = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    same = torch.equal(ours.view(view), expected.view(view))
-    if not same:
-        logger.info(
-            "fastsave: the compiled 4-bit merge differs from bitsandbytes' dequantize for %s blocksize %d "
-            "(%s); merging those weights with torch operations",
-            quant_type,
-            blocksize,
-            dtype,
-        )
-    return same

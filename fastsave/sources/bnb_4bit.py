@@ -13,16 +13,21 @@ user trained and evaluated.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+from functools import cache
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from fastsave.sources import nf4_native
 from fastsave.sources.backends import QuantizedLinear, optional_classes
-from fastsave.sources.base import RowReader, Source
+from fastsave.sources.base import RowReader, RowReadMerged, Source
 from fastsave.sources.bnb import bnb, bnb_functional, converted_from_conv1d, is_4bit_module
 from fastsave.sources.settings_4bit import Quant4bitSettings
+
+logger = logging.getLogger(__name__)
 
 # Same layout constants as bitsandbytes' _convert_weight_packed_for_cpu: 32 rows a block, the low
 # nibbles of a 64-value run first, then the high nibbles.
@@ -182,7 +187,69 @@ class Bnb4bitSource(Source):
                 return kernels.dequantize_4bit(block, rows, dtype=torch.float32).to("cpu")
             return bnb_functional.dequantize_4bit(block, rows).to("cpu")
 
-        return RowReader(read)
+        return RowReader(read, read_merged=_merged_rows_in_one_pass(flat, state, absmax))
+
+
+def _merged_rows_in_one_pass(flat_codes: torch.Tensor, state, absmax: torch.Tensor) -> RowReadMerged | None:
+    """Rows of a 4-bit weight on the CPU dequantized, merged and rounded by one C pass
+    (fastsave.merge.fused_rows), where the compiled library is here and its probe for these
+    settings gives bitsandbytes' dequantize followed by the torch merge; else None."""
+    if flat_codes.device.type != "cpu" or not nf4_native.available():
+        return None
+    if state.quant_type not in ("nf4", "fp4") or state.blocksize % 2 or state.code.numel() != 16:
+        return None
+    table = state.code.to(torch.float32).contiguous()
+    if not one_pass_matches_bitsandbytes(state.quant_type, state.blocksize, tuple(table.tolist())):
+        return None
+    absmax = absmax.contiguous()
+    blocksize, n_cols = state.blocksize, int(state.shape[-1])
+    per_row = n_cols // blocksize
+
+    def read_merged(i: int, j: int, product: torch.Tensor | None, scaling: float, out: torch.Tensor) -> int:
+        codes = flat_codes[i * n_cols // 2 : j * n_cols // 2]
+        return nf4_native.merge_4bit(
+            codes, blocksize, table, absmax[i * per_row : j * per_row], product, scaling, out
+        )
+
+    return read_merged
+
+
+@cache
+def one_pass_matches_bitsandbytes(quant_type: str, blocksize: int, table: tuple[float, ...]) -> bool:
+    """Whether the C pass over codes decoding to ``table`` gives the bits of bitsandbytes' dequantize
+    followed by the torch merge (bfloat16 and float32 output, with and without a product), on values
+    that reach every code (a zero block, a huge and a tiny one among them)."""
+    generator = torch.Generator().manual_seed(0)
+    n_cols = max(2 * blocksize, 256)
+    weight = torch.randn(8, n_cols, generator=generator)
+    weight[0] = 0.0
+    weight[1] *= 1e30
+    weight[2] *= 1e-30
+    weight[3] = torch.linspace(-1.0, 1.0, n_cols)
+    codes, state = bnb_functional.quantize_4bit(
+        weight.to(torch.bfloat16), blocksize=blocksize, quant_type=quant_type, compress_statistics=True
+    )
+    state32 = copy.copy(state)
+    state32.dtype = torch.float32
+    dequantized = bnb_functional.dequantize_4bit(codes, state32)
+    product = torch.randn(8, 4, generator=generator) @ torch.randn(4, n_cols, generator=generator)
+    for dtype, view in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32)):
+        for delta in (product, None):
+            expected = (dequantized + delta * 0.3 if delta is not None else dequantized).to(dtype)
+            ours = torch.empty(8, n_cols, dtype=dtype)
+            table_values = torch.tensor(table, dtype=torch.float32)
+            nf4_native.merge_4bit(
+                codes.reshape(-1), blocksize, table_values, absmax_float32(state), delta, 0.3, ours
+            )
+            if not torch.equal(ours.view(view), expected.view(view)):
+                logger.info(
+                    "fastsave: the compiled 4-bit merge differs from bitsandbytes' dequantize for %s "
+                    "blocksize %d; merging those weights with torch operations",
+                    quant_type,
+                    blocksize,
+                )
+                return False
+    return True
 
 
 class Bnb4bitCpuRepackedSource(Bnb4bitSource):
