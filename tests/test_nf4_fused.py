@@ -296,7 +296,7 @@ def test_a_merge_pass_that_rounds_otherwise_is_not_used(monkeypatch, tmp_path):
         out.view(torch.int16 if out.dtype == torch.bfloat16 else torch.int32).add_(1)
         return nonfinite
 
-    nf4_fused.compiled_merge_matches.cache_clear()
+    nf4_fused.merge_pass_matches.cache_clear()
     monkeypatch.setattr(nf4_native, "round_trip_merge", one_ulp_up)
     try:
         assert not nf4_fused.compiled_merge_matches("nf4", 64, torch.bfloat16)
@@ -306,5 +306,5 @@ def test_a_merge_pass_that_rounds_otherwise_is_not_used(monkeypatch, tmp_path):
         assert not source._merges_in_one_pass()
     finally:
         monkeypatch.undo()
-        nf4_fused.compiled_merge_matches.cache_clear()
+        nf4_fused.merge_pass_matches.cache_clear()
     assert nf4_fused.compiled_merge_matches("nf4", 64, torch.bfloat16)

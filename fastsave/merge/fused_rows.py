@@ -57,7 +57,8 @@ def fused_rows_plan(
     whose product check passed) rounded to ``dtype``, when its ``reader`` merges in one pass
     (``read_merged``: a bitsandbytes 4-bit weight, the 4-bit round trip of ``fastsave merge``) and
     the deltas are a case that pass serves; else None. ``name``: the output tensor's."""
-    if dtype not in nf4_native.MERGE_DTYPES or len(deltas) > 1 or not nf4_native.available():
+    # a reader has read_merged only where the compiled library loaded and its probe passed
+    if dtype not in nf4_native.MERGE_DTYPES or len(deltas) > 1:
         return None
     delta = deltas[0] if deltas else None
     if delta is not None and (type(delta.variant) is not Variant or delta.fan_in_fan_out):

@@ -233,14 +233,12 @@ def one_pass_matches_bitsandbytes(quant_type: str, blocksize: int, table: tuple[
     state32.dtype = torch.float32
     dequantized = bnb_functional.dequantize_4bit(codes, state32)
     product = torch.randn(8, 4, generator=generator) @ torch.randn(4, n_cols, generator=generator)
+    flat, values, absmax = codes.reshape(-1), torch.tensor(table, dtype=torch.float32), absmax_float32(state)
     for dtype, view in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32)):
         for delta in (product, None):
             expected = (dequantized + delta * 0.3 if delta is not None else dequantized).to(dtype)
             ours = torch.empty(8, n_cols, dtype=dtype)
-            table_values = torch.tensor(table, dtype=torch.float32)
-            nf4_native.merge_4bit(
-                codes.reshape(-1), blocksize, table_values, absmax_float32(state), delta, 0.3, ours
-            )
+            nf4_native.merge_4bit(flat, blocksize, values, absmax, delta, 0.3, ours)
             if not torch.equal(ours.view(view), expected.view(view)):
                 logger.info(
                     "fastsave: the compiled 4-bit merge differs from bitsandbytes' dequantize for %s "

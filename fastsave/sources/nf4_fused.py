@@ -229,13 +229,19 @@ def block_absmax(rows: torch.Tensor, blocksize: int) -> torch.Tensor:
     return rows.abs().reshape(-1, blocksize).amax(1).to(torch.float32)
 
 
-@cache
 def compiled_merge_matches(quant_type: str, blocksize: int, dtype: torch.dtype) -> bool:
     """Whether the compiled round trip with the merge in the same pass (nf4_native.round_trip_merge)
-    gives the bits of the compiled round trip followed by the torch merge (a product times a
+    serves these settings: the compiled round trip itself does (:func:`compiled_matches_bitsandbytes`)
+    and the pass gives the bits of that round trip followed by the torch merge (a product times a
     scaling, the add, one rounding), for bfloat16 and float32 output, on the probe."""
-    if not compiled_matches_bitsandbytes(quant_type, blocksize, dtype):
-        return False
+    return compiled_matches_bitsandbytes(quant_type, blocksize, dtype) and merge_pass_matches(
+        quant_type, blocksize, dtype
+    )
+
+
+@cache
+def merge_pass_matches(quant_type: str, blocksize: int, dtype: torch.dtype) -> bool:
+    """The second half of :func:`compiled_merge_matches`, checked once per setting."""
     rows = _probe(blocksize, dtype)
     generator = torch.Generator().manual_seed(2)
     product = torch.randn(rows.shape, generator=generator) * 0.01
