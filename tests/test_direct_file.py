@@ -205,16 +205,34 @@ def test_a_save_writes_its_shards_with_o_direct_where_it_suits(qlora_model, tmp_
     assert report.ok and report.digests_checked == len(asked), report.summary()
 
 
-def test_a_minimal_memory_budget_gets_small_write_buffers():
+def test_write_buffers_grow_with_the_output_and_are_paid_from_the_allowance():
     from fastsave.io.direct_file import BUFFER_BYTES, DEPTH, write_buffers
 
-    assert write_buffers(16 << 20, minimal=False) == (BUFFER_BYTES, DEPTH)
+    mib = 1 << 20
+    expected = {0: 1, 100 * mib: 1, 511 * mib: 1, 512 * mib: 2, 1023 * mib: 2, 1024 * mib: 4}
+    expected |= {2007 * 10**6: 4, 2048 * mib: 8, 6282 * 10**6: 8, 16 << 30: 8}
+    for output, each_mib in expected.items():
+        each, depth, paid = write_buffers(512 * mib, minimal=False, output_bytes=output)
+        assert (each, depth) == (each_mib * mib, DEPTH), output
+        # what they hold beyond the smallest buffers comes out of what may wait for the writer
+        assert paid == each * depth - BUFFER_BYTES * DEPTH
+    # a small allowance keeps them at an eighth of it (what is left for the pieces: at least half)
+    for allowance, each_mib in ((16 * mib, 2), (42 * mib, 4), (8 * mib, 1), (1 * mib, 1)):
+        each, depth, paid = write_buffers(allowance, minimal=False, output_bytes=16 << 30)
+        assert each == each_mib * mib, allowance
+        assert each == BUFFER_BYTES or allowance - paid >= allowance // 2
+
+
+def test_a_minimal_memory_budget_gets_small_write_buffers():
+    from fastsave.io.direct_file import write_buffers
+
     for allowance in (1 << 20, 5 << 20, 63 << 20):
-        each, depth = write_buffers(allowance, minimal=True)
+        each, depth, paid = write_buffers(allowance, minimal=True)
         assert (
             depth == 2
+            and paid == each * depth
             and each % ALIGN == 0
             and each >= ALIGN
             and each * depth <= max(2 * ALIGN, allowance // 8)
         )
-    assert write_buffers(0, minimal=True) == (ALIGN, 2)
+    assert write_buffers(0, minimal=True) == (ALIGN, 2, 2 * ALIGN)

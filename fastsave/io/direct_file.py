@@ -38,7 +38,9 @@ from typing import Protocol
 logger = logging.getLogger(__name__)
 
 ALIGN = 4096  # O_DIRECT's alignment of memory, offsets and lengths (a multiple of any block size up to 4 KiB)
-BUFFER_BYTES = 1 << 20  # 1-16 MiB writes all reached the disk's O_DIRECT speed here (0.15-0.2 s for 513 MB)
+BUFFER_BYTES = 1 << 20  # the smallest of the write buffers a save holds when its memory is not minimal
+MAX_BUFFER_BYTES = 8 << 20  # the largest: bigger writes gained nothing more and cost more set-up
+BUFFERS_PER_OUTPUT = 256  # a buffer is at most this fraction of the output (the 4 of them 1/64)
 DEPTH = 4
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
 # local block-device filesystems, where O_DIRECT is the fastest way to the disk
@@ -54,14 +56,30 @@ class StreamChecksum(Protocol):
     def update(self, data: memoryview) -> None: ...
 
 
-def write_buffers(allowance: int, minimal: bool) -> tuple[int, int]:
-    """The size and number of the write buffers a save holds: :data:`DEPTH` of :data:`BUFFER_BYTES`
-    (4 MiB), or, when the memory budget is minimal, an eighth of its ``allowance`` in two (4 KiB
-    each at least)."""
-    if not minimal:
-        return BUFFER_BYTES, DEPTH
-    each = max(ALIGN, min(BUFFER_BYTES, allowance // 16) // ALIGN * ALIGN)
-    return each, 2
+def write_buffers(allowance: int, minimal: bool, output_bytes: int = 0) -> tuple[int, int, int]:
+    """The write buffers a save of ``output_bytes`` holds: their size, their number, and how many of
+    their bytes the save's byte budget pays for (what may wait for the writer is that much smaller).
+
+    :data:`DEPTH` buffers of the largest power of two from :data:`BUFFER_BYTES` (1 MiB) to
+    :data:`MAX_BUFFER_BYTES` (8 MiB) that is at most a 256th of the output (1 MiB below 512 MiB of
+    output, 2 MiB below 1 GiB, 4 MiB below 2 GiB, 8 MiB from there) and an eighth of the
+    ``allowance``; what they hold beyond 4 x 1 MiB is paid from the allowance, so that a larger
+    save's larger buffers do not add to its memory. Why larger writes for larger saves: inside a
+    save the O_DIRECT writes of its one I/O thread are what it waits for, and on this project's
+    2-core machine 1 MiB writes took a 2 GB output at 1.35-1.64 GB/s, 4 MiB writes at 1.74-1.88
+    and 8 MiB writes at 1.9-2.4 (the disk's floor: 2.5-3.1 GB/s), while a small save did not earn
+    back the set-up of bigger buffers (benchmarks/save_phases.py).
+
+    When the memory budget is minimal: an eighth of its ``allowance`` in two buffers (4 KiB each at
+    least), all of it paid from the allowance.
+    """
+    if minimal:
+        each = max(ALIGN, min(BUFFER_BYTES, allowance // 16) // ALIGN * ALIGN)
+        return each, 2, each * 2
+    each = BUFFER_BYTES
+    while each * 2 <= min(MAX_BUFFER_BYTES, output_bytes // BUFFERS_PER_OUTPUT, allowance // 8):
+        each *= 2
+    return each, DEPTH, (each - BUFFER_BYTES) * DEPTH
 
 
 def aligned(nbytes: int) -> int:

@@ -80,8 +80,9 @@ def write_merged_weights(
         except Exception as error:
             space_error = error
     team.agree(space_error, "checking the disk space")
-    memory = MemoryBudget(options.maximum_memory_usage, team.local_world, sum(shard.nbytes for shard in mine))
-    buffer_bytes, depth = write_buffers(memory.allowance, memory.minimal)
+    my_bytes = sum(shard.nbytes for shard in mine)
+    memory = MemoryBudget(options.maximum_memory_usage, team.local_world, my_bytes)
+    buffer_bytes, depth, buffers_paid = write_buffers(memory.allowance, memory.minimal, my_bytes)
     writer = ShardWriter(
         directory,
         mine,
@@ -91,8 +92,9 @@ def write_merged_weights(
         buffer_bytes=buffer_bytes,
         depth=depth,
     )
-    # a tight budget pays for the writer's buffers out of what may wait for it
-    budget = ByteBudget(memory.allowance - (buffer_bytes * depth if memory.minimal else 0))
+    # the writer's buffers (all of them in a tight budget, else what they hold beyond 4 MiB) are paid
+    # out of what may wait for it
+    budget = ByteBudget(memory.allowance - buffers_paid)
     spill = spill_directory(options.temporary_location, directory, team.rank if team.collective else None)
     # device blocks reach the host as pinned copies: a few of them and the pieces waiting must fit
     # the RAM allowance too

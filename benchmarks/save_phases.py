@@ -1,0 +1,163 @@
+"""Where a save's time goes: set-up, streaming, finish, and how busy the disk's thread is.
+
+    python benchmarks/save_phases.py --size 250m --rounds 4
+    python benchmarks/save_phases.py --size 1b --rounds 3 --work /path/with/room
+
+One process loads the trained QLoRA model (as benchmarks/save_cpu.py's fastsave contender does:
+the random bf16 base quantized to NF4 while loading, and the adapter), then, round after round,
+writes the bytes of the checkpoint from memory with O_DIRECT (the floor's fastest way on this
+project's machine, measured beside every save because the disk's speed drifts from minute to
+minute) and saves it with ``save_pretrained_merged(merged_16bit)``. Round 1 is the first save in
+the process (what a user's one save costs); later rounds are warm.
+
+For each save it records, by wrapping the write buffers' hand-over to the I/O thread
+(``AlignedWriter._submit``, on the writer's thread) and the I/O thread's job
+(``AlignedWriter._write_out``: the buffer's checksum and its O_DIRECT write):
+
+  before      from the call to the first buffer the I/O thread starts (imports, plan, checks)
+  streaming   from then to the end of the last write (the header is the last one)
+  I/O busy    time the I/O thread spent in its jobs (checksum + write), summed
+  no buffer   time the I/O thread had nothing to write: the producer and the writer were behind
+  lag         time a filled buffer waited for the I/O thread although it was free (thread
+              scheduling, the GIL)
+  after       from the last write to the return (fsync of the directory, renames, report)
+
+If I/O busy is most of streaming, the save is bound by how fast the disk takes the writes of the
+save's 1 MiB buffers while the producer computes beside it; if "no buffer" is large, by the
+producer. The wrapped names are private: this script follows them when they change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import SIZES, check_disk, machine, markdown_table, parse_sizes, prepare
+from contenders import RAW_WAYS, load_trained_model
+
+
+def _instrument(events: list[tuple[str, float]]) -> None:
+    """Record when each write buffer is handed over, and when the I/O thread starts and ends it."""
+    from fastsave.io import direct_file
+
+    writer = direct_file.AlignedWriter
+    submit, write_out = writer._submit, writer._write_out
+
+    def timed_submit(self) -> None:
+        events.append(("ready", time.perf_counter()))
+        submit(self)
+
+    def timed_write_out(self, slot: int, size: int, offset: int) -> None:
+        events.append(("start", time.perf_counter()))
+        try:
+            write_out(self, slot, size, offset)
+        finally:
+            events.append(("end", time.perf_counter()))
+
+    writer._submit, writer._write_out = timed_submit, timed_write_out
+
+
+def phases(events: list[tuple[str, float]], called: float, returned: float) -> dict[str, float]:
+    """The phases of one save from its events (see the module's docstring)."""
+    ready = [t for kind, t in events if kind == "ready"]
+    starts = [t for kind, t in events if kind == "start"]
+    ends = [t for kind, t in events if kind == "end"]
+    # the header's write goes through _pwrite directly (no buffer handed over): the data's
+    # writes are the first len(ready) jobs
+    jobs = list(zip(starts, ends, strict=True))
+    lag = sum(starts[i] - max(ready[i], ends[i - 1] if i else ready[i]) for i in range(len(ready)))
+    idle = sum(max(0.0, ready[i] - ends[i - 1]) for i in range(1, len(ready)))
+    return {
+        "seconds": returned - called,
+        "before": (starts[0] if starts else returned) - called,
+        "streaming": (ends[-1] - starts[0]) if starts else 0.0,
+        "io_busy": sum(end - start for start, end in jobs),
+        "no_buffer": idle,
+        "lag": lag,
+        "after": returned - (ends[-1] if ends else called),
+        "writes": len(jobs),
+    }
+
+
+def main() -> None:
+    """Run the rounds and print one table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="250m", help=f"one of {', '.join(SIZES)} or HxL")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--work", default=None, help="work directory, kept (default: a temporary one)")
+    args = parser.parse_args()
+    (name, size), *_ = parse_sizes(args.size).items()
+    root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fastsave-phases-"))
+    try:
+        work = root / name
+        record = prepare(work, size)
+        check_disk(work, 2 * record["output_bytes"])
+        raw = RAW_WAYS["O_DIRECT"]
+        import mmap
+
+        import numpy as np
+
+        buffer = mmap.mmap(-1, record["output_bytes"])  # page-aligned, as O_DIRECT needs
+        data = np.frombuffer(buffer, dtype=np.uint8)
+        data[:] = np.random.default_rng(0).integers(0, 256, size=data.size, dtype=np.uint8)
+        model = load_trained_model({"work": str(work)})["model"]
+        import fastsave
+
+        events: list[tuple[str, float]] = []
+        _instrument(events)
+        out = work / "phases-out"
+        rows = []
+        for round_ in range(1, max(1, args.rounds) + 1):
+            started = time.perf_counter()
+            raw(data, str(work / "raw.bin"))
+            floor = time.perf_counter() - started
+            (work / "raw.bin").unlink()
+            shutil.rmtree(out, ignore_errors=True)
+            events.clear()
+            called = time.perf_counter()
+            fastsave.save_pretrained_merged(model, out, save_method="merged_16bit")
+            got = phases(events, called, time.perf_counter())
+            rows.append(
+                [
+                    str(round_),
+                    f"{floor:.3f}",
+                    f"{got['seconds']:.3f}",
+                    f"{got['seconds'] / floor:.2f}x",
+                    f"{got['before']:.3f}",
+                    f"{got['streaming']:.3f}",
+                    f"{got['io_busy']:.3f} ({got['io_busy'] / max(got['streaming'], 1e-9):.0%})",
+                    f"{got['no_buffer']:.3f}",
+                    f"{got['lag']:.3f}",
+                    f"{got['after']:.3f}",
+                    f"{record['output_bytes'] / max(got['io_busy'], 1e-9) / 1e9:.2f}",
+                ]
+            )
+            print(f"round {round_}: floor {floor:.3f} s, save {got['seconds']:.3f} s", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"\n### {name}: {size.describe()}; {record['output_bytes'] / 1e6:.0f} MB out; {machine()}\n")
+        header = [
+            "round",
+            "floor (O_DIRECT) s",
+            "save s",
+            "x floor",
+            "before s",
+            "streaming s",
+            "I/O busy s (of streaming)",
+            "no buffer s",
+            "lag s",
+            "after s",
+            "GB/s while busy",
+        ]
+        print(markdown_table(header, rows))
+    finally:
+        if not args.work:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
