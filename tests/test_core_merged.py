@@ -453,3 +453,30 @@ def test_model_loaded_from_a_prequantized_4bit_checkpoint(
     fastsave.save_pretrained_merged(model, out4, save_method="merged_4bit_forced")
     assert json.loads((out4 / "config.json").read_text())["quantization_config"]["load_in_4bit"]
     AutoModelForCausalLM.from_pretrained(out4, device_map="cpu")
+
+
+def test_larger_write_buffers_paid_from_the_allowance_write_the_exact_checkpoint(
+    qlora_model, tmp_path, monkeypatch
+):
+    """A large save's write buffers (larger than the smallest, what they hold beyond it taken from
+    the pieces allowed in flight), produced here for a small model by scaling the rule down: the
+    weights still equal the float32 oracle and every shard verifies with its checksums."""
+    from fastsave.io import direct_file
+    from fastsave.io.verify import verify_checkpoint
+    from fastsave.pipeline import write
+
+    # the test model's 0.23 MB of output gets 4 buffers of 64 KiB instead of 16 KiB
+    monkeypatch.setattr(direct_file, "BUFFER_BYTES", 16 * 1024)
+    monkeypatch.setattr(direct_file, "BUFFERS_PER_OUTPUT", 2)
+    chosen = []
+
+    def spying(allowance, minimal, output_bytes=0):
+        chosen.append(direct_file.write_buffers(allowance, minimal, output_bytes))
+        return chosen[-1]
+
+    monkeypatch.setattr(write, "write_buffers", spying)
+    _save_and_check_exact(qlora_model(), tmp_path / "out")
+    (each, depth, paid), *_ = chosen
+    assert each == 64 * 1024 and paid == (each - 16 * 1024) * depth > 0
+    report = verify_checkpoint(tmp_path / "out", checksums=True)
+    assert report.ok and report.digests_checked >= 1, report.summary()

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 ALIGN = 4096  # O_DIRECT's alignment of memory, offsets and lengths (a multiple of any block size up to 4 KiB)
 BUFFER_BYTES = 1 << 20  # the smallest of the write buffers a save holds when its memory is not minimal
-MAX_BUFFER_BYTES = 8 << 20  # the largest: bigger writes gained nothing more and cost more set-up
+MAX_BUFFER_BYTES = 8 << 20  # the largest: at 250M, 2 x 16 MiB was slower (its first write started later)
 BUFFERS_PER_OUTPUT = 256  # a buffer is at most this fraction of the output (the 4 of them 1/64)
 DEPTH = 4
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
@@ -68,7 +68,7 @@ def write_buffers(allowance: int, minimal: bool, output_bytes: int = 0) -> tuple
     save the O_DIRECT writes of its one I/O thread are what it waits for, and on this project's
     2-core machine 1 MiB writes took a 2 GB output at 1.35-1.64 GB/s, 4 MiB writes at 1.74-1.88
     and 8 MiB writes at 1.9-2.4 (the disk's floor: 2.5-3.1 GB/s), while a small save did not earn
-    back the set-up of bigger buffers (benchmarks/save_phases.py).
+    back the later start of its first, larger write (benchmarks/save_phases.py).
 
     When the memory budget is minimal: an eighth of its ``allowance`` in two buffers (4 KiB each at
     least), all of it paid from the allowance.
