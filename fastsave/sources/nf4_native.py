@@ -239,6 +239,17 @@ def block_absmax(rows: torch.Tensor, blocksize: int) -> torch.Tensor:
 MERGE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
+def _check_merge_arguments(out: torch.Tensor, product: torch.Tensor | None, n: int) -> None:
+    """What both merge passes need of their output and product: ``n`` contiguous values each, the
+    output float32 or bfloat16, the product float32."""
+    if out.dtype not in MERGE_DTYPES or not out.is_contiguous() or out.numel() != n:
+        raise ValueError(f"out must be a contiguous float32 or bfloat16 tensor of {n} values")
+    if product is not None and (
+        product.dtype != torch.float32 or not product.is_contiguous() or product.numel() != n
+    ):
+        raise ValueError(f"product must be {n} contiguous float32 values")
+
+
 def merge_4bit(
     packed: torch.Tensor,
     blocksize: int,
@@ -258,8 +269,7 @@ def merge_4bit(
     if library is None:
         raise RuntimeError("fastsave's compiled 4-bit merge is not available here (see available())")
     n = out.numel()
-    if out.dtype not in MERGE_DTYPES or not out.is_contiguous():
-        raise ValueError("out must be a contiguous float32 or bfloat16 tensor")
+    _check_merge_arguments(out, product, n)
     if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() * 2 != n:
         raise ValueError(f"{packed.numel()} packed bytes for {n} values")
     n_blocks = _blocks(out, blocksize)
@@ -267,10 +277,6 @@ def merge_4bit(
         raise ValueError(f"absmax must be {n_blocks} contiguous float32 values")
     if codes.dtype != torch.float32 or not codes.is_contiguous() or codes.numel() != 16:
         raise ValueError("codes must be 16 contiguous float32 values")
-    if product is not None and (
-        product.dtype != torch.float32 or not product.is_contiguous() or product.numel() != n
-    ):
-        raise ValueError(f"product must be {n} contiguous float32 values")
     nonfinite = library.fastsave_merge_4bit(
         packed.data_ptr(),
         n_blocks,
@@ -306,12 +312,7 @@ def round_trip_merge(
         raise RuntimeError("fastsave's compiled round trip is not available here (see available())")
     inputs = _round_trip_inputs(rows, blocksize, boundaries, codes, absmax)
     n = inputs.source.numel()
-    if out.dtype not in MERGE_DTYPES or not out.is_contiguous() or out.numel() != n:
-        raise ValueError(f"out must be a contiguous float32 or bfloat16 tensor of {n} values")
-    if product is not None and (
-        product.dtype != torch.float32 or not product.is_contiguous() or product.numel() != n
-    ):
-        raise ValueError(f"product must be {n} contiguous float32 values")
+    _check_merge_arguments(out, product, n)
     nonfinite = library.fastsave_round_trip_merge_4bit(
         *inputs.leading_arguments(),
         None if product is None else product.data_ptr(),
