@@ -25,19 +25,24 @@ def replace_at(monkeypatch: Any, target: str, replacement: Callable) -> list[tup
 
 
 def fail_pwrite_at(monkeypatch: Any, call: int, code: int, delay: float = 0.0) -> list[int]:
-    """``os.pwrite``, as fastsave.io.direct_file's I/O thread calls it, failing with errno ``code``
-    at its ``call``-th call (after ``delay`` seconds); returns the offsets it was called with."""
+    """``os.pwrite`` and ``os.pwritev``, as fastsave.io.direct_file's I/O thread calls them, failing
+    with errno ``code`` at their ``call``-th call, counted together (after ``delay`` seconds);
+    returns the offsets they were called with."""
     import os
     import time
 
-    real, offsets = os.pwrite, []
+    offsets: list[int] = []
 
-    def pwrite(fd: int, data: Any, offset: int) -> int:
-        offsets.append(offset)
-        if len(offsets) == call:
-            time.sleep(delay)
-            raise OSError(code, os.strerror(code))
-        return real(fd, data, offset)
+    def failing(real: Any) -> Any:
+        def write(fd: int, data: Any, offset: int) -> int:
+            offsets.append(offset)
+            if len(offsets) == call:
+                time.sleep(delay)
+                raise OSError(code, os.strerror(code))
+            return real(fd, data, offset)
 
-    monkeypatch.setattr("fastsave.io.direct_file.os.pwrite", pwrite)
+        return write
+
+    monkeypatch.setattr("fastsave.io.direct_file.os.pwrite", failing(os.pwrite))
+    monkeypatch.setattr("fastsave.io.direct_file.os.pwritev", failing(os.pwritev))
     return offsets

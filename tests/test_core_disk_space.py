@@ -129,11 +129,11 @@ def test_disk_filling_up_while_writing_names_the_directory_and_bytes_left(qlora_
     before = snapshot(out)
     real, calls = shards.ShardWriter._write_data, []
 
-    def fill_up(self, data):
+    def fill_up(self, data, release=None):
         calls.append(len(data))
         if len(calls) == 6:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, data)
+        return real(self, data, release)
 
     monkeypatch.setattr(shards.ShardWriter, "_write_data", fill_up)
     with pytest.raises(

@@ -11,9 +11,11 @@ import errno
 import fcntl
 import os
 import random
+import threading
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from patch_sites import fail_pwrite_at
 
@@ -236,3 +238,127 @@ def test_a_minimal_memory_budget_gets_small_write_buffers():
             and each * depth <= max(2 * ALIGN, allowance // 8)
         )
     assert write_buffers(0, minimal=True) == (ALIGN, 2, 2 * ALIGN)
+
+
+# -- pieces placed for their file offset: written from their own memory ----------------------------
+
+
+def _placed(data: bytes, offset: int) -> memoryview:
+    """``data`` in memory whose address is ``offset`` modulo ALIGN (how fastsave.io.placement
+    allocates a merged block), built here with numpy."""
+    raw = np.empty(len(data) + ALIGN, dtype=np.uint8)
+    skip = (offset - raw.ctypes.data) % ALIGN
+    view = memoryview(raw)[skip : skip + len(data)]
+    view[:] = data
+    return view
+
+
+def _aligned_writes_only(monkeypatch) -> list[tuple[int, int]]:
+    """Spy on the writer's system calls: each must be what O_DIRECT takes (memory address, length
+    and offset all multiples of ALIGN); returns (offset, bytes) of each. The file is opened without
+    O_DIRECT but the writer is told it took, whatever the filesystem under the test allows."""
+    calls: list[tuple[int, int]] = []
+
+    def checked(real):
+        def write(fd, data, offset):
+            views = [data] if isinstance(data, (memoryview, bytes, bytearray)) else list(data)
+            for view in views:
+                address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+                assert address % ALIGN == 0 and len(view) % ALIGN == 0, (address % ALIGN, len(view))
+            assert offset % ALIGN == 0
+            calls.append((offset, sum(len(view) for view in views)))
+            return real(fd, data, offset)
+
+        return write
+
+    monkeypatch.setattr(direct_file.os, "pwrite", checked(os.pwrite))
+    monkeypatch.setattr(direct_file.os, "pwritev", checked(os.pwritev))
+    monkeypatch.setattr(
+        direct_file,
+        "_open",
+        lambda path, direct: (os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), True),
+    )
+    return calls
+
+
+def test_pieces_placed_for_their_offset_are_written_from_their_memory_and_released_once_written(
+    tmp_path, monkeypatch
+):
+    """Placed pieces (at every phase, long and short) between copied ones: the file holds every byte
+    in order, its checksums are zlib's, every write is aligned, and each placed piece's middle went
+    out from its memory (counted independently here) and was released on the I/O thread."""
+    monkeypatch.setattr(direct_file, "IN_PLACE_MIN", 2 * ALIGN)
+    calls = _aligned_writes_only(monkeypatch)
+    rng = random.Random(11)
+    header = 2 * ALIGN
+    writer = AlignedWriter(buffer_bytes=4 * ALIGN, depth=2)
+    checksum = BlockCrc32(block=5 * ALIGN)
+    writer.begin(tmp_path / "f", header, checksum)
+    data, released, expected_in_place = [], {}, 0
+    position = header
+    for k in range(60):
+        size = rng.choice([5, ALIGN - 1, ALIGN, 2 * ALIGN + 7, 3 * ALIGN, 9 * ALIGN + 123, 20 * ALIGN])
+        piece = rng.randbytes(size)
+        placed = rng.random() < 0.7
+        if placed:
+            head = -position % ALIGN
+            middle = max(0, size - head) // ALIGN * ALIGN
+            expected_in_place += middle if middle >= 2 * ALIGN else 0
+        released[k] = []
+        writer.write(
+            _placed(piece, position) if placed else piece,
+            lambda k=k: released[k].append(threading.current_thread().name),
+        )
+        data.append(piece)
+        position += size
+    assert writer.finish(lambda: b"H" * header) == position
+    content = b"".join(data)
+    assert (tmp_path / "f").read_bytes() == b"H" * header + content
+    assert checksum.blocks() == _crc_blocks(content, 5 * ALIGN)
+    assert writer.in_place_bytes == expected_in_place > 20 * ALIGN
+    assert all(len(names) == 1 for names in released.values())  # each piece released once
+    assert any(names[0].startswith("fastsave-write") for names in released.values())
+    assert sum(size for _, size in calls) >= len(content)  # the data and the header, no byte twice
+    writer.close()
+
+
+def test_a_failed_write_of_placed_pieces_reaches_the_caller_and_releases_every_piece(tmp_path, monkeypatch):
+    monkeypatch.setattr(direct_file, "IN_PLACE_MIN", ALIGN)
+    _aligned_writes_only(monkeypatch)
+    calls = fail_pwrite_at(monkeypatch, 2, errno.ENOSPC)
+    writer = AlignedWriter(buffer_bytes=2 * ALIGN, depth=2)
+    writer.begin(tmp_path / "f", ALIGN)
+    released: list[int] = []
+    with pytest.raises(OSError) as raised:
+        position = ALIGN
+        for k in range(30):
+            writer.write(_placed(b"x" * 3 * ALIGN, position), lambda k=k: released.append(k))
+            position += 3 * ALIGN
+        writer.finish(lambda: b"H" * ALIGN)
+    assert raised.value.errno == errno.ENOSPC
+    writer.abort()
+    writer.close()
+    assert sorted(released) == list(range(len(released))) and len(set(released)) == len(released)
+    assert len(released) == k + 1  # every piece handed in was released, once
+    assert len(calls) == 2  # nothing was written after the failure
+
+
+def test_placed_empty_puts_a_block_at_the_phase_of_its_file_offset():
+    import torch
+
+    from fastsave.io.placement import placed_empty, placing
+
+    assert placed_empty((3, 5), torch.bfloat16).shape == (3, 5)  # outside a save: plain
+    for offset in (0, 2, 4094, ALIGN + 6, 10**6):
+        with placing(offset) as placement:
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                if offset % torch.empty((), dtype=dtype).element_size():
+                    continue
+                block = placed_empty((7, 100), dtype)
+                assert block.is_contiguous() and block.shape == (7, 100) and block.dtype == dtype
+                assert block.data_ptr() % ALIGN == placement.offset % ALIGN
+                block.fill_(1)  # the memory is its own
+            placement.advance(ALIGN + 2)
+            assert placed_empty((4,), torch.bfloat16).data_ptr() % ALIGN == (offset + ALIGN + 2) % ALIGN
+    with placing(3):  # an offset no 2-byte value can sit at: plain
+        assert placed_empty((4,), torch.bfloat16).shape == (4,)

@@ -261,7 +261,7 @@ def _failing_worker(rank: int, world: int, out: str) -> None:
 
     if rank == 1:
 
-        def broken(self, data):
+        def broken(self, data, release=None):
             raise OSError(5, "injected write error on rank 1")
 
         shards.ShardWriter._write_data = broken
@@ -290,8 +290,8 @@ def _killed_worker(rank: int, world: int, out: str, victim: int) -> None:
     if rank == victim:
         real = shards.ShardWriter._write_data
 
-        def dying(self, data):
-            real(self, data)  # the header of this rank's first shard is on disk, then the rank dies
+        def dying(self, data, release=None):
+            real(self, data, release)  # the header of this rank's first shard is on disk, then the rank dies
             os.kill(os.getpid(), signal.SIGKILL)
 
         shards.ShardWriter._write_data = dying

@@ -9,6 +9,14 @@ keeps a save from filling the page cache with gigabytes of dirty pages on a mach
 How: :meth:`AlignedWriter.write` copies the data stream into one of ``depth`` aligned buffers; a
 full buffer goes to one I/O thread, which feeds it to the shard's checksum (fastsave.io.checksums:
 the bytes are still in cache) and writes it at its offset, while the caller fills the next buffer.
+
+Pieces placed for it are written without that copy (:meth:`AlignedWriter.write` with ``release``):
+a piece whose memory address is its file offset modulo :data:`ALIGN` (fastsave.io.placement
+allocates the merged row blocks so) has its aligned middle written straight from its memory, a few
+such middles in one ``pwritev``; only its unaligned head and tail pass through the buffers. The
+writer then holds the piece until the I/O thread has written it, and ``release`` says when it let
+go. On this project's 2-core machine the copy into the buffers was the largest cost of the save
+left beside the writes themselves (benchmarks/save_phases.py; docs/performance.md).
 The header comes last (:meth:`AlignedWriter.finish`): the data starts at a 4096-aligned offset (the
 caller pads the header with spaces, which safetensors' JSON header allows), so the header is whole
 blocks, written once the checksum in it is known. Until then the file's first bytes are zeros, which
@@ -30,6 +38,7 @@ import logging
 import mmap
 import os
 import re
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +51,7 @@ BUFFER_BYTES = 1 << 20  # the smallest of the write buffers a save holds when it
 MAX_BUFFER_BYTES = 8 << 20  # the largest: at 250M, 2 x 16 MiB was slower (its first write started later)
 BUFFERS_PER_OUTPUT = 256  # a buffer is at most this fraction of the output (the 4 of them 1/64)
 DEPTH = 4
+IN_PLACE_MIN = 64 << 10  # a placed piece's aligned middle shorter than this is copied (a syscall costs more)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
 # local block-device filesystems, where O_DIRECT is the fastest way to the disk
 DIRECT_FILESYSTEMS = frozenset(
@@ -87,11 +97,20 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def _write_at(fd: int, view: memoryview, offset: int) -> int:
+def _write_at(fd: int, views: list[memoryview], offset: int) -> int:
+    if len(views) > 1 and hasattr(os, "pwritev"):
+        return os.pwritev(fd, views, offset)
     if hasattr(os, "pwrite"):
-        return os.pwrite(fd, view, offset)
+        return os.pwrite(fd, views[0], offset)
     os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - Windows
-    return os.write(fd, view)  # pragma: no cover
+    return os.write(fd, views[0])  # pragma: no cover
+
+
+def address_of(view: memoryview) -> int:
+    """The memory address of the first byte of ``view`` (read-only views too)."""
+    import numpy as np  # here: `fastsave verify` and the CLI's start import no numpy for this module
+
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
 
 
 def filesystem_type(directory: Path) -> str | None:
@@ -166,6 +185,13 @@ class AlignedWriter:
         self._start = 0  # where the current file's data begins: the header's length
         self._direct_suits: tuple[Path, bool] | None = None
         self._failed = False  # a write of the current file failed: the ones queued behind it are dropped
+        # placed pieces' aligned middles waiting to go out together (the file's bytes just before
+        # the buffer being filled), what to call once each is written, and where they start
+        self._batch: list[memoryview] = []
+        self._batch_releases: list[Callable[[], None]] = []
+        self._batch_offset = 0
+        self._batches: deque[Future] = deque()  # submitted batches, oldest first
+        self.in_place_bytes = 0  # bytes written straight from the caller's memory (for benchmarks, tests)
 
     @property
     def direct(self) -> bool:
@@ -186,21 +212,40 @@ class AlignedWriter:
         self._fill = 0
         self._failed = False
 
-    def write(self, data: memoryview | bytes) -> None:
-        """Append ``data`` to the file (copied: the caller may reuse it on return).
+    def write(self, data: memoryview | bytes, release: Callable[[], None] | None = None) -> None:
+        """Append ``data`` to the file.
+
+        Without ``release`` the data is copied: the caller may reuse it on return. With it, the
+        writer may write the data's aligned middle from the caller's memory, later, on its I/O
+        thread: the caller must leave the data unchanged until ``release()`` is called (once, on
+        the I/O thread or on this one; before this returns when all of it was copied; also when
+        this raises).
 
         Raises:
             OSError: an earlier write of this file failed (ENOSPC for a full disk).
         """
         view = memoryview(data).cast("B")
-        while len(view):
-            buffer = self._views[self._slot]
-            take = min(len(view), len(buffer) - self._fill)
-            buffer[self._fill : self._fill + take] = view[:take]
-            self._fill += take
-            view = view[take:]
-            if self._fill == len(buffer):
-                self._submit()
+        rest = None
+        try:
+            self._raise_failed_batches()
+            if release is not None:
+                rest = self._place(view, release)  # not None: the batch holds the release now
+            self._copy(view if rest is None else rest)
+        finally:
+            if release is not None and rest is None:
+                release()
+        if sum(len(part) for part in self._batch) >= len(self._views[0]):
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the placed pieces waiting to be written together to the I/O thread now (the caller
+        is about to wait for more data: what it holds must be on its way to be given back)."""
+        if self._batch:
+            views, releases, offset = self._batch, self._batch_releases, self._batch_offset
+            self._batch, self._batch_releases = [], []
+            future = self._executor.submit(self._write_batch, views, offset)
+            future.add_done_callback(lambda _done: [release() for release in releases])
+            self._batches.append(future)
 
     def finish(self, header: Callable[[], bytes]) -> int:
         """Write the rest of the data, then what ``header()`` returns at offset 0 (called once the
@@ -213,6 +258,7 @@ class AlignedWriter:
         try:
             if self._fill:
                 self._submit()
+            self.flush()
             self._drain()
             end = self._offset
             head = header()
@@ -224,7 +270,7 @@ class AlignedWriter:
             for position in range(0, len(head), len(self._views[0])):
                 piece = head[position : position + len(self._views[0])]
                 self._views[0][: len(piece)] = piece
-                self._pwrite(self._views[0][: len(piece)], position)
+                self._pwrite([self._views[0][: len(piece)]], position)
             os.fsync(self._fd)
         except BaseException:
             self.abort()
@@ -234,13 +280,23 @@ class AlignedWriter:
         return end
 
     def abort(self) -> None:
-        """Drop the current file's writes still to do and close it (what reached it stays)."""
+        """Drop the current file's writes still to do and close it (what reached it stays); the
+        pieces held are released."""
+        self._failed = True  # batches not begun are dropped
+        releases, self._batch, self._batch_releases = self._batch_releases, [], []
+        for release in releases:
+            release()
         for slot, future in enumerate(self._in_flight):
             if future is not None:
                 future.cancel()
                 with contextlib.suppress(Exception):  # a failed write was reported already
                     future.result()
                 self._in_flight[slot] = None
+        while self._batches:
+            future = self._batches.popleft()
+            future.cancel()
+            with contextlib.suppress(Exception):
+                future.result()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -255,9 +311,43 @@ class AlignedWriter:
                 resource.release() if isinstance(resource, memoryview) else resource.close()
         self._views, self._maps = [], []
 
-    # -- the I/O thread's side ---------------------------------------------------------------
+    # -- the caller's side ---------------------------------------------------------------------
+
+    def _copy(self, view: memoryview) -> None:
+        """``view`` into the buffers, each full one handed to the I/O thread."""
+        while len(view):
+            buffer = self._views[self._slot]
+            take = min(len(view), len(buffer) - self._fill)
+            buffer[self._fill : self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == len(buffer):
+                self._submit()
+
+    def _place(self, view: memoryview, release: Callable[[], None]) -> memoryview | None:
+        """Batch ``view``'s aligned middle to go out from its memory, when it is placed for its file
+        offset and long enough (its head copied first); return its tail, still to copy (None:
+        nothing was done, ``view`` is to be copied whole)."""
+        position = self._offset + self._fill  # the file offset of view's first byte
+        head = -position % ALIGN
+        middle = (len(view) - head) // ALIGN * ALIGN
+        if not self._direct or self._failed or middle < IN_PLACE_MIN:
+            return None
+        if (address_of(view) - position) % ALIGN:
+            return None  # not placed for this offset: copied
+        self._copy(view[:head])
+        if self._fill:  # the buffer now ends at an aligned offset; it goes out before the middle
+            self._submit()
+        if not self._batch:
+            self._batch_offset = self._offset
+        self._batch.append(view[head : head + middle])
+        self._batch_releases.append(release)
+        self._offset += middle  # the buffer's bytes now follow the batch's
+        self.in_place_bytes += middle
+        return view[head + middle :]
 
     def _submit(self) -> None:
+        self.flush()  # the batch's bytes come before the buffer's
         slot, size, offset = self._slot, self._fill, self._offset
         self._in_flight[slot] = self._executor.submit(self._write_out, slot, size, offset)
         self._offset += size
@@ -270,9 +360,17 @@ class AlignedWriter:
         if future is not None:
             future.result()
 
+    def _raise_failed_batches(self) -> None:
+        while self._batches and self._batches[0].done():
+            self._batches.popleft().result()
+
     def _drain(self) -> None:
         for offset in range(len(self._views)):
             self._wait((self._slot + offset) % len(self._views))
+        while self._batches:
+            self._batches.popleft().result()
+
+    # -- the I/O thread's side ---------------------------------------------------------------
 
     def _write_out(self, slot: int, size: int, offset: int) -> None:
         if self._failed:  # the file is unfinished already; its error reaches the caller from that write
@@ -281,15 +379,29 @@ class AlignedWriter:
         try:
             if self._checksum is not None:
                 self._checksum.update(view[:size])
-            self._pwrite(view[: aligned(size)], offset)
+            self._pwrite([view[: aligned(size)]], offset)
         except BaseException:
             self._failed = True
             raise
 
-    def _pwrite(self, view: memoryview, offset: int) -> None:
-        while len(view):
+    def _write_batch(self, views: list[memoryview], offset: int) -> None:
+        if self._failed:
+            return
+        try:
+            if self._checksum is not None:
+                for view in views:
+                    self._checksum.update(view)
+            self._pwrite(views, offset)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _pwrite(self, views: list[memoryview], offset: int) -> None:
+        """All of ``views``, one after the other, at ``offset`` (in one system call where it can)."""
+        views = [view for view in views if len(view)]
+        while views:
             try:
-                written = _write_at(self._fd, view, offset)
+                written = _write_at(self._fd, views, offset)
             except OSError as error:
                 if error.errno != errno.EINVAL or not self._direct:
                     raise
@@ -300,4 +412,9 @@ class AlignedWriter:
                 self._direct = False
                 logger.debug("fastsave: O_DIRECT writes refused (%s); writing through the page cache", error)
                 continue
-            view, offset = view[written:], offset + written
+            offset += written
+            while written:
+                if written >= len(views[0]):
+                    written -= len(views.pop(0))
+                else:
+                    views[0], written = views[0][written:], 0

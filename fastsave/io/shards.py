@@ -71,6 +71,18 @@ def assign_shards(
     return [Shard(name, group) for name, group in zip(names, groups, strict=True)]
 
 
+def data_offsets(shards: Sequence[Shard]) -> dict[int, int]:
+    """Where each tensor's data begins in its shard's data section, by ``id`` of its plan item (the
+    data section begins at a multiple of ALIGN, so this is its file offset modulo ALIGN too)."""
+    offsets: dict[int, int] = {}
+    for shard in shards:
+        position = 0
+        for tensor in shard.tensors:
+            offsets[id(tensor)] = position
+            position += tensor.nbytes
+    return offsets
+
+
 def shard_metadata(checksum: str) -> dict[str, str]:
     """The ``__metadata__`` of a shard fastsave writes, with its data's ``checksum`` (a placeholder of
     the same length while the data is written)."""
@@ -158,10 +170,10 @@ class ShardWriter:
             self._file.begin(self.directory / shard.filename, len(header), self._checksum)
         self._open_index = index
 
-    def _write_data(self, data: bytes | memoryview) -> None:
+    def _write_data(self, data: bytes | memoryview, release: Callable[[], None] | None = None) -> None:
         """The one place tensor bytes go to a shard file (tests inject faults here); the header is
-        written by ``_finish_current``, once the data is."""
-        self._file.write(data)
+        written by ``_finish_current``, once the data is. ``release``: as for ``AlignedWriter.write``."""
+        self._file.write(data, release)
 
     def _finish_current(self) -> None:
         if self._open_index < 0:
@@ -200,11 +212,16 @@ class ShardWriter:
         self.write_piece(tensor)
         self.end_tensor()
 
-    def write_piece(self, piece: torch.Tensor) -> None:
+    def write_piece(self, piece: torch.Tensor, release: Callable[[], None] | None = None) -> None:
         """Append the next piece of the planned tensor being written (its flattened values, in order).
 
         A tensor streamed block by block reaches the file without ever existing whole in memory;
         each piece is checksummed as it passes.
+
+        ``release``: the writer may keep the piece's memory until its bytes are written (a piece
+        placed for its file offset, fastsave.io.placement, is written without a copy) and calls
+        this once it no longer reads it; the caller leaves the piece unchanged until then. Without
+        it the piece is copied before this returns.
 
         Raises:
             DiskSpaceError: the disk filled up (with the bytes still to write).
@@ -225,9 +242,12 @@ class ShardWriter:
             if index != self._open_index:
                 self._open(index)
             if self.safe_serialization:
-                self._write_data(_tensor_bytes(piece))
+                self._write_data(_tensor_bytes(piece), release)
+                release = None
             else:
                 self._bin_pieces.append(piece.detach().reshape(-1).clone())
+        if release is not None:
+            release()
         self._piece_bytes += nbytes
         self._written += nbytes
 
@@ -247,6 +267,12 @@ class ShardWriter:
             self._bin_buffer[planned.name] = flat.reshape(planned.shape)
         self._piece_bytes = 0
         self._position += 1
+
+    def flush(self) -> None:
+        """Start writing what waits to be written together (the caller is about to wait for more)."""
+        if self._file is not None and self._open_index >= 0:
+            with self._full_disk_is_disk_space_error():
+                self._file.flush()
 
     def close(self) -> None:
         """Finish the last shard and write the index; every planned tensor must have been written."""

@@ -29,6 +29,7 @@ from fastsave.adapters.delta import LoraDelta
 from fastsave.adapters.variants import Variant
 from fastsave.buffer_pool import ReusedBuffer
 from fastsave.io.finite import check_finite
+from fastsave.io.placement import placed_empty
 from fastsave.sources import nf4_native
 from fastsave.sources.base import RowReader, RowReadMerged, Source
 
@@ -77,7 +78,8 @@ def fused_rows_plan(
 
 
 def stream_fused_rows(plan: FusedRows, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The merged weight in ``dtype``, block after block of rows (each block its own tensor)."""
+    """The merged weight in ``dtype``, block after block of rows (each block its own tensor, placed
+    for the writer to take it without a copy: fastsave.io.placement)."""
     n_rows, n_cols = plan.shape
     product = ReusedBuffer(torch.float32) if plan.factors is not None else None
     for i in range(0, n_rows, plan.step):
@@ -87,7 +89,7 @@ def stream_fused_rows(plan: FusedRows, dtype: torch.dtype) -> Iterator[torch.Ten
             b, a = plan.factors
             # mm with out= runs the kernel `b[i:j] @ a` runs: the row merge's check holds for it
             rows = torch.mm(b[i:j], a, out=product.take((j - i) * n_cols, (j - i, n_cols)))
-        out = torch.empty((j - i, n_cols), dtype=dtype)
+        out = placed_empty((j - i, n_cols), dtype)
         if plan.merge_rows(i, j, rows, plan.scaling, out):  # NaN/Inf: the error naming the tensor, now
             check_finite(out, plan.name)
         yield out

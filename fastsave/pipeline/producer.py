@@ -6,11 +6,14 @@ being merged hold is admitted against the byte budget (fastsave.memory) before i
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+from collections.abc import Mapping
 
 from fastsave.buffer_pool import pooled_buffers
 from fastsave.io.finite import check_finite
+from fastsave.io.placement import placing
 from fastsave.memory import ByteBudget
 from fastsave.merge.assemble import Assembler, assembling
 from fastsave.parallel.ranks import LocalFailure
@@ -47,9 +50,13 @@ def produce_into(
     stop: threading.Event,
     team: SaveTeam,
     failure: LocalFailure,
+    offsets: Mapping[int, int] | None = None,
 ) -> None:
     """The producer (run by the thread that saves): each scheduled tensor's pieces in plan order,
     admitted by bytes, then END; DONE after the last.
+
+    ``offsets``: where each item's data begins in its file, by ``id`` of the item (an item's
+    output blocks are then placed for the writer, fastsave.io.placement).
 
     An item's working memory is admitted before it is produced and given back when it is done;
     each piece is admitted before it is queued and given back when the writer has written it. The
@@ -66,7 +73,8 @@ def produce_into(
                 failed = failure.error is not None or stop.is_set()
                 if step.action is Action.PRODUCE and not failed:
                     try:
-                        if not _produce_one(step.item, budget, sink, stop):
+                        offset = (offsets or {}).get(id(step.item))
+                        if not _produce_one(step.item, budget, sink, stop, offset):
                             if not team.collective:
                                 return
                             _take_part(step.item)  # stopped by the writer's failure
@@ -95,11 +103,14 @@ def produce_into(
             plan.release()
 
 
-def _produce_one(item: PlanItem, budget: ByteBudget, sink: queue.Queue, stop: threading.Event) -> bool:
+def _produce_one(
+    item: PlanItem, budget: ByteBudget, sink: queue.Queue, stop: threading.Event, offset: int | None = None
+) -> bool:
     """One tensor's pieces into ``sink``, then END; False when ``stop`` ended it early.
 
     Each floating piece is checked for NaN/Inf here, while it is in cache and before it is queued
     (fastsave.io.finite), and made contiguous: the writer's thread runs no torch kernel.
+    ``offset``: where the item's data begins in its file (its pieces are placed for it), if known.
 
     Raises:
         NonFiniteError: a piece holds NaN or Inf (naming the tensor).
@@ -107,16 +118,19 @@ def _produce_one(item: PlanItem, budget: ByteBudget, sink: queue.Queue, stop: th
     if not budget.reserve(item.working_set(), stop):
         return False
     try:
-        for piece in item.pieces():
-            if not item.holds_codes:  # packed codes in a float dtype are not numbers
-                check_finite(piece, item.name)
-            piece = piece.contiguous()
-            nbytes = piece.numel() * piece.element_size()
-            if not budget.acquire(nbytes, stop):
-                return False
-            if not _put(sink, (piece, nbytes), stop):
-                return False
-            del piece
+        with placing(offset) if offset is not None else contextlib.nullcontext() as placement:
+            for piece in item.pieces():  # each piece is made inside the block: placed for its offset
+                if not item.holds_codes:  # packed codes in a float dtype are not numbers
+                    check_finite(piece, item.name)
+                piece = piece.contiguous()
+                nbytes = piece.numel() * piece.element_size()
+                if placement is not None:
+                    placement.advance(nbytes)
+                if not budget.acquire(nbytes, stop):
+                    return False
+                if not _put(sink, (piece, nbytes), stop):
+                    return False
+                del piece
     finally:
         budget.unreserve()
     return _put(sink, END, stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from fastsave.io.direct_file import write_buffers
 from fastsave.io.disk_space import check_free_space
-from fastsave.io.shards import ShardWriter, assign_shards, write_index
+from fastsave.io.shards import ShardWriter, assign_shards, data_offsets, write_index
 from fastsave.io.staging import PendingSave
 from fastsave.memory import ByteBudget, MemoryBudget, remove_spill_directory, spill_directory
 from fastsave.merge.assemble import Assembler, block_bytes_for
@@ -120,7 +121,7 @@ def write_merged_weights(
         # libgomp throttles the spinning of torch's OpenMP workers as soon as the threads of all teams
         # outnumber the cores, and a producer on a second thread (a second team) ran its many short
         # kernels 2.4x slower on 2 cores. The writer's thread runs no parallel torch kernel.
-        produce_into(steps, plan, budget, assembler, sink, stop, team, failure)
+        produce_into(steps, plan, budget, assembler, sink, stop, team, failure, data_offsets(mine))
     except BaseException as error:  # produce_into hands its errors over; an interrupt may land here
         interrupted = error
         sink.put(error)
@@ -204,7 +205,13 @@ class _WriterThread(threading.Thread):
 
     def _write_pieces(self) -> None:
         while True:
-            item = self.sink.get()
+            try:
+                item = self.sink.get_nowait()
+            except queue.Empty:
+                # pieces held for a joint write go out before waiting: the producer may be waiting
+                # for the bytes they hold
+                self.writer.flush()
+                item = self.sink.get()
             if item is DONE:
                 return
             if isinstance(item, BaseException):  # the producer's error (or the ranks' agreed one)
@@ -213,9 +220,10 @@ class _WriterThread(threading.Thread):
                 self.writer.end_tensor()
                 continue
             piece, nbytes = item
-            self.writer.write_piece(piece)
+            # the budget gets the piece's bytes back once the writer holds it no more: when copied,
+            # on return; when written from its memory, once written (on the I/O thread)
+            self.writer.write_piece(piece, functools.partial(self.budget.release, nbytes))
             del piece, item
-            self.budget.release(nbytes)
             self.progress.update(nbytes)
 
 
