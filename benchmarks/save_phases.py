@@ -39,25 +39,47 @@ from benchlib import SIZES, check_disk, machine, markdown_table, parse_sizes, pr
 from contenders import RAW_WAYS, load_trained_model
 
 
-def _instrument(events: list[tuple[str, float]]) -> None:
-    """Record when each write buffer is handed over, and when the I/O thread starts and ends it."""
+def _instrument(events: list[tuple[str, float]], in_place: list[int]) -> None:
+    """Record when each write job (a full buffer, or a batch of merged blocks written from their
+    own memory) is handed over, and when the I/O thread starts and ends it; and, per file, the
+    bytes written from the blocks' memory."""
     from fastsave.io import direct_file
 
     writer = direct_file.AlignedWriter
-    submit, write_out = writer._submit, writer._write_out
+    submit, write_out, flush, write_batch = (
+        writer._submit,
+        writer._write_out,
+        writer.flush,
+        writer._write_batch,
+    )
+    close = writer.close
 
     def timed_submit(self) -> None:
+        flush_timed(self)  # the batch before the buffer: its own job, handed over first
         events.append(("ready", time.perf_counter()))
         submit(self)
 
-    def timed_write_out(self, slot: int, size: int, offset: int) -> None:
-        events.append(("start", time.perf_counter()))
-        try:
-            write_out(self, slot, size, offset)
-        finally:
-            events.append(("end", time.perf_counter()))
+    def flush_timed(self) -> None:
+        if self._batch:
+            events.append(("ready", time.perf_counter()))
+        flush(self)
 
-    writer._submit, writer._write_out = timed_submit, timed_write_out
+    def timed_job(job):
+        def run(self, *args) -> None:
+            events.append(("start", time.perf_counter()))
+            try:
+                job(self, *args)
+            finally:
+                events.append(("end", time.perf_counter()))
+
+        return run
+
+    def counted_close(self) -> None:
+        in_place.append(self.in_place_bytes)  # one writer per save
+        close(self)
+
+    writer._submit, writer.flush, writer.close = timed_submit, flush_timed, counted_close
+    writer._write_out, writer._write_batch = timed_job(write_out), timed_job(write_batch)
 
 
 def phases(events: list[tuple[str, float]], called: float, returned: float) -> dict[str, float]:
@@ -109,7 +131,8 @@ def main() -> None:
         import fastsave
 
         events: list[tuple[str, float]] = []
-        _instrument(events)
+        in_place: list[int] = []
+        _instrument(events, in_place)
         out = work / "phases-out"
         rows = []
         for round_ in range(1, max(1, args.rounds) + 1):
@@ -119,6 +142,7 @@ def main() -> None:
             (work / "raw.bin").unlink()
             shutil.rmtree(out, ignore_errors=True)
             events.clear()
+            in_place.clear()
             called = time.perf_counter()
             fastsave.save_pretrained_merged(model, out, save_method="merged_16bit")
             got = phases(events, called, time.perf_counter())
@@ -135,6 +159,7 @@ def main() -> None:
                     f"{got['lag']:.3f}",
                     f"{got['after']:.3f}",
                     f"{record['output_bytes'] / max(got['io_busy'], 1e-9) / 1e9:.2f}",
+                    f"{sum(in_place) / record['output_bytes']:.0%}",
                 ]
             )
             print(f"round {round_}: floor {floor:.3f} s, save {got['seconds']:.3f} s", flush=True)
@@ -152,6 +177,7 @@ def main() -> None:
             "lag s",
             "after s",
             "GB/s while busy",
+            "written in place",
         ]
         print(markdown_table(header, rows))
     finally:
