@@ -10,21 +10,22 @@ project's machine, measured beside every save because the disk's speed drifts fr
 minute) and saves it with ``save_pretrained_merged(merged_16bit)``. Round 1 is the first save in
 the process (what a user's one save costs); later rounds are warm.
 
-For each save it records, by wrapping the write buffers' hand-over to the I/O thread
-(``AlignedWriter._submit``, on the writer's thread) and the I/O thread's job
-(``AlignedWriter._write_out``: the buffer's checksum and its O_DIRECT write):
+For each save it records, by wrapping the hand-over of write jobs to the I/O thread
+(``AlignedWriter._submit`` for a full buffer and ``AlignedWriter.flush`` for a batch of merged
+blocks written from their own memory, on the writer's thread) and the I/O thread's job
+(``AlignedWriter._write_job``: an O_DIRECT write):
 
-  before      from the call to the first buffer the I/O thread starts (imports, plan, checks)
+  before      from the call to the first job the I/O thread starts (imports, plan, checks)
   streaming   from then to the end of the last write (the header is the last one)
-  I/O busy    time the I/O thread spent in its jobs (checksum + write), summed
+  I/O busy    time the I/O thread spent in its jobs, summed
   no buffer   time the I/O thread had nothing to write: the producer and the writer were behind
-  lag         time a filled buffer waited for the I/O thread although it was free (thread
-              scheduling, the GIL)
+  lag         time a job waited for the I/O thread although it was free (thread scheduling, the GIL)
   after       from the last write to the return (fsync of the directory, renames, report)
+  in place    the share of the output written from the merged blocks' memory (not copied)
 
-If I/O busy is most of streaming, the save is bound by how fast the disk takes the writes of the
-save's 1 MiB buffers while the producer computes beside it; if "no buffer" is large, by the
-producer. The wrapped names are private: this script follows them when they change.
+If I/O busy is most of streaming, the save is bound by how fast the disk takes the save's writes
+while the producer computes beside it; if "no buffer" is large, by the producer. The wrapped names
+are private: this script follows them when they change.
 """
 
 from __future__ import annotations
@@ -46,12 +47,7 @@ def _instrument(events: list[tuple[str, float]], in_place: list[int]) -> None:
     from fastsave.io import direct_file
 
     writer = direct_file.AlignedWriter
-    submit, write_out, flush, write_batch = (
-        writer._submit,
-        writer._write_out,
-        writer.flush,
-        writer._write_batch,
-    )
+    submit, flush, write_job = writer._submit, writer.flush, writer._write_job
     close = writer.close
 
     def timed_submit(self) -> None:
@@ -79,7 +75,7 @@ def _instrument(events: list[tuple[str, float]], in_place: list[int]) -> None:
         close(self)
 
     writer._submit, writer.flush, writer.close = timed_submit, flush_timed, counted_close
-    writer._write_out, writer._write_batch = timed_job(write_out), timed_job(write_batch)
+    writer._write_job = timed_job(write_job)
 
 
 def phases(events: list[tuple[str, float]], called: float, returned: float) -> dict[str, float]:

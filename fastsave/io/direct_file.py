@@ -7,8 +7,10 @@ the buffers, the CPU only copies them there (26 GB/s), and fsync has little left
 keeps a save from filling the page cache with gigabytes of dirty pages on a machine short of RAM.
 
 How: :meth:`AlignedWriter.write` copies the data stream into one of ``depth`` aligned buffers; a
-full buffer goes to one I/O thread, which feeds it to the shard's checksum (fastsave.io.checksums:
-the bytes are still in cache) and writes it at its offset, while the caller fills the next buffer.
+full buffer is fed to the shard's checksum (fastsave.io.checksums: the bytes are still in cache)
+and goes to one I/O thread, which writes it at its offset while the caller fills the next buffer.
+The I/O thread does nothing but write, so the disk does not wait for the checksum (at 1B on 2
+cores, 1.34x the floor against 1.47x with the checksum on the I/O thread, medians of 7 rounds).
 
 Pieces placed for it are written without that copy (:meth:`AlignedWriter.write` with ``release``):
 a piece whose memory address is its file offset modulo :data:`ALIGN` (fastsave.io.placement
@@ -234,6 +236,7 @@ class AlignedWriter:
         finally:
             if release is not None and rest is None:
                 release()
+        # a batch goes out once it holds a buffer's worth (batches of 16 MiB were no faster at 250M, 1B)
         if sum(len(part) for part in self._batch) >= len(self._views[0]):
             self.flush()
 
@@ -243,7 +246,7 @@ class AlignedWriter:
         if self._batch:
             views, releases, offset = self._batch, self._batch_releases, self._batch_offset
             self._batch, self._batch_releases = [], []
-            future = self._executor.submit(self._write_batch, views, offset)
+            future = self._executor.submit(self._write_job, views, offset)
             future.add_done_callback(lambda _done: [release() for release in releases])
             self._batches.append(future)
 
@@ -341,6 +344,8 @@ class AlignedWriter:
         if not self._batch:
             self._batch_offset = self._offset
         self._batch.append(view[head : head + middle])
+        if self._checksum is not None:  # here, in file order, so that the I/O thread only writes
+            self._checksum.update(self._batch[-1])
         self._batch_releases.append(release)
         self._offset += middle  # the buffer's bytes now follow the batch's
         self.in_place_bytes += middle
@@ -349,7 +354,11 @@ class AlignedWriter:
     def _submit(self) -> None:
         self.flush()  # the batch's bytes come before the buffer's
         slot, size, offset = self._slot, self._fill, self._offset
-        self._in_flight[slot] = self._executor.submit(self._write_out, slot, size, offset)
+        if self._checksum is not None:  # the bytes just copied, still in cache
+            self._checksum.update(self._views[slot][:size])
+        self._in_flight[slot] = self._executor.submit(
+            self._write_job, [self._views[slot][: aligned(size)]], offset
+        )
         self._offset += size
         self._fill = 0
         self._slot = (slot + 1) % len(self._views)
@@ -372,25 +381,11 @@ class AlignedWriter:
 
     # -- the I/O thread's side ---------------------------------------------------------------
 
-    def _write_out(self, slot: int, size: int, offset: int) -> None:
+    def _write_job(self, views: list[memoryview], offset: int) -> None:
+        """One job of the I/O thread: ``views`` written one after the other at ``offset``."""
         if self._failed:  # the file is unfinished already; its error reaches the caller from that write
             return
-        view = self._views[slot]
         try:
-            if self._checksum is not None:
-                self._checksum.update(view[:size])
-            self._pwrite([view[: aligned(size)]], offset)
-        except BaseException:
-            self._failed = True
-            raise
-
-    def _write_batch(self, views: list[memoryview], offset: int) -> None:
-        if self._failed:
-            return
-        try:
-            if self._checksum is not None:
-                for view in views:
-                    self._checksum.update(view)
             self._pwrite(views, offset)
         except BaseException:
             self._failed = True
