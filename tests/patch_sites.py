@@ -46,3 +46,47 @@ def fail_pwrite_at(monkeypatch: Any, call: int, code: int, delay: float = 0.0) -
     monkeypatch.setattr("fastsave.io.direct_file.os.pwrite", failing(os.pwrite))
     monkeypatch.setattr("fastsave.io.direct_file.os.pwritev", failing(os.pwritev))
     return offsets
+
+
+def aligned_direct_writes(monkeypatch: Any) -> tuple[list[tuple[int, int]], list[int]]:
+    """fastsave.io.direct_file's writes, each checked to be one O_DIRECT takes (every memory
+    address, length and file offset a multiple of its ALIGN), whatever the filesystem under the
+    test allows: files are opened without O_DIRECT but the writer is told it took. Returns the
+    (offset, bytes) of each write call and, per writer closed, the bytes it wrote from its callers'
+    memory (placed pieces) rather than through its buffers."""
+    import os
+
+    import numpy as np
+
+    from fastsave.io import direct_file
+
+    align = direct_file.ALIGN
+    calls: list[tuple[int, int]] = []
+    in_place: list[int] = []
+
+    def checked(real: Any) -> Any:
+        def write(fd: int, data: Any, offset: int) -> int:
+            views = [data] if isinstance(data, (memoryview, bytes, bytearray)) else list(data)
+            for view in views:
+                address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+                assert address % align == 0 and len(view) % align == 0, (address % align, len(view))
+            assert offset % align == 0, offset
+            calls.append((offset, sum(len(view) for view in views)))
+            return real(fd, data, offset)
+
+        return write
+
+    def opened(path: Any, direct: bool) -> tuple[int, bool]:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)), True
+
+    real_close = direct_file.AlignedWriter.close
+
+    def counting_close(self: Any) -> None:
+        in_place.append(self.in_place_bytes)
+        real_close(self)
+
+    monkeypatch.setattr(direct_file.os, "pwrite", checked(os.pwrite))
+    monkeypatch.setattr(direct_file.os, "pwritev", checked(os.pwritev))
+    monkeypatch.setattr(direct_file, "_open", opened)
+    monkeypatch.setattr(direct_file.AlignedWriter, "close", counting_close)
+    return calls, in_place

@@ -490,41 +490,13 @@ def test_merged_blocks_placed_for_the_writer_are_written_from_their_memory_exact
     smallest length written that way is lowered to 4 KiB): every write the save makes is one that
     O_DIRECT takes (told it took, whatever the filesystem under the test), bytes did go out from
     the blocks' memory, every LoRA weight equals the float32 oracle and every shard verifies."""
-    import numpy as np
+    from patch_sites import aligned_direct_writes
 
     from fastsave.io import direct_file
     from fastsave.io.verify import verify_checkpoint
 
-    ALIGN = direct_file.ALIGN
-    monkeypatch.setattr(direct_file, "IN_PLACE_MIN", ALIGN)
-    written = []
-
-    def aligned_only(real):
-        def write(fd, data, offset):
-            views = [data] if isinstance(data, (memoryview, bytes, bytearray)) else list(data)
-            for view in views:
-                address = np.frombuffer(view, dtype=np.uint8).ctypes.data
-                assert address % ALIGN == 0 and len(view) % ALIGN == 0 and offset % ALIGN == 0
-            written.append(len(views))
-            return real(fd, data, offset)
-
-        return write
-
-    monkeypatch.setattr(direct_file.os, "pwrite", aligned_only(os.pwrite))
-    monkeypatch.setattr(direct_file.os, "pwritev", aligned_only(os.pwritev))
-    monkeypatch.setattr(
-        direct_file,
-        "_open",
-        lambda path, direct: (os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), True),
-    )
-    in_place = []
-    real_close = direct_file.AlignedWriter.close
-
-    def counting_close(self):
-        in_place.append(self.in_place_bytes)
-        real_close(self)
-
-    monkeypatch.setattr(direct_file.AlignedWriter, "close", counting_close)
+    monkeypatch.setattr(direct_file, "IN_PLACE_MIN", direct_file.ALIGN)
+    written, in_place = aligned_direct_writes(monkeypatch)
     _save_and_check_exact(qlora_model(), tmp_path / "out")
     assert in_place and in_place[0] > 0 and written
     report = verify_checkpoint(tmp_path / "out", checksums=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from patch_sites import fail_pwrite_at
+from patch_sites import aligned_direct_writes, fail_pwrite_at
 
 from fastsave.io import direct_file
 from fastsave.io.checksums import BlockCrc32
@@ -253,34 +253,6 @@ def _placed(data: bytes, offset: int) -> memoryview:
     return view
 
 
-def _aligned_writes_only(monkeypatch) -> list[tuple[int, int]]:
-    """Spy on the writer's system calls: each must be what O_DIRECT takes (memory address, length
-    and offset all multiples of ALIGN); returns (offset, bytes) of each. The file is opened without
-    O_DIRECT but the writer is told it took, whatever the filesystem under the test allows."""
-    calls: list[tuple[int, int]] = []
-
-    def checked(real):
-        def write(fd, data, offset):
-            views = [data] if isinstance(data, (memoryview, bytes, bytearray)) else list(data)
-            for view in views:
-                address = np.frombuffer(view, dtype=np.uint8).ctypes.data
-                assert address % ALIGN == 0 and len(view) % ALIGN == 0, (address % ALIGN, len(view))
-            assert offset % ALIGN == 0
-            calls.append((offset, sum(len(view) for view in views)))
-            return real(fd, data, offset)
-
-        return write
-
-    monkeypatch.setattr(direct_file.os, "pwrite", checked(os.pwrite))
-    monkeypatch.setattr(direct_file.os, "pwritev", checked(os.pwritev))
-    monkeypatch.setattr(
-        direct_file,
-        "_open",
-        lambda path, direct: (os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), True),
-    )
-    return calls
-
-
 def test_pieces_placed_for_their_offset_are_written_from_their_memory_and_released_once_written(
     tmp_path, monkeypatch
 ):
@@ -288,7 +260,7 @@ def test_pieces_placed_for_their_offset_are_written_from_their_memory_and_releas
     in order, its checksums are zlib's, every write is aligned, and each placed piece's middle went
     out from its memory (counted independently here) and was released on the I/O thread."""
     monkeypatch.setattr(direct_file, "IN_PLACE_MIN", 2 * ALIGN)
-    calls = _aligned_writes_only(monkeypatch)
+    calls, _ = aligned_direct_writes(monkeypatch)
     rng = random.Random(11)
     header = 2 * ALIGN
     writer = AlignedWriter(buffer_bytes=4 * ALIGN, depth=2)
@@ -324,7 +296,7 @@ def test_pieces_placed_for_their_offset_are_written_from_their_memory_and_releas
 
 def test_a_failed_write_of_placed_pieces_reaches_the_caller_and_releases_every_piece(tmp_path, monkeypatch):
     monkeypatch.setattr(direct_file, "IN_PLACE_MIN", ALIGN)
-    _aligned_writes_only(monkeypatch)
+    aligned_direct_writes(monkeypatch)
     calls = fail_pwrite_at(monkeypatch, 2, errno.ENOSPC)
     writer = AlignedWriter(buffer_bytes=2 * ALIGN, depth=2)
     writer.begin(tmp_path / "f", ALIGN)

@@ -31,6 +31,7 @@ import torch
 from fastsave.adapters.delta import LoraDelta
 from fastsave.adapters.variants import DeltaRows
 from fastsave.buffer_pool import ReusedBuffer
+from fastsave.io.placement import placed_empty
 from fastsave.merge.assemble import block_bytes, scratch_buffer
 from fastsave.merge.fused_rows import fused_rows_plan, stream_fused_rows
 from fastsave.sources.base import RowReader, Source
@@ -176,15 +177,18 @@ def merged_rows(merge: RowMerge) -> Iterator[tuple[int, int, torch.Tensor]]:
 
 def stream_row_blocks(merge: RowMerge, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """The merged weight, rounded once to ``dtype``, as consecutive blocks of rows (each its own
-    tensor: a float32 block is copied, not handed out, since the next may overwrite it); a 4-bit
-    weight with at most one plain LoRA delta in one C pass a block (fastsave.merge.fused_rows)."""
+    tensor, placed for the writer, fastsave.io.placement: a float32 block is copied, not handed
+    out, since the next may overwrite it); a 4-bit weight with at most one plain LoRA delta in one
+    C pass a block (fastsave.merge.fused_rows)."""
     deltas = [d for d, _ in merge.deltas]
     fused = fused_rows_plan(merge.source, deltas, merge.step, dtype, merge.name, merge.reader)
     if fused is not None:
         yield from stream_fused_rows(fused, dtype)
         return
     for _, _, block in merged_rows(merge):
-        yield block.to(dtype, copy=True)
+        out = placed_empty(tuple(block.shape), dtype)  # placed for the writer (fastsave.io.placement)
+        out.copy_(block)  # the rounding `block.to(dtype)` does
+        yield out
 
 
 def merge_in_row_blocks(merge: RowMerge, dtype: torch.dtype) -> torch.Tensor:
