@@ -9,8 +9,9 @@ keeps a save from filling the page cache with gigabytes of dirty pages on a mach
 How: :meth:`AlignedWriter.write` copies the data stream into one of ``depth`` aligned buffers; a
 full buffer is fed to the shard's checksum (fastsave.io.checksums: the bytes are still in cache)
 and goes to one I/O thread, which writes it at its offset while the caller fills the next buffer.
-The I/O thread does nothing but write, so the disk does not wait for the checksum (at 1B on 2
-cores, 1.34x the floor against 1.47x with the checksum on the I/O thread, medians of 7 rounds).
+The I/O thread does nothing but write, so the disk never waits for the checksum (on 2 cores at
+1B: 1.34x the floor against 1.47x with the checksum on the I/O thread in one run, 1.72x against
+1.77x in another; docs/performance.md).
 
 Pieces placed for it are written without that copy (:meth:`AlignedWriter.write` with ``release``):
 a piece whose memory address is its file offset modulo :data:`ALIGN` (fastsave.io.placement
