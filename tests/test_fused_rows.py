@@ -224,3 +224,26 @@ def test_a_nan_in_a_merged_block_fails_the_save_naming_the_tensor(qlora_model, t
         fastsave.save_pretrained_merged(model, tmp_path / "out")
     assert "model.layers.1.mlp.down_proj.weight" in used
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_merged_blocks_are_not_read_again_for_nan(qlora_model, tmp_path, monkeypatch):
+    """The C pass counts NaN/Inf as it rounds; the writer's check reads only the other tensors."""
+    from fastsave.io import finite
+
+    model = qlora_model()
+    lora_weights = {name + ".weight" for name in _lora_layers(model)}
+    used = _fused_names(monkeypatch)
+    read: list[int] = []
+    real = torch.aminmax
+
+    def spy(tensor, *args, **kwargs):
+        read.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(finite.torch, "aminmax", spy)
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert sorted(used) == sorted(lora_weights)
+    saved = saved_tensors(tmp_path / "out")
+    others = sum(t.numel() for name, t in saved.items() if name not in lora_weights and t.is_floating_point())
+    assert sum(read) == others
+    assert not finite._counted  # every vouched block was taken by its check (or freed)

@@ -178,3 +178,19 @@ def test_finite_check_agrees_with_isfinite(dtype):
                     check_finite(tensor, "t")
     check_finite(torch.zeros(0, dtype=dtype), "empty")
     check_finite(torch.tensor([1, 2], dtype=torch.int64), "integers")
+
+
+def test_a_counted_tensor_is_skipped_by_its_next_check_only():
+    from fastsave.io import finite
+
+    counted = torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)
+    same_values = counted.clone()
+    assert finite.counted_finite(counted) is counted
+    check_finite(counted, "counted")  # vouched for: not read (a pass that counted would have raised)
+    with pytest.raises(NonFiniteError, match="'counted'"):
+        check_finite(counted, "counted")  # the vouching is used up
+    finite.counted_finite(counted)
+    with pytest.raises(NonFiniteError, match="'other'"):
+        check_finite(same_values, "other")  # another tensor, the same values: read
+    del counted
+    assert not finite._counted  # an entry leaves with its tensor

@@ -28,7 +28,7 @@ import torch
 from fastsave.adapters.delta import LoraDelta
 from fastsave.adapters.variants import Variant
 from fastsave.buffer_pool import ReusedBuffer
-from fastsave.io.finite import check_finite
+from fastsave.io.finite import check_finite, counted_finite
 from fastsave.io.placement import placed_empty
 from fastsave.sources import nf4_native
 from fastsave.sources.base import RowReader, RowReadMerged, Source
@@ -92,4 +92,4 @@ def stream_fused_rows(plan: FusedRows, dtype: torch.dtype) -> Iterator[torch.Ten
         out = placed_empty((j - i, n_cols), dtype)
         if plan.merge_rows(i, j, rows, plan.scaling, out):  # NaN/Inf: the error naming the tensor, now
             check_finite(out, plan.name)
-        yield out
+        yield counted_finite(out)  # the pass counted its NaN/Inf: the writer's check skips it
