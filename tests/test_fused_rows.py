@@ -247,3 +247,74 @@ def test_merged_blocks_are_not_read_again_for_nan(qlora_model, tmp_path, monkeyp
     others = sum(t.numel() for name, t in saved.items() if name not in lora_weights and t.is_floating_point())
     assert sum(read) == others
     assert not finite._counted  # every vouched block was taken by its check (or freed)
+
+
+def _dense_rows(dtype: torch.dtype) -> torch.Tensor:
+    """Random rows of a 16-bit or float32 weight, with subnormals, values whose sum overflows,
+    infinities and float32 values halfway between two bfloat16 values (odd and even below)."""
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randn(40, 1000, generator=generator)
+    rows[1] *= 1e-38 if dtype != torch.float16 else 1e-6
+    rows[2] *= 3e38 if dtype != torch.float16 else 6e4
+    rows[3, :100] = float("inf")
+    rows[3, 100:200] = float("-inf")
+    rows[4, :512] = (torch.arange(1, 513, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
+    return rows.to(dtype)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_dense_merge_equals_the_torch_row_merge(stored, dtype, with_delta):
+    """The C merge of 16-bit / float32 rows against the torch row merge: the rows as float32, plus
+    the product times the scaling, one rounding; on 1, 2 and 7 threads, NaN/Inf counted."""
+    rows = _dense_rows(stored)
+    generator = torch.Generator().manual_seed(6)
+    product = (torch.randn(40, 8, generator=generator) @ torch.randn(8, 1000, generator=generator)) * 0.05
+    product[4] = 0.0  # the tie row reaches the rounding as it is
+    scaling = 1.7
+    reference = rows.to(torch.float32, copy=True)
+    if with_delta:
+        reference.add_(product.clone().mul_(scaling))
+    expected = reference.to(dtype)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            ours = torch.empty(40, 1000, dtype=dtype)
+            counted = nf4_native.merge_dense(rows, product if with_delta else None, scaling, ours)
+            nan = torch.isnan(expected)
+            assert torch.equal(torch.isnan(ours), nan)
+            assert torch.equal(_bits(ours)[~nan], _bits(expected)[~nan])
+            assert counted == int((~torch.isfinite(expected)).sum()) > 0
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_dense_merge_refuses_what_it_cannot_read():
+    out = torch.empty(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="contiguous 2-D"):
+        nf4_native.merge_dense(torch.ones(8, 4, dtype=torch.bfloat16).T, None, 1.0, out)
+    with pytest.raises(ValueError, match="contiguous 2-D"):
+        nf4_native.merge_dense(torch.ones(4, 8, dtype=torch.float64), None, 1.0, out)
+    with pytest.raises(ValueError, match="out must be"):
+        nf4_native.merge_dense(torch.ones(4, 8), None, 1.0, torch.empty(4, 8, dtype=torch.float16))
+
+
+def test_a_16bit_lora_model_merges_its_lora_weights_in_one_pass_exactly(tiny_base_dir, tmp_path, monkeypatch):
+    """LoRA on an unquantized bfloat16 model in memory: every LoRA weight goes through the C pass
+    and equals peft's merge on a float32 copy of the model, rounded once."""
+    from transformers import AutoModelForCausalLM
+
+    from fastsave.tiny import attach_lora
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.bfloat16)
+    model = attach_lora(base)
+    lora_weights = {name + ".weight" for name in _lora_layers(model)}
+    reference = copy.deepcopy(model).to(torch.float32).merge_and_unload().state_dict()
+    used = _fused_names(monkeypatch)
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert sorted(used) == sorted(lora_weights)
+    saved = saved_tensors(tmp_path / "out")
+    for name in lora_weights:
+        assert torch.equal(_bits(saved[name]), _bits(reference[name].to(torch.bfloat16))), name

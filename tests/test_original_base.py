@@ -75,20 +75,32 @@ def test_equals_peft_merge_on_the_16bit_base(base, tokenizer, tmp_path, lora, fa
 def test_row_blocks_merged_on_the_16bit_base_are_written_from_their_memory(
     base, tokenizer, tmp_path, monkeypatch
 ):
-    """The row merge (here on the original 16-bit base) allocates its rounded blocks where the writer
-    takes them without a copy (fastsave.io.placement; the smallest length written so lowered to 4
-    KiB for the tiny model): every write is one O_DIRECT takes, bytes went out from the blocks'
-    memory, and every tensor is still bit for bit peft's merge on the float32 base."""
+    """The torch row merge (here on the original 16-bit base, the compiled one-pass merge turned
+    off) allocates its rounded blocks where the writer takes them without a copy
+    (fastsave.io.placement; the smallest length written so lowered to 4 KiB for the tiny model):
+    every write is one O_DIRECT takes, bytes went out from the blocks' memory, and every tensor is
+    still bit for bit peft's merge on the float32 base."""
     from patch_sites import aligned_direct_writes
 
     from fastsave.io import direct_file
+    from fastsave.merge import row_blocks
+    from fastsave.sources import nf4_native
+
+    monkeypatch.setattr(nf4_native, "available", lambda: False)
+    fused: list[str] = []
+    real_fused = row_blocks.stream_fused_rows
+    monkeypatch.setattr(
+        row_blocks,
+        "stream_fused_rows",
+        lambda plan, dtype: fused.append(plan.name) or real_fused(plan, dtype),
+    )
 
     model = _trained(base, tokenizer)
     model.save_pretrained(str(tmp_path / "adapter"))
     monkeypatch.setattr(direct_file, "IN_PLACE_MIN", direct_file.ALIGN)
     _, in_place = aligned_direct_writes(monkeypatch)
     fastsave.save_pretrained_merged(model, tmp_path / "out", tokenizer, base_weights="original")
-    assert in_place and in_place[0] > 0
+    assert in_place and in_place[0] > 0 and not fused
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     reference = _peft_reference(base, tmp_path / "adapter")
     for name, tensor in saved.items():

@@ -1,6 +1,7 @@
 /* Loops over 4-bit (NF4 / FP4) codes, each one pass over memory: the round trip of a row block
  * (quantize + dequantize), each block's absmax, and a row block of a bitsandbytes 4-bit weight
- * dequantized, merged with a LoRA product and rounded to the output dtype (fastsave_merge_4bit).
+ * dequantized, merged with a LoRA product and rounded to the output dtype (fastsave_merge_4bit);
+ * and the same merge of a row block of a 16-bit or float32 weight (fastsave_merge_dense).
  *
  * fastsave.sources.nf4_native calls these through ctypes (which releases the GIL); see
  * fastsave/native/__init__.py for how this file is compiled. In the round trip every value goes through the same
@@ -334,6 +335,23 @@ VECTOR_CLONES static void merge_blocks(const Job *job) {
     __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
 }
 
+/* merged = round(source value + product * scaling), a row (a block of `blocksize` values) at a
+ * time: the exact conversion of the stored value to float32 (what torch's .to(float32) gives), then
+ * the merge of merge_blocks. */
+VECTOR_CLONES static void merge_dense_blocks(const Job *job) {
+    float values[CHUNK];
+    int64_t blocksize = job->blocksize, nonfinite = 0;
+    for (int64_t block = job->first_block; block < job->end_block; block++) {
+        for (int64_t done = 0; done < blocksize; done += CHUNK) {
+            int64_t count = blocksize - done < CHUNK ? blocksize - done : CHUNK;
+            int64_t start = block * blocksize + done;
+            load_values(job->source, job->dtype, start, count, values);
+            nonfinite += merge_and_store(job, values, start, count);
+        }
+    }
+    __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
+}
+
 typedef struct {
     Job job;
     void (*work)(const Job *);
@@ -463,5 +481,20 @@ int64_t fastsave_round_trip_merge_4bit(const void *source, int dtype, int64_t n_
     Job job = {source, dtype, 0, n_blocks, blocksize, boundaries, codes, n_codes, decode_absmax, NULL,
                product, scaling, out_dtype, merged, &nonfinite};
     run_split(&job, threads, round_trip_blocks);
+    return nonfinite;
+}
+
+/* merged[n_rows * n_cols] = round(source + product * scaling) (without a product: the source
+ * rounded) in out_dtype, from a float32, bfloat16 or float16 `source`; the number of NaN and
+ * infinities written, or -1 on bad arguments */
+int64_t fastsave_merge_dense(const void *source, int dtype, int64_t n_rows, int64_t n_cols, const float *product,
+                             float scaling, int out_dtype, void *merged, int threads) {
+    if (n_cols < 1 || n_rows < 0 || dtype < FLOAT32 || dtype > FLOAT16 || merged == NULL ||
+        (out_dtype != FLOAT32 && out_dtype != BFLOAT16))
+        return -1;
+    int64_t nonfinite = 0;
+    Job job = {source, dtype, 0, n_rows, n_cols, NULL, NULL, 0, NULL, NULL,
+               product, scaling, out_dtype, merged, &nonfinite};
+    run_split(&job, threads, merge_dense_blocks);
     return nonfinite;
 }

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from functools import cache
+
 import torch
 
-from fastsave.sources.base import RowReader, Source
+from fastsave.sources import nf4_native
+from fastsave.sources.base import RowReader, RowReadMerged, Source
+
+logger = logging.getLogger(__name__)
 
 
 class DenseSource(Source):
@@ -29,10 +35,64 @@ class DenseSource(Source):
         tensor = self.tensor.detach()
         if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.device.type == "meta":
             return None
-        return RowReader(lambda i, j: tensor[i:j].to(device="cpu", dtype=torch.float32, copy=True))
+        read_merged: RowReadMerged | None = None
+        if tensor.device.type == "cpu" and tensor.is_contiguous() and merged_in_one_pass(tensor.dtype):
+
+            def read_merged(
+                i: int, j: int, product: torch.Tensor | None, scaling: float, out: torch.Tensor
+            ) -> int:
+                return nf4_native.merge_dense(tensor[i:j], product, scaling, out)
+
+        return RowReader(
+            lambda i, j: tensor[i:j].to(device="cpu", dtype=torch.float32, copy=True), read_merged=read_merged
+        )
 
     def describe(self) -> str:
         """'16-bit' for half-precision weights, else the dtype's name."""
         if self.stored_dtype in (torch.float16, torch.bfloat16):
             return "16-bit"
         return str(self.stored_dtype).removeprefix("torch.")
+
+
+def merged_in_one_pass(dtype: torch.dtype) -> bool:
+    """Whether rows stored in ``dtype`` are merged with a LoRA product and rounded by one C pass
+    (fastsave.merge.fused_rows, nf4_native.merge_dense): the compiled library is here and its probe
+    for the dtype gives the torch row merge's bits (else the torch merge runs)."""
+    return (
+        dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and nf4_native.available()
+        and compiled_dense_merge_matches(dtype)
+    )
+
+
+@cache
+def compiled_dense_merge_matches(dtype: torch.dtype) -> bool:
+    """Whether the C merge of rows stored in ``dtype`` gives the bits of the torch row merge (the
+    rows as float32, plus the product times the scaling, one rounding), for bfloat16 and float32
+    output, with and without a product, on values that round to even, reach subnormals and
+    overflow to infinity."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(8, 384, generator=generator)
+    rows[1] *= 1e-38 if dtype != torch.float16 else 1e-6  # subnormal in the stored dtype
+    rows[2] *= 3e38 if dtype != torch.float16 else 6e4  # the add overflows
+    rows[3, :64] = float("inf")
+    # float32 values halfway between two bfloat16 values: low 16 bits 0x8000, odd and even above
+    ties = torch.arange(1, 257, dtype=torch.int32) << 16 | 0x8000
+    rows[4, :256] = ties.view(torch.float32)
+    rows = rows.to(dtype)
+    product = torch.randn(8, 4, generator=generator) @ torch.randn(4, 384, generator=generator)
+    product[4] = 0.0  # the tie rows reach the rounding unchanged
+    for out_dtype, view in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32)):
+        for delta in (product, None):
+            block = rows.to(torch.float32, copy=True)  # as the row reader reads them
+            expected = (block.add_(delta * 0.3) if delta is not None else block).to(out_dtype)
+            ours = torch.empty(8, 384, dtype=out_dtype)
+            nf4_native.merge_dense(rows, delta, 0.3, ours)
+            if not torch.equal(ours.view(view), expected.view(view)):
+                logger.info(
+                    "fastsave: the compiled merge of %s rows differs from the torch merge; merging "
+                    "those weights with torch operations",
+                    str(dtype).removeprefix("torch."),
+                )
+                return False
+    return True

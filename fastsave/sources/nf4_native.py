@@ -1,5 +1,6 @@
-"""The 4-bit C loops of fastsave/native/codes_4bit.c: the round trip, the blocks' absmax, and a row
-block of a bitsandbytes 4-bit weight dequantized, merged with a LoRA product and rounded.
+"""The C loops of fastsave/native/codes_4bit.c: the 4-bit round trip, the blocks' absmax, a row
+block of a bitsandbytes 4-bit weight dequantized, merged with a LoRA product and rounded, and the
+same merge of a row block of a 16-bit or float32 weight.
 
 The torch form of the round trip (fastsave.sources.nf4_fused) makes about ten passes over a row
 block's memory (a copy to float32, the absolute values, the scaled values, their bits, the
@@ -74,6 +75,18 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,  # threads
     ]
     library.fastsave_round_trip_merge_4bit.restype = ctypes.c_int64
+    library.fastsave_merge_dense.argtypes = [
+        pointer,  # source values
+        ctypes.c_int,  # their dtype
+        size,  # rows
+        size,  # columns
+        pointer,  # float32 product, or NULL
+        ctypes.c_float,  # scaling
+        ctypes.c_int,  # output dtype
+        pointer,  # output values
+        ctypes.c_int,  # threads
+    ]
+    library.fastsave_merge_dense.restype = ctypes.c_int64
     library.fastsave_force_decode.argtypes = [ctypes.c_int]
     library.fastsave_force_decode.restype = ctypes.c_int
     library.fastsave_use_openmp.argtypes = [pointer, pointer, pointer]
@@ -290,6 +303,36 @@ def merge_4bit(
         torch.get_num_threads(),
     )
     _check(0 if nonfinite >= 0 else -1, "merge_4bit")
+    return int(nonfinite)
+
+
+def merge_dense(rows: torch.Tensor, product: torch.Tensor | None, scaling: float, out: torch.Tensor) -> int:
+    """``out`` = round(float32(``rows``) + ``product`` * float32(``scaling``)) in ``out``'s dtype
+    (float32 or bfloat16), one pass: the float32 operations and the one rounding of the row merge
+    of a 16-bit weight (its rows as float32, peft's delta, the add, the cast). ``rows``: a 2-D
+    float32, bfloat16 or float16 tensor on the CPU, contiguous; ``product``: float32, ``rows``'
+    shape, or None. Returns how many NaN and infinities were written. Needs :func:`available`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("fastsave's compiled merge is not available here (see available())")
+    if rows.dim() != 2 or rows.dtype not in _DTYPES or not rows.is_contiguous() or rows.device.type != "cpu":
+        raise ValueError("rows must be a contiguous 2-D float32, bfloat16 or float16 CPU tensor")
+    n_rows, n_cols = rows.shape
+    _check_merge_arguments(out, product, rows.numel())
+    if n_cols == 0 or n_rows == 0:
+        return 0
+    nonfinite = library.fastsave_merge_dense(
+        rows.data_ptr(),
+        _DTYPES[rows.dtype],
+        n_rows,
+        n_cols,
+        None if product is None else product.data_ptr(),
+        scaling,
+        MERGE_DTYPES[out.dtype],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(0 if nonfinite >= 0 else -1, "merge_dense")
     return int(nonfinite)
 
 
