@@ -61,7 +61,7 @@ def placed_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     It costs ALIGN bytes more than the tensor (the allocation it sits in)."""
     placement = _CURRENT.get()
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if placement is None or placement.offset % itemsize:
         return torch.empty(shape, dtype=dtype)
     nbytes = math.prod(shape) * itemsize

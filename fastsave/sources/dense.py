@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -35,16 +36,10 @@ class DenseSource(Source):
         tensor = self.tensor.detach()
         if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.device.type == "meta":
             return None
-        read_merged: RowReadMerged | None = None
-        if tensor.device.type == "cpu" and tensor.is_contiguous() and merged_in_one_pass(tensor.dtype):
-
-            def read_merged(
-                i: int, j: int, product: torch.Tensor | None, scaling: float, out: torch.Tensor
-            ) -> int:
-                return nf4_native.merge_dense(tensor[i:j], product, scaling, out)
-
+        in_one_pass = tensor.device.type == "cpu" and tensor.is_contiguous()
         return RowReader(
-            lambda i, j: tensor[i:j].to(device="cpu", dtype=torch.float32, copy=True), read_merged=read_merged
+            lambda i, j: tensor[i:j].to(device="cpu", dtype=torch.float32, copy=True),
+            read_merged=merged_in_one_pass(tensor.dtype, lambda i, j: tensor[i:j]) if in_one_pass else None,
         )
 
     def describe(self) -> str:
@@ -54,15 +49,22 @@ class DenseSource(Source):
         return str(self.stored_dtype).removeprefix("torch.")
 
 
-def merged_in_one_pass(dtype: torch.dtype) -> bool:
-    """Whether rows stored in ``dtype`` are merged with a LoRA product and rounded by one C pass
-    (fastsave.merge.fused_rows, nf4_native.merge_dense): the compiled library is here and its probe
-    for the dtype gives the torch row merge's bits (else the torch merge runs)."""
-    return (
-        dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and nf4_native.available()
-        and compiled_dense_merge_matches(dtype)
-    )
+def merged_in_one_pass(dtype: torch.dtype, rows: Callable[[int, int], torch.Tensor]) -> RowReadMerged | None:
+    """Rows ``rows(i, j)`` (contiguous, on the CPU, stored in ``dtype``: a tensor in memory, or a
+    checkpoint's mapped pages) merged with a LoRA product and rounded by one C pass
+    (fastsave.merge.fused_rows, nf4_native.merge_dense), where the compiled library is here and its
+    probe for the dtype gives the torch row merge's bits; else None (the torch merge runs)."""
+    if (
+        dtype not in (torch.float32, torch.bfloat16, torch.float16)
+        or not nf4_native.available()
+        or not compiled_dense_merge_matches(dtype)
+    ):
+        return None
+
+    def read_merged(i: int, j: int, product: torch.Tensor | None, scaling: float, out: torch.Tensor) -> int:
+        return nf4_native.merge_dense(rows(i, j), product, scaling, out)
+
+    return read_merged
 
 
 @cache

@@ -252,15 +252,26 @@ def block_absmax(rows: torch.Tensor, blocksize: int) -> torch.Tensor:
 MERGE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def _check_merge_arguments(out: torch.Tensor, product: torch.Tensor | None, n: int) -> None:
-    """What both merge passes need of their output and product: ``n`` contiguous values each, the
-    output float32 or bfloat16, the product float32."""
+def _merge_arguments(
+    out: torch.Tensor, product: torch.Tensor | None, scaling: float, n: int
+) -> tuple[int | None, float, int, int, int]:
+    """The arguments every merge pass ends with (the product or NULL, the scaling, the output's
+    dtype and values, the threads), once checked: ``n`` contiguous values each, the output float32
+    or bfloat16, the product float32."""
     if out.dtype not in MERGE_DTYPES or not out.is_contiguous() or out.numel() != n:
         raise ValueError(f"out must be a contiguous float32 or bfloat16 tensor of {n} values")
     if product is not None and (
         product.dtype != torch.float32 or not product.is_contiguous() or product.numel() != n
     ):
         raise ValueError(f"product must be {n} contiguous float32 values")
+    pointer = None if product is None else product.data_ptr()
+    return pointer, scaling, MERGE_DTYPES[out.dtype], out.data_ptr(), torch.get_num_threads()
+
+
+def _merged(nonfinite: int, name: str) -> int:
+    """A merge pass's result: the NaN and infinities it wrote (-1: it refused its arguments)."""
+    _check(0 if nonfinite >= 0 else -1, name)
+    return int(nonfinite)
 
 
 def merge_4bit(
@@ -282,7 +293,7 @@ def merge_4bit(
     if library is None:
         raise RuntimeError("fastsave's compiled 4-bit merge is not available here (see available())")
     n = out.numel()
-    _check_merge_arguments(out, product, n)
+    tail = _merge_arguments(out, product, scaling, n)
     if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() * 2 != n:
         raise ValueError(f"{packed.numel()} packed bytes for {n} values")
     n_blocks = _blocks(out, blocksize)
@@ -291,19 +302,9 @@ def merge_4bit(
     if codes.dtype != torch.float32 or not codes.is_contiguous() or codes.numel() != 16:
         raise ValueError("codes must be 16 contiguous float32 values")
     nonfinite = library.fastsave_merge_4bit(
-        packed.data_ptr(),
-        n_blocks,
-        blocksize,
-        codes.data_ptr(),
-        absmax.data_ptr(),
-        None if product is None else product.data_ptr(),
-        scaling,
-        MERGE_DTYPES[out.dtype],
-        out.data_ptr(),
-        torch.get_num_threads(),
+        packed.data_ptr(), n_blocks, blocksize, codes.data_ptr(), absmax.data_ptr(), *tail
     )
-    _check(0 if nonfinite >= 0 else -1, "merge_4bit")
-    return int(nonfinite)
+    return _merged(nonfinite, "merge_4bit")
 
 
 def merge_dense(rows: torch.Tensor, product: torch.Tensor | None, scaling: float, out: torch.Tensor) -> int:
@@ -318,22 +319,11 @@ def merge_dense(rows: torch.Tensor, product: torch.Tensor | None, scaling: float
     if rows.dim() != 2 or rows.dtype not in _DTYPES or not rows.is_contiguous() or rows.device.type != "cpu":
         raise ValueError("rows must be a contiguous 2-D float32, bfloat16 or float16 CPU tensor")
     n_rows, n_cols = rows.shape
-    _check_merge_arguments(out, product, rows.numel())
+    tail = _merge_arguments(out, product, scaling, rows.numel())
     if n_cols == 0 or n_rows == 0:
         return 0
-    nonfinite = library.fastsave_merge_dense(
-        rows.data_ptr(),
-        _DTYPES[rows.dtype],
-        n_rows,
-        n_cols,
-        None if product is None else product.data_ptr(),
-        scaling,
-        MERGE_DTYPES[out.dtype],
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    _check(0 if nonfinite >= 0 else -1, "merge_dense")
-    return int(nonfinite)
+    nonfinite = library.fastsave_merge_dense(rows.data_ptr(), _DTYPES[rows.dtype], n_rows, n_cols, *tail)
+    return _merged(nonfinite, "merge_dense")
 
 
 def round_trip_merge(
@@ -355,17 +345,9 @@ def round_trip_merge(
         raise RuntimeError("fastsave's compiled round trip is not available here (see available())")
     inputs = _round_trip_inputs(rows, blocksize, boundaries, codes, absmax)
     n = inputs.source.numel()
-    _check_merge_arguments(out, product, n)
-    nonfinite = library.fastsave_round_trip_merge_4bit(
-        *inputs.leading_arguments(),
-        None if product is None else product.data_ptr(),
-        scaling,
-        MERGE_DTYPES[out.dtype],
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    _check(0 if nonfinite >= 0 else -1, "round_trip_merge")
-    return int(nonfinite)
+    tail = _merge_arguments(out, product, scaling, n)
+    nonfinite = library.fastsave_round_trip_merge_4bit(*inputs.leading_arguments(), *tail)
+    return _merged(nonfinite, "round_trip_merge")
 
 
 def force_decode(kind: str) -> bool:

@@ -20,8 +20,7 @@ import torch
 
 from fastsave.io.format import FLOAT_CODES, TORCH_DTYPES, read_safetensors_header
 from fastsave.io.names import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from fastsave.sources import nf4_native
-from fastsave.sources.base import RowReader, RowReadMerged, Source
+from fastsave.sources.base import RowReader, Source
 from fastsave.sources.dense import merged_in_one_pass
 
 logger = logging.getLogger(__name__)
@@ -255,20 +254,10 @@ class SafetensorsTensorSource(Source):
             lambda i, j: self.checkpoint.rows(self.name, i, j).to(torch.float32),
             read_stored=lambda i, j: self.checkpoint.mapped_rows(self.name, i, j),
             read_into=lambda i, j, out: out.copy_(self.checkpoint.mapped_rows(self.name, i, j)),
-            read_merged=self._merged_rows(),
+            read_merged=merged_in_one_pass(
+                self.stored_dtype, lambda i, j: self.checkpoint.mapped_rows(self.name, i, j)
+            ),
         )
-
-    def _merged_rows(self) -> RowReadMerged | None:
-        """Rows from the file's pages merged and rounded by one C pass, where it serves this dtype."""
-        if not merged_in_one_pass(self.stored_dtype):
-            return None
-
-        def read_merged(
-            i: int, j: int, product: torch.Tensor | None, scaling: float, out: torch.Tensor
-        ) -> int:
-            return nf4_native.merge_dense(self.checkpoint.mapped_rows(self.name, i, j), product, scaling, out)
-
-        return read_merged
 
     def describe(self) -> str:
         """Where the tensor is read from."""
