@@ -376,7 +376,7 @@ def run_contender(name: str, params: dict[str, Any], timeout: float | None = Non
     try:
         proc = subprocess.run(
             command,
-            cwd=params["work"],  # never the repo root: its kernels/ folder must not shadow `kernels`
+            cwd=params["work"],  # outside the checkout: only installed packages import, as a user's do
             env=env,
             capture_output=True,
             text=True,

@@ -6,8 +6,7 @@
 #
 #     bash benchmarks/gpu_checks.sh             # on a machine with a CUDA GPU, from the repository root
 #
-# fastsave runs from this checkout (PYTHONPATH; fastsave.kernels is the repository's kernels/ folder,
-# linked into the package as an install maps it). SIZES and their limits can be overridden:
+# fastsave runs from this checkout (PYTHONPATH; the Triton kernels are fastsave/kernels/). SIZES and their limits can be overridden:
 # GPU_SIZES="1b:150 8b:600".
 #
 # On one H200 (16 CPU cores, 2026-12-04): tests 31 s, kernels 17 s, 1b 61 s. 8B needs a run of its own:
@@ -18,7 +17,6 @@ cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu-results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -e fastsave/kernels ] || ln -s ../kernels fastsave/kernels
 python=${PYTHON:-python3}
 
 # the work directory on whichever of /tmp and this checkout's disk has more room (8B: ~48 GB at the peak)

@@ -2,8 +2,8 @@
 dependency imports), from any folder Python may start in.
 
 transformers (>= 5.25 depends on it) and bitsandbytes import the Hugging Face ``kernels`` package.
-The repository's kernels/ folder ships as ``fastsave.kernels`` only; found as ``kernels`` from the
-repository root it hands the import on to the installed package.
+fastsave's Triton kernels live inside the package (``fastsave/kernels/``), so no folder at the
+repository root answers to that name.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-OUR_KERNELS = (REPO_ROOT / "kernels").resolve()
+OUR_KERNELS = (REPO_ROOT / "fastsave" / "kernels").resolve()
 # Folders Python puts first on sys.path: the root (python -c / -m), and each folder a script runs from.
 START_FOLDERS = ["", "benchmarks", "notebooks", "tests", "scripts"]
 
@@ -77,33 +77,30 @@ def test_import_kernels_gives_hugging_face_package_and_transformers_loads(where,
     assert result["fastsave_api"] == ["available", "dequantize_4bit", "merge_lora_4bit"]
 
 
-def test_without_hugging_face_kernels_the_folder_is_an_empty_module():
-    """With no other `kernels` on sys.path (an older transformers that does not depend on it), our
-    folder found from the root gives an empty module: transformers' probe reads it as not installed
-    and `from kernels import get_kernel` raises ImportError, as bitsandbytes expects."""
+def test_without_hugging_face_kernels_nothing_at_the_root_answers_to_kernels():
+    """With no installed `kernels` on sys.path (an older transformers that does not depend on it),
+    `import kernels` from the repository root finds nothing: transformers' probe reads it as not
+    installed and `from kernels import get_kernel` raises ImportError, as bitsandbytes expects."""
     code = textwrap.dedent(
         """
         import json, sys
         sys.path[:] = [p for p in sys.path if "site-packages" not in p and "dist-packages" not in p]
-        import kernels
         try:
-            from kernels import get_kernel  # noqa: F401
+            import kernels  # noqa: F401
             error = None
         except ImportError as e:
             error = type(e).__name__
-        print("RESULT" + json.dumps({"file": getattr(kernels, "__file__", None),
-            "version": getattr(kernels, "__version__", None), "path": list(kernels.__path__),
-            "public": [n for n in dir(kernels) if not n.startswith("_")], "error": error}))
+        print("RESULT" + json.dumps({"error": error, "root_first": sys.path[0] in ("", ".")}))
         """
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONUSERBASE")}
     result = _run(code, REPO_ROOT, env=env | {"PYTHONNOUSERSITE": "1"})
-    assert result == {"file": None, "version": None, "path": [], "public": [], "error": "ImportError"}
+    assert result == {"error": "ModuleNotFoundError", "root_first": True}
 
 
 def test_no_start_folder_shadows_an_installed_module():
     """No file or package in a folder Python starts in has the name of a module an installed
-    distribution provides (kernels/ is the one, handled above; fastsave is ours)."""
+    distribution provides (fastsave is ours)."""
     provided = importlib.metadata.packages_distributions()
     assert "kernels" in provided and "transformers" in provided  # the census is real
     clashes = []
@@ -116,7 +113,7 @@ def test_no_start_folder_shadows_an_installed_module():
             else:
                 continue
             owners = set(provided.get(name, ())) - {"fastsave"}
-            if owners and not (folder == "" and name == "kernels"):
+            if owners:
                 clashes.append(f"{folder or '.'}/{entry.name} shadows {sorted(owners)}")
     assert clashes == []
 

@@ -53,7 +53,7 @@ def capped(tmp_path_factory) -> dict:
             f"--work={work}",
             f"--json={result}",
         ],
-        cwd=work,  # never the repo root: its kernels/ folder must not shadow the `kernels` package
+        cwd=work,  # outside the checkout: only installed packages import, as a user's do
         env=env,
         capture_output=True,
         text=True,
