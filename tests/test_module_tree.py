@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fastsave.adapters.live_peft import is_lora_factor_container, lora_module_census
-from fastsave.plan.module_tree import named_modules
+from fastsave.module_tree import named_modules
 from fastsave.tiny import attach_lora, load_4bit
 
 

@@ -18,7 +18,7 @@ from fastsave.adapters import tuners
 from fastsave.adapters.delta import DeltaKind, LoraDelta, TunerDelta
 from fastsave.adapters.tuner_reading import LayerFacts
 from fastsave.errors import PlanError, UnsupportedAdapterError
-from fastsave.plan.module_tree import collection_paused, named_modules
+from fastsave.module_tree import collection_paused, named_modules
 from fastsave.sources.backends import lora_layer_classes
 from fastsave.sources.offloaded import offloaded_value
 from fastsave.sources.sharded import clean_name

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,8 +30,21 @@ from fastsave.io.disk_space import FULL_DISK_ERRNOS, full_disk_error
 from fastsave.io.format import FASTSAVE_METADATA_KEY, encode_header, fastsave_version
 from fastsave.io.names import index_name, shard_names, variant_of
 
-if TYPE_CHECKING:
-    from fastsave.plan.items import PlanItem as PlannedTensor
+
+class PlannedTensor(Protocol):
+    """What the writer reads of a planned output tensor (fastsave.plan.items.PlanItem is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def nbytes(self) -> int: ...
 
 
 @dataclass

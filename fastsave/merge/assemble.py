@@ -20,16 +20,30 @@ import contextvars
 import itertools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from fastsave.vram import DeviceBudget
 
-if TYPE_CHECKING:
-    from fastsave.plan.items import PlanItem
+
+class PlannedPieces(Protocol):
+    """What :func:`assemble` reads of a planned tensor (fastsave.plan.items.PlanItem is one)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def produce(self) -> Callable[[], torch.Tensor]: ...
+
+    @property
+    def stream(self) -> Callable[[], Iterator[torch.Tensor]] | None: ...
+
 
 _ACTIVE: contextvars.ContextVar[Assembler | None] = contextvars.ContextVar("fastsave_assembler", default=None)
 
@@ -106,7 +120,7 @@ def assembling(assembler: Assembler) -> Iterator[Assembler]:
         _ACTIVE.reset(token)
 
 
-def assemble(item: PlanItem) -> torch.Tensor:
+def assemble(item: PlannedPieces) -> torch.Tensor:
     """``item``'s whole tensor, built from its pieces in the active assembler's buffer."""
     if item.stream is None:
         return item.produce()

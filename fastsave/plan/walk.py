@@ -50,8 +50,8 @@ from fastsave.adapters.live_peft import (
 )
 from fastsave.errors import PlanError
 from fastsave.merge.dispatch import bias_producer, copy_producer, weight_producer
+from fastsave.module_tree import collection_paused, named_modules
 from fastsave.plan.items import Plan, PlanItem
-from fastsave.plan.module_tree import collection_paused, named_modules
 from fastsave.plan.ties import TiedWeights
 from fastsave.sources import ModuleTensor, module_tensors
 from fastsave.sources.safetensors_file import StoredPiecesSource
