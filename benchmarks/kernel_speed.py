@@ -57,9 +57,10 @@ def _ulp(a, b):
 def interpreter_check() -> bool:
     """Tiny CPU check of both kernels under Triton's interpreter; True when exact."""
     os.environ["TRITON_INTERPRET"] = "1"  # before fastsave.kernels decorates its kernels
-    import fastsave.kernels as K
     import torch
     from bitsandbytes import functional as F
+
+    import fastsave.kernels as K
 
     ok = True
     torch.manual_seed(0)
@@ -115,9 +116,10 @@ def copy_bandwidth() -> float:
 
 def _bench_shape(out_f: int, in_f: int, quant_type: str, bs: int, nested: bool, r: int, dtype) -> tuple:
     """Time the four variants on one weight shape and check exactness; returns one table row."""
-    import fastsave.kernels as K
     import torch
     from bitsandbytes import functional as F
+
+    import fastsave.kernels as K
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -157,8 +159,9 @@ def _bench_shape(out_f: int, in_f: int, quant_type: str, bs: int, nested: bool, 
 
 
 def run_gpu(args: argparse.Namespace) -> int:
-    import fastsave.kernels as K
     import torch
+
+    import fastsave.kernels as K
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
