@@ -19,7 +19,7 @@ from test_core_merged import _lora_layers, _oracle
 
 import fastsave
 from fastsave.merge import row_blocks
-from fastsave.sources import bnb_4bit, nf4_native
+from fastsave.sources import bnb_4bit, nf4_fused, nf4_native
 from fastsave.sources.bnb_4bit import absmax_float32
 
 HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
@@ -265,7 +265,7 @@ def _dense_rows(dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("with_delta", [True, False])
-def test_dense_merge_equals_the_torch_row_merge(stored, dtype, with_delta):
+def test_dense_merge_equals_the_torch_row_merge(decoder, stored, dtype, with_delta):
     """The C merge of 16-bit / float32 rows against the torch row merge: the rows as float32, plus
     the product times the scaling, one rounding; on 1, 2 and 7 threads, NaN/Inf counted."""
     rows = _dense_rows(stored)
@@ -318,3 +318,74 @@ def test_a_16bit_lora_model_merges_its_lora_weights_in_one_pass_exactly(tiny_bas
     saved = saved_tensors(tmp_path / "out")
     for name in lora_weights:
         assert torch.equal(_bits(saved[name]), _bits(reference[name].to(torch.bfloat16))), name
+
+
+def _every_bfloat16_and_the_cells_edges() -> torch.Tensor:
+    """Rows of float32 values in blocks of 64: every bfloat16 bit pattern (NaN and infinities too,
+    at whatever absmax its block has), then blocks whose absmax is 1 holding the float32 values
+    next to every rounding boundary of NF4 and FP4 and next to every k/16 in [-1, 1] (the edges of
+    the AVX-512 round trip's 32 cells), on both sides."""
+    every = (torch.arange(65536, dtype=torch.int32) << 16).view(torch.float32)
+    near = []
+    for quant_type in ("nf4", "fp4"):
+        boundaries, ordered = nf4_fused._tables(quant_type)
+        near += [boundaries, ordered]
+    near.append(torch.arange(-16, 17, dtype=torch.float32) / 16)
+    points = torch.cat(near).view(torch.int32)
+    steps = torch.arange(-8, 9, dtype=torch.int32)
+    around = (points.view(-1, 1) + steps.view(1, -1)).reshape(-1).view(torch.float32)
+    around = torch.cat([around, -around])
+    around = around[around.abs() <= 1]
+    around = torch.cat([around, torch.zeros(-around.numel() % 63)]).view(-1, 63)
+    around = torch.cat([around, torch.ones(around.shape[0], 1)], 1).reshape(-1)  # each block's absmax is 1
+    values = torch.cat([every, around])
+    values = torch.cat([values, torch.zeros(-values.numel() % 256)])
+    return values.view(-1, 256)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_round_trip_of_every_bfloat16_and_every_cell_edge_equals_bitsandbytes(decoder, quant_type):
+    """Each decoder's round trip (the AVX-512 one looks codes up by cells of [-1, 1]) against
+    bitsandbytes' quantize + dequantize, alone and merged in the same pass, with each block's own
+    absmax and with a decoding absmax of its own."""
+    rows = _every_bfloat16_and_the_cells_edges()
+    boundaries, ordered = nf4_fused._tables(quant_type)
+    # a block holding a NaN decodes with a NaN absmax, as it would in a save (its own, or the
+    # double-quantized ones, all NaN once their mean is)
+    own = rows.reshape(-1, 64).abs().amax(1)
+    for absmax in (None, own * 1.0078125):
+        expected = nf4_fused.bitsandbytes_round_trip(rows, 64, quant_type, absmax)
+        got = nf4_native.round_trip(rows, 64, boundaries, ordered, absmax)
+        nan = torch.isnan(expected)  # the blocks holding a NaN or an infinity: NaN, whatever its bits
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(_bits(got)[~nan], _bits(expected)[~nan])
+        product = torch.randn(rows.shape, generator=torch.Generator().manual_seed(4)) * 0.01
+        merged = torch.empty(rows.shape, dtype=torch.bfloat16)
+        counted = nf4_native.round_trip_merge(rows, 64, boundaries, ordered, absmax, product, 0.5, merged)
+        reference = (expected + product * 0.5).to(torch.bfloat16)
+        nan = torch.isnan(reference)
+        assert torch.equal(torch.isnan(merged), nan)
+        assert torch.equal(_bits(merged)[~nan], _bits(reference)[~nan])
+        assert counted == int((~torch.isfinite(reference)).sum())
+
+
+def test_rounding_to_bfloat16_at_every_tie_and_edge(decoder):
+    """Each decoder's merge rounds float32 to bfloat16 as torch does: ties to even, the largest
+    values to infinity, subnormals, signed zeros, NaN; float32 output copied; non-finite counted."""
+    high = torch.tensor(
+        [0x0000, 0x0001, 0x007F, 0x0080, 0x3F80, 0x3F81, 0x7F7E, 0x7F7F, 0x7F80, 0x7FC0, 0x7FFF],
+        dtype=torch.int32,
+    )
+    low = torch.tensor([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int32)
+    bits = ((high.view(-1, 1) << 16) | low.view(1, -1)).reshape(-1)
+    bits = torch.cat([bits, bits | torch.tensor(-0x80000000, dtype=torch.int32)])
+    values = bits.view(torch.float32)
+    values = torch.cat([values, torch.zeros(-values.numel() % 50)]).view(-1, 50)
+    for dtype in (torch.bfloat16, torch.float32):
+        expected = values.to(dtype)
+        ours = torch.empty(values.shape, dtype=dtype)
+        counted = nf4_native.merge_dense(values, None, 1.0, ours)
+        nan = torch.isnan(expected)
+        assert torch.equal(torch.isnan(ours), nan)
+        assert torch.equal(_bits(ours)[~nan], _bits(expected)[~nan])
+        assert counted == int((~torch.isfinite(expected)).sum()) > 0

@@ -153,6 +153,73 @@ INLINE void decode16(const float *restrict values, int64_t count, float inverse,
     }
 }
 
+/* The 16-code lookup by cells: [-1, 1] split into CELLS equal parts, each holding at most one
+ * rounding boundary. A scaled value's cell gives, from three 32-entry tables, the boundary inside it
+ * (+inf where none), the code below it and the code above it: one compare instead of fifteen. The
+ * cell only picks which boundary to compare with, so it may be computed with rounding: no boundary
+ * lies within CELL_MARGIN (in cells) of a cell's edge, and a value that the rounding moves into the
+ * neighbouring cell has no boundary between it and that edge, so both cells give it the same code.
+ * The comparison itself is the exact `x > boundary` of decode16. */
+enum { CELLS = 32 };
+#define CELL_MARGIN (1.0 / 4096.0) /* the cell index's rounding error is at most 2^-19 cells */
+
+typedef struct {
+    float boundary[CELLS], below[CELLS], above[CELLS];
+} Cells;
+
+/* 1 when the 15 ascending boundaries (all inside (-1, 1), so that a NaN, which decode16 gives the
+ * first code, may be clamped to -1 like the AVX-512 clamp does) fit the cells; 0 otherwise */
+static int build_cells(const float *boundaries, const float *codes, Cells *cells) {
+    for (int b = 0; b < 15; b++) {
+        double at = ((double)boundaries[b] + 1.0) * (CELLS / 2);
+        if (!(boundaries[b] > -1.0f && boundaries[b] < 1.0f)) return 0;
+        if (at - floor(at) < CELL_MARGIN || ceil(at) - at < CELL_MARGIN) return 0;
+        if (b > 0 && !(boundaries[b] > boundaries[b - 1])) return 0;
+    }
+    for (int c = 0; c < CELLS; c++) {
+        double low = (double)c / (CELLS / 2) - 1.0, high = (double)(c + 1) / (CELLS / 2) - 1.0;
+        int below = 0, inside = 0;
+        float boundary = INFINITY;
+        for (int b = 0; b < 15; b++) {
+            if (boundaries[b] < low) below++;
+            else if (boundaries[b] < high) inside++, boundary = boundaries[b];
+        }
+        if (inside > 1) return 0;
+        cells->boundary[c] = boundary;
+        cells->below[c] = codes[below];
+        cells->above[c] = codes[below + inside];
+    }
+    return 1;
+}
+
+#ifdef X86_DECODE
+/* decode16 by cells, 16 values a vector: the same product, clamp (a NaN goes to -1, whose code is
+ * the first, as a NaN's is in decode16), exact compare and product by the scale */
+__attribute__((target("avx512f"))) static void decode_cells_avx512(const float *restrict values, int64_t count,
+                                                                    float inverse, float scale,
+                                                                    const Cells *cells, float *restrict out) {
+    const __m512 factor = _mm512_set1_ps(inverse), decode_scale = _mm512_set1_ps(scale);
+    const __m512 minus_one = _mm512_set1_ps(-1.0f), one = _mm512_set1_ps(1.0f);
+    const __m512 half_cells = _mm512_set1_ps((float)(CELLS / 2));
+    const __m512i last = _mm512_set1_epi32(CELLS - 1);
+    const __m512 bound_low = _mm512_loadu_ps(cells->boundary), bound_high = _mm512_loadu_ps(cells->boundary + 16);
+    const __m512 below_low = _mm512_loadu_ps(cells->below), below_high = _mm512_loadu_ps(cells->below + 16);
+    const __m512 above_low = _mm512_loadu_ps(cells->above), above_high = _mm512_loadu_ps(cells->above + 16);
+    for (int64_t k = 0; k < count; k += 16) {
+        __mmask16 lanes = count - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - k)) - 1u);
+        __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, values + k), factor);
+        x = _mm512_min_ps(_mm512_max_ps(x, minus_one), one); /* max(NaN, -1) is -1 */
+        __m512i cell = _mm512_cvttps_epi32(_mm512_add_ps(_mm512_mul_ps(x, half_cells), half_cells));
+        cell = _mm512_min_epi32(cell, last); /* x = 1 lies on the last cell's upper edge */
+        __m512 boundary = _mm512_permutex2var_ps(bound_low, cell, bound_high);
+        __mmask16 above = _mm512_cmp_ps_mask(x, boundary, _CMP_GT_OQ);
+        __m512 code = _mm512_mask_blend_ps(above, _mm512_permutex2var_ps(below_low, cell, below_high),
+                                           _mm512_permutex2var_ps(above_low, cell, above_high));
+        _mm512_mask_storeu_ps(out + k, lanes, _mm512_mul_ps(code, decode_scale));
+    }
+}
+#endif
+
 /* float32 to bfloat16 as torch rounds it: to nearest, ties to even. Every NaN becomes 0x7FC0 (torch's
  * scalar cast; its vectorized cast writes other NaN bits): a NaN in a merged weight fails the save
  * before anything is published, so no NaN's bits ever reach a file. */
@@ -192,11 +259,62 @@ INLINE int64_t merge_and_store(const Job *job, float *restrict values, int64_t s
     return nonfinite;
 }
 
+static int avx512_chosen(void);
+
+
+#ifdef X86_DECODE
+/* merge_and_store, 16 values a vector (AVX-512): the same float32 product and add (never fused),
+ * the same rounding to bfloat16 (NaN to 0x7FC0) and the same count */
+__attribute__((target("avx512f"))) static int64_t merge_and_store_avx512(const Job *job, const float *restrict values,
+                                                                          int64_t start, int64_t count) {
+    const __m512 scaling = _mm512_set1_ps(job->scaling);
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), infinity = _mm512_set1_epi32(0x7F800000);
+    const __m512i half_ulp = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    const __m512i bf16_nan = _mm512_set1_epi32(0x7FC0), bf16_exponent = _mm512_set1_epi32(0x7F80);
+    const float *product = job->product ? job->product + start : NULL;
+    int64_t nonfinite = 0;
+    for (int64_t k = 0; k < count; k += 16) {
+        __mmask16 lanes = count - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - k)) - 1u);
+        __m512 value = _mm512_maskz_loadu_ps(lanes, values + k);
+        if (product)
+            value = _mm512_add_ps(value, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, product + k), scaling));
+        __m512i bits = _mm512_castps_si512(value);
+        if (job->out_dtype == BFLOAT16) {
+            __m512i even = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+            __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, half_ulp), even), 16);
+            __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, magnitude), infinity);
+            rounded = _mm512_mask_mov_epi32(rounded, nan, bf16_nan);
+            __mmask16 wide = _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_and_si512(rounded, bf16_exponent),
+                                                          bf16_exponent);
+            nonfinite += __builtin_popcount((unsigned)wide);
+            _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)job->merged + start + k, lanes, rounded);
+        } else {
+            __mmask16 wide = _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_and_si512(bits, infinity), infinity);
+            nonfinite += __builtin_popcount((unsigned)wide);
+            _mm512_mask_storeu_ps((float *)job->merged + start + k, lanes, value);
+        }
+    }
+    return nonfinite;
+}
+#endif
+
+/* merge_and_store, by the AVX-512 loop where `wide` */
+INLINE int64_t stored(const Job *job, int wide, float *values, int64_t start, int64_t count) {
+#ifdef X86_DECODE
+    if (wide) return merge_and_store_avx512(job, values, start, count);
+#endif
+    (void)wide;
+    return merge_and_store(job, values, start, count);
+}
+
 VECTOR_CLONES static void round_trip_blocks(const Job *job) {
     float values[CHUNK], boundaries[MAX_CODES], codes[MAX_CODES];
     int n_boundaries = job->n_codes - 1;
     memcpy(boundaries, job->boundaries, sizeof(float) * (size_t)n_boundaries);
     memcpy(codes, job->codes, sizeof(float) * (size_t)job->n_codes);
+    Cells cells;
+    int wide = avx512_chosen();
+    int by_cells = n_boundaries == 15 && wide && build_cells(boundaries, codes, &cells);
     int64_t blocksize = job->blocksize, nonfinite = 0;
     float decoded[CHUNK]; /* merged output: the round trip's values on their way */
     for (int64_t block = job->first_block; block < job->end_block; block++) {
@@ -208,11 +326,16 @@ VECTOR_CLONES static void round_trip_blocks(const Job *job) {
             int64_t count = blocksize - done < CHUNK ? blocksize - done : CHUNK;
             float *out = job->merged ? decoded : job->out + start + done;
             load_values(job->source, job->dtype, start + done, count, values);
+#ifdef X86_DECODE
+            if (by_cells)
+                decode_cells_avx512(values, count, inverse, scale, &cells, out);
+            else
+#endif
             if (n_boundaries == 15)
                 decode16(values, count, inverse, scale, boundaries, codes, out);
             else
                 decode(values, count, inverse, scale, boundaries, codes, n_boundaries, out);
-            if (job->merged) nonfinite += merge_and_store(job, decoded, start + done, count);
+            if (job->merged) nonfinite += stored(job, wide, decoded, start + done, count);
         }
     }
     if (job->merged) __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
@@ -302,6 +425,19 @@ int fastsave_force_decode(int which) {
     return 0;
 }
 
+/* the AVX-512 loops (the round trip's lookup by cells, merge_and_store_avx512): on a CPU that has it,
+ * unless another decoder was forced */
+static int avx512_chosen(void) {
+#ifdef X86_DECODE
+    if (forced_decode == 3) return 1;
+    if (forced_decode != 0) return 0;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
 static DecodePairs chosen_decode(void) {
     if (forced_decode == 1) return decode_pairs_plain;
 #ifdef X86_DECODE
@@ -320,6 +456,7 @@ static DecodePairs chosen_decode(void) {
  * product times the scaling, its own rounding) and the add, in that order, then one rounding. */
 VECTOR_CLONES static void merge_blocks(const Job *job) {
     DecodePairs decode_pairs = chosen_decode();
+    int wide = avx512_chosen();
     float values[CHUNK];
     const uint8_t *packed = job->source;
     int64_t blocksize = job->blocksize, nonfinite = 0;
@@ -329,7 +466,7 @@ VECTOR_CLONES static void merge_blocks(const Job *job) {
             int64_t count = blocksize - done < CHUNK ? blocksize - done : CHUNK;
             int64_t start = block * blocksize + done;
             decode_pairs(packed + start / 2, count / 2, job->codes, scale, values);
-            nonfinite += merge_and_store(job, values, start, count);
+            nonfinite += stored(job, wide, values, start, count);
         }
     }
     __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
@@ -339,6 +476,7 @@ VECTOR_CLONES static void merge_blocks(const Job *job) {
  * time: the exact conversion of the stored value to float32 (what torch's .to(float32) gives), then
  * the merge of merge_blocks. */
 VECTOR_CLONES static void merge_dense_blocks(const Job *job) {
+    int wide = avx512_chosen();
     float values[CHUNK];
     int64_t blocksize = job->blocksize, nonfinite = 0;
     for (int64_t block = job->first_block; block < job->end_block; block++) {
@@ -346,7 +484,7 @@ VECTOR_CLONES static void merge_dense_blocks(const Job *job) {
             int64_t count = blocksize - done < CHUNK ? blocksize - done : CHUNK;
             int64_t start = block * blocksize + done;
             load_values(job->source, job->dtype, start, count, values);
-            nonfinite += merge_and_store(job, values, start, count);
+            nonfinite += stored(job, wide, values, start, count);
         }
     }
     __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
