@@ -10,7 +10,10 @@
  * either): the reciprocal of the block's absmax (at least 1e-38), the product, a clamp to [-1, 1],
  * the number of rounding boundaries strictly below the scaled value (its code, in sorted order),
  * the code's value times the absmax the block decodes with. It is compiled with
- * -ffp-contract=off and without -ffast-math, so no two of these are fused or reordered.
+ * -ffp-contract=off and without -ffast-math, so no two of these are fused or reordered. On CPUs
+ * with AVX-512 the same operations run in hand-written vector loops (16 values a vector): the round
+ * trip looks each code up by cells of [-1, 1] (build_cells), with one compare instead of fifteen,
+ * and every merge rounds and counts its block in store16.
  *
  * The work is split by blocks among up to `threads` threads: those of the OpenMP runtime torch
  * uses, when fastsave_use_openmp was given it (see there), else pthreads with small stacks (under
@@ -193,30 +196,98 @@ static int build_cells(const float *boundaries, const float *codes, Cells *cells
 }
 
 #ifdef X86_DECODE
-/* decode16 by cells, 16 values a vector: the same product, clamp (a NaN goes to -1, whose code is
+/* The AVX-512 loops: 16 values a vector, the same float32 operations in the same order as the
+ * plain ones (x86-64 CPUs with AVX-512 F, BW and VL: every one but the Xeon Phi) */
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define AVX512_INLINE static inline __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+
+typedef struct {
+    __m512 bound_low, bound_high, below_low, below_high, above_low, above_high;
+} CellVectors;
+
+AVX512_INLINE CellVectors cell_vectors(const Cells *cells) {
+    CellVectors v = {_mm512_loadu_ps(cells->boundary), _mm512_loadu_ps(cells->boundary + 16),
+                     _mm512_loadu_ps(cells->below),    _mm512_loadu_ps(cells->below + 16),
+                     _mm512_loadu_ps(cells->above),    _mm512_loadu_ps(cells->above + 16)};
+    return v;
+}
+
+/* decode16 by cells: the same product by the reciprocal, clamp (a NaN goes to -1, whose code is
  * the first, as a NaN's is in decode16), exact compare and product by the scale */
-__attribute__((target("avx512f"))) static void decode_cells_avx512(const float *restrict values, int64_t count,
-                                                                    float inverse, float scale,
-                                                                    const Cells *cells, float *restrict out) {
-    const __m512 factor = _mm512_set1_ps(inverse), decode_scale = _mm512_set1_ps(scale);
-    const __m512 minus_one = _mm512_set1_ps(-1.0f), one = _mm512_set1_ps(1.0f);
+AVX512_INLINE __m512 decode_cells16(__m512 values, __m512 inverse, __m512 scale, const CellVectors *v) {
     const __m512 half_cells = _mm512_set1_ps((float)(CELLS / 2));
-    const __m512i last = _mm512_set1_epi32(CELLS - 1);
-    const __m512 bound_low = _mm512_loadu_ps(cells->boundary), bound_high = _mm512_loadu_ps(cells->boundary + 16);
-    const __m512 below_low = _mm512_loadu_ps(cells->below), below_high = _mm512_loadu_ps(cells->below + 16);
-    const __m512 above_low = _mm512_loadu_ps(cells->above), above_high = _mm512_loadu_ps(cells->above + 16);
-    for (int64_t k = 0; k < count; k += 16) {
-        __mmask16 lanes = count - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - k)) - 1u);
-        __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, values + k), factor);
-        x = _mm512_min_ps(_mm512_max_ps(x, minus_one), one); /* max(NaN, -1) is -1 */
-        __m512i cell = _mm512_cvttps_epi32(_mm512_add_ps(_mm512_mul_ps(x, half_cells), half_cells));
-        cell = _mm512_min_epi32(cell, last); /* x = 1 lies on the last cell's upper edge */
-        __m512 boundary = _mm512_permutex2var_ps(bound_low, cell, bound_high);
-        __mmask16 above = _mm512_cmp_ps_mask(x, boundary, _CMP_GT_OQ);
-        __m512 code = _mm512_mask_blend_ps(above, _mm512_permutex2var_ps(below_low, cell, below_high),
-                                           _mm512_permutex2var_ps(above_low, cell, above_high));
-        _mm512_mask_storeu_ps(out + k, lanes, _mm512_mul_ps(code, decode_scale));
+    __m512 x = _mm512_mul_ps(values, inverse);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f)); /* max(NaN, -1) is -1 */
+    __m512i cell = _mm512_cvttps_epi32(_mm512_add_ps(_mm512_mul_ps(x, half_cells), half_cells));
+    cell = _mm512_min_epi32(cell, _mm512_set1_epi32(CELLS - 1)); /* x = 1 lies on the last cell's upper edge */
+    __mmask16 above = _mm512_cmp_ps_mask(x, _mm512_permutex2var_ps(v->bound_low, cell, v->bound_high), _CMP_GT_OQ);
+    __m512 code = _mm512_mask_blend_ps(above, _mm512_permutex2var_ps(v->below_low, cell, v->below_high),
+                                       _mm512_permutex2var_ps(v->above_low, cell, v->above_high));
+    return _mm512_mul_ps(code, scale);
+}
+
+/* 16 values from `index` on, as float32 (exact conversions) */
+AVX512_INLINE __m512 load16(const void *source, int dtype, int64_t index) {
+    if (dtype == BFLOAT16) {
+        __m256i bits = _mm256_loadu_si256((const __m256i *)((const uint16_t *)source + index));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
     }
+    if (dtype == FLOAT16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)source + index)));
+    return _mm512_loadu_ps((const float *)source + index);
+}
+
+/* merge_and_store of the `lanes` of 16 values at `index`: the same float32 product and add (never
+ * fused), the same rounding to bfloat16 (NaN to 0x7FC0); how many NaN and infinities it wrote */
+AVX512_INLINE int store16(const Job *job, __m512 value, int64_t index, __mmask16 lanes) {
+    const __m512i infinity = _mm512_set1_epi32(0x7F800000), bf16_exponent = _mm512_set1_epi32(0x7F80);
+    if (job->product)
+        value = _mm512_add_ps(value, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, job->product + index),
+                                                   _mm512_set1_ps(job->scaling)));
+    __m512i bits = _mm512_castps_si512(value);
+    if (job->out_dtype == BFLOAT16) {
+        __m512i even = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        __m512i half_ulp = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), even);
+        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, half_ulp), 16);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), infinity);
+        rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+        _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)job->merged + index, lanes, rounded);
+        return __builtin_popcount(
+            (unsigned)_mm512_mask_cmpeq_epi32_mask(lanes, _mm512_and_si512(rounded, bf16_exponent), bf16_exponent));
+    }
+    _mm512_mask_storeu_ps((float *)job->merged + index, lanes, value);
+    __mmask16 wide = _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_and_si512(bits, infinity), infinity);
+    return __builtin_popcount((unsigned)wide);
+}
+
+/* round_trip_blocks by cells, for blocks of a multiple of 16 values, straight from the source into
+ * the output (no buffers): each block's absmax (max |x| as integers, NaN if one is, as
+ * block_magnitude), then its values quantized, decoded and merged (or written as float32); returns
+ * how many NaN and infinities it merged */
+AVX512_TARGET static int64_t round_trip_cells(const Job *job, const Cells *cells) {
+    const CellVectors v = cell_vectors(cells);
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+    int64_t blocksize = job->blocksize, nonfinite = 0;
+    for (int64_t block = job->first_block; block < job->end_block; block++) {
+        int64_t start = block * blocksize;
+        __m512i largest = _mm512_setzero_si512();
+        for (int64_t k = 0; k < blocksize; k += 16) {
+            __m512i bits = _mm512_castps_si512(load16(job->source, job->dtype, start + k));
+            largest = _mm512_max_epu32(largest, _mm512_and_si512(bits, magnitude));
+        }
+        uint32_t top = _mm512_reduce_max_epu32(largest);
+        float own = top > 0x7F800000u ? NAN : bits_to_float(top);
+        __m512 inverse = _mm512_set1_ps(1.0f / (own < 1e-38f ? 1e-38f : own));
+        __m512 scale = _mm512_set1_ps(job->decode_absmax ? job->decode_absmax[block] : own);
+        for (int64_t k = 0; k < blocksize; k += 16) {
+            __m512 value = decode_cells16(load16(job->source, job->dtype, start + k), inverse, scale, &v);
+            if (job->merged)
+                nonfinite += store16(job, value, start + k, (__mmask16)0xFFFF);
+            else
+                _mm512_storeu_ps(job->out + start + k, value);
+        }
+    }
+    return nonfinite;
 }
 #endif
 
@@ -263,36 +334,13 @@ static int avx512_chosen(void);
 
 
 #ifdef X86_DECODE
-/* merge_and_store, 16 values a vector (AVX-512): the same float32 product and add (never fused),
- * the same rounding to bfloat16 (NaN to 0x7FC0) and the same count */
-__attribute__((target("avx512f"))) static int64_t merge_and_store_avx512(const Job *job, const float *restrict values,
-                                                                          int64_t start, int64_t count) {
-    const __m512 scaling = _mm512_set1_ps(job->scaling);
-    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), infinity = _mm512_set1_epi32(0x7F800000);
-    const __m512i half_ulp = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-    const __m512i bf16_nan = _mm512_set1_epi32(0x7FC0), bf16_exponent = _mm512_set1_epi32(0x7F80);
-    const float *product = job->product ? job->product + start : NULL;
+/* merge_and_store by store16 */
+AVX512_TARGET static int64_t merge_and_store_avx512(const Job *job, const float *restrict values, int64_t start,
+                                                    int64_t count) {
     int64_t nonfinite = 0;
     for (int64_t k = 0; k < count; k += 16) {
         __mmask16 lanes = count - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - k)) - 1u);
-        __m512 value = _mm512_maskz_loadu_ps(lanes, values + k);
-        if (product)
-            value = _mm512_add_ps(value, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, product + k), scaling));
-        __m512i bits = _mm512_castps_si512(value);
-        if (job->out_dtype == BFLOAT16) {
-            __m512i even = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-            __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, half_ulp), even), 16);
-            __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, magnitude), infinity);
-            rounded = _mm512_mask_mov_epi32(rounded, nan, bf16_nan);
-            __mmask16 wide = _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_and_si512(rounded, bf16_exponent),
-                                                          bf16_exponent);
-            nonfinite += __builtin_popcount((unsigned)wide);
-            _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)job->merged + start + k, lanes, rounded);
-        } else {
-            __mmask16 wide = _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_and_si512(bits, infinity), infinity);
-            nonfinite += __builtin_popcount((unsigned)wide);
-            _mm512_mask_storeu_ps((float *)job->merged + start + k, lanes, value);
-        }
+        nonfinite += store16(job, _mm512_maskz_loadu_ps(lanes, values + k), start + k, lanes);
     }
     return nonfinite;
 }
@@ -314,8 +362,14 @@ VECTOR_CLONES static void round_trip_blocks(const Job *job) {
     memcpy(codes, job->codes, sizeof(float) * (size_t)job->n_codes);
     Cells cells;
     int wide = avx512_chosen();
-    int by_cells = n_boundaries == 15 && wide && build_cells(boundaries, codes, &cells);
     int64_t blocksize = job->blocksize, nonfinite = 0;
+#ifdef X86_DECODE
+    if (n_boundaries == 15 && wide && blocksize % 16 == 0 && build_cells(boundaries, codes, &cells)) {
+        nonfinite = round_trip_cells(job, &cells);
+        if (job->merged) __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
+        return;
+    }
+#endif
     float decoded[CHUNK]; /* merged output: the round trip's values on their way */
     for (int64_t block = job->first_block; block < job->end_block; block++) {
         int64_t start = block * blocksize;
@@ -326,11 +380,6 @@ VECTOR_CLONES static void round_trip_blocks(const Job *job) {
             int64_t count = blocksize - done < CHUNK ? blocksize - done : CHUNK;
             float *out = job->merged ? decoded : job->out + start + done;
             load_values(job->source, job->dtype, start + done, count, values);
-#ifdef X86_DECODE
-            if (by_cells)
-                decode_cells_avx512(values, count, inverse, scale, &cells, out);
-            else
-#endif
             if (n_boundaries == 15)
                 decode16(values, count, inverse, scale, boundaries, codes, out);
             else
@@ -416,8 +465,9 @@ static int forced_decode = 0;
 int fastsave_force_decode(int which) {
 #ifdef X86_DECODE
     __builtin_cpu_init();
-    if ((which == 2 && !__builtin_cpu_supports("avx2")) || (which == 3 && !__builtin_cpu_supports("avx512f")))
-        return -1;
+    int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl");
+    if ((which == 2 && !__builtin_cpu_supports("avx2")) || (which == 3 && !avx512)) return -1;
 #else
     if (which > 1) return -1;
 #endif
@@ -432,7 +482,8 @@ static int avx512_chosen(void) {
     if (forced_decode == 3) return 1;
     if (forced_decode != 0) return 0;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
 #else
     return 0;
 #endif
