@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
@@ -45,6 +47,43 @@ def test_nf4_round_trip_by_rows_equals_bitsandbytes_on_the_whole_tensor(
         by_rows = torch.cat([reader.read(i, min(rows, i + step)) for i in range(0, rows, step)])
         assert torch.equal(by_rows, expected), step
     assert torch.equal(source.float32(), expected)
+
+
+def test_the_first_pass_holds_no_more_than_a_merges_row_block(monkeypatch):
+    """The double-quantized round trip's first pass reads the rows a few at a time, each read no
+    larger than what a merge's row block is admitted for, and still gives bitsandbytes' bits."""
+    from fastsave.merge.assemble import BLOCK_BYTES
+    from fastsave.merge.row_blocks import block_working_bytes, rows_per_block
+    from fastsave.sources import nf4_roundtrip
+
+    assert (
+        block_working_bytes(2048, rows_per_block(2048, 1, BLOCK_BYTES), False)
+        == nf4_roundtrip.FIRST_PASS_BYTES
+    )
+    torch.manual_seed(3)
+    weight = (torch.randn(50, 512) * torch.rand(50, 1)).to(torch.bfloat16)
+    codes, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    state.dtype = torch.float32
+    expected = bnb_functional.dequantize_4bit(codes, state)
+    # three rows a read: their stored bytes, twice over (the torch path's absolute values too)
+    monkeypatch.setattr(nf4_roundtrip, "FIRST_PASS_BYTES", 3 * 2 * 2 * 512)
+    inner = DenseSource(weight)
+    reads = []
+    rows_reader = inner.row_reader
+
+    def recorded():
+        reader = rows_reader()
+        stored = reader.read_stored or reader.read
+        return dataclasses.replace(reader, read_stored=lambda i, j: reads.append(j - i) or stored(i, j))
+
+    monkeypatch.setattr(inner, "row_reader", recorded)
+    source = Nf4RoundTripSource(inner, Quant4bitSettings("nf4", 64, True), torch.bfloat16, False)
+    reader = source.row_reader()
+    first_pass = list(reads)
+    assert sum(first_pass) == 50 and max(first_pass) == 3
+    assert torch.equal(torch.cat([reader.read(i, min(50, i + 16)) for i in range(0, 50, 16)]), expected)
 
 
 def test_nf4_round_trip_of_a_conv1d_weight_is_not_read_by_rows():

@@ -20,10 +20,14 @@ from fastsave.sources.bnb import bnb_functional
 from fastsave.sources.nf4_fused import block_absmax, compiled_merge_matches, round_trip, round_trip_merge
 from fastsave.sources.settings_4bit import Quant4bitSettings
 
-# what the first pass of a double-quantized round trip reads at a time, counted as float32: the
-# size of a merge's row block (fastsave.merge.assemble.BLOCK_BYTES), so that no pass maps or holds
-# more of a weight at once than a merge's block
-FIRST_PASS_BYTES = 4 << 20
+# what the first pass of a double-quantized round trip holds at a time: the working set a merge's
+# row block is admitted for (fastsave.merge.row_blocks.block_working_bytes of a block of
+# fastsave.merge.assemble.BLOCK_BYTES: three float32 copies of its rows), so that the pass holds no
+# more of a weight at once than the merge that follows it. It holds the rows as stored (read-only
+# pages of the file) and, on the torch path, their absolute values: twice the stored bytes a value.
+# Fewer, larger reads: at 1B on 2 cores, 3M bfloat16 values a read instead of 1M took 0.04-0.06 s off
+# `fastsave merge`.
+FIRST_PASS_BYTES = 12 << 20
 
 
 def quantize_dequantize_float32(
@@ -116,8 +120,8 @@ class Nf4RoundTripSource(Source):
             )
         n_rows, n_cols = self.shape
         blocks_per_row = n_cols // settings.blocksize
-        # the first pass reads about 1M values (4 MiB as float32, less as stored) at a time
-        step = max(1, FIRST_PASS_BYTES // (4 * n_cols))
+        # the first pass reads 3M bfloat16 values (1.5M float32 ones) at a time
+        step = max(1, FIRST_PASS_BYTES // (2 * self.stored_dtype.itemsize * n_cols))
         absmax = torch.cat(
             [block_absmax(load(i, min(n_rows, i + step)), settings.blocksize) for i in range(0, n_rows, step)]
         )
