@@ -170,6 +170,31 @@ def test_mapped_rows_are_read_only_file_pages_that_rlimit_data_does_not_count(tm
         assert path not in maps.read()
 
 
+def test_a_row_reader_maps_a_window_at_a_time_and_its_blocks_outlive_it(tmp_path, monkeypatch):
+    """A checkpoint row reader maps a window of the tensor (MAPPED_WINDOW_BYTES, or the read when
+    larger) and maps anew only when a read falls outside it; reads forwards, backwards, across the
+    window's edge and larger than it give safetensors' own rows, and a block read earlier keeps its
+    rows after the window moved on."""
+    from safetensors.torch import load_file, save_file
+
+    from fastsave.sources import safetensors_file
+
+    weight = torch.randn(100, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    save_file({"w": weight}, tmp_path / "model.safetensors")
+    expected = load_file(tmp_path / "model.safetensors")["w"]
+    monkeypatch.setattr(safetensors_file, "MAPPED_WINDOW_BYTES", 10 * 64 * 2)  # 10 rows
+    checkpoint = safetensors_file.SafetensorsCheckpoint(tmp_path)
+    maps = []
+    real = checkpoint.mapped_rows
+    monkeypatch.setattr(checkpoint, "mapped_rows", lambda name, i, j: maps.append((i, j)) or real(name, i, j))
+    read = checkpoint.source("w").row_reader().read_stored
+    first = read(0, 4)
+    for i, j in [(4, 8), (8, 10), (9, 13), (13, 15), (2, 5), (30, 55), (40, 45), (95, 120)]:
+        assert torch.equal(read(i, j), expected[i : min(j, 100)]), (i, j)
+    assert maps == [(0, 10), (9, 19), (2, 12), (30, 55), (95, 100)]
+    assert torch.equal(first, expected[0:4])
+
+
 def test_mapped_rows_of_a_truncated_file_are_refused_before_mapping(tmp_path):
     from safetensors.torch import save_file
 
