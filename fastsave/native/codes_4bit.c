@@ -156,6 +156,7 @@ INLINE void decode16(const float *restrict values, int64_t count, float inverse,
     }
 }
 
+#ifdef X86_DECODE
 /* The 16-code lookup by cells: [-1, 1] split into CELLS equal parts, each holding at most one
  * rounding boundary. A scaled value's cell gives, from three 32-entry tables, the boundary inside it
  * (+inf where none), the code below it and the code above it: one compare instead of fifteen. The
@@ -195,7 +196,6 @@ static int build_cells(const float *boundaries, const float *codes, Cells *cells
     return 1;
 }
 
-#ifdef X86_DECODE
 /* The AVX-512 loops: 16 values a vector, the same float32 operations in the same order as the
  * plain ones (x86-64 CPUs with AVX-512 F, BW and VL: every one but the Xeon Phi) */
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -360,10 +360,10 @@ VECTOR_CLONES static void round_trip_blocks(const Job *job) {
     int n_boundaries = job->n_codes - 1;
     memcpy(boundaries, job->boundaries, sizeof(float) * (size_t)n_boundaries);
     memcpy(codes, job->codes, sizeof(float) * (size_t)job->n_codes);
-    Cells cells;
     int wide = avx512_chosen();
     int64_t blocksize = job->blocksize, nonfinite = 0;
 #ifdef X86_DECODE
+    Cells cells;
     if (n_boundaries == 15 && wide && blocksize % 16 == 0 && build_cells(boundaries, codes, &cells)) {
         nonfinite = round_trip_cells(job, &cells);
         if (job->merged) __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
