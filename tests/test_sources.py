@@ -172,9 +172,9 @@ def test_mapped_rows_are_read_only_file_pages_that_rlimit_data_does_not_count(tm
 
 def test_a_row_reader_maps_a_window_at_a_time_and_its_blocks_outlive_it(tmp_path, monkeypatch):
     """A checkpoint row reader maps a window of the tensor (MAPPED_WINDOW_BYTES, or the read when
-    larger) and maps anew only when a read falls outside it; reads forwards, backwards, across the
-    window's edge and larger than it give safetensors' own rows, and a block read earlier keeps its
-    rows after the window moved on."""
+    larger) and maps anew only when a read falls outside it, forwards from the read or backwards
+    ending at it; reads forwards, backwards, across the window's edge and larger than it give
+    safetensors' own rows, and a block read earlier keeps its rows after the window moved on."""
     from safetensors.torch import load_file, save_file
 
     from fastsave.sources import safetensors_file
@@ -189,9 +189,24 @@ def test_a_row_reader_maps_a_window_at_a_time_and_its_blocks_outlive_it(tmp_path
     monkeypatch.setattr(checkpoint, "mapped_rows", lambda name, i, j: maps.append((i, j)) or real(name, i, j))
     read = checkpoint.source("w").row_reader().read_stored
     first = read(0, 4)
-    for i, j in [(4, 8), (8, 10), (9, 13), (13, 15), (2, 5), (30, 55), (40, 45), (95, 120)]:
+    reads = [
+        (4, 8),
+        (8, 10),
+        (9, 13),
+        (13, 15),
+        (2, 5),
+        (30, 55),
+        (40, 45),
+        (95, 120),
+        (90, 95),
+        (85, 90),
+        (80, 85),
+    ]
+    for i, j in reads:
         assert torch.equal(read(i, j), expected[i : min(j, 100)]), (i, j)
-    assert maps == [(0, 10), (9, 19), (2, 12), (30, 55), (95, 100)]
+    # forwards a window starts at the read, backwards it ends there (the NF4 round trip's first pass
+    # reads a weight from its end)
+    assert maps == [(0, 10), (9, 19), (0, 5), (30, 55), (95, 100), (85, 95), (75, 85)]
     assert torch.equal(first, expected[0:4])
 
 

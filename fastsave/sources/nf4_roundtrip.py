@@ -122,9 +122,15 @@ class Nf4RoundTripSource(Source):
         blocks_per_row = n_cols // settings.blocksize
         # the first pass reads 3M bfloat16 values (1.5M float32 ones) at a time
         step = max(1, FIRST_PASS_BYTES // (2 * self.stored_dtype.itemsize * n_cols))
-        absmax = torch.cat(
-            [block_absmax(load(i, min(n_rows, i + step)), settings.blocksize) for i in range(0, n_rows, step)]
-        )
+        # from the last rows to the first: the merge that follows reads from the first rows on, so
+        # the rows it reads first are those the pass read last, still in the cache when the weight
+        # is larger than it (at 3B on 2 cores 5.11 against 5.29 s for `fastsave merge`, 1B 1.91
+        # against 1.97 s, medians of 7 interleaved rounds in one process)
+        backwards = [
+            block_absmax(load(i, min(n_rows, i + step)), settings.blocksize)
+            for i in reversed(range(0, n_rows, step))
+        ]
+        absmax = torch.cat(backwards[::-1])
         offset = absmax.mean()
         quantized, state2 = bnb_functional.quantize_blockwise(absmax - offset, blocksize=256)
         absmax = bnb_functional.dequantize_blockwise(quantized, state2) + offset

@@ -240,7 +240,8 @@ MAPPED_WINDOW_BYTES = 16 << 20
 class MappedWindow:
     """Rows of one tensor served from one read-only mapping of up to :data:`MAPPED_WINDOW_BYTES` of
     its data (a read larger than that is mapped whole), mapped anew only when a read falls outside
-    it. A block handed out keeps its own mapping alive, after the window moved on too."""
+    it: from the read on, or, for a read before the window (a pass from the end), ending with it.
+    A block handed out keeps its own mapping alive, after the window moved on too."""
 
     def __init__(self, checkpoint: SafetensorsCheckpoint, name: str) -> None:
         self.checkpoint, self.name = checkpoint, name
@@ -256,8 +257,12 @@ class MappedWindow:
         i, j = max(0, min(i, self.n_rows)), max(0, min(j, self.n_rows))
         j = max(i, j)
         if self.mapped is None or i < self.first or j > self.end:
+            backwards = self.mapped is not None and i < self.first
             self.mapped = None  # unmapped once no block handed out views it
-            self.first, self.end = i, min(self.n_rows, max(j, i + self.rows_per_window))
+            if backwards:  # reading towards the start: the window ends where the read does
+                self.first, self.end = min(i, max(0, j - self.rows_per_window)), j
+            else:
+                self.first, self.end = i, min(self.n_rows, max(j, i + self.rows_per_window))
             self.mapped = self.checkpoint.mapped_rows(self.name, self.first, self.end)
         return self.mapped[i - self.first : j - self.first]
 
