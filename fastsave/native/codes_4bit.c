@@ -261,22 +261,14 @@ AVX512_INLINE int store16(const Job *job, __m512 value, int64_t index, __mmask16
 }
 
 /* round_trip_blocks by cells, for blocks of a multiple of 16 values, straight from the source into
- * the output (no buffers): each block's absmax (max |x| as integers, NaN if one is, as
- * block_magnitude), then its values quantized, decoded and merged (or written as float32); returns
- * how many NaN and infinities it merged */
+ * the output (no buffers): each block's absmax (block_magnitude), then its values quantized,
+ * decoded and merged (or written as float32); returns how many NaN and infinities it merged */
 AVX512_TARGET static int64_t round_trip_cells(const Job *job, const Cells *cells) {
     const CellVectors v = cell_vectors(cells);
-    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
     int64_t blocksize = job->blocksize, nonfinite = 0;
     for (int64_t block = job->first_block; block < job->end_block; block++) {
         int64_t start = block * blocksize;
-        __m512i largest = _mm512_setzero_si512();
-        for (int64_t k = 0; k < blocksize; k += 16) {
-            __m512i bits = _mm512_castps_si512(load16(job->source, job->dtype, start + k));
-            largest = _mm512_max_epu32(largest, _mm512_and_si512(bits, magnitude));
-        }
-        uint32_t top = _mm512_reduce_max_epu32(largest);
-        float own = top > 0x7F800000u ? NAN : bits_to_float(top);
+        float own = block_magnitude(job->source, job->dtype, start, blocksize);
         __m512 inverse = _mm512_set1_ps(1.0f / (own < 1e-38f ? 1e-38f : own));
         __m512 scale = _mm512_set1_ps(job->decode_absmax ? job->decode_absmax[block] : own);
         for (int64_t k = 0; k < blocksize; k += 16) {
@@ -331,7 +323,6 @@ INLINE int64_t merge_and_store(const Job *job, float *restrict values, int64_t s
 }
 
 static int avx512_chosen(void);
-
 
 #ifdef X86_DECODE
 /* merge_and_store by store16 */
@@ -462,12 +453,19 @@ __attribute__((target("avx2"))) static void decode_pairs_avx2(const uint8_t *byt
 /* 0: by the CPU; 1: the plain loop; 2: AVX2; 3: AVX-512 (for tests: each one on any CPU that runs it) */
 static int forced_decode = 0;
 
+#ifdef X86_DECODE
+/* whether this CPU runs the AVX-512 loops (F, BW and VL) */
+static int cpu_has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+}
+#endif
+
 int fastsave_force_decode(int which) {
 #ifdef X86_DECODE
     __builtin_cpu_init();
-    int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                 __builtin_cpu_supports("avx512vl");
-    if ((which == 2 && !__builtin_cpu_supports("avx2")) || (which == 3 && !avx512)) return -1;
+    if ((which == 2 && !__builtin_cpu_supports("avx2")) || (which == 3 && !cpu_has_avx512())) return -1;
 #else
     if (which > 1) return -1;
 #endif
@@ -481,9 +479,7 @@ static int avx512_chosen(void) {
 #ifdef X86_DECODE
     if (forced_decode == 3) return 1;
     if (forced_decode != 0) return 0;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+    return cpu_has_avx512();
 #else
     return 0;
 #endif
