@@ -35,6 +35,12 @@ def _read_header(file: Path) -> tuple[dict[str, dict], int]:
     return header, data_start
 
 
+def clip_rows(i: int, j: int, n_rows: int) -> tuple[int, int]:
+    """Rows i..j of a tensor of ``n_rows`` rows, clipped to it (an empty range where none are)."""
+    i, j = max(0, min(i, n_rows)), max(0, min(j, n_rows))
+    return i, max(i, j)
+
+
 def _close_all(descriptors: dict[Path, int]) -> None:
     for descriptor in descriptors.values():
         os.close(descriptor)
@@ -196,8 +202,7 @@ class SafetensorsCheckpoint:
     def _row_span(self, name: str, i: int, j: int) -> tuple[int, int, int, int]:
         """Rows i..j clipped to the tensor, and the byte offset and count of their data."""
         shape = self.shape(name)
-        i, j = max(0, min(i, shape[0])), max(0, min(j, shape[0]))
-        j = max(i, j)
+        i, j = clip_rows(i, j, shape[0])
         row_bytes = self._meta[name][3] // shape[0] if shape[0] else 0
         return i, j, i * row_bytes, (j - i) * row_bytes
 
@@ -254,8 +259,7 @@ class MappedWindow:
 
     def rows(self, i: int, j: int) -> torch.Tensor:
         """Rows i..j (clipped to the tensor) as a read-only view of the file's pages: never write to it."""
-        i, j = max(0, min(i, self.n_rows)), max(0, min(j, self.n_rows))
-        j = max(i, j)
+        i, j = clip_rows(i, j, self.n_rows)
         if self.mapped is None or i < self.first or j > self.end:
             backwards = self.mapped is not None and i < self.first
             self.mapped = None  # unmapped once no block handed out views it
