@@ -92,16 +92,21 @@ def test_a_filesystem_refusing_o_direct_at_open_gets_the_same_bytes(tmp_path, mo
 def test_a_filesystem_refusing_o_direct_writes_gets_the_same_bytes_through_the_page_cache(
     tmp_path, monkeypatch
 ):
-    real_pwrite = os.pwrite
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
     refused = []
 
-    def refusing(fd, data, offset):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
-            refused.append(offset)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
+    def refused_when_direct(write):
+        def refusing(fd, data, offset):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+                refused.append(offset)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return write(fd, data, offset)
 
-    monkeypatch.setattr(direct_file.os, "pwrite", refusing)
+        return refusing
+
+    # one view goes out with pwrite; jobs joined in one write (direct_file.JoinedWrites) with pwritev
+    monkeypatch.setattr(direct_file.os, "pwrite", refused_when_direct(real_pwrite))
+    monkeypatch.setattr(direct_file.os, "pwritev", refused_when_direct(real_pwritev))
     monkeypatch.setattr(
         direct_file, "_open", lambda path, direct: (os.open(path, os.O_WRONLY | os.O_CREAT | O_DIRECT), True)
     )
@@ -334,3 +339,123 @@ def test_placed_empty_puts_a_block_at_the_phase_of_its_file_offset():
             assert placed_empty((4,), torch.bfloat16).data_ptr() % ALIGN == (offset + ALIGN + 2) % ALIGN
     with placing(3):  # an offset no 2-byte value can sit at: plain
         assert placed_empty((4,), torch.bfloat16).shape == (4,)
+
+
+# -- jobs joined into one write while the disk is busy (direct_file.JoinedWrites) -------------------
+
+
+class _HeldWrites:
+    """A write function for JoinedWrites whose first call waits until ``go`` is set (the disk busy
+    with it, so that the jobs submitted meanwhile queue up); records each call's (views, offset)."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls: list[tuple[list[bytes], int]] = []
+        self.started = threading.Event()
+        self.go = threading.Event()
+        self.fail_at = fail_at
+
+    def __call__(self, views: list[memoryview], offset: int) -> None:
+        self.calls.append(([bytes(view) for view in views], offset))
+        if len(self.calls) == 1:
+            self.started.set()
+            assert self.go.wait(10)
+        if self.fail_at == len(self.calls):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _job(size: int, fill: int) -> list[memoryview]:
+    return [memoryview(bytes([fill]) * size)]
+
+
+def test_jobs_waiting_back_to_back_go_out_in_one_write_up_to_the_limit():
+    write = _HeldWrites()
+    joined = direct_file.JoinedWrites(write, joined_bytes=3 * ALIGN)
+    first = joined.submit(_job(ALIGN, 1), 0)
+    assert write.started.wait(10)  # the thread is inside the first write: the others wait
+    waiting = [
+        joined.submit(_job(ALIGN, 2), ALIGN),  # back to back with the first, but that one is written
+        joined.submit(_job(2 * ALIGN, 3), 2 * ALIGN),  # joined with the one before it: 3 blocks
+        joined.submit(_job(ALIGN, 4), 4 * ALIGN),  # back to back, past the limit: a write of its own
+        joined.submit(_job(ALIGN, 5), 9 * ALIGN),  # not back to back: a write of its own
+    ]
+    write.go.set()
+    for future in [first, *waiting]:
+        assert future.result(10) is None
+    joined.shutdown()
+    assert [(len(views), offset) for views, offset in write.calls] == [
+        (1, 0),
+        (2, ALIGN),
+        (1, 4 * ALIGN),
+        (1, 9 * ALIGN),
+    ]
+    assert write.calls[1][0] == [bytes([2]) * ALIGN, bytes([3]) * 2 * ALIGN]
+
+
+def test_with_no_room_to_join_every_job_is_a_write_of_its_own():
+    write = _HeldWrites()
+    joined = direct_file.JoinedWrites(write, joined_bytes=0)
+    futures = [joined.submit(_job(ALIGN, 1), 0)]
+    assert write.started.wait(10)
+    futures += [joined.submit(_job(ALIGN, k), k * ALIGN) for k in range(1, 4)]
+    write.go.set()
+    joined.shutdown()
+    assert all(future.done() and future.exception() is None for future in futures)
+    assert [offset for _, offset in write.calls] == [0, ALIGN, 2 * ALIGN, 3 * ALIGN]
+
+
+def test_a_failed_joined_write_fails_every_job_in_it_and_a_cancelled_job_is_not_written():
+    write = _HeldWrites(fail_at=2)
+    joined = direct_file.JoinedWrites(write, joined_bytes=16 * ALIGN)
+    joined.submit(_job(ALIGN, 1), 0)
+    assert write.started.wait(10)
+    failing = [joined.submit(_job(ALIGN, 2), ALIGN), joined.submit(_job(ALIGN, 3), 2 * ALIGN)]
+    cancelled = joined.submit(_job(ALIGN, 4), 3 * ALIGN)
+    after = joined.submit(_job(ALIGN, 5), 4 * ALIGN)
+    assert cancelled.cancel()
+    write.go.set()
+    for future in failing:
+        assert isinstance(future.exception(10), OSError)
+    assert after.result(10) is None
+    joined.shutdown()
+    # the cancelled job's bytes were never written, and the one after it was not joined across the gap
+    assert [(len(views), offset) for views, offset in write.calls] == [(1, 0), (2, ALIGN), (1, 4 * ALIGN)]
+    with pytest.raises(RuntimeError):
+        joined.submit(_job(ALIGN, 6), 5 * ALIGN)
+
+
+@pytest.mark.parametrize("joined_bytes", [0, 2 * ALIGN, 64 * ALIGN])
+def test_joined_writes_leave_the_same_file(tmp_path, monkeypatch, joined_bytes):
+    """Buffers and pieces written from their own memory, with the I/O thread slowed so that jobs
+    queue up behind it and are joined: the file is the bytes handed in, every held piece released."""
+    real = direct_file._write_at
+    sizes: list[int] = []
+
+    def slow(fd, views, offset):
+        sizes.append(sum(len(view) for view in views))
+        threading.Event().wait(0.002)
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(direct_file, "_write_at", slow)
+    monkeypatch.setattr(direct_file, "IN_PLACE_MIN", ALIGN)
+    writer = AlignedWriter(buffer_bytes=2 * ALIGN, depth=2, joined_bytes=joined_bytes)
+    writer.begin(tmp_path / "f", ALIGN)
+    rng = np.random.default_rng(0)
+    pieces, released = [], []
+    for k in range(24):
+        piece = np.frombuffer(rng.bytes(3 * ALIGN + k * 512), dtype=np.uint8).copy()
+        pieces.append(piece.tobytes())
+        writer.write(memoryview(piece), release=lambda k=k: released.append(k))
+    writer.finish(lambda: b"H" * ALIGN)
+    writer.close()
+    assert (tmp_path / "f").read_bytes() == b"H" * ALIGN + b"".join(pieces)
+    assert sorted(released) == list(range(24))
+    if joined_bytes > 2 * ALIGN:
+        assert max(sizes) > 3 * ALIGN  # some jobs were joined
+    assert max(sizes) <= max(joined_bytes, 4 * ALIGN)
+
+
+def test_joined_writes_are_a_quarter_of_the_allowance_and_none_when_memory_is_minimal():
+    assert direct_file.joined_write_bytes(16 << 20, False) == 4 << 20
+    assert direct_file.joined_write_bytes(1 << 30, False) == direct_file.JOINED_BYTES
+    assert direct_file.joined_write_bytes(10_000_001, False) % ALIGN == 0
+    assert direct_file.joined_write_bytes(1 << 30, True) == 0

@@ -41,9 +41,10 @@ import logging
 import mmap
 import os
 import re
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +55,8 @@ BUFFER_BYTES = 1 << 20  # the smallest of the write buffers a save holds when it
 MAX_BUFFER_BYTES = 8 << 20  # the largest: at 250M, 2 x 16 MiB was slower (its first write started later)
 BUFFERS_PER_OUTPUT = 256  # a buffer is at most this fraction of the output (the 4 of them 1/64)
 DEPTH = 4
+JOINED_BYTES = 16 << 20  # jobs waiting back to back go out in one write of at most this many bytes
+JOINED_SHARE = 4  # ... and at most this fraction of the memory allowance (what may wait for the writer)
 IN_PLACE_MIN = 64 << 10  # a placed piece's aligned middle shorter than this is copied (a syscall costs more)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
 # local block-device filesystems, where O_DIRECT is the fastest way to the disk
@@ -93,6 +96,20 @@ def write_buffers(allowance: int, minimal: bool, output_bytes: int = 0) -> tuple
     while each * 2 <= min(MAX_BUFFER_BYTES, output_bytes // BUFFERS_PER_OUTPUT, allowance // 8):
         each *= 2
     return each, DEPTH, (each - BUFFER_BYTES) * DEPTH
+
+
+def joined_write_bytes(allowance: int, minimal: bool) -> int:
+    """The largest write that jobs waiting back to back are joined into (:class:`JoinedWrites`):
+    a :data:`JOINED_SHARE` of the save's memory ``allowance`` (fastsave.memory.MemoryBudget: a 48th
+    of the output, at least 16 MiB), at most :data:`JOINED_BYTES`; 0 (nothing joined) when the
+    memory budget is minimal.
+
+    Measured on 2 cores, interleaved in one process: at 1B (42 MB allowed to wait) writes joined up
+    to 10 MiB took the save 0.99 s against 1.10 s unjoined and 1.05 s up to 16 MiB; at 250M (16 MiB
+    allowed) up to 4 MiB 0.363 against 0.379 s, while 8 MiB gained nothing and 16 MiB lost (0.446
+    against 0.422 s): the producer then waited for bytes a long write held.
+    """
+    return 0 if minimal else min(JOINED_BYTES, allowance // JOINED_SHARE) // ALIGN * ALIGN
 
 
 def aligned(nbytes: int) -> int:
@@ -161,6 +178,89 @@ def _open(path: Path, direct: bool) -> tuple[int, bool]:
     return os.open(path, flags, 0o666), False
 
 
+class JoinedWrites:
+    """One thread that runs write jobs (views written at an offset) in the order they came, joining
+    the jobs waiting back to back in the file into one write.
+
+    Why: a save's writer hands over a job per buffer or per batch of merged blocks, 1-4 MiB. On
+    this project's 2-core machine O_DIRECT took 2 GB in 4 MiB writes 6% slower than in 16 MiB
+    writes while the producer merged beside it. Whenever the disk is what the save waits for, jobs
+    queue up behind the write in progress, and the next write takes those back to back at once, up
+    to ``joined_bytes`` (0: never joined); when the disk keeps up, each job goes out as it comes.
+    A joined write gives its jobs' bytes back to the budget only when all of it is written, so it
+    is kept to a fraction of what may wait for the writer (:func:`joined_write_bytes`).
+    """
+
+    def __init__(self, write: Callable[[list[memoryview], int], None], joined_bytes: int) -> None:
+        self._write = write
+        self._joined_bytes = joined_bytes
+        self._jobs: deque[tuple[list[memoryview], int, Future]] = deque()
+        self._condition = threading.Condition()
+        self._closed = False
+        self._views_max = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
+        self._thread = threading.Thread(target=self._run, name="fastsave-write", daemon=True)
+        self._thread.start()
+
+    def submit(self, views: list[memoryview], offset: int) -> Future:
+        """Write ``views`` one after the other at ``offset`` on the thread; the future ends with the
+        write (cancelled, it is not written)."""
+        future: Future = Future()
+        with self._condition:
+            if self._closed:
+                raise RuntimeError("the writer's thread was stopped")
+            self._jobs.append((views, offset, future))
+            self._condition.notify()
+        return future
+
+    def shutdown(self) -> None:
+        """Run the jobs already submitted, then stop the thread."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._thread.join()
+
+    def _next_jobs(self) -> list[tuple[list[memoryview], int, Future]] | None:
+        """The next job and those back to back behind it (None: stopped, nothing left)."""
+        with self._condition:
+            while True:
+                while not self._jobs and not self._closed:
+                    self._condition.wait()
+                if not self._jobs:
+                    return None
+                first = self._jobs.popleft()
+                if first[2].set_running_or_notify_cancel():
+                    break
+            group = [first]
+            end = first[1] + sum(len(view) for view in first[0])
+            size, count = end - first[1], len(first[0])
+            while self._jobs:
+                views, offset, future = self._jobs[0]
+                length = sum(len(view) for view in views)
+                if (
+                    offset != end
+                    or size + length > self._joined_bytes
+                    or count + len(views) > self._views_max
+                ):
+                    break
+                self._jobs.popleft()
+                if not future.set_running_or_notify_cancel():
+                    break  # cancelled: what follows it is not back to back with the group
+                group.append((views, offset, future))
+                end, size, count = end + length, size + length, count + len(views)
+            return group
+
+    def _run(self) -> None:
+        while (group := self._next_jobs()) is not None:
+            try:
+                self._write([view for views, _, _ in group for view in views], group[0][1])
+            except BaseException as error:  # every joined job reports the write's error
+                for _, _, future in group:
+                    future.set_exception(error)
+            else:
+                for _, _, future in group:
+                    future.set_result(None)
+
+
 class AlignedWriter:
     """Writes files front to back from aligned buffers on one I/O thread; one file at a time.
 
@@ -169,7 +269,7 @@ class AlignedWriter:
     ``buffer_bytes * depth`` bytes of memory are held (and touched) from construction to close.
     """
 
-    def __init__(self, buffer_bytes: int = BUFFER_BYTES, depth: int = DEPTH) -> None:
+    def __init__(self, buffer_bytes: int = BUFFER_BYTES, depth: int = DEPTH, joined_bytes: int = 0) -> None:
         if buffer_bytes % ALIGN or buffer_bytes <= 0 or depth < 2:
             raise ValueError(f"buffers of {buffer_bytes} bytes (a multiple of {ALIGN}), at least 2 of them")
         self._maps = [mmap.mmap(-1, buffer_bytes) for _ in range(depth)]  # page-aligned
@@ -178,7 +278,7 @@ class AlignedWriter:
             for page in range(0, buffer_bytes, mmap.PAGESIZE):
                 view[page] = 0
         self._in_flight: list[Future | None] = [None] * depth
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsave-write")
+        self._io = JoinedWrites(self._write_job, joined_bytes)
         self._fd = -1
         self._direct = False
         self._checksum: StreamChecksum | None = None
@@ -247,7 +347,7 @@ class AlignedWriter:
         if self._batch:
             views, releases, offset = self._batch, self._batch_releases, self._batch_offset
             self._batch, self._batch_releases = [], []
-            future = self._executor.submit(self._write_job, views, offset)
+            future = self._io.submit(views, offset)
             future.add_done_callback(lambda _done: [release() for release in releases])
             self._batches.append(future)
 
@@ -308,7 +408,7 @@ class AlignedWriter:
     def close(self) -> None:
         """Abort any unfinished file, stop the I/O thread and free the buffers."""
         self.abort()
-        self._executor.shutdown(wait=True)
+        self._io.shutdown()
         for resource in (*self._views, *self._maps):
             # a slice may outlive the writer in a traceback: the buffer is then freed with it
             with contextlib.suppress(BufferError):
@@ -357,9 +457,7 @@ class AlignedWriter:
         slot, size, offset = self._slot, self._fill, self._offset
         if self._checksum is not None:  # the bytes just copied, still in cache
             self._checksum.update(self._views[slot][:size])
-        self._in_flight[slot] = self._executor.submit(
-            self._write_job, [self._views[slot][: aligned(size)]], offset
-        )
+        self._in_flight[slot] = self._io.submit([self._views[slot][: aligned(size)]], offset)
         self._offset += size
         self._fill = 0
         self._slot = (slot + 1) % len(self._views)

@@ -144,7 +144,8 @@ class ShardWriter:
 
     ``index=False``: the caller writes the index (:func:`write_index`), as when several ranks each
     write some of the shards of one checkpoint. ``buffer_bytes`` x ``depth``: the memory the
-    aligned writes hold (fastsave.io.direct_file), from construction to close or abort.
+    aligned writes hold (fastsave.io.direct_file), from construction to close or abort;
+    ``joined_bytes``: the largest write that writes waiting back to back are joined into.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class ShardWriter:
         on_shard_done: Callable[[Path], None] | None = None,
         buffer_bytes: int = BUFFER_BYTES,
         depth: int = DEPTH,
+        joined_bytes: int = 0,
     ) -> None:
         self.directory = directory
         self.on_shard_done = on_shard_done  # called with each shard's path once it is complete on disk
@@ -166,7 +168,7 @@ class ShardWriter:
         self._position = 0
         self._open_index = -1
         self._bin_buffer: dict[str, torch.Tensor] = {}
-        self._file = AlignedWriter(buffer_bytes, depth) if safe_serialization else None
+        self._file = AlignedWriter(buffer_bytes, depth, joined_bytes) if safe_serialization else None
         self._checksum: BlockCrc32 | None = None
         self.digests: dict[str, str] = {}  # shard file name -> the CRC-32s of its data section
         self._total = sum(s.nbytes for s in shards)

@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fastsave.io.direct_file import write_buffers
+from fastsave.io.direct_file import joined_write_bytes, write_buffers
 from fastsave.io.disk_space import check_free_space
 from fastsave.io.shards import ShardWriter, assign_shards, data_offsets, write_index
 from fastsave.io.staging import PendingSave
@@ -92,6 +92,7 @@ def write_merged_weights(
         on_shard_done=on_shard_done,
         buffer_bytes=buffer_bytes,
         depth=depth,
+        joined_bytes=joined_write_bytes(memory.allowance, memory.minimal),
     )
     # the writer's buffers (all of them in a tight budget, else what they hold beyond 4 MiB) are paid
     # out of what may wait for it
