@@ -333,16 +333,20 @@ def plain_merge_loop(state: dict, params: dict) -> dict:
     return {"merged_parameters": count}
 
 
-def _fastsave_plan(params: dict) -> dict:
-    # fastsave's producer, driven through the plan: the live-model input's plan lists every output
-    # tensor with its pieces (dequantize + delta + one rounding, streamed in row blocks on CPU). The
-    # one place to adapt when the plan's interface changes.
+def merged_plan(model: Any) -> Any:
+    """fastsave's plan of a merged_16bit save of ``model``: every output tensor with its pieces
+    (dequantize + delta + one rounding, streamed in row blocks on CPU), to drive the producer
+    without the writer. The one place to adapt when the plan's interface changes."""
     from fastsave.inputs.live_model import LiveModelInput
     from fastsave.options import parse_options
 
+    return LiveModelInput(model).merged_plan(parse_options("unused-directory"))
+
+
+def _fastsave_plan(params: dict) -> dict:
     state = load_prequantized_model(params)
     started = time.perf_counter()
-    state["plan"] = LiveModelInput(state["model"]).merged_plan(parse_options("unused-directory"))
+    state["plan"] = merged_plan(state["model"])
     state["plan_seconds"] = time.perf_counter() - started
     return state
 
