@@ -18,8 +18,9 @@ the two columns is the pipeline's (the hand-over of pieces, the copies, the writ
 
 For each save it records, by wrapping the hand-over of write jobs to the I/O thread
 (``AlignedWriter._submit`` for a full buffer and ``AlignedWriter.flush`` for a batch of merged
-blocks written from their own memory, on the writer's thread) and the I/O thread's job
-(``AlignedWriter._write_job``: an O_DIRECT write):
+blocks written from their own memory, on the writer's thread) and the I/O thread's writes
+(``JoinedWrites._next_jobs``: the jobs waiting back to back that one write takes;
+``AlignedWriter._write_job``: that O_DIRECT write):
 
   before      from the call to the first job the I/O thread starts (imports, plan, checks)
   streaming   from then to the end of the last write (the header is the last one)
@@ -28,6 +29,7 @@ blocks written from their own memory, on the writer's thread) and the I/O thread
   lag         time a job waited for the I/O thread although it was free (thread scheduling, the GIL)
   after       from the last write to the return (fsync of the directory, renames, report)
   in place    the share of the output written from the merged blocks' memory (not copied)
+  writes      the I/O thread's writes and the jobs handed to it (fewer writes: jobs were joined)
 
 If I/O busy is most of streaming, the save is bound by how fast the disk takes the save's writes
 while the producer computes beside it; if "no buffer" is large, by the producer. The wrapped names
@@ -51,13 +53,21 @@ from contenders import RAW_WAYS, load_trained_model, merged_plan
 
 def _instrument(events: list[tuple[str, float]], in_place: list[int]) -> None:
     """Record when each write job (a full buffer, or a batch of merged blocks written from their
-    own memory) is handed over, and when the I/O thread starts and ends it; and, per file, the
-    bytes written from the blocks' memory."""
+    own memory) is handed over, how many jobs each write of the I/O thread takes (it joins the jobs
+    waiting back to back) and when it starts and ends; and, per file, the bytes written from the
+    blocks' memory."""
     from fastsave.io import direct_file
 
     writer = direct_file.AlignedWriter
     submit, flush, write_job = writer._submit, writer.flush, writer._write_job
     close = writer.close
+    next_jobs = direct_file.JoinedWrites._next_jobs
+
+    def counted_jobs(self):
+        group = next_jobs(self)
+        if group is not None:
+            events.append(("jobs", len(group)))
+        return group
 
     def timed_submit(self) -> None:
         flush_timed(self)  # the batch before the buffer: its own job, handed over first
@@ -85,6 +95,7 @@ def _instrument(events: list[tuple[str, float]], in_place: list[int]) -> None:
 
     writer._submit, writer.flush, writer.close = timed_submit, flush_timed, counted_close
     writer._write_job = timed_job(write_job)
+    direct_file.JoinedWrites._next_jobs = counted_jobs
 
 
 def phases(events: list[tuple[str, float]], called: float, returned: float) -> dict[str, float]:
@@ -92,11 +103,17 @@ def phases(events: list[tuple[str, float]], called: float, returned: float) -> d
     ready = [t for kind, t in events if kind == "ready"]
     starts = [t for kind, t in events if kind == "start"]
     ends = [t for kind, t in events if kind == "end"]
-    # the header's write goes through _pwrite directly (no buffer handed over): the data's
-    # writes are the first len(ready) jobs
+    counts = [n for kind, n in events if kind == "jobs"]
+    # the header's write goes through _pwrite directly (no job handed over): the data's writes
+    # are the first len(counts) writes, each taking the next `count` jobs handed over
     jobs = list(zip(starts, ends, strict=True))
-    lag = sum(starts[i] - max(ready[i], ends[i - 1] if i else ready[i]) for i in range(len(ready)))
-    idle = sum(max(0.0, ready[i] - ends[i - 1]) for i in range(1, len(ready)))
+    lag = idle = 0.0
+    first = 0  # the index in `ready` of the write's first job
+    for i, count in enumerate(counts):
+        previous_end = ends[i - 1] if i else ready[first]
+        lag += starts[i] - max(ready[first], previous_end)
+        idle += max(0.0, ready[first] - previous_end)
+        first += count
     return {
         "seconds": returned - called,
         "before": (starts[0] if starts else returned) - called,
@@ -105,7 +122,8 @@ def phases(events: list[tuple[str, float]], called: float, returned: float) -> d
         "no_buffer": idle,
         "lag": lag,
         "after": returned - (ends[-1] if ends else called),
-        "writes": len(jobs),
+        "writes": len(counts),
+        "jobs": len(ready),
     }
 
 
@@ -199,6 +217,7 @@ def main() -> None:
                     f"{got['after']:.3f}",
                     f"{record['output_bytes'] / max(got['io_busy'], 1e-9) / 1e9:.2f}",
                     f"{sum(in_place) / record['output_bytes']:.0%}",
+                    f"{got['writes']} / {got['jobs']}",
                 ]
             )
             print(
@@ -223,6 +242,7 @@ def main() -> None:
             "after s",
             "GB/s while busy",
             "written in place",
+            "writes / jobs",
         ]
         print(markdown_table(header, rows))
     finally:
