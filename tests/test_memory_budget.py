@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import threading
@@ -69,9 +70,14 @@ def test_limit_and_allowance():
     budget = MemoryBudget(0.5)
     assert budget.limit == int(limit * 0.5)
     before = anonymous_memory()
-    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, written: anonymous and resident
+    # 64 MiB of fresh anonymous pages, written: resident. A private mapping of its own, not
+    # torch.ones: malloc may serve that from a free heap chunk that earlier tests left resident,
+    # and RssAnon then does not grow (it failed so in a clean-clone CI run). Not mmap's default
+    # MAP_SHARED either, whose pages count as shared memory, not RssAnon.
+    block = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block.write(b"\x01" * len(block))
     grown = anonymous_memory() - before
-    del block
+    block.close()
     assert 60 * 2**20 <= grown <= 80 * 2**20, grown
     tiny = MemoryBudget(1e-9)  # below what the process holds: the smallest working set, no error
     assert tiny.minimal and tiny.allowance > 0
