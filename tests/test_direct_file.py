@@ -425,33 +425,60 @@ def test_a_failed_joined_write_fails_every_job_in_it_and_a_cancelled_job_is_not_
 
 @pytest.mark.parametrize("joined_bytes", [0, 2 * ALIGN, 64 * ALIGN])
 def test_joined_writes_leave_the_same_file(tmp_path, monkeypatch, joined_bytes):
-    """Buffers and pieces written from their own memory, with the I/O thread slowed so that jobs
-    queue up behind it and are joined: the file is the bytes handed in, every held piece released."""
-    real = direct_file._write_at
-    sizes: list[int] = []
+    """Buffers and pieces written from their own memory, every job queued behind a first write that
+    waits until all are handed over (so that they are joined, deterministically): the file is the
+    bytes handed in, every held piece is released, and no write joins jobs past the limit."""
+    gate = threading.Event()
+    real_write_at, real_submit = direct_file._write_at, direct_file.JoinedWrites.submit
+    writes: list[int] = []
+    jobs: list[int] = []
 
-    def slow(fd, views, offset):
-        sizes.append(sum(len(view) for view in views))
-        threading.Event().wait(0.002)
-        return real(fd, views, offset)
+    def gated(fd, views, offset):
+        assert gate.wait(10)
+        writes.append(sum(len(view) for view in views))
+        return real_write_at(fd, views, offset)
 
-    monkeypatch.setattr(direct_file, "_write_at", slow)
+    def counted(self, views, offset):
+        jobs.append(sum(len(view) for view in views))
+        return real_submit(self, views, offset)
+
+    monkeypatch.setattr(direct_file, "_write_at", gated)
+    monkeypatch.setattr(direct_file.JoinedWrites, "submit", counted)
+    monkeypatch.setattr(direct_file, "direct_io_suits", lambda directory: True)
+    monkeypatch.setattr(
+        direct_file, "_open", lambda path, direct: (os.open(path, os.O_WRONLY | os.O_CREAT), True)
+    )
     monkeypatch.setattr(direct_file, "IN_PLACE_MIN", ALIGN)
-    writer = AlignedWriter(buffer_bytes=2 * ALIGN, depth=2, joined_bytes=joined_bytes)
+    # enough buffers that the writer never waits for one: all jobs are handed over before any write
+    writer = AlignedWriter(buffer_bytes=2 * ALIGN, depth=128, joined_bytes=joined_bytes)
     writer.begin(tmp_path / "f", ALIGN)
     rng = np.random.default_rng(0)
-    pieces, released = [], []
+    pieces, released, position = [], [], ALIGN
     for k in range(24):
-        piece = np.frombuffer(rng.bytes(3 * ALIGN + k * 512), dtype=np.uint8).copy()
-        pieces.append(piece.tobytes())
+        data = rng.bytes(3 * ALIGN + k * 512)
+        # placed for its file offset (as fastsave.io.placement places merged blocks): its aligned
+        # middle goes out from its own memory, its head and tail through the buffers
+        room = np.empty(len(data) + ALIGN, dtype=np.uint8)
+        skip = (position - room.ctypes.data) % ALIGN
+        piece = room[skip : skip + len(data)]
+        piece[:] = np.frombuffer(data, dtype=np.uint8)
+        pieces.append(data)
         writer.write(memoryview(piece), release=lambda k=k: released.append(k))
+        position += len(data)
+    gate.set()
     writer.finish(lambda: b"H" * ALIGN)
     writer.close()
     assert (tmp_path / "f").read_bytes() == b"H" * ALIGN + b"".join(pieces)
     assert sorted(released) == list(range(24))
-    if joined_bytes > 2 * ALIGN:
-        assert max(sizes) > 3 * ALIGN  # some jobs were joined
-    assert max(sizes) <= max(joined_bytes, 4 * ALIGN)
+    assert writer.in_place_bytes > 0
+    data_writes = writes[:-1]  # the last is the header's, written by finish itself
+    assert sum(data_writes) == sum(jobs)
+    if joined_bytes == 0:
+        assert data_writes == jobs
+    else:  # a write is one job as it came, or jobs joined up to the limit
+        assert all(size <= joined_bytes or size in jobs for size in data_writes)
+        if joined_bytes == 64 * ALIGN:  # room for several: they were joined
+            assert len(data_writes) < len(jobs) and max(data_writes) > max(jobs)
 
 
 def test_joined_writes_are_a_quarter_of_the_allowance_and_none_when_memory_is_minimal():
