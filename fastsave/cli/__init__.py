@@ -49,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fastsave never downloads behind the user's back
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from fastsave.cli.quiet import quiet_imports
+        from fastsave.cli.quiet import quiet_libraries
 
-        with quiet_imports():
-            from fastsave.demo import format_report, run_demo
-
+        # the demo's own loads and saves of the tiny model it builds: no bars of transformers' for them
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:
-            report = run_demo(args.output_dir, train_steps=args.steps)
+            with quiet_libraries():
+                from fastsave.demo import format_report, run_demo
+
+                report = run_demo(args.output_dir, train_steps=args.steps)
         except (RuntimeError, ValueError) as error:
             print(f"fastsave demo: FAILED: {error}", file=sys.stderr)
             return 1

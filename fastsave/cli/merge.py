@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fastsave.cli.quiet import quiet_imports
+from fastsave.cli.quiet import quiet_libraries
 from fastsave.compressed_schemes import NEEDS_CALIBRATION
 from fastsave.save_methods import COMMAND_LINE_SAVE_METHODS
 
@@ -158,11 +158,16 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace, distributed: bool, who: str) -> int:
-    if args.gguf is not None:
-        return _lora_gguf(args)
-    with quiet_imports():
-        from fastsave.api import merge_adapter
-        from fastsave.sources.settings_4bit import Quant4bitSettings
+    with quiet_libraries():  # for the whole run: other libraries speak on their lazy imports too
+        if args.gguf is not None:
+            return _lora_gguf(args)
+        return _merge_quietly(args, distributed, who)
+
+
+def _merge_quietly(args: argparse.Namespace, distributed: bool, who: str) -> int:
+    from fastsave.api import merge_adapter
+    from fastsave.sources.settings_4bit import Quant4bitSettings
+
     try:
         merge_adapter(
             args.adapter_dir,
@@ -186,8 +191,7 @@ def _merge(args: argparse.Namespace, distributed: bool, who: str) -> int:
 
 def _lora_gguf(args: argparse.Namespace) -> int:
     """``--save-method lora --gguf TYPE``: the saved adapter as a GGUF LoRA file."""
-    with quiet_imports():
-        from fastsave.export.lora_gguf import save_saved_lora_gguf
+    from fastsave.export.lora_gguf import save_saved_lora_gguf
 
     try:
         if args.save_method != "lora":

@@ -34,7 +34,11 @@ def output_dtype(root: nn.Module, requested: torch.dtype | None) -> torch.dtype:
     compute = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else None
     if quant is not None and not isinstance(quant, dict):
         compute = getattr(quant, "bnb_4bit_compute_dtype", None)
-    for candidate in (getattr(config, "dtype", None), getattr(config, "torch_dtype", None), compute):
+    # `torch_dtype` only where a config has no `dtype`: transformers 5 logs a deprecation on reading it
+    named = (
+        getattr(config, "dtype", None) if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
+    )
+    for candidate in (named, compute):
         found = sixteen_bit_dtype(candidate)
         if found is not None:
             return found
