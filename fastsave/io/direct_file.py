@@ -101,7 +101,7 @@ def write_buffers(allowance: int, minimal: bool, output_bytes: int = 0) -> tuple
 def joined_write_bytes(allowance: int, minimal: bool) -> int:
     """The largest write that jobs waiting back to back are joined into (:class:`JoinedWrites`):
     a :data:`JOINED_SHARE` of the save's memory ``allowance`` (fastsave.memory.MemoryBudget: a 48th
-    of the output, at least 16 MiB), at most :data:`JOINED_BYTES`; 0 (nothing joined) when the
+    of the output, at least 24 MiB), at most :data:`JOINED_BYTES`; 0 (nothing joined) when the
     memory budget is minimal.
 
     Measured on 2 cores, interleaved in one process: at 1B (42 MB allowed to wait) writes joined up
