@@ -106,8 +106,8 @@ def joined_write_bytes(allowance: int, minimal: bool) -> int:
 
     Measured on 2 cores, interleaved in one process: at 1B (42 MB allowed to wait) writes joined up
     to 10 MiB took the save 0.99 s against 1.10 s unjoined and 1.05 s up to 16 MiB; at 250M (16 MiB
-    allowed) up to 4 MiB 0.363 against 0.379 s, while 8 MiB gained nothing and 16 MiB lost (0.446
-    against 0.422 s): the producer then waited for bytes a long write held.
+    allowed to wait then) up to 4 MiB 0.363 against 0.379 s, while 8 MiB gained nothing and 16 MiB
+    lost (0.446 against 0.422 s): the producer then waited for bytes a long write held.
     """
     return 0 if minimal else min(JOINED_BYTES, allowance // JOINED_SHARE) // ALIGN * ALIGN
 
