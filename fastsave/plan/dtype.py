@@ -35,9 +35,7 @@ def output_dtype(root: nn.Module, requested: torch.dtype | None) -> torch.dtype:
     if quant is not None and not isinstance(quant, dict):
         compute = getattr(quant, "bnb_4bit_compute_dtype", None)
     # `torch_dtype` only where a config has no `dtype`: transformers 5 logs a deprecation on reading it
-    named = (
-        getattr(config, "dtype", None) if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
-    )
+    named = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
     for candidate in (named, compute):
         found = sixteen_bit_dtype(candidate)
         if found is not None:
