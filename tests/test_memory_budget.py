@@ -132,6 +132,55 @@ def test_exactness_check_of_a_large_delta_is_spilled_and_still_decides_right(tmp
     assert exact == all(torch.equal(full[i : i + 65], b[i : i + 65] @ a) for i in range(0, 4099, 65))
 
 
+def test_exactness_checks_keep_their_reference_in_one_buffer_and_decide_as_torch_does(tmp_path):
+    """Within its check allowance a check's whole product stays in memory, in one buffer that every
+    check of the save reuses (grown to the largest; nothing spilled), and each decision (rows or
+    columns, one block or many) is what torch's own products say, each block from fresh memory."""
+    from fastsave.merge import row_blocks
+    from fastsave.merge.assemble import scratch_buffer
+
+    generator = torch.Generator().manual_seed(1)
+    assembler = Assembler(tmp_path / "spill", allowance=2**20, block_bytes=2**18, check_allowance=64 * 2**20)
+    cases = [(2051, 700, 48, False), (300, 1500, 112, True), (40, 900, 64, False), (900, 40, 64, True)]
+    with assembling(assembler):
+        for rows, cols, step, columns in cases:
+            b = torch.randn(rows, 16, generator=generator)
+            a = torch.randn(16, cols, generator=generator)
+            row_blocks._exact_shapes.clear()
+            exact = row_blocks.blockwise_product_is_exact(b, a, step, columns)
+            full = b @ a
+            if columns:
+                expected = all(
+                    torch.equal(full[:, i : i + step], b @ a[:, i : i + step]) for i in range(0, cols, step)
+                )
+            else:
+                expected = all(
+                    torch.equal(full[i : i + step], b[i : i + step] @ a) for i in range(0, rows, step)
+                )
+            assert exact == expected, (rows, cols, step, columns)
+        largest = scratch_buffer((2051, 700), torch.float32)
+        assert scratch_buffer((300, 1500), torch.float32).data_ptr() == largest.data_ptr()
+        grown = scratch_buffer((3000, 3000), torch.float32)  # 36 MB: the buffer grows
+        assert (
+            grown.shape == (3000, 3000)
+            and scratch_buffer((10, 10), torch.float32).data_ptr() == grown.data_ptr()
+        )
+        spilled = scratch_buffer((5000, 5000), torch.float32)  # 100 MB: past the check allowance
+    assert assembler.spilled_bytes == 5000 * 5000 * 4 and spilled.shape == (5000, 5000)
+    row_blocks._exact_shapes.clear()
+
+
+def test_check_allowance_is_a_32nd_of_the_output_and_none_when_minimal():
+    from fastsave.memory import CHECK_SHARE
+
+    assert CHECK_SHARE == 32
+    roomy = MemoryBudget(0.5, output_bytes=2**30)
+    assert roomy.check_allowance == 2**30 // 32  # the test machine has gigabytes of headroom
+    assert MemoryBudget(0.5).check_allowance == 0  # nothing to write, nothing kept
+    tiny = MemoryBudget(1e-9, output_bytes=2**30)
+    assert tiny.minimal and tiny.check_allowance == 0
+
+
 def test_vram_budget_is_a_fraction_of_the_free_memory_read_once(monkeypatch):
     """The VRAM allowance is maximum_memory_usage of what the device reported free the first time it
     was asked, and device blocks are sized so that the blocks in flight fit it (and the host's share)."""

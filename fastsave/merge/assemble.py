@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import math
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -70,11 +71,16 @@ class Assembler:
         allowance: int,
         block_bytes: int = BLOCK_BYTES,
         device_budget: DeviceBudget | None = None,
+        check_allowance: int = 0,
     ) -> None:
         self.spill_directory = spill_directory
         self.allowance = allowance
         self.block_bytes = block_bytes
         self.device_budget = device_budget or DeviceBudget(DEFAULT_DEVICE_FRACTION)
+        # an exactness check's reference product is kept in memory up to this many bytes, in one
+        # buffer every check of the save reuses (fastsave.memory.MemoryBudget.check_allowance)
+        self.check_allowance = check_allowance
+        self._check_memory: torch.Tensor | None = None
         self.spilled_bytes = 0
         self._names = itertools.count()
 
@@ -100,6 +106,19 @@ class Assembler:
                 path.unlink()  # the mapping keeps the pages; the name goes now
         self.spilled_bytes += nbytes
         return tensor.view(shape)
+
+    def check_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer for an exactness check's reference product, valid until the next call: the
+        save's one check buffer (grown to the largest asked) up to ``check_allowance`` bytes, else
+        in memory up to a few row blocks and spilled beyond."""
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if self.spill_directory is None or nbytes > self.check_allowance:
+            return self.buffer(shape, dtype, limit=min(self.allowance, 4 * self.block_bytes))
+        if self._check_memory is None or self._check_memory.numel() < nbytes:
+            self._check_memory = None  # the smaller one goes before the larger one is made
+            self._check_memory = torch.empty(nbytes, dtype=torch.uint8)
+        return self._check_memory[:nbytes].view(dtype).view(shape)
 
 
 # outside a save (planning, tests): in memory, default block size; made once (planning asks per tensor)
@@ -161,11 +180,11 @@ def block_bytes_for(allowance: int) -> int:
 
 
 def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A buffer for a one-time computation (an exactness check's reference product): in memory up to
-    a few row blocks, else spilled, whatever the allowance for whole tensors (it would only add to
-    the save's peak)."""
-    active = _active()
-    return active.buffer(shape, dtype, limit=min(active.allowance, 4 * active.block_bytes))
+    """A buffer for a one-time computation (an exactness check's reference product), valid until
+    the next call: in the save's memory kept for checks when it fits (:meth:`Assembler.check_buffer`),
+    else in memory up to a few row blocks, else spilled, whatever the allowance for whole tensors
+    (it would only add to the save's peak)."""
+    return _active().check_buffer(shape, dtype)
 
 
 def spilled_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

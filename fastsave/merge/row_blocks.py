@@ -74,17 +74,28 @@ def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, colu
         torch.get_num_threads(),
     )
     if key not in _exact_shapes:
-        # the whole product once (an lm_head's delta is as large as the weight), into a buffer that
-        # is spilled to disk past a few row blocks; mm with out= runs the same kernel as @
-        full = torch.mm(b, a, out=scratch_buffer((b.shape[0], a.shape[1]), torch.float32))
+        n_rows, n_cols = b.shape[0], a.shape[1]
+        if (n_cols if columns else n_rows) <= step:
+            # one block, the whole product: the same call as the product it is checked against
+            _exact_shapes[key] = True
+            return True
+        # the whole product once (an lm_head's delta is as large as the weight), into the save's
+        # check buffer, or spilled to disk past a few row blocks; mm with out= runs the same kernel
+        # as @, so the blocks too go into one buffer instead of fresh memory (page faults) each
+        full = torch.mm(b, a, out=scratch_buffer((n_rows, n_cols), torch.float32))
+        memory = torch.empty(step * (n_rows if columns else n_cols), dtype=full.dtype)
+
+        def alone(i: int) -> torch.Tensor:  # block i..i+step computed alone, into contiguous memory
+            if columns:
+                width = min(step, n_cols - i)
+                return torch.mm(b, a[:, i : i + width], out=memory[: n_rows * width].view(n_rows, width))
+            height = min(step, n_rows - i)
+            return torch.mm(b[i : i + height], a, out=memory[: height * n_cols].view(height, n_cols))
+
         if columns:
-            blocks = (
-                torch.equal(full[:, i : i + step], b @ a[:, i : i + step]) for i in range(0, a.shape[1], step)
-            )
+            blocks = (torch.equal(full[:, i : i + step], alone(i)) for i in range(0, n_cols, step))
         else:
-            blocks = (
-                torch.equal(full[i : i + step], b[i : i + step] @ a) for i in range(0, b.shape[0], step)
-            )
+            blocks = (torch.equal(full[i : i + step], alone(i)) for i in range(0, n_rows, step))
         _exact_shapes[key] = all(blocks)
     return _exact_shapes[key]
 
