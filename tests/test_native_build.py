@@ -64,6 +64,32 @@ def test_an_edited_source_is_compiled_anew(fresh, monkeypatch, tmp_path):
     assert len(list(fresh.glob("codes_4bit-*.so"))) == 2
 
 
+@needs_compiler
+def test_a_cached_library_loads_without_running_anything_and_another_compiler_builds_anew(
+    fresh, monkeypatch, tmp_path
+):
+    """Once cached, loading runs no program (the compiler is named by its file, not by asking it
+    for its version); a compiler whose program changed builds anew."""
+    real = next(shutil.which(name) for name in ("cc", "gcc", "clang") if shutil.which(name))
+    wrapper = tmp_path / "wrapped-cc"
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native.load_library("codes_4bit") is not None
+
+    def no_program(*args, **kwargs):
+        raise AssertionError(f"ran {args[0]!r} although the cache holds the library")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(native.subprocess, "run", no_program)
+        native.load_library.cache_clear()
+        assert native.load_library("codes_4bit") is not None
+    wrapper.write_text(f'#!/bin/sh\n# upgraded\nexec {real} "$@"\n')
+    native.load_library.cache_clear()
+    assert native.load_library("codes_4bit") is not None
+    assert len(list(fresh.glob("codes_4bit-*.so"))) == 2
+
+
 def test_turned_off_by_the_environment(fresh, monkeypatch):
     monkeypatch.setenv("FASTSAVE_NATIVE", "0")
     assert native.load_library("codes_4bit") is None
