@@ -6,7 +6,9 @@ import mmap
 import os
 import random
 import threading
+import time
 
+import pytest
 import torch
 
 from fastsave.memory import ByteBudget, MemoryBudget, anonymous_memory, memory_limit
@@ -158,15 +160,55 @@ def test_exactness_checks_keep_their_reference_in_one_buffer_and_decide_as_torch
                     torch.equal(full[i : i + step], b[i : i + step] @ a) for i in range(0, rows, step)
                 )
             assert exact == expected, (rows, cols, step, columns)
-        largest = scratch_buffer((2051, 700), torch.float32)
-        assert scratch_buffer((300, 1500), torch.float32).data_ptr() == largest.data_ptr()
-        grown = scratch_buffer((3000, 3000), torch.float32)  # 36 MB: the buffer grows
-        assert (
-            grown.shape == (3000, 3000)
-            and scratch_buffer((10, 10), torch.float32).data_ptr() == grown.data_ptr()
-        )
-        spilled = scratch_buffer((5000, 5000), torch.float32)  # 100 MB: past the check allowance
-    assert assembler.spilled_bytes == 5000 * 5000 * 4 and spilled.shape == (5000, 5000)
+        with scratch_buffer((2051, 700), torch.float32) as largest:
+            pass
+        with scratch_buffer((300, 1500), torch.float32) as smaller:
+            assert smaller.data_ptr() == largest.data_ptr()
+        with scratch_buffer((3000, 3000), torch.float32) as grown:  # 36 MB: the buffer grows
+            assert grown.shape == (3000, 3000)
+        with scratch_buffer((10, 10), torch.float32) as small:
+            assert small.data_ptr() == grown.data_ptr()
+        with scratch_buffer((5000, 5000), torch.float32) as spilled:  # 100 MB: past the check allowance
+            assert spilled.shape == (5000, 5000)
+    assert assembler.spilled_bytes == 5000 * 5000 * 4
+    row_blocks._exact_shapes.clear()
+
+
+def test_an_exactness_check_within_the_budget_waits_for_room_and_gives_it_back(tmp_path):
+    """A check's whole product that fits the save's byte budget is counted in it while the check
+    runs: it waits until written pieces make room (never spilled, never kept), gives the bytes
+    back after, and a stopped save does not wait for room that will not come."""
+    from fastsave.merge import row_blocks
+    from fastsave.merge.assemble import SaveStopped, scratch_buffer
+
+    budget = ByteBudget(2**20)
+    stop = threading.Event()
+    assembler = Assembler(tmp_path / "spill", allowance=2**20, block_bytes=2**18, budget=budget, stop=stop)
+    assert budget.acquire(700 * 2**10)  # a piece waiting for the writer
+    released = threading.Event()
+
+    def writer() -> None:
+        time.sleep(0.2)
+        released.set()
+        budget.release(700 * 2**10)
+
+    threading.Thread(target=writer).start()
+    generator = torch.Generator().manual_seed(2)
+    b, a = torch.randn(400, 16, generator=generator), torch.randn(16, 500, generator=generator)  # 800 KB
+    seen = []
+    with assembling(assembler):
+        with scratch_buffer((400, 500), torch.float32) as reference:
+            seen.append((released.is_set(), budget.reserved, reference.shape))
+        row_blocks._exact_shapes.clear()
+        exact = row_blocks.blockwise_product_is_exact(b, a, 64)
+    assert seen == [(True, 400 * 500 * 4, (400, 500))]
+    assert budget.reserved == 0 and budget.held == 0 and assembler.spilled_bytes == 0
+    full = b @ a
+    assert exact == all(torch.equal(full[i : i + 64], b[i : i + 64] @ a) for i in range(0, 400, 64))
+    assert budget.acquire(700 * 2**10)
+    stop.set()
+    with assembling(assembler), pytest.raises(SaveStopped), scratch_buffer((400, 500), torch.float32):
+        pass
     row_blocks._exact_shapes.clear()
 
 

@@ -20,14 +20,18 @@ import contextvars
 import itertools
 import math
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from fastsave.vram import DeviceBudget
+
+if TYPE_CHECKING:
+    from fastsave.memory import ByteBudget
 
 
 class PlannedPieces(Protocol):
@@ -72,14 +76,20 @@ class Assembler:
         block_bytes: int = BLOCK_BYTES,
         device_budget: DeviceBudget | None = None,
         check_allowance: int = 0,
+        budget: ByteBudget | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.spill_directory = spill_directory
         self.allowance = allowance
         self.block_bytes = block_bytes
         self.device_budget = device_budget or DeviceBudget(DEFAULT_DEVICE_FRACTION)
-        # an exactness check's reference product is kept in memory up to this many bytes, in one
-        # buffer every check of the save reuses (fastsave.memory.MemoryBudget.check_allowance)
+        # an exactness check's reference product is admitted against the save's byte ``budget``
+        # where it fits its limit, else kept beside it up to ``check_allowance`` bytes in one buffer
+        # every such check reuses (fastsave.memory.MemoryBudget.check_allowance); ``stop``: the
+        # save's, set when the writer failed (nothing is waited for then)
         self.check_allowance = check_allowance
+        self.budget = budget
+        self.stop = stop
         self._check_memory: torch.Tensor | None = None
         self.spilled_bytes = 0
         self._names = itertools.count()
@@ -107,18 +117,36 @@ class Assembler:
         self.spilled_bytes += nbytes
         return tensor.view(shape)
 
-    def check_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A buffer for an exactness check's reference product, valid until the next call: the
-        save's one check buffer (grown to the largest asked) up to ``check_allowance`` bytes, else
-        in memory up to a few row blocks and spilled beyond."""
+    @contextlib.contextmanager
+    def check_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """A buffer for an exactness check's reference product while the block runs: in memory
+        admitted against the save's byte budget when it fits its limit (waiting for written pieces
+        to make room), else the save's one kept check buffer (grown to the largest asked) up to
+        ``check_allowance`` bytes, else in memory up to a few row blocks and spilled beyond.
+
+        Raises:
+            SaveStopped: the save stopped (its writer failed) while the check waited for room.
+        """
         numel = math.prod(shape)
         nbytes = numel * dtype.itemsize
-        if self.spill_directory is None or nbytes > self.check_allowance:
-            return self.buffer(shape, dtype, limit=min(self.allowance, 4 * self.block_bytes))
-        if self._check_memory is None or self._check_memory.numel() < nbytes:
-            self._check_memory = None  # the smaller one goes before the larger one is made
-            self._check_memory = torch.empty(nbytes, dtype=torch.uint8)
-        return self._check_memory[:nbytes].view(dtype).view(shape)
+        if self.spill_directory is not None and self.budget is not None and nbytes <= self.budget.limit:
+            if not self.budget.borrow(nbytes, self.stop):
+                raise SaveStopped("the save stopped while an exactness check waited for memory")
+            try:
+                yield torch.empty(shape, dtype=dtype)
+            finally:
+                self.budget.give_back(nbytes)
+        elif self.spill_directory is None or nbytes > self.check_allowance:
+            yield self.buffer(shape, dtype, limit=min(self.allowance, 4 * self.block_bytes))
+        else:
+            if self._check_memory is None or self._check_memory.numel() < nbytes:
+                self._check_memory = None  # the smaller one goes before the larger one is made
+                self._check_memory = torch.empty(nbytes, dtype=torch.uint8)
+            yield self._check_memory[:nbytes].view(dtype).view(shape)
+
+
+class SaveStopped(Exception):
+    """Work waited for memory while the save was stopping (its writer failed with its own error)."""
 
 
 # outside a save (planning, tests): in memory, default block size; made once (planning asks per tensor)
@@ -179,11 +207,13 @@ def block_bytes_for(allowance: int) -> int:
     return max(MIN_BLOCK_BYTES, min(BLOCK_BYTES, allowance // 8))
 
 
-def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A buffer for a one-time computation (an exactness check's reference product), valid until
-    the next call: in the save's memory kept for checks when it fits (:meth:`Assembler.check_buffer`),
-    else in memory up to a few row blocks, else spilled, whatever the allowance for whole tensors
-    (it would only add to the save's peak)."""
+def scratch_buffer(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> contextlib.AbstractContextManager[torch.Tensor]:
+    """A buffer for a one-time computation (an exactness check's reference product) while the
+    block runs (:meth:`Assembler.check_buffer`): counted in the save's memory budget, or kept
+    beside it, or spilled, whatever the allowance for whole tensors (it would only add to the
+    save's peak)."""
     return _active().check_buffer(shape, dtype)
 
 

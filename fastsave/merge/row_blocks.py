@@ -80,23 +80,26 @@ def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, colu
             _exact_shapes[key] = True
             return True
         # the whole product once (an lm_head's delta is as large as the weight), into the save's
-        # check buffer, or spilled to disk past a few row blocks; mm with out= runs the same kernel
-        # as @, so the blocks too go into one buffer instead of fresh memory (page faults) each
-        full = torch.mm(b, a, out=scratch_buffer((n_rows, n_cols), torch.float32))
-        memory = torch.empty(step * (n_rows if columns else n_cols), dtype=full.dtype)
+        # check buffer (fastsave.merge.assemble: in its memory budget, or kept beside it, or
+        # spilled); mm with out= runs the same kernel as @, so the blocks too go into one buffer
+        # instead of fresh memory (page faults) each
+        with scratch_buffer((n_rows, n_cols), torch.float32) as reference:
+            full = torch.mm(b, a, out=reference)
+            memory = torch.empty(step * (n_rows if columns else n_cols), dtype=full.dtype)
 
-        def alone(i: int) -> torch.Tensor:  # block i..i+step computed alone, into contiguous memory
+            def alone(i: int) -> torch.Tensor:  # block i..i+step computed alone, into contiguous memory
+                if columns:
+                    width = min(step, n_cols - i)
+                    return torch.mm(b, a[:, i : i + width], out=memory[: n_rows * width].view(n_rows, width))
+                height = min(step, n_rows - i)
+                return torch.mm(b[i : i + height], a, out=memory[: height * n_cols].view(height, n_cols))
+
             if columns:
-                width = min(step, n_cols - i)
-                return torch.mm(b, a[:, i : i + width], out=memory[: n_rows * width].view(n_rows, width))
-            height = min(step, n_rows - i)
-            return torch.mm(b[i : i + height], a, out=memory[: height * n_cols].view(height, n_cols))
-
-        if columns:
-            blocks = (torch.equal(full[:, i : i + step], alone(i)) for i in range(0, n_cols, step))
-        else:
-            blocks = (torch.equal(full[i : i + step], alone(i)) for i in range(0, n_rows, step))
-        _exact_shapes[key] = all(blocks)
+                blocks = (torch.equal(full[:, i : i + step], alone(i)) for i in range(0, n_cols, step))
+            else:
+                blocks = (torch.equal(full[i : i + step], alone(i)) for i in range(0, n_rows, step))
+            _exact_shapes[key] = all(blocks)
+            del full, memory
     return _exact_shapes[key]
 
 

@@ -101,15 +101,17 @@ def write_merged_weights(
     # device blocks reach the host as pinned copies: a few of them and the pieces waiting must fit
     # the RAM allowance too
     device_memory = DeviceBudget(options.maximum_memory_usage, host_block_bytes=memory.allowance // 8)
+    sink: queue.Queue = queue.Queue()  # bounded by the byte budget, not by a count
+    stop = threading.Event()
     assembler = Assembler(
         spill,
         memory.whole_allowance,
         block_bytes_for(memory.allowance),
         device_memory,
         check_allowance=memory.check_allowance,
+        budget=budget,
+        stop=stop,
     )
-    sink: queue.Queue = queue.Queue()  # bounded by the byte budget, not by a count
-    stop = threading.Event()
     failure = LocalFailure()
     steps = schedule(plan, shards, owners, team.rank)
     progress = tqdm(
