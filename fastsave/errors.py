@@ -106,3 +106,8 @@ class FeedUnavailable(FastsaveError, RuntimeError):
 
 class GGUFVerificationError(FastsaveError, RuntimeError):
     """A GGUF file does not hold what its checkpoint does; the message says what differs."""
+
+
+class SaveStopped(FastsaveError, RuntimeError):
+    """The save stopped while its producer waited for memory (its writer failed: the writer's own
+    error is the one reported; never raised to the user)."""

@@ -178,8 +178,9 @@ def test_an_exactness_check_within_the_budget_waits_for_room_and_gives_it_back(t
     """A check's whole product that fits the save's byte budget is counted in it while the check
     runs: it waits until written pieces make room (never spilled, never kept), gives the bytes
     back after, and a stopped save does not wait for room that will not come."""
+    from fastsave.errors import SaveStopped
     from fastsave.merge import row_blocks
-    from fastsave.merge.assemble import SaveStopped, scratch_buffer
+    from fastsave.merge.assemble import scratch_buffer
 
     budget = ByteBudget(2**20)
     stop = threading.Event()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from fastsave.errors import SaveStopped
 from fastsave.vram import DeviceBudget
 
 if TYPE_CHECKING:
@@ -143,10 +144,6 @@ class Assembler:
                 self._check_memory = None  # the smaller one goes before the larger one is made
                 self._check_memory = torch.empty(nbytes, dtype=torch.uint8)
             yield self._check_memory[:nbytes].view(dtype).view(shape)
-
-
-class SaveStopped(Exception):
-    """Work waited for memory while the save was stopping (its writer failed with its own error)."""
 
 
 # outside a save (planning, tests): in memory, default block size; made once (planning asks per tensor)
