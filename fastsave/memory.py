@@ -236,33 +236,38 @@ class ByteBudget:
 
     def acquire(self, nbytes: int, stop: threading.Event | None = None) -> bool:
         """Wait until a piece of ``nbytes`` fits; False when ``stop`` was set while waiting."""
-        with self._condition:
-            if not self._wait(nbytes, stop):
-                return False
-            self.held += nbytes
-            self.peak = max(self.peak, self.reserved + self.held)
-            return True
+        return self._admit(nbytes, stop, working=False)
 
     def release(self, nbytes: int) -> None:
         """A piece of ``nbytes`` was written."""
-        with self._condition:
-            self.held -= nbytes
-            self._condition.notify_all()
+        self._free(nbytes, working=False)
 
     def borrow(self, nbytes: int, stop: threading.Event | None = None) -> bool:
         """Add ``nbytes`` to the working set of the tensor being produced, for a while (an exactness
         check's buffer), waiting as :meth:`acquire` does; False when ``stop`` was set while waiting."""
-        with self._condition:
-            if not self._wait(nbytes, stop):
-                return False
-            self.reserved += nbytes
-            self.peak = max(self.peak, self.reserved + self.held)
-            return True
+        return self._admit(nbytes, stop, working=True)
 
     def give_back(self, nbytes: int) -> None:
         """What :meth:`borrow` added is free again."""
+        self._free(nbytes, working=True)
+
+    def _admit(self, nbytes: int, stop: threading.Event | None, working: bool) -> bool:
         with self._condition:
-            self.reserved -= nbytes
+            if not self._wait(nbytes, stop):
+                return False
+            if working:
+                self.reserved += nbytes
+            else:
+                self.held += nbytes
+            self.peak = max(self.peak, self.reserved + self.held)
+            return True
+
+    def _free(self, nbytes: int, working: bool) -> None:
+        with self._condition:
+            if working:
+                self.reserved -= nbytes
+            else:
+                self.held -= nbytes
             self._condition.notify_all()
 
 
