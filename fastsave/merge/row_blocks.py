@@ -75,7 +75,8 @@ def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, colu
     )
     if key not in _exact_shapes:
         n_rows, n_cols = b.shape[0], a.shape[1]
-        if (n_cols if columns else n_rows) <= step:
+        extent = n_cols if columns else n_rows  # what the blocks split
+        if extent <= step:
             # one block, the whole product: the same call as the product it is checked against
             _exact_shapes[key] = True
             return True
@@ -83,23 +84,20 @@ def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, colu
         # check buffer (fastsave.merge.assemble: in its memory budget, or kept beside it, or
         # spilled); mm with out= runs the same kernel as @, so the blocks too go into one buffer
         # instead of fresh memory (page faults) each
-        with scratch_buffer((n_rows, n_cols), torch.float32) as reference:
-            full = torch.mm(b, a, out=reference)
+        with scratch_buffer((n_rows, n_cols), torch.float32) as full:
+            torch.mm(b, a, out=full)
             memory = torch.empty(step * (n_rows if columns else n_cols), dtype=full.dtype)
 
             def alone(i: int) -> torch.Tensor:  # block i..i+step computed alone, into contiguous memory
+                size = min(step, extent - i)
                 if columns:
-                    width = min(step, n_cols - i)
-                    return torch.mm(b, a[:, i : i + width], out=memory[: n_rows * width].view(n_rows, width))
-                height = min(step, n_rows - i)
-                return torch.mm(b[i : i + height], a, out=memory[: height * n_cols].view(height, n_cols))
+                    return torch.mm(b, a[:, i : i + size], out=memory[: n_rows * size].view(n_rows, size))
+                return torch.mm(b[i : i + size], a, out=memory[: size * n_cols].view(size, n_cols))
 
-            if columns:
-                blocks = (torch.equal(full[:, i : i + step], alone(i)) for i in range(0, n_cols, step))
-            else:
-                blocks = (torch.equal(full[i : i + step], alone(i)) for i in range(0, n_rows, step))
-            _exact_shapes[key] = all(blocks)
-            del full, memory
+            def of_full(i: int) -> torch.Tensor:
+                return full[:, i : i + step] if columns else full[i : i + step]
+
+            _exact_shapes[key] = all(torch.equal(of_full(i), alone(i)) for i in range(0, extent, step))
     return _exact_shapes[key]
 
 
