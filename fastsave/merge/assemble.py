@@ -98,10 +98,8 @@ class Assembler:
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, limit: int | None = None) -> torch.Tensor:
         """An uninitialised tensor: anonymous memory when it fits the allowance (or ``limit``), else a
         spilled file."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
         if (
             self.spill_directory is None
             or nbytes <= (self.allowance if limit is None else limit)
