@@ -7,7 +7,14 @@
 # Usage: bash scripts/test_llama_cpp_runtime.sh [VENV_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="${1:-$(mktemp -d "${TMPDIR:-/tmp}/fastsave-llama-venv.XXXXXX")}"
+# A virtualenv this script made for itself is removed on exit (several GB each); one passed as
+# VENV_DIR is the caller's and stays.
+if [ $# -ge 1 ]; then
+    venv="$1"
+else
+    venv="$(mktemp -d "${TMPDIR:-/tmp}/fastsave-llama-venv.XXXXXX")"
+    trap 'rm -rf "$venv"' EXIT
+fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 PYTHON="$venv/bin/python" bash scripts/install.sh test
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF}" \

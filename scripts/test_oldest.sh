@@ -4,7 +4,14 @@
 # fidelity on Llama/Qwen2/Gemma, the CLI, the demo). Usage: bash scripts/test_oldest.sh [VENV_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="${1:-$(mktemp -d "${TMPDIR:-/tmp}/fastsave-oldest-venv.XXXXXX")}"
+# A virtualenv this script made for itself is removed on exit (several GB each); one passed as
+# VENV_DIR is the caller's and stays.
+if [ $# -ge 1 ]; then
+    venv="$1"
+else
+    venv="$(mktemp -d "${TMPDIR:-/tmp}/fastsave-oldest-venv.XXXXXX")"
+    trap 'rm -rf "$venv"' EXIT
+fi
 python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip

@@ -6,7 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UNSLOTH_VERSION="2026.10.9"
-venv="${1:-$(mktemp -d "${TMPDIR:-/tmp}/fastsave-unsloth-venv.XXXXXX")}"
+# A virtualenv this script made for itself is removed on exit (several GB each); one passed as
+# VENV_DIR is the caller's and stays.
+if [ $# -ge 1 ]; then
+    venv="$1"
+else
+    venv="$(mktemp -d "${TMPDIR:-/tmp}/fastsave-unsloth-venv.XXXXXX")"
+    trap 'rm -rf "$venv"' EXIT
+fi
 python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip
