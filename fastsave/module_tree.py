@@ -10,8 +10,6 @@ census and the survey do not enter the containers of LoRA factors.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from collections.abc import Callable, Iterator
 
 from torch import nn
@@ -50,19 +48,3 @@ def named_modules(
                 if child is not None and (skip_child is None or not skip_child(key, child))
             ]
         )
-
-
-@contextlib.contextmanager
-def collection_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while a plan is built.
-
-    Planning a large model allocates a few objects per tensor and frees none: every automatic
-    collection rescans them all to find nothing (a third of the planning time at 100k tensors).
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()

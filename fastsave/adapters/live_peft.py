@@ -17,8 +17,9 @@ from torch import nn
 from fastsave.adapters import tuners
 from fastsave.adapters.delta import DeltaKind, LoraDelta, TunerDelta
 from fastsave.adapters.tuner_reading import LayerFacts
+from fastsave.collector import collection_paused
 from fastsave.errors import PlanError, UnsupportedAdapterError
-from fastsave.module_tree import collection_paused, named_modules
+from fastsave.module_tree import named_modules
 from fastsave.sources.backends import lora_layer_classes
 from fastsave.sources.offloaded import offloaded_value
 from fastsave.sources.sharded import clean_name

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 import warnings
 
+from fastsave.collector import older_objects_frozen
 from fastsave.formats import format_of, quantization_config_of
 from fastsave.inputs.base import SaveInput
 from fastsave.io.adapter_files import apply_save_peft_format
@@ -58,9 +59,17 @@ def run_save(save_input: SaveInput, opts: SaveOptions) -> str:
     """Save ``save_input`` as ``opts`` asks: plan, merge and write into staging, publish in one step.
 
     The input's ``team`` (fastsave.parallel.team; solo when it has none) says which ranks take part.
+    Python's collector leaves the process's older objects (the model, its libraries) unscanned
+    while the save runs (fastsave.collector): a full collection falling due mid-save would hold
+    the GIL, and with it the next write, for a scan of the whole heap.
 
     Returns the saved directory's path, or the hub URL when pushed.
     """
+    with older_objects_frozen():
+        return _run_save(save_input, opts)
+
+
+def _run_save(save_input: SaveInput, opts: SaveOptions) -> str:
     team: SaveTeam = getattr(save_input, "team", None) or SaveTeam.solo()
     started = time.perf_counter()
     report = SaveReport()

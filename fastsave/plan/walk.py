@@ -48,9 +48,10 @@ from fastsave.adapters.live_peft import (
     refuse_other_tuner,
     select_adapters,
 )
+from fastsave.collector import collection_paused
 from fastsave.errors import PlanError
 from fastsave.merge.dispatch import bias_producer, copy_producer, weight_producer
-from fastsave.module_tree import collection_paused, named_modules
+from fastsave.module_tree import named_modules
 from fastsave.plan.items import Plan, PlanItem
 from fastsave.plan.ties import TiedWeights
 from fastsave.sources import ModuleTensor, module_tensors
