@@ -12,13 +12,23 @@ Outside a save there is no pool and buffers are allocated as usual.
 
 Only memory no one can still read goes back: a buffer's memory is given back when its
 :class:`ReusedBuffer` is garbage (or when it grows, to the same owner's consumer, which by
-contract is done with what it read before it reads again).
+contract is done with what it read before it reads again), a lent block's when no tensor uses its
+memory any more (:meth:`BufferPool.lend`: the merged blocks the producer hands to the writer).
+
+The pool's memory, and a save's other large one-time buffers (an exactness check's product), are
+mapped on their own (:func:`mapped_memory`), outside malloc's heap. glibc raises its mmap
+threshold to the size of the largest block freed, then serves blocks of that size from its heap
+and keeps up to twice the threshold free there: at 250M a 15 MB check product freed early in the
+save left the heap 10-35 MiB above what the save held for the rest of it (extra RssAnon 37-63
+MiB against a 24 MiB budget, on 2 cores). Mapped, the product is returned when it is freed and
+the blocks are reused from the pool: 31-36 MiB, at the same speed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import mmap
 import threading
 import weakref
 from collections.abc import Iterator
@@ -39,7 +49,18 @@ class BufferPool:
             fitting = [k for k, buffer in enumerate(self._free) if buffer.numel() >= nbytes]
             if fitting:
                 return self._free.pop(min(fitting, key=lambda k: self._free[k].numel()))
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return mapped_memory(nbytes)
+
+    def lend(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of memory (uint8) for a block handed on (to the writer's threads): it comes
+        back to the pool once no tensor uses it, views included, whichever thread drops the last."""
+        memory = self.take(nbytes)
+        # torch.from_numpy's storage holds this array object, and only it does: the array dies
+        # with the last tensor on that storage, and its finalizer gives the memory back
+        handle = memory[:nbytes].numpy()
+        lent = torch.from_numpy(handle)
+        weakref.finalize(handle, self.give_back, memory)
+        return lent
 
     def give_back(self, buffer: torch.Tensor) -> None:
         """``buffer`` is no one's any more."""
@@ -52,6 +73,20 @@ class BufferPool:
         """Bytes held for reuse."""
         with self._lock:
             return sum(buffer.numel() for buffer in self._free)
+
+
+def mapped_memory(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of new memory (uint8), private and anonymous (counted in RssAnon like malloc's),
+    in a mapping of its own: unmapped when its last tensor is gone, never kept in malloc's heap."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=torch.uint8)
+
+
+def active_pool() -> BufferPool | None:
+    """The pool of the save producing in this thread (:func:`pooled_buffers`), else None."""
+    return _ACTIVE.get()
 
 
 _ACTIVE: contextvars.ContextVar[BufferPool | None] = contextvars.ContextVar(

@@ -7,10 +7,13 @@ it, so two living owners never share it; and a dead owner's memory is what the n
 from __future__ import annotations
 
 import gc
+import mmap
+import threading
 
 import torch
 
-from fastsave.buffer_pool import ReusedBuffer, pooled_buffers
+from fastsave.buffer_pool import ReusedBuffer, mapped_memory, pooled_buffers
+from fastsave.io.placement import placed_empty, placing
 
 
 def test_a_buffer_is_reused_until_it_must_grow():
@@ -57,3 +60,65 @@ def test_outside_a_save_nothing_is_pooled():
     gc.collect()
     with pooled_buffers() as pool:
         assert pool.free_bytes == 0
+
+
+def test_a_lent_blocks_memory_comes_back_only_when_no_tensor_uses_it():
+    with pooled_buffers() as pool:
+        block = pool.lend(8192)
+        address = block.data_ptr()
+        view = block[4096:].view(torch.bfloat16)[:10]  # a view of a view, as a writer makes
+        del block
+        gc.collect()
+        assert pool.free_bytes == 0  # the view still reads it
+        assert pool.lend(8192).data_ptr() != address  # so a new block gets other memory
+        gc.collect()
+        held = pool.free_bytes  # that new block, dropped at once, came back
+        holder = [view]  # the last user is dropped in another thread, as the I/O thread drops a block
+        del view
+        dropping = threading.Thread(target=holder.clear)
+        dropping.start()
+        dropping.join()
+        gc.collect()
+        assert pool.free_bytes == held + 8192
+        first, second = pool.lend(8192), pool.lend(8192)
+        assert address in {first.data_ptr(), second.data_ptr()}  # and backs a later block
+
+
+def test_a_saves_output_block_is_lent_by_its_pool():
+    with pooled_buffers() as pool, placing(3 * 4096 + 128):
+        block = placed_empty((64, 32), torch.bfloat16)
+        block.fill_(1.5)
+        assert block.data_ptr() % 4096 == 128  # placed for its file offset
+        del block
+        gc.collect()
+        assert pool.free_bytes >= 64 * 32 * 2  # back in the pool once written and dropped
+
+
+def _mapping_at(address: int) -> str | None:
+    """The /proc/self/maps line of the mapping that holds ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= address < end:
+                return line
+    return None
+
+
+def test_mapped_memory_is_a_mapping_of_its_own_that_goes_with_its_last_tensor():
+    nbytes = 5 * mmap.PAGESIZE + 100
+    memory = mapped_memory(nbytes)
+    assert memory.numel() == nbytes and memory.dtype == torch.uint8
+    memory.fill_(7)
+    assert memory.data_ptr() % mmap.PAGESIZE == 0  # a mapping's start, not a heap chunk's
+    mapping = _mapping_at(memory.data_ptr())
+    assert mapping is not None and "[heap]" not in mapping
+    view = memory.view(torch.int32)[:4]
+    address = memory.data_ptr()
+    del memory
+    gc.collect()
+    assert _mapping_at(address) is not None  # the view keeps it
+    assert int(view[0]) == 0x07070707
+    del view
+    gc.collect()
+    assert _mapping_at(address) is None  # unmapped, not kept by malloc
+    assert mapped_memory(0).numel() == 0

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
+from fastsave.buffer_pool import active_pool
 from fastsave.io.direct_file import ALIGN
 
 
@@ -57,7 +58,8 @@ def placing(offset: int) -> Iterator[Placement]:
 
 def placed_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor for the next piece, its first byte at an address that
-    is the piece's file offset modulo ALIGN when a save is producing (else ``torch.empty``).
+    is the piece's file offset modulo ALIGN when a save is producing (else ``torch.empty``); its
+    memory lent by the save's pool (fastsave.buffer_pool) when one is active.
 
     It costs ALIGN bytes more than the tensor (the allocation it sits in)."""
     placement = _CURRENT.get()
@@ -65,7 +67,8 @@ def placed_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if placement is None or placement.offset % itemsize:
         return torch.empty(shape, dtype=dtype)
     nbytes = math.prod(shape) * itemsize
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    pool = active_pool()  # the save's: the block's memory comes back to it once written
+    raw = pool.lend(nbytes + ALIGN) if pool is not None else torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     skip = (placement.offset - raw.data_ptr()) % ALIGN
     if skip % itemsize:  # the allocation's own alignment (64 bytes in torch) makes this rare
         return torch.empty(shape, dtype=dtype)

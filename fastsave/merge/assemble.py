@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from fastsave.buffer_pool import mapped_memory
 from fastsave.errors import SaveStopped
 from fastsave.vram import DeviceBudget
 
@@ -131,8 +132,8 @@ class Assembler:
         if self.spill_directory is not None and self.budget is not None and nbytes <= self.budget.limit:
             if not self.budget.borrow(nbytes, self.stop):
                 raise SaveStopped("the save stopped while an exactness check waited for memory")
-            try:
-                yield torch.empty(shape, dtype=dtype)
+            try:  # mapped, so that it leaves nothing in malloc's heap (fastsave.buffer_pool)
+                yield mapped_memory(nbytes).view(dtype).view(shape)
             finally:
                 self.budget.give_back(nbytes)
         elif self.spill_directory is None or nbytes > self.check_allowance:
