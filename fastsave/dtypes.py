@@ -30,3 +30,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 def dtype_of_gguf_type(file_type: str) -> torch.dtype | None:
     """The dtype of an unquantized GGUF file type ("f16", "bf16", "f32"); None for a quantized one."""
     return {name: dtype for dtype, name in GGUF_TYPES.items()}.get(file_type)
+
+
+# an integer dtype of each width, to compare floating values by their bits
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same dtype) hold the same bits, value by value: what "exact" means
+    here. Unlike ``torch.equal`` on floating values, a NaN equals the same NaN, and -0.0 differs
+    from 0.0 (a sum with a zero of the other sign can round to either)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    bits = _BITS[a.dtype.itemsize]
+    return torch.equal(a.view(bits), b.view(bits))

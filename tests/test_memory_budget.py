@@ -269,3 +269,42 @@ def test_row_blocks_are_multiples_of_16_rows_and_give_the_whole_products_bits():
         assert step % BLAS_ROWS == 0
         full = b @ a
         assert all(torch.equal(full[i : i + step], b[i : i + step] @ a) for i in range(0, rows, step))
+
+
+def test_same_bits_tells_the_sign_of_zero_apart_and_a_nan_from_nothing():
+    from fastsave.dtypes import same_bits
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        zeros = torch.zeros(4, dtype=dtype)
+        assert torch.equal(zeros, -zeros) and not same_bits(zeros, -zeros)  # torch.equal says equal
+        nan = torch.full((4,), float("nan"), dtype=dtype)
+        assert not torch.equal(nan, nan.clone()) and same_bits(nan, nan.clone())
+        assert not same_bits(zeros, zeros[:3]) and not same_bits(
+            zeros, zeros.to(torch.float32 if dtype != torch.float32 else torch.float64)
+        )
+
+
+def test_a_block_product_whose_zeros_have_the_other_sign_fails_the_row_block_check(monkeypatch):
+    """Blocks that equal the whole product as numbers but not as bits (a -0.0 where the whole has
+    0.0, which W + delta can keep) send the weight to the whole-matrix merge."""
+    from fastsave.merge import row_blocks
+
+    generator = torch.Generator().manual_seed(2)
+    b = torch.randn(96, 16, generator=generator)
+    b[5] = 0.0  # a zero row: +0.0 all along that row of the whole product
+    a = torch.randn(16, 64, generator=generator).abs()
+    whole_rows = b.shape[0]
+    mm = torch.mm
+
+    def blocks_with_negative_zeros(x, y, *, out):
+        result = mm(x, y, out=out)
+        if x.shape[0] != whole_rows:  # a block computed alone: its zeros get the other sign
+            result.copy_(torch.where(result == 0, torch.full_like(result, -0.0), result))
+        return result
+
+    monkeypatch.setattr(row_blocks.torch, "mm", blocks_with_negative_zeros)
+    row_blocks._exact_shapes.clear()
+    try:
+        assert not row_blocks.blockwise_product_is_exact(b, a, 32)
+    finally:
+        row_blocks._exact_shapes.clear()

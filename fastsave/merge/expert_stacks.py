@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fastsave.adapters.delta import LoraDelta
+from fastsave.dtypes import same_bits
 from fastsave.sources.base import Source
 from fastsave.sources.dense import DenseSource
 
@@ -53,7 +54,7 @@ def _one_expert_is_exact(delta: LoraDelta) -> bool:
             experts_out_in=delta.experts_out_in,
         )
         whole = sample.dense_float32("cpu")
-        _exact_shapes[key] = all(torch.equal(whole[e], expert_delta(delta, b, a, e)) for e in range(count))
+        _exact_shapes[key] = all(same_bits(whole[e], expert_delta(delta, b, a, e)) for e in range(count))
     return _exact_shapes[key]
 
 

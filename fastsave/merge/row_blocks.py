@@ -31,6 +31,7 @@ import torch
 from fastsave.adapters.delta import LoraDelta
 from fastsave.adapters.variants import DeltaRows
 from fastsave.buffer_pool import ReusedBuffer
+from fastsave.dtypes import same_bits
 from fastsave.io.placement import placed_empty
 from fastsave.merge.assemble import block_bytes, scratch_buffer
 from fastsave.merge.fused_rows import fused_rows_plan, stream_fused_rows
@@ -97,7 +98,7 @@ def blockwise_product_is_exact(b: torch.Tensor, a: torch.Tensor, step: int, colu
             def of_full(i: int) -> torch.Tensor:
                 return full[:, i : i + step] if columns else full[i : i + step]
 
-            _exact_shapes[key] = all(torch.equal(of_full(i), alone(i)) for i in range(0, extent, step))
+            _exact_shapes[key] = all(same_bits(of_full(i), alone(i)) for i in range(0, extent, step))
     return _exact_shapes[key]
 
 
@@ -111,7 +112,7 @@ def blockwise_row_norm_is_exact(n_rows: int, n_cols: int, step: int) -> bool:
         sample = torch.randn(rows, n_cols, generator=torch.Generator().manual_seed(0))
         full = torch.linalg.norm(sample, dim=1)
         _exact_shapes[key] = all(
-            torch.equal(full[i : i + step], torch.linalg.norm(sample[i : i + step], dim=1))
+            same_bits(full[i : i + step], torch.linalg.norm(sample[i : i + step], dim=1))
             for i in range(0, rows, step)
         )
     return _exact_shapes[key]

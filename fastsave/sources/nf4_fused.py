@@ -22,6 +22,7 @@ from functools import cache
 
 import torch
 
+from fastsave.dtypes import same_bits
 from fastsave.sources import nf4_native
 from fastsave.sources.bnb import bnb_functional
 from fastsave.sources.settings_4bit import Quant4bitSettings
@@ -160,7 +161,7 @@ def _matches_bitsandbytes(
     for absmax in (None, own * 1.0078125 + 1e-3):  # its own absmax and a double-quantized-like one
         expected = bitsandbytes_round_trip(rows, blocksize, quant_type, absmax)
         got = implementation(rows, blocksize, quant_type, absmax)
-        if not torch.equal(got.view(torch.int32), expected.view(torch.int32)):
+        if not same_bits(got, expected):
             return False
     return True
 
