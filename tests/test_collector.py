@@ -9,7 +9,7 @@ import weakref
 import pytest
 
 import fastsave
-from fastsave.pipeline import run
+from fastsave.pipeline import run, write
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -89,3 +89,23 @@ def test_a_process_that_froze_its_own_objects_keeps_them_frozen(qlora_model, tmp
         gc.unfreeze()
     gc.collect()
     assert own_garbage() is None
+
+
+def test_the_exports_that_stream_a_merge_freeze_the_older_objects_too(
+    qlora_model, tiny_tokenizer, tmp_path, monkeypatch
+):
+    """torchao's export merges through the same writer (write_merged_weights), outside run_save."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    model = fastsave.patch(qlora_model())
+    seen = []
+    merge = write.write_merged_weights
+
+    def watched(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(write, "write_merged_weights", watched)
+    model.save_pretrained_torchao(tmp_path / "ao", tiny_tokenizer, torchao_config=Int8WeightOnlyConfig())
+    assert seen and seen[0] > 0
+    assert gc.get_freeze_count() == 0

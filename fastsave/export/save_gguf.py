@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastsave.collector import older_objects_frozen
 from fastsave.dtypes import GGUF_TYPES, dtype_of_gguf_type
 from fastsave.export.added_tokens import stage_added_tokens
 from fastsave.export.convert import convert_checkpoint, quantize_gguf, split_parts
@@ -186,7 +187,8 @@ def _export(
     if why_not_fed is not None and first in FED_OUTTYPES:
         logger.info("fastsave: %s; converting from a temporary 16-bit checkpoint instead", why_not_fed)
     preflight = Preflight(opts, kind=GGUF)
-    with preflight as work:
+    # the model's objects sit out collections while the merge streams (fastsave.collector)
+    with older_objects_frozen(), preflight as work:
         sizes = check_export_space(
             n_weights,
             torch.empty((), dtype=checkpoint_dtype).element_size() if why_not_fed is not None else 0,

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from fastsave.collector import older_objects_frozen
 from fastsave.io.ownership import MERGED, TOKENIZER_FILES
 from fastsave.options import parse_options
 from fastsave.pipeline.preflight import Preflight, check_model, check_tokenizer
@@ -110,7 +111,8 @@ def save_pretrained_torchao(
 
     started = time.perf_counter()
     preflight = Preflight(opts, kind=MERGED)
-    with preflight as work:
+    # the model's objects sit out collections while the merge streams (fastsave.collector)
+    with older_objects_frozen(), preflight as work:
         merged = work / "merged-16bit"
         merged.mkdir()
         merged_opts = replace(opts, save_directory=merged, push_to_hub=False, variant=None)
