@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fastsave.adapters import tuners
+from fastsave.dtypes import same_bits
 from fastsave.errors import PlanError, UnsupportedAdapterError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -235,7 +236,7 @@ def attach_saved_adapter(meta_model: nn.Module, adapter: SavedAdapter, base_tens
             if (
                 stored is not None
                 and tuple(stored.shape) == tuple(value.shape)
-                and torch.equal(value.to(stored.dtype), stored)
+                and same_bits(value.to(stored.dtype), stored)
             ):
                 continue  # the checkpoint's own: read from it as any other base weight
             # a resized (or retrained) vocabulary: the adapter's copy is the model's, as peft loads it
