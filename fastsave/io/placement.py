@@ -70,8 +70,7 @@ def placed_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     pool = active_pool()  # the save's: the block's memory comes back to it once written
     raw = pool.lend(nbytes + ALIGN) if pool is not None else torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     skip = (placement.offset - raw.data_ptr()) % ALIGN
-    if (
-        skip % itemsize
-    ):  # the allocation's own alignment (64 bytes in torch, a page in the pool) makes this rare
+    # the allocation's own alignment (64 bytes in torch, a page in the pool) makes this rare
+    if skip % itemsize:
         return torch.empty(shape, dtype=dtype)
     return raw[skip : skip + nbytes].view(dtype).view(shape)
