@@ -12,6 +12,11 @@ save refused by the cap is reported, not a crash.
 
 Params every contender reads: ``work`` (the prepared directory: base/, adapter/), ``out`` (the
 output path, removed by the caller). ``sample_ms``: the sampling interval (default 2; 0: off).
+``paired_floor``: after a job that succeeded (its time and memory taken), write ``output_bytes``
+bytes from memory to a file beside ``out`` the floor's fastest way (O_DIRECT, else 16 MiB writes)
+and report the seconds as ``paired_floor_seconds``: the disk's speed in the same process, right
+after the job, so that a ratio of the two does not depend on how fast the disk happened to be in
+another process minutes before.
 """
 
 from __future__ import annotations
@@ -234,6 +239,27 @@ def raw_write(state: dict, params: dict) -> dict:
     done = {way: s for way, s in seconds.items() if s == s}
     fastest = min(done, key=done.get)
     return {"bytes": len(data), "floor_seconds": done[fastest], "floor_way": fastest, "ways": seconds}
+
+
+def paired_floor(params: dict) -> float:
+    """Seconds to write ``params["output_bytes"]`` bytes from memory beside ``params["out"]`` the
+    floor's way (O_DIRECT, or 16 MiB writes where the filesystem refuses O_DIRECT), fsync included;
+    the file is removed after. Run after a job, outside its timed part and its memory peak."""
+    state = _raw_setup(params)
+    path = f"{params['out']}.paired-floor"
+    try:
+        started = time.perf_counter()
+        try:
+            _direct(state["data"], path)
+        except OSError:  # O_DIRECT refused: the page cache's fastest way
+            started = time.perf_counter()
+            _sequential(state["data"], path)
+        return time.perf_counter() - started
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        del state["data"]
+        state["buffer"].close()
 
 
 @contender("fastsave", load_trained_model)
@@ -509,6 +535,8 @@ def run(name: str, params: dict) -> dict:
         "VmHWM": after["VmHWM"] - held["VmRSS"],
         **({key: result["peak"][key] - held[key] for key in ("RssAnon", "VmData")} if sampler else {}),
     }
+    if params.get("paired_floor") and result["outcome"] == "ok":
+        result["paired_floor_seconds"] = paired_floor(params)
     if params.get("verify") and result["outcome"] == "ok":
         result["verify"] = verify_merged(state["model"], params["out"], str(Path(params["work"]) / "base"))
     return result

@@ -18,6 +18,10 @@ more than --disturbed of the CPUs is repeated (--retries) and counts only when n
 
   raw write   the checkpoint's number of bytes written from memory + fsync, the fastest of: one
               write call, 16 MiB writes, a thread per core, O_DIRECT (where allowed): the floor
+              (fastsave's runs also measure it paired: the same bytes written O_DIRECT in the
+              same process right after each save, reported as the median of the per-run ratios;
+              a virtual disk's speed drifts by 20% and more between minutes, and --no-paired-floor
+              turns it off)
   fastsave    save_pretrained_merged(merged_16bit) of the 4-bit peft model held in memory
   peft        the usual route: load the 16-bit base + adapter, merge_and_unload, save_pretrained,
               fsync (save_pretrained alone does not; the time before it is in the JSON)
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -96,6 +101,7 @@ def run_size(name: str, size: ModelSize, work: Path, args: argparse.Namespace) -
                 "out": str(out),
                 "output_bytes": model["output_bytes"],
                 "sample_ms": args.sample_ms if sampled else 0,
+                "paired_floor": contender == "fastsave" and args.paired_floor,
             }
             for attempt in range(1 + args.retries):
                 busy = wait_for_idle(args.idle_wait) if args.idle_wait > 0 else None
@@ -104,6 +110,8 @@ def run_size(name: str, size: ModelSize, work: Path, args: argparse.Namespace) -
                 _remove(out)
                 runs[contender].append(result)
                 status = f"{result['seconds']:.2f}s" if result["outcome"] == "ok" else result["outcome"]
+                if result.get("paired_floor_seconds"):
+                    status += f" (the floor right after: {result['paired_floor_seconds']:.2f}s)"
                 if result.get("others_cpu_share") is not None:
                     status += f" (other processes used {100 * result['others_cpu_share']:.0f}% of the CPUs)"
                 print(f"[{name}] round {round_ + 1}/{args.repeat} {contender}: {status}", flush=True)
@@ -158,6 +166,10 @@ def summarize(runs: dict[str, list[dict]], disturbed: float = 0.10) -> dict[str,
         }
         if contender == "raw" and "ways" in fastest:
             entry["ways"], entry["floor_way"] = fastest["ways"], fastest["floor_way"]
+        paired = [r["seconds"] / r["paired_floor_seconds"] for r in ok if r.get("paired_floor_seconds")]
+        if paired:
+            entry["paired_ratios"] = paired
+            entry["paired_ratio"] = statistics.median(paired)
         for key in ("merged_parameters", "merged_seconds", "plan_seconds", "seconds_before_fsync"):
             if key in fastest:
                 entry[key] = min(r[key] for r in ok) if key.endswith("seconds") else fastest[key]
@@ -169,6 +181,13 @@ def _ratio(a: dict | None, b: dict | None) -> str:
     if not a or not b or a.get("outcome") != "ok" or b.get("outcome") != "ok":
         return "-"
     return f"{a['seconds'] / b['seconds']:.2f}x"
+
+
+def paired_ratio(entry: dict | None) -> str:
+    """The median of a contender's ratios to the floor measured right after each run ("-": none)."""
+    if not entry or entry.get("outcome") != "ok" or "paired_ratio" not in entry:
+        return "-"
+    return f"{entry['paired_ratio']:.2f}x"
 
 
 def report(result: dict[str, Any], repeat: int) -> str:
@@ -217,6 +236,13 @@ def report(result: dict[str, Any], repeat: int) -> str:
     if raw.get("ways"):
         ways = ", ".join(f"{way} {seconds:.2f} s" for way, seconds in raw["ways"].items())
         lines.append(f"\nraw write, each way in its fastest run: {ways}; the floor is {raw['floor_way']}")
+    fastsave = best.get("fastsave", {})
+    if fastsave.get("paired_ratios"):
+        ratios = ", ".join(f"{ratio:.2f}x" for ratio in fastsave["paired_ratios"])
+        lines.append(
+            f"\nfastsave against the floor measured in the same process right after each save "
+            f"(O_DIRECT, the same bytes, the same directory): {ratios}; median {fastsave['paired_ratio']:.2f}x"
+        )
     compute = []
     lora_params = result["model"]["lora_parameters"]
 
@@ -278,6 +304,7 @@ def scaling_table(results: list[dict[str, Any]]) -> str:
                 seconds("peft"),
                 seconds("cli"),
                 _ratio(best.get("fastsave"), best.get("raw")),
+                paired_ratio(best.get("fastsave")),
                 _ratio(best.get("fastsave"), best.get("peft")),
                 anon("fastsave"),
                 anon("peft"),
@@ -295,6 +322,7 @@ def scaling_table(results: list[dict[str, Any]]) -> str:
         "peft s",
         "cli s",
         "fastsave / raw",
+        "fastsave / floor right after (median)",
         "fastsave / peft",
         "fastsave extra anon MiB (% out)",
         "peft extra anon",
@@ -335,6 +363,13 @@ def main() -> None:
         type=float,
         default=20.0,
         help="before each run, wait up to this many seconds for other processes to leave the CPUs (0: no)",
+    )
+    parser.add_argument(
+        "--paired-floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after each fastsave run, time the floor's O_DIRECT write of the same bytes in the same "
+        "process (not part of the run's time or memory; default on)",
     )
     parser.add_argument("--work", default=None, help="work directory, kept (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write every run's result here")
