@@ -134,7 +134,14 @@ def _raw_setup(params: dict) -> dict:
     import numpy as np
 
     size = int(params["output_bytes"])
-    buffer = mmap.mmap(-1, max(1, size))  # page-aligned, so that O_DIRECT can write from it
+    # page-aligned, so that O_DIRECT can write from it; private and in transparent huge pages where
+    # the kernel gives them: the device then reads physically contiguous memory, in fewer and larger
+    # segments (a shared mapping's pages took 1 GiB O_DIRECT 1.13x as long here), as fastsave's
+    # own buffers are: the floor is the fastest way
+    buffer = mmap.mmap(-1, max(1, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            buffer.madvise(mmap.MADV_HUGEPAGE)
     data = np.frombuffer(buffer, dtype=np.uint8, count=size)
     data[:] = 0x5A
     return {"data": data, "buffer": buffer}

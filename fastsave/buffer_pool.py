@@ -16,7 +16,8 @@ contract is done with what it read before it reads again), a lent block's when n
 memory any more (:meth:`BufferPool.lend`: the merged blocks the producer hands to the writer).
 
 The pool's memory, and a save's other large one-time buffers (an exactness check's product), are
-mapped on their own (:func:`mapped_memory`), outside malloc's heap. glibc raises its mmap
+mapped on their own (fastsave.mappings' :func:`mapped_memory`, in huge pages where the
+kernel gives them), outside malloc's heap. glibc raises its mmap
 threshold to the size of the largest block freed, then serves blocks of that size from its heap
 and keeps up to twice the threshold free there: at 250M a 15 MB check product freed early in the
 save left the heap 10-35 MiB above what the save held for the rest of it (extra RssAnon 37-63
@@ -28,12 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import mmap
 import threading
 import weakref
 from collections.abc import Iterator
 
 import torch
+
+from fastsave.mappings import mapped_memory
 
 
 class BufferPool:
@@ -73,15 +75,6 @@ class BufferPool:
         """Bytes held for reuse."""
         with self._lock:
             return sum(buffer.numel() for buffer in self._free)
-
-
-def mapped_memory(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of new memory (uint8), private and anonymous (counted in RssAnon like malloc's),
-    in a mapping of its own: unmapped when its last tensor is gone, never kept in malloc's heap."""
-    if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(region, dtype=torch.uint8)
 
 
 def active_pool() -> BufferPool | None:

@@ -7,12 +7,11 @@ it, so two living owners never share it; and a dead owner's memory is what the n
 from __future__ import annotations
 
 import gc
-import mmap
 import threading
 
 import torch
 
-from fastsave.buffer_pool import ReusedBuffer, mapped_memory, pooled_buffers
+from fastsave.buffer_pool import ReusedBuffer, pooled_buffers
 from fastsave.io.placement import placed_empty, placing
 
 
@@ -92,33 +91,3 @@ def test_a_saves_output_block_is_lent_by_its_pool():
         del block
         gc.collect()
         assert pool.free_bytes >= 64 * 32 * 2  # back in the pool once written and dropped
-
-
-def _mapping_at(address: int) -> str | None:
-    """The /proc/self/maps line of the mapping that holds ``address``."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            start, end = (int(x, 16) for x in line.split()[0].split("-"))
-            if start <= address < end:
-                return line
-    return None
-
-
-def test_mapped_memory_is_a_mapping_of_its_own_that_goes_with_its_last_tensor():
-    nbytes = 5 * mmap.PAGESIZE + 100
-    memory = mapped_memory(nbytes)
-    assert memory.numel() == nbytes and memory.dtype == torch.uint8
-    memory.fill_(7)
-    assert memory.data_ptr() % mmap.PAGESIZE == 0  # a mapping's start, not a heap chunk's
-    mapping = _mapping_at(memory.data_ptr())
-    assert mapping is not None and "[heap]" not in mapping
-    view = memory.view(torch.int32)[:4]
-    address = memory.data_ptr()
-    del memory
-    gc.collect()
-    assert _mapping_at(address) is not None  # the view keeps it
-    assert int(view[0]) == 0x07070707
-    del view
-    gc.collect()
-    assert _mapping_at(address) is None  # unmapped, not kept by malloc
-    assert mapped_memory(0).numel() == 0

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from fastsave.buffer_pool import mapped_memory
 from fastsave.errors import SaveStopped
+from fastsave.mappings import mapped_memory
 from fastsave.vram import DeviceBudget
 
 if TYPE_CHECKING:

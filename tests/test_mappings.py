@@ -1,0 +1,114 @@
+"""fastsave.mappings: memory in mappings of its own, in huge pages where the kernel gives them.
+
+What matters: a buffer is a mapping of its own (outside malloc's heap) that goes with its last
+view; a buffer of at least a huge page starts at a huge-page boundary and maps only its own pages
+(RLIMIT_DATA counts mapped bytes, so room to spare would count against a memory cap), advised for
+huge pages; and where that cannot be had, it is an ordinary mapping, never an error.
+"""
+
+from __future__ import annotations
+
+import gc
+import mmap
+
+import pytest
+import torch
+
+from fastsave import mappings
+from fastsave.mappings import mapped_buffer, mapped_memory
+
+HUGE = 2 << 20  # the alignment asked for below, whatever this machine's huge pages are
+
+
+def _mapping_at(address: int) -> tuple[int, int, str] | None:
+    """(start, end, line) of the /proc/self/maps mapping that holds ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= address < end:
+                return start, end, line
+    return None
+
+
+def _vm_flags(start: int) -> list[str]:
+    """The VmFlags of the mapping that starts at ``start`` (/proc/self/smaps)."""
+    current = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                current = int(head.split("-")[0], 16)
+            elif head == "VmFlags:" and current == start:
+                return line.split()[1:]
+    return []
+
+
+@pytest.mark.parametrize("nbytes", [5 * mmap.PAGESIZE + 100, 2 * HUGE + 100])
+def test_mapped_memory_is_a_mapping_of_its_own_that_goes_with_its_last_tensor(nbytes):
+    memory = mapped_memory(nbytes)
+    assert memory.numel() == nbytes and memory.dtype == torch.uint8
+    memory.fill_(7)
+    assert memory.data_ptr() % mmap.PAGESIZE == 0  # a mapping's start, not a heap chunk's
+    found = _mapping_at(memory.data_ptr())
+    assert found is not None and "[heap]" not in found[2]
+    view = memory.view(torch.int32)[:4]
+    address = memory.data_ptr()
+    del memory
+    gc.collect()
+    assert _mapping_at(address) is not None  # the view keeps it
+    assert int(view[0]) == 0x07070707
+    del view
+    gc.collect()
+    assert _mapping_at(address) is None  # unmapped, not kept by malloc
+    assert mapped_memory(0).numel() == 0
+
+
+def _vm_data() -> int:
+    """The process's mapped data in bytes (what RLIMIT_DATA limits)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+
+
+def test_a_huge_page_aligned_buffer_maps_only_its_own_pages_and_asks_for_huge_pages():
+    nbytes = 2 * HUGE + 5000  # not a whole number of pages: rounded up to them
+    own = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    before = _vm_data()
+    window = mappings._huge_page_aligned(nbytes, HUGE)
+    # the room reserved to align it is unmapped again: the process maps only the buffer's pages more
+    assert _vm_data() - before == own
+    assert window is not None
+    view = memoryview(window).cast("B")
+    assert len(view) == own
+    address = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
+    assert address % HUGE == 0
+    view[:] = b"\x01" * len(view)
+    if mappings.huge_page_bytes() == HUGE:  # a kernel with 2 MiB transparent huge pages: advised
+        assert "hg" in _vm_flags(_mapping_at(address)[0])
+    del view, window
+    gc.collect()
+    assert _mapping_at(address) is None
+    assert _vm_data() == before
+
+
+def test_where_no_aligned_room_is_given_the_buffer_is_an_ordinary_mapping(monkeypatch):
+    class RefusingLibc:
+        def mmap(self, *args):
+            return mappings._MAP_FAILED  # as under a tight RLIMIT_DATA
+
+    monkeypatch.setattr(mappings, "_libc", lambda: RefusingLibc())
+    monkeypatch.setattr(mappings, "huge_page_bytes", lambda: HUGE)
+    buffer = mapped_buffer(2 * HUGE)
+    assert isinstance(buffer, mmap.mmap) and len(buffer) == 2 * HUGE
+    memory = mapped_memory(2 * HUGE)
+    memory.fill_(3)
+    assert int(memory[-1]) == 3
+
+
+def test_without_transparent_huge_pages_buffers_are_ordinary_mappings(monkeypatch, tmp_path):
+    monkeypatch.setattr(mappings, "_PMD_SIZE_FILE", tmp_path / "absent")
+    mappings.huge_page_bytes.cache_clear()
+    try:
+        assert mappings.huge_page_bytes() == 0
+        assert isinstance(mapped_buffer(4 * HUGE), mmap.mmap)
+    finally:
+        mappings.huge_page_bytes.cache_clear()
