@@ -18,7 +18,7 @@ from checkpoint_files import saved_tensors
 from test_core_merged import _lora_layers, _oracle
 
 import fastsave
-from fastsave.merge import row_blocks
+from fastsave.merge import fused_rows, row_blocks
 from fastsave.sources import bnb_4bit, nf4_fused, nf4_native
 from fastsave.sources.bnb_4bit import absmax_float32
 
@@ -142,6 +142,148 @@ def test_bad_arguments_are_refused():
         nf4_native.merge_4bit(
             codes.reshape(-1), 64, state.code.float(), absmax[:3], None, 1.0, torch.empty(4, 256)
         )
+
+
+def _sequential_fma(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``b @ a`` as one float32 fused multiply-add per rank, in rank order, from +0.0: each step's
+    product is exact in float64 (24 + 24 bits) and so is its sum with a float32 of a nearby
+    exponent; rounded once to float32, as a fused multiply-add rounds. Independent of fastsave."""
+    total = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float32)
+    for k in range(b.shape[1]):
+        total = (b[:, k : k + 1].double() * a[k].double() + total.double()).float()
+    return total
+
+
+@pytest.mark.parametrize("shape", [(12, 16, 320), (13, 8, 1024), (5, 3, 40), (64, 16, 2048)])
+def test_the_pass_product_is_a_fused_multiply_add_per_rank_in_order(decoder, shape):
+    """lora_product (the check's half of the pass) on every decoder's path: whole vectors, four rows
+    at a time and leftovers, a width that is no multiple of 16 (the plain loop), and zeros whose
+    sign comes from the order (a zero row of B against a negative A)."""
+    rows, rank, cols = shape
+    generator = torch.Generator().manual_seed(rows)
+    b, a = torch.randn(rows, rank, generator=generator), torch.randn(rank, cols, generator=generator)
+    b[1] = 0.0
+    a[:, :8] = -a[:, :8].abs()
+    assert torch.equal(_bits(nf4_native.lora_product(b, a)), _bits(_sequential_fma(b, a)))
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [13, 16])
+def test_merge_with_factors_equals_bitsandbytes_and_the_product(decoder, blocksize, dtype, rows):
+    """merge_4bit_factors against bitsandbytes' dequantize plus the sequential product times the
+    scaling, one rounding: rows in fours and a leftover, columns in 64s and a leftover 16s."""
+    cols = 5 * 64 + 2 * max(blocksize, 16) if blocksize < 64 else 3 * blocksize
+    codes, state = bnb_functional.quantize_4bit(_weight(rows, cols), blocksize=blocksize, quant_type="nf4")
+    generator = torch.Generator().manual_seed(2)
+    b, a = torch.randn(rows, 16, generator=generator) * 0.01, torch.randn(16, cols, generator=generator)
+    ours = torch.empty(rows, cols, dtype=dtype)
+    nonfinite = nf4_native.merge_4bit_factors(
+        codes.reshape(-1), blocksize, state.code.float(), absmax_float32(state), b, a, 0.37, ours
+    )
+    expected = _reference(codes, state, _sequential_fma(b, a), 0.37, dtype)
+    assert torch.equal(_bits(ours), _bits(expected))
+    assert nonfinite == 0
+
+
+def test_merge_with_factors_the_same_on_any_number_of_threads():
+    codes, state = bnb_functional.quantize_4bit(_weight(70, 1024), blocksize=64, quant_type="nf4")
+    b, a = torch.randn(70, 16) * 0.01, torch.randn(16, 1024)
+    outputs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            out = torch.empty(70, 1024, dtype=torch.bfloat16)
+            nf4_native.merge_4bit_factors(
+                codes.reshape(-1), 64, state.code.float(), absmax_float32(state), b, a, 2.0, out
+            )
+            outputs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(_bits(o), _bits(outputs[0])) for o in outputs)
+
+
+def test_merge_with_factors_refuses_what_it_cannot_serve():
+    codes, state = bnb_functional.quantize_4bit(_weight(4, 256), blocksize=64, quant_type="nf4")
+    absmax, table, out = absmax_float32(state), state.code.float(), torch.empty(4, 256)
+    with pytest.raises(ValueError, match="do not give"):
+        nf4_native.merge_4bit_factors(
+            codes.reshape(-1), 64, table, absmax, torch.ones(3, 2), torch.ones(2, 256), 1.0, out
+        )
+    with pytest.raises(ValueError, match="contiguous 2-D float32"):
+        nf4_native.merge_4bit_factors(
+            codes.reshape(-1),
+            64,
+            table,
+            absmax,
+            torch.ones(4, 2, dtype=torch.float64),
+            torch.ones(2, 256),
+            1.0,
+            out,
+        )
+    # 4-bit blocks of 24 values (whole blocks of the rows, but not whole vectors of 16)
+    with pytest.raises(ValueError, match="refused"):
+        nf4_native.merge_4bit_factors(
+            torch.zeros(4 * 240 // 2, dtype=torch.uint8),
+            24,
+            table,
+            torch.ones(40),
+            torch.ones(4, 2),
+            torch.ones(2, 240),
+            1.0,
+            torch.empty(4, 240),
+        )
+
+
+def _factor_merges(monkeypatch) -> list[int]:
+    """Count the pass's merges with the product computed in it; have the reader offer them on any
+    CPU (elsewhere than AVX-512 they run the plain loop: exact, slower than the BLAS)."""
+    calls: list[int] = []
+    real = nf4_native.merge_4bit_factors
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nf4_native, "merge_4bit_factors", spy)
+    monkeypatch.setattr(nf4_native, "factors_fast", lambda: True)
+    fused_rows._inline_exact.clear()
+    return calls
+
+
+def test_a_save_computes_the_product_in_the_pass_exactly(qlora_model, tmp_path, monkeypatch):
+    model = qlora_model()
+    layers = _lora_layers(model)
+    expected = {name + ".weight": _oracle(layer) for name, layer in layers.items()}
+    calls = _factor_merges(monkeypatch)
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    assert calls, "no weight's product was computed in the pass"
+    saved = saved_tensors(tmp_path / "out")
+    for name, reference in expected.items():
+        assert torch.equal(_bits(saved[name]), _bits(reference.to(torch.bfloat16))), name
+
+
+def test_a_product_that_is_not_the_blas_keeps_the_blas_product(qlora_model, tmp_path, monkeypatch):
+    """A pass whose product differs from the BLAS's in one bit (as MKL's kernel for a few leftover
+    rows does) is not used for that shape; the weights merge from the BLAS's product, exactly."""
+    model = qlora_model()
+    expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
+    calls = _factor_merges(monkeypatch)
+    real = nf4_native.lora_product
+
+    def one_bit_off(b, a, out=None):
+        product = real(b, a, out)
+        product.view(torch.int32).view(-1)[-1] ^= 1
+        return product
+
+    monkeypatch.setattr(nf4_native, "lora_product", one_bit_off)
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    fused_rows._inline_exact.clear()
+    assert calls == []
+    saved = saved_tensors(tmp_path / "out")
+    for name, reference in expected.items():
+        assert torch.equal(_bits(saved[name]), _bits(reference.to(torch.bfloat16))), name
 
 
 def _fused_names(monkeypatch) -> list[str]:

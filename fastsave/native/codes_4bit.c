@@ -1,6 +1,7 @@
 /* Loops over 4-bit (NF4 / FP4) codes, each one pass over memory: the round trip of a row block
  * (quantize + dequantize), each block's absmax, and a row block of a bitsandbytes 4-bit weight
- * dequantized, merged with a LoRA product and rounded to the output dtype (fastsave_merge_4bit);
+ * dequantized, merged with a LoRA product and rounded to the output dtype (fastsave_merge_4bit, or
+ * fastsave_merge_4bit_factors, which computes the product from the LoRA factors in the same pass);
  * and the same merge of a row block of a 16-bit or float32 weight (fastsave_merge_dense).
  *
  * fastsave.sources.nf4_native calls these through ctypes (which releases the GIL); see
@@ -116,10 +117,16 @@ typedef struct {
     int out_dtype;       /* FLOAT32 or BFLOAT16 */
     void *merged;        /* the output values */
     int64_t *nonfinite;  /* NaN and infinities written, counted */
+    /* merge without a product: the LoRA factors of these rows, B (rows x rank) and A (rank x
+     * n_cols), float32, the product computed value by value (lora_product_at), or NULL */
+    const float *lora_b, *lora_a;
+    int64_t rank, n_cols;
 } Job;
 
 /* a block's values are converted to float32 and decoded up to CHUNK at a time, on the stack */
 enum { CHUNK = 1024 };
+/* columns of A kept in the first-level cache while a product runs over the rows (16 x 256 float32: 16 KiB) */
+enum { FACTOR_TILE = 256 };
 
 /* out = the round trip of `count` values of one block: scaled by the reciprocal of its absmax,
  * clamped, given the code of the last boundary strictly below (boundaries ascend, so its index
@@ -237,13 +244,42 @@ AVX512_INLINE __m512 load16(const void *source, int dtype, int64_t index) {
     return _mm512_loadu_ps((const float *)source + index);
 }
 
+/* lora_product_at of `count` values from `index` (a multiple of 16 in one row: n_cols is one too)
+ * into `out`: four vectors at a time, so that four independent chains of fused multiply-adds hide
+ * each one's latency (one chain at a time ran at a quarter of the speed) */
+AVX512_INLINE void lora_products(const Job *job, int64_t index, int64_t count, float *restrict out) {
+    int64_t n_cols = job->n_cols, rank = job->rank, row = index / n_cols;
+    const float *b = job->lora_b + row * rank, *a = job->lora_a + (index - row * n_cols);
+    int64_t v = 0;
+    for (; v + 64 <= count; v += 64) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t k = 0; k < rank; k++) {
+            const float *ak = a + k * n_cols + v;
+            __m512 bk = _mm512_set1_ps(b[k]);
+            s0 = _mm512_fmadd_ps(bk, _mm512_loadu_ps(ak), s0);
+            s1 = _mm512_fmadd_ps(bk, _mm512_loadu_ps(ak + 16), s1);
+            s2 = _mm512_fmadd_ps(bk, _mm512_loadu_ps(ak + 32), s2);
+            s3 = _mm512_fmadd_ps(bk, _mm512_loadu_ps(ak + 48), s3);
+        }
+        _mm512_storeu_ps(out + v, s0);
+        _mm512_storeu_ps(out + v + 16, s1);
+        _mm512_storeu_ps(out + v + 32, s2);
+        _mm512_storeu_ps(out + v + 48, s3);
+    }
+    for (; v < count; v += 16) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t k = 0; k < rank; k++)
+            sum = _mm512_fmadd_ps(_mm512_set1_ps(b[k]), _mm512_loadu_ps(a + k * n_cols + v), sum);
+        _mm512_storeu_ps(out + v, sum);
+    }
+}
+
 /* merge_and_store of the `lanes` of 16 values at `index`: the same float32 product and add (never
  * fused), the same rounding to bfloat16 (NaN to 0x7FC0); how many NaN and infinities it wrote */
-AVX512_INLINE int store16(const Job *job, __m512 value, int64_t index, __mmask16 lanes) {
+AVX512_INLINE int store16(const Job *job, __m512 value, int64_t index, __mmask16 lanes, const float *product) {
     const __m512i infinity = _mm512_set1_epi32(0x7F800000), bf16_exponent = _mm512_set1_epi32(0x7F80);
-    if (job->product)
-        value = _mm512_add_ps(value, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, job->product + index),
-                                                   _mm512_set1_ps(job->scaling)));
+    if (product)
+        value = _mm512_add_ps(value, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, product), _mm512_set1_ps(job->scaling)));
     __m512i bits = _mm512_castps_si512(value);
     if (job->out_dtype == BFLOAT16) {
         __m512i even = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -274,7 +310,8 @@ AVX512_TARGET static int64_t round_trip_cells(const Job *job, const Cells *cells
         for (int64_t k = 0; k < blocksize; k += 16) {
             __m512 value = decode_cells16(load16(job->source, job->dtype, start + k), inverse, scale, &v);
             if (job->merged)
-                nonfinite += store16(job, value, start + k, (__mmask16)0xFFFF);
+                nonfinite += store16(job, value, start + k, (__mmask16)0xFFFF,
+                                     job->product ? job->product + start + k : NULL);
             else
                 _mm512_storeu_ps(job->out + start + k, value);
         }
@@ -293,6 +330,18 @@ INLINE uint16_t to_bfloat16(float x) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* (B @ A) at flat index `index` of the job's rows, as the BLAS torch calls computes it for a rank-r
+ * product (MKL's sgemm, found by experiment, and checked per shape against the whole product by
+ * fastsave.merge.fused_rows.inline_product_is_exact before a weight relies on it): from +0.0, one fused
+ * multiply-add per rank, in rank order. */
+INLINE float lora_product_at(const Job *job, int64_t index) {
+    int64_t row = index / job->n_cols, col = index - row * job->n_cols;
+    const float *b = job->lora_b + row * job->rank, *a = job->lora_a + col;
+    float sum = 0.0f;
+    for (int64_t k = 0; k < job->rank; k++) sum = fmaf(b[k], a[k * job->n_cols], sum);
+    return sum;
+}
+
 /* merged[start..start+count) = round(values + product * scaling) (without a product: values), in
  * the job's output dtype: the product times the scaling (its own rounding), the add, one rounding
  * (peft's delta and the merge's order); returns how many NaN and infinities were written */
@@ -302,6 +351,9 @@ INLINE int64_t merge_and_store(const Job *job, float *restrict values, int64_t s
         const float *product = job->product + start;
         float scaling = job->scaling;
         for (int64_t k = 0; k < count; k++) values[k] = values[k] + product[k] * scaling;
+    } else if (job->lora_a) {
+        float scaling = job->scaling;
+        for (int64_t k = 0; k < count; k++) values[k] = values[k] + lora_product_at(job, start + k) * scaling;
     }
     if (job->out_dtype == BFLOAT16) {
         uint16_t *out = (uint16_t *)job->merged + start;
@@ -329,11 +381,27 @@ static int avx512_chosen(void);
 AVX512_TARGET static int64_t merge_and_store_avx512(const Job *job, const float *restrict values, int64_t start,
                                                     int64_t count) {
     int64_t nonfinite = 0;
+    float products[CHUNK]; /* from the factors: computed here, for these values only */
+    const float *product = job->product ? job->product + start : NULL;
+    if (!product && job->lora_a) {
+        lora_products(job, start, count, products);
+        product = products;
+    }
     for (int64_t k = 0; k < count; k += 16) {
         __mmask16 lanes = count - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - k)) - 1u);
-        nonfinite += store16(job, _mm512_maskz_loadu_ps(lanes, values + k), start + k, lanes);
+        nonfinite += store16(job, _mm512_maskz_loadu_ps(lanes, values + k), start + k, lanes, product ? product + k : NULL);
     }
     return nonfinite;
+}
+
+/* lora_product_rows by lora_products (n_cols a multiple of 16), in tiles of FACTOR_TILE columns */
+AVX512_TARGET static void lora_product_rows_avx512(const Job *job) {
+    int64_t n_cols = job->n_cols;
+    for (int64_t tile = 0; tile < n_cols; tile += FACTOR_TILE) {
+        int64_t width = n_cols - tile < FACTOR_TILE ? n_cols - tile : FACTOR_TILE;
+        for (int64_t row = job->first_block; row < job->end_block; row++)
+            lora_products(job, row * n_cols + tile, width, job->out + row * n_cols + tile);
+    }
 }
 #endif
 
@@ -473,6 +541,10 @@ int fastsave_force_decode(int which) {
     return 0;
 }
 
+/* 1 where the merges compute a LoRA product value by value at vector speed (AVX-512 chosen); the
+ * plain loop is exact too, but slower than the BLAS */
+int fastsave_factors_fast(void) { return avx512_chosen(); }
+
 /* the AVX-512 loops (the round trip's lookup by cells, merge_and_store_avx512): on a CPU that has it,
  * unless another decoder was forced */
 static int avx512_chosen(void) {
@@ -498,6 +570,62 @@ static DecodePairs chosen_decode(void) {
 }
 
 
+#ifdef X86_DECODE
+enum { FACTOR_ROWS = 4, FACTOR_COLS = 64 };
+
+/* merge_blocks with the product computed from the factors (as lora_product_at), for the job's rows
+ * first_block..end_block (not blocks), FACTOR_ROWS rows by FACTOR_COLS columns at a time: each
+ * load of A serves four rows, sixteen independent chains of fused multiply-adds (one row at a time
+ * spent most of its time loading A from the second-level cache). */
+AVX512_TARGET static void merge_factor_rows_avx512(const Job *job) {
+    DecodePairs decode_pairs = chosen_decode();
+    int64_t n_cols = job->n_cols, rank = job->rank, blocksize = job->blocksize, nonfinite = 0;
+    const uint8_t *packed = job->source;
+    float values[FACTOR_COLS], products[FACTOR_ROWS][FACTOR_COLS];
+    for (int64_t row = job->first_block; row < job->end_block; row += FACTOR_ROWS) {
+        int64_t rows = job->end_block - row < FACTOR_ROWS ? job->end_block - row : FACTOR_ROWS;
+        for (int64_t col = 0; col < n_cols; col += FACTOR_COLS) {
+            int64_t width = n_cols - col < FACTOR_COLS ? n_cols - col : FACTOR_COLS; /* a multiple of 16 */
+            if (rows == FACTOR_ROWS && width == FACTOR_COLS) {
+                __m512 s[FACTOR_ROWS][4];
+                for (int r = 0; r < FACTOR_ROWS; r++)
+                    for (int v = 0; v < 4; v++) s[r][v] = _mm512_setzero_ps();
+                const float *b = job->lora_b + row * rank;
+                for (int64_t k = 0; k < rank; k++) {
+                    const float *ak = job->lora_a + k * n_cols + col;
+                    __m512 a0 = _mm512_loadu_ps(ak), a1 = _mm512_loadu_ps(ak + 16);
+                    __m512 a2 = _mm512_loadu_ps(ak + 32), a3 = _mm512_loadu_ps(ak + 48);
+                    for (int r = 0; r < FACTOR_ROWS; r++) {
+                        __m512 bk = _mm512_set1_ps(b[r * rank + k]);
+                        s[r][0] = _mm512_fmadd_ps(bk, a0, s[r][0]);
+                        s[r][1] = _mm512_fmadd_ps(bk, a1, s[r][1]);
+                        s[r][2] = _mm512_fmadd_ps(bk, a2, s[r][2]);
+                        s[r][3] = _mm512_fmadd_ps(bk, a3, s[r][3]);
+                    }
+                }
+                for (int r = 0; r < FACTOR_ROWS; r++)
+                    for (int v = 0; v < 4; v++) _mm512_storeu_ps(products[r] + 16 * v, s[r][v]);
+            } else {
+                for (int64_t r = 0; r < rows; r++) lora_products(job, (row + r) * n_cols + col, width, products[r]);
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                int64_t first = (row + r) * n_cols + col;
+                for (int64_t done = 0; done < width;) { /* the columns' pieces of 4-bit blocks */
+                    int64_t index = first + done, block = index / blocksize;
+                    int64_t piece = (block + 1) * blocksize - index;
+                    if (piece > width - done) piece = width - done;
+                    decode_pairs(packed + index / 2, piece / 2, job->codes, job->decode_absmax[block], values + done);
+                    done += piece;
+                }
+                for (int64_t v = 0; v < width; v += 16)
+                    nonfinite += store16(job, _mm512_loadu_ps(values + v), first + v, (__mmask16)0xFFFF, products[r] + v);
+            }
+        }
+    }
+    __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
+}
+#endif
+
 /* merged = round(code value * absmax + product * scaling), block by block: the float32 operations
  * of bitsandbytes' dequantize (the code's value times the block's absmax), peft's delta (the
  * product times the scaling, its own rounding) and the add, in that order, then one rounding. */
@@ -517,6 +645,21 @@ VECTOR_CLONES static void merge_blocks(const Job *job) {
         }
     }
     __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
+}
+
+/* merge_blocks with the product from the factors, for the job's rows first_block..end_block */
+static void merge_factor_rows(const Job *job) {
+#ifdef X86_DECODE
+    if (avx512_chosen()) {
+        merge_factor_rows_avx512(job);
+        return;
+    }
+#endif
+    Job blocks = *job;
+    int64_t per_row = job->n_cols / job->blocksize;
+    blocks.first_block = job->first_block * per_row;
+    blocks.end_block = job->end_block * per_row;
+    merge_blocks(&blocks);
 }
 
 /* merged = round(source value + product * scaling), a row (a block of `blocksize` values) at a
@@ -649,6 +792,47 @@ int64_t fastsave_merge_4bit(const uint8_t *packed, int64_t n_blocks, int64_t blo
                product, scaling, out_dtype, merged, &nonfinite};
     run_split(&job, threads, merge_blocks);
     return nonfinite;
+}
+
+/* fastsave_merge_4bit with the product computed value by value from the LoRA factors of these rows,
+ * B (n_blocks * blocksize / n_cols rows x rank) and A (rank x n_cols), never held whole; blocksize
+ * and n_cols multiples of 16, n_cols of blocksize */
+int64_t fastsave_merge_4bit_factors(const uint8_t *packed, int64_t n_blocks, int64_t blocksize, const float *codes,
+                                    const float *absmax, const float *lora_b, const float *lora_a, int64_t rank,
+                                    int64_t n_cols, float scaling, int out_dtype, void *merged, int threads) {
+    if (blocksize < 16 || blocksize % 16 || n_blocks < 0 || n_cols < blocksize || n_cols % blocksize ||
+        (n_blocks * blocksize) % n_cols ||
+        rank < 1 || lora_b == NULL || lora_a == NULL || (out_dtype != FLOAT32 && out_dtype != BFLOAT16))
+        return -1;
+    int64_t nonfinite = 0;
+    int64_t n_rows = n_blocks * blocksize / n_cols; /* the job's "blocks" are rows (merge_factor_rows) */
+    Job job = {packed, 0, 0, n_rows, blocksize, NULL, codes, 16, absmax, NULL,
+               NULL, scaling, out_dtype, merged, &nonfinite, lora_b, lora_a, rank, n_cols};
+    run_split(&job, threads, merge_factor_rows);
+    return nonfinite;
+}
+
+VECTOR_CLONES static void lora_product_rows(const Job *job) {
+    int64_t n_cols = job->n_cols;
+#ifdef X86_DECODE
+    if (avx512_chosen() && n_cols % 16 == 0) {
+        lora_product_rows_avx512(job);
+        return;
+    }
+#endif
+    for (int64_t row = job->first_block; row < job->end_block; row++)
+        for (int64_t col = 0; col < n_cols; col++) job->out[row * n_cols + col] = lora_product_at(job, row * n_cols + col);
+}
+
+/* out[n_rows * n_cols] = B @ A as the merges above compute it value by value (for the check that it
+ * is the BLAS's product); 0, or -1 on bad arguments */
+int fastsave_lora_product(const float *lora_b, const float *lora_a, int64_t n_rows, int64_t rank, int64_t n_cols,
+                          float *out, int threads) {
+    if (n_rows < 0 || rank < 1 || n_cols < 1 || lora_b == NULL || lora_a == NULL || out == NULL) return -1;
+    Job job = {NULL, 0, 0, n_rows, n_cols, NULL, NULL, 0, NULL, out,
+               NULL, 1.0f, FLOAT32, NULL, NULL, lora_b, lora_a, rank, n_cols};
+    run_split(&job, threads, lora_product_rows);
+    return 0;
 }
 
 /* merged[n_blocks * blocksize] = round(round trip of source + product * scaling) in out_dtype: the

@@ -30,6 +30,8 @@ RowRead = Callable[[int, int], torch.Tensor]
 RowReadInto = Callable[[int, int, torch.Tensor], torch.Tensor]
 # rows i..j plus a float32 product (or None) times a scaling, rounded into ``out``; NaN/Inf written
 RowReadMerged = Callable[[int, int, "torch.Tensor | None", float, torch.Tensor], int]
+# (i, j, B's rows i..j, A, scaling, out) -> NaN/Inf written
+RowReadFactors = Callable[[int, int, torch.Tensor, torch.Tensor, float, torch.Tensor], int]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class RowReader:
     ``read_merged(i, j, product, scaling, out)``, where the source can: the rows plus ``product``
     (float32, or None) times ``scaling``, rounded once into ``out`` (bfloat16 or float32), in one
     pass with the same bits as ``read`` then the torch merge; returns how many NaN/Inf it wrote.
+    ``read_merged_factors(i, j, b, a, scaling, out)``, where the source can: ``read_merged`` with
+    the product ``b @ a`` (float32 factors: B's rows i..j, A) computed value by value in the pass,
+    as fastsave.sources.nf4_native.lora_product computes it; the caller checks that this gives the
+    BLAS's product for the shape (fastsave.merge.fused_rows) before it relies on it.
     """
 
     read: RowRead
@@ -53,6 +59,7 @@ class RowReader:
     read_stored: RowRead | None = None
     read_into: RowReadInto | None = None
     read_merged: RowReadMerged | None = None
+    read_merged_factors: RowReadFactors | None = None
 
 
 class Source(abc.ABC):

@@ -24,7 +24,7 @@ from torch import nn
 from fastsave.dtypes import same_bits
 from fastsave.sources import nf4_native
 from fastsave.sources.backends import QuantizedLinear, optional_classes
-from fastsave.sources.base import RowReader, RowReadMerged, Source
+from fastsave.sources.base import RowReader, RowReadFactors, RowReadMerged, Source
 from fastsave.sources.bnb import bnb, bnb_functional, converted_from_conv1d, is_4bit_module
 from fastsave.sources.settings_4bit import Quant4bitSettings
 
@@ -188,7 +188,9 @@ class Bnb4bitSource(Source):
                 return kernels.dequantize_4bit(block, rows, dtype=torch.float32).to("cpu")
             return bnb_functional.dequantize_4bit(block, rows).to("cpu")
 
-        return RowReader(read, read_merged=_merged_rows_in_one_pass(flat, state, absmax))
+        merged = _merged_rows_in_one_pass(flat, state, absmax)
+        factors = _merged_rows_with_factors(flat, state, absmax) if merged is not None else None
+        return RowReader(read, read_merged=merged, read_merged_factors=factors)
 
 
 def _merged_rows_in_one_pass(flat_codes: torch.Tensor, state, absmax: torch.Tensor) -> RowReadMerged | None:
@@ -213,6 +215,27 @@ def _merged_rows_in_one_pass(flat_codes: torch.Tensor, state, absmax: torch.Tens
         )
 
     return read_merged
+
+
+def _merged_rows_with_factors(flat_codes: torch.Tensor, state, absmax: torch.Tensor) -> RowReadFactors | None:
+    """The one pass of :func:`_merged_rows_in_one_pass` with the LoRA product computed in it from
+    the factors (never written out whole), where that runs at vector speed here (AVX-512) and the
+    blocks are whole vectors; else None. Called only where the one pass itself passed its probe."""
+    if state.blocksize % 16 or not nf4_native.factors_fast():
+        return None
+    table, absmax = state.code.to(torch.float32).contiguous(), absmax.contiguous()
+    blocksize, n_cols = state.blocksize, int(state.shape[-1])
+    per_row = n_cols // blocksize
+
+    def read_merged_factors(
+        i: int, j: int, b: torch.Tensor, a: torch.Tensor, scaling: float, out: torch.Tensor
+    ) -> int:
+        codes = flat_codes[i * n_cols // 2 : j * n_cols // 2]
+        return nf4_native.merge_4bit_factors(
+            codes, blocksize, table, absmax[i * per_row : j * per_row], b, a, scaling, out
+        )
+
+    return read_merged_factors
 
 
 @cache

@@ -59,6 +59,26 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,  # threads
     ]
     library.fastsave_merge_4bit.restype = ctypes.c_int64
+    library.fastsave_merge_4bit_factors.argtypes = [
+        pointer,  # packed codes
+        size,  # blocks
+        size,  # blocksize
+        pointer,  # the 16 code values
+        pointer,  # float32 absmax, one per block
+        pointer,  # float32 B of these rows (rows x rank)
+        pointer,  # float32 A (rank x columns)
+        size,  # rank
+        size,  # columns
+        ctypes.c_float,  # scaling
+        ctypes.c_int,  # output dtype
+        pointer,  # output values
+        ctypes.c_int,  # threads
+    ]
+    library.fastsave_merge_4bit_factors.restype = ctypes.c_int64
+    library.fastsave_lora_product.argtypes = [pointer, pointer, size, size, size, pointer, ctypes.c_int]
+    library.fastsave_lora_product.restype = ctypes.c_int
+    library.fastsave_factors_fast.argtypes = []
+    library.fastsave_factors_fast.restype = ctypes.c_int
     library.fastsave_round_trip_merge_4bit.argtypes = [
         pointer,  # source values
         ctypes.c_int,  # their dtype
@@ -305,6 +325,80 @@ def merge_4bit(
         packed.data_ptr(), n_blocks, blocksize, codes.data_ptr(), absmax.data_ptr(), *tail
     )
     return _merged(nonfinite, "merge_4bit")
+
+
+def factors_fast() -> bool:
+    """Whether :func:`merge_4bit_factors` computes the LoRA product at vector speed here (AVX-512);
+    elsewhere it is exact but slower than the BLAS's product. Needs :func:`available`."""
+    library = _library()
+    return library is not None and bool(library.fastsave_factors_fast())
+
+
+def _factor_arguments(b: torch.Tensor, a: torch.Tensor, n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """The pointers to ``b`` (``n_rows`` x rank) and ``a`` (rank x ``n_cols``) and the rank, once checked."""
+    for name, factor in (("b", b), ("a", a)):
+        if factor.dtype != torch.float32 or factor.dim() != 2 or not factor.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 2-D float32 tensor")
+    rank = int(a.shape[0])
+    if tuple(b.shape) != (n_rows, rank) or int(a.shape[1]) != n_cols or rank < 1:
+        raise ValueError(f"factors {tuple(b.shape)} @ {tuple(a.shape)} do not give {n_rows} x {n_cols}")
+    return b.data_ptr(), a.data_ptr(), rank
+
+
+def merge_4bit_factors(
+    packed: torch.Tensor,
+    blocksize: int,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    scaling: float,
+    out: torch.Tensor,
+) -> int:
+    """:func:`merge_4bit` with the product ``b @ a`` computed value by value in the pass (as
+    :func:`lora_product` computes it), never held: ``out`` is 2-D (rows x columns), ``b`` its rows'
+    float32 B (rows x rank), ``a`` float32 A (rank x columns); ``blocksize`` a multiple of 16 that
+    divides the columns. Returns how many NaN and infinities were written. Needs :func:`available`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("fastsave's compiled 4-bit merge is not available here (see available())")
+    if out.dim() != 2:
+        raise ValueError("out must be 2-D: rows x columns")
+    n_rows, n_cols = (int(d) for d in out.shape)
+    b_pointer, a_pointer, rank = _factor_arguments(b, a, n_rows, n_cols)
+    _, scaling, out_dtype, out_pointer, threads = _merge_arguments(out, None, scaling, out.numel())
+    if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() * 2 != out.numel():
+        raise ValueError(f"{packed.numel()} packed bytes for {out.numel()} values")
+    n_blocks = _blocks(out, blocksize)
+    if absmax.dtype != torch.float32 or not absmax.is_contiguous() or absmax.numel() != n_blocks:
+        raise ValueError(f"absmax must be {n_blocks} contiguous float32 values")
+    if codes.dtype != torch.float32 or not codes.is_contiguous() or codes.numel() != 16:
+        raise ValueError("codes must be 16 contiguous float32 values")
+    nonfinite = library.fastsave_merge_4bit_factors(
+        packed.data_ptr(), n_blocks, blocksize, codes.data_ptr(), absmax.data_ptr(),
+        b_pointer, a_pointer, rank, n_cols, scaling, out_dtype, out_pointer, threads,
+    )  # fmt: skip
+    return _merged(nonfinite, "merge_4bit_factors")
+
+
+def lora_product(b: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``b @ a`` (float32, contiguous) as :func:`merge_4bit_factors` computes it: from +0.0, one
+    fused multiply-add per rank, in rank order, for each value. Into ``out`` (contiguous float32 of
+    the product's shape) when given. Needs :func:`available`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("fastsave's compiled LoRA product is not available here (see available())")
+    n_rows, n_cols = int(b.shape[0]), int(a.shape[1])
+    b_pointer, a_pointer, rank = _factor_arguments(b, a, n_rows, n_cols)
+    if out is None:
+        out = torch.empty(n_rows, n_cols, dtype=torch.float32)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (n_rows, n_cols) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {(n_rows, n_cols)}")
+    status = library.fastsave_lora_product(
+        b_pointer, a_pointer, n_rows, rank, n_cols, out.data_ptr(), torch.get_num_threads()
+    )
+    _check(status, "lora_product")
+    return out
 
 
 def merge_dense(rows: torch.Tensor, product: torch.Tensor | None, scaling: float, out: torch.Tensor) -> int:
