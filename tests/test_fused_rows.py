@@ -102,21 +102,30 @@ def test_nan_and_infinities_are_counted(decoder):
     assert torch.equal(_bits(ours)[~nan], _bits(expected)[~nan])
 
 
-def test_the_same_on_any_number_of_threads():
-    codes, state = bnb_functional.quantize_4bit(_weight(64, 1024), blocksize=64, quant_type="nf4")
-    product = torch.randn(64, 1024) * 0.01
+def _on_threads(merge, shape: tuple[int, int]) -> list[torch.Tensor]:
+    """``merge(out)`` into a fresh bfloat16 ``out`` with 1, 2 and 7 torch threads (restored after)."""
     outputs = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 7):
             torch.set_num_threads(threads)
-            out = torch.empty(64, 1024, dtype=torch.bfloat16)
-            nf4_native.merge_4bit(
-                codes.reshape(-1), 64, state.code.float(), absmax_float32(state), product, 2.0, out
-            )
+            out = torch.empty(shape, dtype=torch.bfloat16)
+            merge(out)
             outputs.append(out)
     finally:
         torch.set_num_threads(before)
+    return outputs
+
+
+def test_the_same_on_any_number_of_threads():
+    codes, state = bnb_functional.quantize_4bit(_weight(64, 1024), blocksize=64, quant_type="nf4")
+    product = torch.randn(64, 1024) * 0.01
+    outputs = _on_threads(
+        lambda out: nf4_native.merge_4bit(
+            codes.reshape(-1), 64, state.code.float(), absmax_float32(state), product, 2.0, out
+        ),
+        (64, 1024),
+    )
     assert all(torch.equal(_bits(o), _bits(outputs[0])) for o in outputs)
     assert torch.equal(_bits(outputs[0]), _bits(_reference(codes, state, product, 2.0, torch.bfloat16)))
 
@@ -189,19 +198,15 @@ def test_merge_with_factors_equals_bitsandbytes_and_the_product(decoder, blocksi
 def test_merge_with_factors_the_same_on_any_number_of_threads():
     codes, state = bnb_functional.quantize_4bit(_weight(70, 1024), blocksize=64, quant_type="nf4")
     b, a = torch.randn(70, 16) * 0.01, torch.randn(16, 1024)
-    outputs = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 7):
-            torch.set_num_threads(threads)
-            out = torch.empty(70, 1024, dtype=torch.bfloat16)
-            nf4_native.merge_4bit_factors(
-                codes.reshape(-1), 64, state.code.float(), absmax_float32(state), b, a, 2.0, out
-            )
-            outputs.append(out)
-    finally:
-        torch.set_num_threads(before)
+    outputs = _on_threads(
+        lambda out: nf4_native.merge_4bit_factors(
+            codes.reshape(-1), 64, state.code.float(), absmax_float32(state), b, a, 2.0, out
+        ),
+        (70, 1024),
+    )
     assert all(torch.equal(_bits(o), _bits(outputs[0])) for o in outputs)
+    expected = _reference(codes, state, _sequential_fma(b, a), 2.0, torch.bfloat16)
+    assert torch.equal(_bits(outputs[0]), _bits(expected))
 
 
 def test_merge_with_factors_refuses_what_it_cannot_serve():

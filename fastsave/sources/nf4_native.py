@@ -294,6 +294,22 @@ def _merged(nonfinite: int, name: str) -> int:
     return int(nonfinite)
 
 
+def _codes_arguments(
+    packed: torch.Tensor, blocksize: int, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor
+) -> int:
+    """The number of 4-bit blocks behind ``out``, once the packed codes (two a byte), the 16 code
+    values and the per-block absmax are checked against it."""
+    n = out.numel()
+    if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() * 2 != n:
+        raise ValueError(f"{packed.numel()} packed bytes for {n} values")
+    n_blocks = _blocks(out, blocksize)
+    if absmax.dtype != torch.float32 or not absmax.is_contiguous() or absmax.numel() != n_blocks:
+        raise ValueError(f"absmax must be {n_blocks} contiguous float32 values")
+    if codes.dtype != torch.float32 or not codes.is_contiguous() or codes.numel() != 16:
+        raise ValueError("codes must be 16 contiguous float32 values")
+    return n_blocks
+
+
 def merge_4bit(
     packed: torch.Tensor,
     blocksize: int,
@@ -314,13 +330,7 @@ def merge_4bit(
         raise RuntimeError("fastsave's compiled 4-bit merge is not available here (see available())")
     n = out.numel()
     tail = _merge_arguments(out, product, scaling, n)
-    if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() * 2 != n:
-        raise ValueError(f"{packed.numel()} packed bytes for {n} values")
-    n_blocks = _blocks(out, blocksize)
-    if absmax.dtype != torch.float32 or not absmax.is_contiguous() or absmax.numel() != n_blocks:
-        raise ValueError(f"absmax must be {n_blocks} contiguous float32 values")
-    if codes.dtype != torch.float32 or not codes.is_contiguous() or codes.numel() != 16:
-        raise ValueError("codes must be 16 contiguous float32 values")
+    n_blocks = _codes_arguments(packed, blocksize, codes, absmax, out)
     nonfinite = library.fastsave_merge_4bit(
         packed.data_ptr(), n_blocks, blocksize, codes.data_ptr(), absmax.data_ptr(), *tail
     )
@@ -367,13 +377,7 @@ def merge_4bit_factors(
     n_rows, n_cols = (int(d) for d in out.shape)
     b_pointer, a_pointer, rank = _factor_arguments(b, a, n_rows, n_cols)
     _, scaling, out_dtype, out_pointer, threads = _merge_arguments(out, None, scaling, out.numel())
-    if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() * 2 != out.numel():
-        raise ValueError(f"{packed.numel()} packed bytes for {out.numel()} values")
-    n_blocks = _blocks(out, blocksize)
-    if absmax.dtype != torch.float32 or not absmax.is_contiguous() or absmax.numel() != n_blocks:
-        raise ValueError(f"absmax must be {n_blocks} contiguous float32 values")
-    if codes.dtype != torch.float32 or not codes.is_contiguous() or codes.numel() != 16:
-        raise ValueError("codes must be 16 contiguous float32 values")
+    n_blocks = _codes_arguments(packed, blocksize, codes, absmax, out)
     nonfinite = library.fastsave_merge_4bit_factors(
         packed.data_ptr(), n_blocks, blocksize, codes.data_ptr(), absmax.data_ptr(),
         b_pointer, a_pointer, rank, n_cols, scaling, out_dtype, out_pointer, threads,
