@@ -125,8 +125,6 @@ typedef struct {
 
 /* a block's values are converted to float32 and decoded up to CHUNK at a time, on the stack */
 enum { CHUNK = 1024 };
-/* columns of A kept in the first-level cache while a product runs over the rows (16 x 256 float32: 16 KiB) */
-enum { FACTOR_TILE = 256 };
 
 /* out = the round trip of `count` values of one block: scaled by the reciprocal of its absmax,
  * clamped, given the code of the last boundary strictly below (boundaries ascend, so its index
@@ -381,12 +379,8 @@ static int avx512_chosen(void);
 AVX512_TARGET static int64_t merge_and_store_avx512(const Job *job, const float *restrict values, int64_t start,
                                                     int64_t count) {
     int64_t nonfinite = 0;
-    float products[CHUNK]; /* from the factors: computed here, for these values only */
+    /* a merge from the factors takes merge_factor_rows_avx512 on this path, never this loop */
     const float *product = job->product ? job->product + start : NULL;
-    if (!product && job->lora_a) {
-        lora_products(job, start, count, products);
-        product = products;
-    }
     for (int64_t k = 0; k < count; k += 16) {
         __mmask16 lanes = count - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - k)) - 1u);
         nonfinite += store16(job, _mm512_maskz_loadu_ps(lanes, values + k), start + k, lanes, product ? product + k : NULL);
@@ -394,14 +388,11 @@ AVX512_TARGET static int64_t merge_and_store_avx512(const Job *job, const float 
     return nonfinite;
 }
 
-/* lora_product_rows by lora_products (n_cols a multiple of 16), in tiles of FACTOR_TILE columns */
+/* lora_product_rows by lora_products, a row at a time (n_cols a multiple of 16) */
 AVX512_TARGET static void lora_product_rows_avx512(const Job *job) {
     int64_t n_cols = job->n_cols;
-    for (int64_t tile = 0; tile < n_cols; tile += FACTOR_TILE) {
-        int64_t width = n_cols - tile < FACTOR_TILE ? n_cols - tile : FACTOR_TILE;
-        for (int64_t row = job->first_block; row < job->end_block; row++)
-            lora_products(job, row * n_cols + tile, width, job->out + row * n_cols + tile);
-    }
+    for (int64_t row = job->first_block; row < job->end_block; row++)
+        lora_products(job, row * n_cols, n_cols, job->out + row * n_cols);
 }
 #endif
 
