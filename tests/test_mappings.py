@@ -112,3 +112,28 @@ def test_without_transparent_huge_pages_buffers_are_ordinary_mappings(monkeypatc
         assert isinstance(mapped_buffer(4 * HUGE), mmap.mmap)
     finally:
         mappings.huge_page_bytes.cache_clear()
+
+
+def test_a_buffer_a_little_short_of_whole_huge_pages_is_mapped_as_them(monkeypatch):
+    """A merged block of rows is often a little under a huge page (336 rows x 3072 bfloat16 values:
+    2,064,384 bytes): mapped as the whole huge page, aligned and advised, not as 4 KiB pages; a
+    buffer far from whole huge pages maps only its own pages."""
+    kernel_huge = mappings.huge_page_bytes()
+    monkeypatch.setattr(mappings, "huge_page_bytes", lambda: HUGE)
+    block = 336 * 3072 * 2
+    before = _vm_data()
+    memory = mapped_memory(block)
+    assert memory.numel() == block
+    start, end, _ = _mapping_at(memory.data_ptr())
+    assert memory.data_ptr() % HUGE == 0 and end - start >= HUGE
+    assert _vm_data() - before == HUGE  # the block and its 32 KiB to spare, nothing more
+    if kernel_huge == HUGE:  # a kernel with 2 MiB huge pages: advised
+        assert "hg" in _vm_flags(start)
+    del memory
+    gc.collect()
+    assert _vm_data() == before
+    # half a huge page more than one: a huge page and its own 4 KiB pages, not two huge pages
+    assert mappings._in_whole_huge_pages(HUGE + HUGE // 2, HUGE) == HUGE + HUGE // 2
+    assert mappings._in_whole_huge_pages(HUGE - HUGE // 8, HUGE) == HUGE
+    assert mappings._in_whole_huge_pages(HUGE - HUGE // 8 - 1, HUGE) == HUGE - HUGE // 8
+    assert mappings._in_whole_huge_pages(block, 0) == block
