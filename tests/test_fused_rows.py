@@ -257,13 +257,29 @@ def _factor_merges(monkeypatch) -> list[int]:
     return calls
 
 
+def _row_block_checks(monkeypatch) -> list[tuple]:
+    """Record the row merge's checks of the BLAS's row blocks against its whole product."""
+    checks: list[tuple] = []
+    real = row_blocks.blockwise_product_is_exact
+
+    def spy(b, a, step, columns=False):
+        checks.append((tuple(b.shape), tuple(a.shape)))
+        return real(b, a, step, columns)
+
+    monkeypatch.setattr(row_blocks, "blockwise_product_is_exact", spy)
+    return checks
+
+
 def test_a_save_computes_the_product_in_the_pass_exactly(qlora_model, tmp_path, monkeypatch):
     model = qlora_model()
     layers = _lora_layers(model)
     expected = {name + ".weight": _oracle(layer) for name, layer in layers.items()}
     calls = _factor_merges(monkeypatch)
+    row_checks = _row_block_checks(monkeypatch)
     fastsave.save_pretrained_merged(model, tmp_path / "out")
     assert calls, "no weight's product was computed in the pass"
+    # the BLAS's product is never read by rows: its row-block check (a whole product) is not run
+    assert row_checks == []
     saved = saved_tensors(tmp_path / "out")
     for name, reference in expected.items():
         assert torch.equal(_bits(saved[name]), _bits(reference.to(torch.bfloat16))), name
@@ -283,9 +299,11 @@ def test_a_product_that_is_not_the_blas_keeps_the_blas_product(qlora_model, tmp_
         return product
 
     monkeypatch.setattr(nf4_native, "lora_product", one_bit_off)
+    row_checks = _row_block_checks(monkeypatch)
     fastsave.save_pretrained_merged(model, tmp_path / "out")
     fused_rows._inline_exact.clear()
     assert calls == []
+    assert row_checks, "the BLAS's rows were read without the row-block check"
     saved = saved_tensors(tmp_path / "out")
     for name, reference in expected.items():
         assert torch.equal(_bits(saved[name]), _bits(reference.to(torch.bfloat16))), name

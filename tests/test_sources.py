@@ -224,7 +224,7 @@ def test_mapped_rows_of_a_truncated_file_are_refused_before_mapping(tmp_path):
 
 
 def test_row_merge_of_a_file_streams_blocks_that_the_next_block_does_not_overwrite(tmp_path):
-    """merged_rows reads every block into one buffer (the reader's read_into); the blocks it streams,
+    """The row merge reads every block into one buffer (the reader's read_into); the blocks it streams,
     kept together, still hold their own rows, in float32 (no cast to copy) as in bfloat16."""
     from safetensors.torch import save_file
 
@@ -239,7 +239,7 @@ def test_row_merge_of_a_file_streams_blocks_that_the_next_block_does_not_overwri
     assert reader.read_into is not None
     for dtype in (torch.float32, torch.bfloat16):
         with pooled_buffers():
-            blocks = list(stream_row_blocks(RowMerge(source, reader, 16, []), dtype))
+            blocks = list(stream_row_blocks(RowMerge(source, reader, 16, [], dtype)))
         assert len(blocks) == 5
         assert torch.equal(torch.cat(blocks), weight.to(dtype))
 

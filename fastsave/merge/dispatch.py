@@ -130,16 +130,16 @@ def _chosen(source: Source, deltas: tuple[LoraDelta, ...], dtype: torch.dtype, n
         whole_on_gpu = _whole_bytes(source, deltas) + source.numel * dtype.itemsize  # and its rounded copy
         if device_budget().fits_whole(source.device, whole_on_gpu):
             return None, lambda: _device_whole_blocks(source, deltas, dtype, transposed)
-    rows = row_merge_plan(source, deltas, name)
+    rows = row_merge_plan(source, deltas, dtype, name)
     if rows is not None:
         if transposed:  # merged by rows in the compute layout, then read out by columns
             return (
-                lambda: _transposed(merge_in_row_blocks(rows, dtype), True),
+                lambda: _transposed(merge_in_row_blocks(rows), True),
                 lambda: _transposed_pieces(
-                    fill(spilled_buffer(source.shape, dtype), stream_row_blocks(rows, dtype))
+                    fill(spilled_buffer(source.shape, dtype), stream_row_blocks(rows))
                 ),
             )
-        return lambda: merge_in_row_blocks(rows, dtype), lambda: stream_row_blocks(rows, dtype)
+        return lambda: merge_in_row_blocks(rows), lambda: stream_row_blocks(rows)
     experts = None if transposed else expert_merge_plan(source, deltas)
     if experts is not None:
         return lambda: torch.stack(list(stream_experts(experts, dtype))), lambda: stream_experts(

@@ -68,6 +68,12 @@ class FusedRows:
     # the reader can and the pass's product of these factors is the BLAS's, bit for bit
     merge_rows_factors: RowReadFactors | None = None
 
+    @property
+    def reads_blas_rows(self) -> bool:
+        """Whether the pass reads the BLAS's product of a block's rows (which gives the whole
+        product's bits only where fastsave.merge.row_blocks' check says so)."""
+        return self.factors is not None and self.merge_rows_factors is None
+
 
 def inline_product_is_exact(b: torch.Tensor, a: torch.Tensor) -> bool:
     """Whether the compiled pass's product of factors shaped and laid out as ``b`` and ``a``
@@ -113,10 +119,12 @@ def fused_rows_plan(
     name: str = "",
     reader: RowReader | None = None,
 ) -> FusedRows | None:
-    """The one-pass plan for ``source`` + ``deltas`` in blocks of ``step`` rows (the row merge's,
-    whose product check passed) rounded to ``dtype``, when its ``reader`` merges in one pass
-    (``read_merged``: a bitsandbytes 4-bit weight, the 4-bit round trip of ``fastsave merge``) and
-    the deltas are a case that pass serves; else None. ``name``: the output tensor's."""
+    """The one-pass plan for ``source`` + ``deltas`` in blocks of ``step`` rows (the row merge's)
+    rounded to ``dtype``, when its ``reader`` merges in one pass (``read_merged``: a bitsandbytes
+    4-bit weight, the 4-bit round trip of ``fastsave merge``, a 16-bit weight) and the deltas are a
+    case that pass serves; else None. ``name``: the output tensor's. A plan that
+    :attr:`~FusedRows.reads_blas_rows` holds only where the row merge's product check passes (the
+    row merge runs it)."""
     # a reader has read_merged only where the compiled library loaded and its probe passed
     if dtype not in nf4_native.MERGE_DTYPES or len(deltas) > 1:
         return None

@@ -33,8 +33,8 @@ from fastsave.adapters.variants import DeltaRows
 from fastsave.buffer_pool import ReusedBuffer
 from fastsave.dtypes import same_bits
 from fastsave.io.placement import placed_empty
-from fastsave.merge.assemble import block_bytes, scratch_buffer
-from fastsave.merge.fused_rows import fused_rows_plan, stream_fused_rows
+from fastsave.merge.assemble import block_bytes, fill, scratch_buffer
+from fastsave.merge.fused_rows import FusedRows, fused_rows_plan, stream_fused_rows
 from fastsave.sources.base import RowReader, Source
 
 _exact_shapes: dict[tuple, bool] = {}
@@ -135,21 +135,30 @@ def delta_rows(delta: LoraDelta, step: int) -> DeltaRows | None:
 
 @dataclass
 class RowMerge:
-    """How one weight merges by rows: its rows reader, the block step, each delta's rows."""
+    """How one weight merges by rows: its rows reader, the block step, each delta's rows, the output
+    dtype, and the one-pass plan where the reader has one for these deltas (fastsave.merge.fused_rows)."""
 
     source: Source
     reader: RowReader
     step: int
     deltas: list[tuple[LoraDelta, DeltaRows]]
+    dtype: torch.dtype
     name: str = ""  # the output tensor's, for logs and tests
+    fused: FusedRows | None = None
 
 
-def row_merge_plan(source: Source, deltas: Sequence[LoraDelta], name: str = "") -> RowMerge | None:
-    """The row merge of ``source`` + ``deltas`` when it gives the whole-matrix bits, else None.
+def row_merge_plan(
+    source: Source, deltas: Sequence[LoraDelta], dtype: torch.dtype, name: str = ""
+) -> RowMerge | None:
+    """The row merge of ``source`` + ``deltas``, rounded to ``dtype``, when it gives the whole-matrix
+    bits, else None.
 
     Applies to a 2-D source that reads rows into the CPU (from memory, a file or a GPU) and LoRA deltas on linear layers and
     embeddings (DoRA on a linear layer too; not DoRA on an embedding, whose norm runs down whole
     columns, nor on fan_in_fan_out, nor bare-parameter stacks, which stream by expert elsewhere).
+    Where the one pass computes the product itself (or there is no delta), the BLAS's product is
+    never read by rows, and its check of blocks against the whole product (as costly as a weight's
+    product) is not run: the one pass's own check stands for it.
     """
     if len(source.shape) != 2:
         return None
@@ -159,16 +168,20 @@ def row_merge_plan(source: Source, deltas: Sequence[LoraDelta], name: str = "") 
     if reader is None:
         return None
     step = rows_per_block(source.shape[1], reader.alignment)
+    fused = fused_rows_plan(source, deltas, step, dtype, name, reader)
+    if fused is not None and not fused.reads_blas_rows:
+        return RowMerge(source, reader, step, [], dtype, name, fused)
     if any(d.variant.needs_base for d in deltas) and not blockwise_row_norm_is_exact(*source.shape, step):
         return None
     rows = [delta_rows(d, step) for d in deltas]
     if any(r is None for r in rows):
         return None
-    return RowMerge(source, reader, step, list(zip(deltas, rows, strict=True)), name)
+    return RowMerge(source, reader, step, list(zip(deltas, rows, strict=True)), dtype, name, fused)
 
 
 def merged_rows(merge: RowMerge) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(i, j, rows i..j of W + every delta)`` in float32, block after block.
+    """``(i, j, rows i..j of W + every delta)`` in float32, block after block (a plan without a
+    one-pass plan: that one holds the deltas).
 
     A block may be overwritten by the next one (the reader's ``read_into``: one block's memory
     for every block): a consumer copies what it keeps before it asks for the next.
@@ -188,25 +201,25 @@ def merged_rows(merge: RowMerge) -> Iterator[tuple[int, int, torch.Tensor]]:
         yield i, j, block
 
 
-def stream_row_blocks(merge: RowMerge, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The merged weight, rounded once to ``dtype``, as consecutive blocks of rows (each its own
-    tensor, placed for the writer, fastsave.io.placement: a float32 block is copied, not handed
-    out, since the next may overwrite it); a 4-bit weight with at most one plain LoRA delta in one
-    C pass a block (fastsave.merge.fused_rows)."""
-    deltas = [d for d, _ in merge.deltas]
-    fused = fused_rows_plan(merge.source, deltas, merge.step, dtype, merge.name, merge.reader)
-    if fused is not None:
-        yield from stream_fused_rows(fused, dtype)
+def stream_row_blocks(merge: RowMerge) -> Iterator[torch.Tensor]:
+    """The merged weight, rounded once to the plan's dtype, as consecutive blocks of rows (each its
+    own tensor, placed for the writer, fastsave.io.placement: a float32 block is copied, not handed
+    out, since the next may overwrite it); one C pass a block where the plan has one
+    (fastsave.merge.fused_rows)."""
+    if merge.fused is not None:
+        yield from stream_fused_rows(merge.fused, merge.dtype)
         return
     for _, _, block in merged_rows(merge):
-        out = placed_empty(tuple(block.shape), dtype)  # placed for the writer (fastsave.io.placement)
+        out = placed_empty(tuple(block.shape), merge.dtype)  # placed for the writer (fastsave.io.placement)
         out.copy_(block)  # the rounding `block.to(dtype)` does
         yield out
 
 
-def merge_in_row_blocks(merge: RowMerge, dtype: torch.dtype) -> torch.Tensor:
-    """The whole merged weight, rounded once to ``dtype``, computed block by block."""
-    out = torch.empty(merge.source.shape, dtype=dtype)
+def merge_in_row_blocks(merge: RowMerge) -> torch.Tensor:
+    """The whole merged weight, rounded once to the plan's dtype, computed block by block."""
+    out = torch.empty(merge.source.shape, dtype=merge.dtype)
+    if merge.fused is not None:
+        return fill(out, stream_fused_rows(merge.fused, merge.dtype))
     for i, j, block in merged_rows(merge):
         out[i:j] = block
     return out
