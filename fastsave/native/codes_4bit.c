@@ -16,10 +16,10 @@
  * trip looks each code up by cells of [-1, 1] (build_cells), with one compare instead of fifteen,
  * and every merge rounds and counts its block in store16.
  *
- * The work is split by blocks among up to `threads` threads: those of the OpenMP runtime torch
- * uses, when fastsave_use_openmp was given it (see there), else pthreads with small stacks (under
- * RLIMIT_DATA a default 8 MiB stack counts in full); a thread that cannot be started leaves its
- * share to the calling thread.
+ * The work is split by blocks among up to `threads` threads, handed out a chunk at a time
+ * (run_split): those of the OpenMP runtime torch uses, when fastsave_use_openmp was given it (see
+ * there), else pthreads with small stacks (under RLIMIT_DATA a default 8 MiB stack counts in full);
+ * a thread that cannot be started leaves its chunks to the others.
  */
 #include <math.h>
 #include <pthread.h>
@@ -671,45 +671,44 @@ VECTOR_CLONES static void merge_dense_blocks(const Job *job) {
     __atomic_fetch_add(job->nonfinite, nonfinite, __ATOMIC_RELAXED);
 }
 
-typedef struct {
-    Job job;
-    void (*work)(const Job *);
-} Task;
-
-static void *run_task(void *argument) {
-    Task *task = argument;
-    task->work(&task->job);
-    return NULL;
-}
-
 /* The OpenMP runtime torch runs its own parallel work on (fastsave_use_openmp): its workers wait
  * for work, spinning a while, after every parallel torch operation; threads of our own would have
  * to share the cores with them. Through GOMP_parallel (libgomp's entry point, which LLVM's and
  * Intel's runtimes also provide) the same workers run our blocks. */
 typedef void (*GompParallel)(void (*body)(void *), void *data, unsigned threads, unsigned flags);
-typedef int (*OmpQuery)(void);
 static GompParallel gomp_parallel = NULL;
-static OmpQuery omp_thread_num = NULL, omp_num_threads = NULL;
 
-void fastsave_use_openmp(void *parallel, void *thread_num, void *num_threads) {
-    gomp_parallel = (GompParallel)parallel;
-    omp_thread_num = (OmpQuery)thread_num;
-    omp_num_threads = (OmpQuery)num_threads;
-}
+void fastsave_use_openmp(void *parallel) { gomp_parallel = (GompParallel)parallel; }
 
+/* The job's blocks handed out a chunk at a time, to whichever member asks next: split in equal
+ * shares, a member the kernel preempts (for the save's writer thread, on a machine with as many
+ * cores as members) held up the whole job while the other waited at the end, spinning; chunks of
+ * about 1/16 of a member's share bound that wait to one chunk. A multiple of 4 (the factor merge's
+ * rows at a time). Each value is computed alone, so the split never changes a bit. */
 typedef struct {
     const Job *job;
     void (*work)(const Job *);
-} Team;
+    int64_t chunk;
+    int64_t next; /* the first block not yet handed out (atomic) */
+} Shares;
 
-static void team_body(void *argument) {
-    const Team *team = argument;
-    int64_t first = team->job->first_block, n_blocks = team->job->end_block - first;
-    int64_t member = omp_thread_num(), members = omp_num_threads();
-    Job part = *team->job;
-    part.first_block = first + n_blocks * member / members;
-    part.end_block = first + n_blocks * (member + 1) / members;
-    team->work(&part);
+static void take_chunks(Shares *shares) {
+    Job part = *shares->job;
+    int64_t end = shares->job->end_block;
+    for (;;) {
+        int64_t first = __atomic_fetch_add(&shares->next, shares->chunk, __ATOMIC_RELAXED);
+        if (first >= end) return;
+        part.first_block = first;
+        part.end_block = first + shares->chunk < end ? first + shares->chunk : end;
+        shares->work(&part);
+    }
+}
+
+static void team_body(void *argument) { take_chunks(argument); }
+
+static void *run_member(void *argument) {
+    take_chunks(argument);
+    return NULL;
 }
 
 /* `job` over all its blocks, split among up to `threads` threads (the caller is one of them) */
@@ -722,33 +721,23 @@ static void run_split(const Job *job, int threads, void (*work)(const Job *)) {
         work(job);
         return;
     }
+    int64_t chunk = (n_blocks / (16 * (int64_t)threads) + 3) / 4 * 4;
+    Shares shares = {job, work, chunk < 4 ? 4 : chunk, job->first_block};
     if (gomp_parallel) {
-        Team team = {job, work};
-        gomp_parallel(team_body, &team, (unsigned)threads, 0);
+        gomp_parallel(team_body, &shares, (unsigned)threads, 0);
         return;
     }
-    Task tasks[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     pthread_attr_t attributes;
     int have_attributes = pthread_attr_init(&attributes) == 0;
     if (have_attributes) pthread_attr_setstacksize(&attributes, 256 * 1024);
-    for (int t = 0; t < threads; t++) {
-        tasks[t].job = *job;
-        tasks[t].job.first_block = job->first_block + n_blocks * t / threads;
-        tasks[t].job.end_block = job->first_block + n_blocks * (t + 1) / threads;
-        tasks[t].work = work;
-        if (t > 0)
-            started[t] = pthread_create(&ids[t], have_attributes ? &attributes : NULL, run_task, &tasks[t]) == 0;
-    }
+    for (int t = 1; t < threads; t++)
+        started[t] = pthread_create(&ids[t], have_attributes ? &attributes : NULL, run_member, &shares) == 0;
     if (have_attributes) pthread_attr_destroy(&attributes);
-    run_task(&tasks[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(ids[t], NULL);
-        else
-            run_task(&tasks[t]); /* could not start a thread: its share runs here */
-    }
+    take_chunks(&shares); /* a thread that could not start leaves its chunks to the others */
+    for (int t = 1; t < threads; t++)
+        if (started[t]) pthread_join(ids[t], NULL);
 }
 
 /* out[n_blocks * blocksize] = dequantize(quantize(source)) in float32; 0, or -1 on bad arguments */

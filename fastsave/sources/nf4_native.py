@@ -109,7 +109,7 @@ def _library() -> ctypes.CDLL | None:
     library.fastsave_merge_dense.restype = ctypes.c_int64
     library.fastsave_force_decode.argtypes = [ctypes.c_int]
     library.fastsave_force_decode.restype = ctypes.c_int
-    library.fastsave_use_openmp.argtypes = [pointer, pointer, pointer]
+    library.fastsave_use_openmp.argtypes = [pointer]
     library.fastsave_use_openmp.restype = None
     _attach_openmp(library, _torch_openmp())
     return library
@@ -117,15 +117,9 @@ def _library() -> ctypes.CDLL | None:
 
 def _attach_openmp(library: ctypes.CDLL, runtime: ctypes.CDLL | None) -> None:
     """Have the kernels split their work among ``runtime``'s OpenMP workers (None: threads of their own)."""
-    if runtime is None:
-        library.fastsave_use_openmp(None, None, None)
-    else:
-        library.fastsave_use_openmp(
-            *(ctypes.cast(getattr(runtime, name), ctypes.c_void_p) for name in _OPENMP_ENTRY_POINTS)
-        )
-
-
-_OPENMP_ENTRY_POINTS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+    library.fastsave_use_openmp(
+        None if runtime is None else ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p)
+    )
 
 
 def _torch_openmp() -> ctypes.CDLL | None:
@@ -147,7 +141,7 @@ def _torch_openmp() -> ctypes.CDLL | None:
             runtime = ctypes.CDLL(path)  # already loaded: the same handle, nothing loaded anew
         except OSError:
             continue
-        if all(hasattr(runtime, name) for name in _OPENMP_ENTRY_POINTS):
+        if hasattr(runtime, "GOMP_parallel"):
             return runtime
     return None
 
