@@ -19,6 +19,7 @@ from test_core_merged import _lora_layers, _oracle
 
 import fastsave
 from fastsave.merge import fused_rows, row_blocks
+from fastsave.merge.assemble import block_bytes
 from fastsave.sources import bnb_4bit, nf4_fused, nf4_native
 from fastsave.sources.bnb_4bit import absmax_float32
 
@@ -276,10 +277,17 @@ def test_a_save_computes_the_product_in_the_pass_exactly(qlora_model, tmp_path, 
     expected = {name + ".weight": _oracle(layer) for name, layer in layers.items()}
     calls = _factor_merges(monkeypatch)
     row_checks = _row_block_checks(monkeypatch)
+    steps = _fused_steps(monkeypatch)
     fastsave.save_pretrained_merged(model, tmp_path / "out")
     assert calls, "no weight's product was computed in the pass"
     # the BLAS's product is never read by rows: its row-block check (a whole product) is not run
     assert row_checks == []
+    # no float32 copy of a block: blocks of twice the torch merge's bytes of bfloat16 output
+    assert steps
+    for step, n_cols, size in steps:
+        assert step * n_cols * 2 <= row_blocks.ONE_PASS_BLOCKS * size
+        assert step == row_blocks.rows_per_block(n_cols, 1, row_blocks.ONE_PASS_BLOCKS * size * 2)
+        assert step > row_blocks.rows_per_block(n_cols, 1, size)
     saved = saved_tensors(tmp_path / "out")
     for name, reference in expected.items():
         assert torch.equal(_bits(saved[name]), _bits(reference.to(torch.bfloat16))), name
@@ -300,13 +308,30 @@ def test_a_product_that_is_not_the_blas_keeps_the_blas_product(qlora_model, tmp_
 
     monkeypatch.setattr(nf4_native, "lora_product", one_bit_off)
     row_checks = _row_block_checks(monkeypatch)
+    steps = _fused_steps(monkeypatch)
     fastsave.save_pretrained_merged(model, tmp_path / "out")
     fused_rows._inline_exact.clear()
     assert calls == []
     assert row_checks, "the BLAS's rows were read without the row-block check"
+    # the BLAS's product of a block's rows: the checked blocks, the torch merge's size
+    assert steps and all(step == row_blocks.rows_per_block(n_cols, 1, size) for step, n_cols, size in steps)
     saved = saved_tensors(tmp_path / "out")
     for name, reference in expected.items():
         assert torch.equal(_bits(saved[name]), _bits(reference.to(torch.bfloat16))), name
+
+
+def _fused_steps(monkeypatch) -> list[tuple[int, int, int]]:
+    """Record (rows of a block, columns, the save's float32 bytes of a torch merge's block) of each
+    one-pass plan a save streams."""
+    steps: list[tuple[int, int, int]] = []
+    real = row_blocks.stream_fused_rows
+
+    def spy(plan, dtype):
+        steps.append((plan.step, plan.shape[1], block_bytes()))
+        return real(plan, dtype)
+
+    monkeypatch.setattr(row_blocks, "stream_fused_rows", spy)
+    return steps
 
 
 def _fused_names(monkeypatch) -> list[str]:
