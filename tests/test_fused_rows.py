@@ -18,6 +18,7 @@ from checkpoint_files import saved_tensors
 from test_core_merged import _lora_layers, _oracle
 
 import fastsave
+from fastsave.adapters.delta import LoraDelta
 from fastsave.merge import fused_rows, row_blocks
 from fastsave.merge.assemble import block_bytes
 from fastsave.sources import bnb_4bit, nf4_fused, nf4_native
@@ -318,6 +319,31 @@ def test_a_product_that_is_not_the_blas_keeps_the_blas_product(qlora_model, tmp_
     saved = saved_tensors(tmp_path / "out")
     for name, reference in expected.items():
         assert torch.equal(_bits(saved[name]), _bits(reference.to(torch.bfloat16))), name
+
+
+def test_a_plan_whose_delta_is_in_the_one_pass_gives_no_unmerged_rows(qlora_model, monkeypatch):
+    """A row plan that left its delta to the one pass (the product computed in it) refuses to be
+    read row by row without it, instead of giving the base's rows unmerged; streamed, it merges."""
+    from fastsave.buffer_pool import pooled_buffers
+
+    _factor_merges(monkeypatch)
+    model = qlora_model()
+    name, layer = next(iter(_lora_layers(model).items()))
+    source = bnb_4bit.Bnb4bitSource(layer.base_layer)
+    delta = LoraDelta(
+        "default",
+        "linear",
+        layer.lora_A["default"].weight.detach(),
+        layer.lora_B["default"].weight.detach(),
+        float(layer.scaling["default"]),
+    )
+    plan = row_blocks.row_merge_plan(source, [delta], torch.bfloat16, name)
+    assert plan is not None and plan.fused is not None and plan.deltas == []
+    with pytest.raises(ValueError, match="one pass"):
+        next(row_blocks.merged_rows(plan))
+    with pooled_buffers():
+        merged = torch.cat([block.reshape(-1) for block in row_blocks.stream_row_blocks(plan)])
+    assert torch.equal(_bits(merged.view(source.shape)), _bits(_oracle(layer).to(torch.bfloat16)))
 
 
 def _fused_steps(monkeypatch) -> list[tuple[int, int, int]]:

@@ -208,6 +208,11 @@ def merged_rows(merge: RowMerge) -> Iterator[tuple[int, int, torch.Tensor]]:
     A block may be overwritten by the next one (the reader's ``read_into``: one block's memory
     for every block): a consumer copies what it keeps before it asks for the next.
     """
+    if not merge.deltas and merge.fused is not None and merge.fused.factors is not None:
+        # its delta is in the one-pass plan only: these rows would come out unmerged
+        raise ValueError(
+            f"{merge.name or 'this weight'}: its delta merges in the one pass (stream_row_blocks)"
+        )
     n_rows, n_cols = merge.source.shape
     needs_base = any(d.variant.needs_base for d, _ in merge.deltas)
     scratch = ReusedBuffer(torch.float32) if merge.reader.read_into is not None else None
