@@ -46,33 +46,33 @@ def _library() -> ctypes.CDLL | None:
     library.fastsave_round_trip_4bit.restype = ctypes.c_int
     library.fastsave_block_absmax.argtypes = [pointer, ctypes.c_int, size, size, pointer, ctypes.c_int]
     library.fastsave_block_absmax.restype = ctypes.c_int
-    library.fastsave_merge_4bit.argtypes = [
+    # what the merges share: the 4-bit codes (checked by _codes_arguments), the output (the tail of _merge_arguments)
+    packed_codes = [
         pointer,  # packed codes
         size,  # blocks
         size,  # blocksize
         pointer,  # the 16 code values
         pointer,  # float32 absmax, one per block
-        pointer,  # float32 product B @ A of these rows, or NULL
+    ]
+    merged_out = [
         ctypes.c_float,  # scaling
         ctypes.c_int,  # output dtype
         pointer,  # output values
         ctypes.c_int,  # threads
     ]
+    library.fastsave_merge_4bit.argtypes = [
+        *packed_codes,
+        pointer,  # float32 product B @ A of these rows, or NULL
+        *merged_out,
+    ]
     library.fastsave_merge_4bit.restype = ctypes.c_int64
     library.fastsave_merge_4bit_factors.argtypes = [
-        pointer,  # packed codes
-        size,  # blocks
-        size,  # blocksize
-        pointer,  # the 16 code values
-        pointer,  # float32 absmax, one per block
+        *packed_codes,
         pointer,  # float32 B of these rows (rows x rank)
         pointer,  # float32 A (rank x columns)
         size,  # rank
         size,  # columns
-        ctypes.c_float,  # scaling
-        ctypes.c_int,  # output dtype
-        pointer,  # output values
-        ctypes.c_int,  # threads
+        *merged_out,
     ]
     library.fastsave_merge_4bit_factors.restype = ctypes.c_int64
     library.fastsave_lora_product.argtypes = [pointer, pointer, size, size, size, pointer, ctypes.c_int]
@@ -89,10 +89,7 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,  # n_codes
         pointer,  # absmax to decode with, or NULL
         pointer,  # float32 product, or NULL
-        ctypes.c_float,  # scaling
-        ctypes.c_int,  # output dtype
-        pointer,  # output values
-        ctypes.c_int,  # threads
+        *merged_out,
     ]
     library.fastsave_round_trip_merge_4bit.restype = ctypes.c_int64
     library.fastsave_merge_dense.argtypes = [
@@ -101,10 +98,7 @@ def _library() -> ctypes.CDLL | None:
         size,  # rows
         size,  # columns
         pointer,  # float32 product, or NULL
-        ctypes.c_float,  # scaling
-        ctypes.c_int,  # output dtype
-        pointer,  # output values
-        ctypes.c_int,  # threads
+        *merged_out,
     ]
     library.fastsave_merge_dense.restype = ctypes.c_int64
     library.fastsave_force_decode.argtypes = [ctypes.c_int]
