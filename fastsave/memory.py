@@ -228,6 +228,15 @@ class ByteBudget:
             self.peak = max(self.peak, self.reserved + self.held)
             return True
 
+    def settle(self, nbytes: int) -> None:
+        """The tensor being produced turned out to hold only ``nbytes`` of working set (its merge
+        chose a strategy that needs less than it was reserved with): the rest is free now. Never
+        raises the reservation (that would have to wait: :meth:`borrow`)."""
+        with self._condition:
+            if nbytes < self.reserved:
+                self.reserved = max(0, nbytes)
+                self._condition.notify_all()
+
     def unreserve(self) -> None:
         """The tensor is produced: its working set is given back."""
         with self._condition:

@@ -294,6 +294,37 @@ def test_a_save_computes_the_product_in_the_pass_exactly(qlora_model, tmp_path, 
         assert torch.equal(_bits(saved[name]), _bits(reference.to(torch.bfloat16))), name
 
 
+def test_a_one_pass_weight_settles_its_working_set_to_one_block_and_its_factors(
+    qlora_model, tmp_path, monkeypatch
+):
+    """A weight merged in one pass was admitted with the torch merge's float32 copies; once its
+    plan is known it holds one block of output, the factors' float32 copies and the decoded absmax,
+    and says so to the save's budget (the rest may hold pieces for the writer)."""
+    from fastsave.memory import ByteBudget
+
+    model = qlora_model()
+    layers = _lora_layers(model)
+    _factor_merges(monkeypatch)
+    steps = _fused_steps(monkeypatch)
+    settled: list[tuple[int, int]] = []
+    real = ByteBudget.settle
+
+    def spy(self, nbytes):
+        settled.append((self.reserved, nbytes))
+        real(self, nbytes)
+
+    monkeypatch.setattr(ByteBudget, "settle", spy)
+    fastsave.save_pretrained_merged(model, tmp_path / "out")
+    expected = []
+    for (step, n_cols, _), layer in zip(steps, layers.values(), strict=True):
+        n_rows = layer.base_layer.weight.quant_state.shape[0]
+        rank = layer.lora_A["default"].weight.shape[0]
+        absmax = n_rows * n_cols // layer.base_layer.weight.quant_state.blocksize * 4
+        expected.append(step * n_cols * 2 + (n_rows + n_cols) * rank * 4 + absmax)
+    assert [nbytes for _, nbytes in settled] == expected
+    assert all(nbytes < reserved for reserved, nbytes in settled)  # the estimate was larger
+
+
 def test_a_product_that_is_not_the_blas_keeps_the_blas_product(qlora_model, tmp_path, monkeypatch):
     """A pass whose product differs from the BLAS's in one bit (as MKL's kernel for a few leftover
     rows does) is not used for that shape; the weights merge from the BLAS's product, exactly."""

@@ -72,6 +72,7 @@ def _vm_data() -> int:
 def test_a_huge_page_aligned_buffer_maps_only_its_own_pages_and_asks_for_huge_pages():
     nbytes = 2 * HUGE + 5000  # not a whole number of pages: rounded up to them
     own = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    gc.collect()  # mappings an earlier test left to the collector go now, not between the counts
     before = _vm_data()
     window = mappings._huge_page_aligned(nbytes, HUGE)
     # the room reserved to align it is unmapped again: the process maps only the buffer's pages more
@@ -79,9 +80,13 @@ def test_a_huge_page_aligned_buffer_maps_only_its_own_pages_and_asks_for_huge_pa
     assert window is not None
     view = memoryview(window).cast("B")
     assert len(view) == own
-    address = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
+    filled = torch.frombuffer(view, dtype=torch.uint8)
+    address = filled.data_ptr()
     assert address % HUGE == 0
-    view[:] = b"\x01" * len(view)
+    # filled in place: a bytes object of its size would come from malloc's heap, which may stay
+    # grown after it is freed (glibc's thresholds, raised by what earlier tests freed)
+    filled.fill_(1)
+    del filled
     if mappings.huge_page_bytes() == HUGE:  # a kernel with 2 MiB transparent huge pages: advised
         assert "hg" in _vm_flags(_mapping_at(address)[0])
     del view, window
@@ -121,6 +126,7 @@ def test_a_buffer_a_little_short_of_whole_huge_pages_is_mapped_as_them(monkeypat
     kernel_huge = mappings.huge_page_bytes()
     monkeypatch.setattr(mappings, "huge_page_bytes", lambda: HUGE)
     block = 336 * 3072 * 2
+    gc.collect()  # mappings an earlier test left to the collector go now, not between the counts
     before = _vm_data()
     memory = mapped_memory(block)
     assert memory.numel() == block

@@ -66,6 +66,31 @@ def test_a_stopped_save_does_not_wait_forever():
     assert budget.acquire(8, stop) is False  # would wait for the writer, but the save is stopping
 
 
+def test_a_working_set_settled_lower_frees_room_for_waiting_pieces_and_never_grows():
+    """A tensor admitted with a larger estimate than its merge needs settles to what it holds: a
+    piece waiting for room is admitted at once; a settle above the reservation changes nothing."""
+    budget = ByteBudget(limit=1000)
+    assert budget.reserve(600)
+    assert budget.acquire(300)
+    admitted = threading.Event()
+
+    def producer() -> None:
+        assert budget.acquire(300)  # 600 + 300 + 300 > 1000: waits
+        admitted.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    assert not admitted.wait(0.2)
+    budget.settle(350)  # 350 + 300 + 300 <= 1000
+    assert admitted.wait(5)
+    thread.join(timeout=5)
+    assert (budget.reserved, budget.held) == (350, 600)
+    budget.settle(900)
+    assert budget.reserved == 350
+    budget.unreserve()
+    assert budget.reserved == 0
+
+
 def test_limit_and_allowance():
     limit = memory_limit()
     assert 0 < limit <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -187,6 +187,15 @@ def fill(out: torch.Tensor, pieces: Iterator[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def settle_working_set(nbytes: int) -> None:
+    """The tensor being produced in this thread holds ``nbytes`` of working set from now on, less
+    than the estimate its production was admitted with (fastsave.memory.ByteBudget.settle): the
+    difference may hold pieces waiting for the writer instead. Outside a save, nothing."""
+    budget = _active().budget
+    if budget is not None:
+        budget.settle(nbytes)
+
+
 def block_bytes() -> int:
     """float32 bytes of one row block for the tensor being produced in this thread."""
     return _active().block_bytes

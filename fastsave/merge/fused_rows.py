@@ -68,6 +68,15 @@ class FusedRows:
     # the reader can and the pass's product of these factors is the BLAS's, bit for bit
     merge_rows_factors: RowReadFactors | None = None
 
+    def working_bytes(self, dtype: torch.dtype) -> int:
+        """What the pass holds while it produces the weight in ``dtype``, beyond the pieces handed
+        on and the reader's own memory: the block being merged (in ``dtype``), the factors' float32
+        copies, and a block of the BLAS's product where the pass reads one."""
+        n_cols = self.shape[1]
+        factors = sum(f.numel() * 4 for f in self.factors) if self.factors is not None else 0
+        product = self.step * n_cols * 4 if self.reads_blas_rows else 0
+        return self.step * n_cols * dtype.itemsize + factors + product
+
     @property
     def reads_blas_rows(self) -> bool:
         """Whether the pass reads the BLAS's product of a block's rows (which gives the whole

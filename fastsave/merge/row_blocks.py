@@ -34,7 +34,7 @@ from fastsave.adapters.variants import DeltaRows
 from fastsave.buffer_pool import ReusedBuffer
 from fastsave.dtypes import same_bits
 from fastsave.io.placement import placed_empty
-from fastsave.merge.assemble import block_bytes, fill, scratch_buffer
+from fastsave.merge.assemble import block_bytes, fill, scratch_buffer, settle_working_set
 from fastsave.merge.fused_rows import FusedRows, fused_rows_plan, stream_fused_rows
 from fastsave.sources.base import RowReader, Source
 
@@ -234,6 +234,10 @@ def stream_row_blocks(merge: RowMerge) -> Iterator[torch.Tensor]:
     out, since the next may overwrite it); one C pass a block where the plan has one
     (fastsave.merge.fused_rows)."""
     if merge.fused is not None:
+        if merge.reader.held_bytes is not None:
+            # the pass holds one block, not the torch merge's float32 copies the weight was
+            # admitted with (fastsave.merge.dispatch): the rest may hold pieces for the writer
+            settle_working_set(merge.fused.working_bytes(merge.dtype) + merge.reader.held_bytes)
         yield from stream_fused_rows(merge.fused, merge.dtype)
         return
     for _, _, block in merged_rows(merge):

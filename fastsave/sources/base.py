@@ -52,6 +52,9 @@ class RowReader:
     the product ``b @ a`` (float32 factors: B's rows i..j, A) computed value by value in the pass,
     as fastsave.sources.nf4_native.lora_product computes it; the caller checks that this gives the
     BLAS's product for the shape (fastsave.merge.fused_rows) before it relies on it.
+    ``held_bytes``: what the reader itself holds while the weight is read, beyond the source's own
+    memory (a 4-bit weight's absmax decoded to float32), where the source knows it; None: not known
+    (the merge's working set then stays at its planning estimate, fastsave.merge.dispatch).
     """
 
     read: RowRead
@@ -60,6 +63,7 @@ class RowReader:
     read_into: RowReadInto | None = None
     read_merged: RowReadMerged | None = None
     read_merged_factors: RowReadFactors | None = None
+    held_bytes: int | None = None
 
 
 class Source(abc.ABC):

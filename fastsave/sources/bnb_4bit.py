@@ -190,7 +190,12 @@ class Bnb4bitSource(Source):
 
         merged = _merged_rows_in_one_pass(flat, state, absmax)
         factors = _merged_rows_with_factors(flat, state, absmax) if merged is not None else None
-        return RowReader(read, read_merged=merged, read_merged_factors=factors)
+        return RowReader(
+            read,
+            read_merged=merged,
+            read_merged_factors=factors,
+            held_bytes=absmax.numel() * absmax.element_size(),
+        )
 
 
 def _merged_rows_in_one_pass(flat_codes: torch.Tensor, state, absmax: torch.Tensor) -> RowReadMerged | None:

@@ -41,6 +41,7 @@ class DenseSource(Source):
         return RowReader(
             lambda i, j: tensor[i:j].to(device="cpu", dtype=torch.float32, copy=True),
             read_merged=merged_in_one_pass(tensor.dtype, lambda i, j: tensor[i:j]) if in_one_pass else None,
+            held_bytes=0,  # the one pass reads the tensor's own rows
         )
 
     def describe(self) -> str:
