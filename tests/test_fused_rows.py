@@ -178,6 +178,46 @@ def test_the_pass_product_is_a_fused_multiply_add_per_rank_in_order(decoder, sha
     assert torch.equal(_bits(nf4_native.lora_product(b, a)), _bits(_sequential_fma(b, a)))
 
 
+@pytest.mark.parametrize("shape", [(12, 16, 320), (13, 8, 1024), (5, 3, 40), (70, 16, 2112)])
+def test_the_product_check_counts_every_value_whose_bits_differ(decoder, shape):
+    """lora_product_mismatches (the check of a shape, computing and comparing without holding the
+    product) against an independent reference, the sequential fused multiply-adds: none differ;
+    altered values are counted one by one wherever they are (first, last, either side of a row's
+    first 1024 values, a zero turned into the zero of the other sign), on any number of threads."""
+    rows, rank, cols = shape
+    generator = torch.Generator().manual_seed(cols)
+    b, a = torch.randn(rows, rank, generator=generator), torch.randn(rank, cols, generator=generator)
+    b[1] = 0.0  # row 1 is all zeros
+    reference = _sequential_fma(b, a)
+    assert nf4_native.lora_product_mismatches(b, a, reference) == 0
+    altered = reference.clone()
+    flat = altered.view(-1).view(torch.int32)
+    positions = {0, flat.numel() - 1, 1023 % flat.numel(), 1024 % flat.numel()} - {cols}
+    for position in positions:
+        flat[position] ^= 1
+    altered[1, 0] = -altered[1, 0]  # flat position `cols`: a zero, equal as a number, not in bits
+    expected = len(positions) + 1
+    assert torch.ne(_bits(reference), _bits(altered)).sum().item() == expected
+    counts = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            counts.append(nf4_native.lora_product_mismatches(b, a, altered))
+    finally:
+        torch.set_num_threads(before)
+    assert counts == [expected] * 3
+
+
+def test_the_product_check_refuses_what_it_cannot_compare():
+    b, a = torch.randn(4, 8), torch.randn(8, 32)
+    for reference in (torch.zeros(4, 31), torch.zeros(4, 32, dtype=torch.float64), torch.zeros(32, 4).t()):
+        with pytest.raises(ValueError, match="reference"):
+            nf4_native.lora_product_mismatches(b, a, reference)
+    with pytest.raises(ValueError, match="contiguous"):
+        nf4_native.lora_product_mismatches(b, a.t().contiguous().t(), torch.zeros(4, 32))
+
+
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [13, 16])
@@ -331,14 +371,13 @@ def test_a_product_that_is_not_the_blas_keeps_the_blas_product(qlora_model, tmp_
     model = qlora_model()
     expected = {name + ".weight": _oracle(layer) for name, layer in _lora_layers(model).items()}
     calls = _factor_merges(monkeypatch)
-    real = nf4_native.lora_product
+    real = nf4_native.lora_product_mismatches
 
-    def one_bit_off(b, a, out=None):
-        product = real(b, a, out)
-        product.view(torch.int32).view(-1)[-1] ^= 1
-        return product
+    def one_bit_off(b, a, reference):  # the BLAS's last value one bit away from the pass's
+        reference.view(torch.int32).view(-1)[-1] ^= 1
+        return real(b, a, reference)
 
-    monkeypatch.setattr(nf4_native, "lora_product", one_bit_off)
+    monkeypatch.setattr(nf4_native, "lora_product_mismatches", one_bit_off)
     row_checks = _row_block_checks(monkeypatch)
     steps = _fused_steps(monkeypatch)
     fastsave.save_pretrained_merged(model, tmp_path / "out")

@@ -804,6 +804,61 @@ VECTOR_CLONES static void lora_product_rows(const Job *job) {
         for (int64_t col = 0; col < n_cols; col++) job->out[row * n_cols + col] = lora_product_at(job, row * n_cols + col);
 }
 
+#ifdef X86_DECODE
+AVX512_TARGET static void product_values_avx512(const Job *job, int64_t index, int64_t count, float *out) {
+    lora_products(job, index, count, out);
+}
+#endif
+
+/* `count` values of the product from flat index `index` (within one row) into `out`, by the loop
+ * lora_product_rows takes for these rows: the same bits */
+static void product_values(const Job *job, int64_t index, int64_t count, float *out) {
+#ifdef X86_DECODE
+    if (avx512_chosen() && job->n_cols % 16 == 0) {
+        product_values_avx512(job, index, count, out);
+        return;
+    }
+#endif
+    for (int64_t k = 0; k < count; k++) out[k] = lora_product_at(job, index + k);
+}
+
+/* a multiple of 16 (lora_products' vectors); the values compared at a time, on the stack */
+enum { COMPARED_COLUMNS = 1024 };
+
+/* lora_product_rows' values for the job's rows compared with `job->product` (the same layout) bit
+ * for bit instead of written: the number that differ, added to *job->nonfinite. The product is
+ * never held whole: the check of a shape needs no memory beside the reference. */
+static void lora_product_compare_rows(const Job *job) {
+    int64_t n_cols = job->n_cols, differ = 0;
+    float ours[COMPARED_COLUMNS];
+    for (int64_t row = job->first_block; row < job->end_block; row++)
+        for (int64_t col = 0; col < n_cols; col += COMPARED_COLUMNS) {
+            int64_t count = n_cols - col < COMPARED_COLUMNS ? n_cols - col : COMPARED_COLUMNS;
+            product_values(job, row * n_cols + col, count, ours);
+            const float *reference = job->product + row * n_cols + col;
+            for (int64_t k = 0; k < count; k++) {
+                uint32_t mine, theirs;
+                memcpy(&mine, &ours[k], sizeof mine);
+                memcpy(&theirs, &reference[k], sizeof theirs);
+                differ += mine != theirs;
+            }
+        }
+    __atomic_fetch_add(job->nonfinite, differ, __ATOMIC_RELAXED);
+}
+
+/* how many values of B @ A, as the merges above compute it value by value, differ in their bits
+ * from `reference[n_rows * n_cols]` (the BLAS's product, for the check that they are the same);
+ * -1 on bad arguments */
+int64_t fastsave_lora_product_mismatches(const float *lora_b, const float *lora_a, int64_t n_rows, int64_t rank,
+                                         int64_t n_cols, const float *reference, int threads) {
+    if (n_rows < 0 || rank < 1 || n_cols < 1 || lora_b == NULL || lora_a == NULL || reference == NULL) return -1;
+    int64_t differ = 0;
+    Job job = {NULL, 0, 0, n_rows, n_cols, NULL, NULL, 0, NULL, NULL,
+               reference, 1.0f, FLOAT32, NULL, &differ, lora_b, lora_a, rank, n_cols};
+    run_split(&job, threads, lora_product_compare_rows);
+    return differ;
+}
+
 /* out[n_rows * n_cols] = B @ A as the merges above compute it value by value (for the check that it
  * is the BLAS's product); 0, or -1 on bad arguments */
 int fastsave_lora_product(const float *lora_b, const float *lora_a, int64_t n_rows, int64_t rank, int64_t n_cols,

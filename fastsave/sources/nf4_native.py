@@ -77,6 +77,16 @@ def _library() -> ctypes.CDLL | None:
     library.fastsave_merge_4bit_factors.restype = ctypes.c_int64
     library.fastsave_lora_product.argtypes = [pointer, pointer, size, size, size, pointer, ctypes.c_int]
     library.fastsave_lora_product.restype = ctypes.c_int
+    library.fastsave_lora_product_mismatches.argtypes = [
+        pointer,
+        pointer,
+        size,
+        size,
+        size,
+        pointer,
+        ctypes.c_int,
+    ]
+    library.fastsave_lora_product_mismatches.restype = ctypes.c_int64
     library.fastsave_factors_fast.argtypes = []
     library.fastsave_factors_fast.restype = ctypes.c_int
     library.fastsave_round_trip_merge_4bit.argtypes = [
@@ -391,6 +401,30 @@ def lora_product(b: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = No
     )
     _check(status, "lora_product")
     return out
+
+
+def lora_product_mismatches(b: torch.Tensor, a: torch.Tensor, reference: torch.Tensor) -> int:
+    """How many values of ``b @ a`` as :func:`lora_product` computes them differ in their bits from
+    ``reference`` (contiguous float32 of the product's shape: the BLAS's product), computed and
+    compared a row piece at a time, never held whole. ``b``, ``a``: float32, contiguous. Needs
+    :func:`available`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("fastsave's compiled LoRA product is not available here (see available())")
+    n_rows, n_cols = int(b.shape[0]), int(a.shape[1])
+    b_pointer, a_pointer, rank = _factor_arguments(b, a, n_rows, n_cols)
+    if (
+        reference.dtype != torch.float32
+        or tuple(reference.shape) != (n_rows, n_cols)
+        or not reference.is_contiguous()
+        or reference.device.type != "cpu"
+    ):
+        raise ValueError(f"reference must be a contiguous float32 CPU tensor of shape {(n_rows, n_cols)}")
+    differ = library.fastsave_lora_product_mismatches(
+        b_pointer, a_pointer, n_rows, rank, n_cols, reference.data_ptr(), torch.get_num_threads()
+    )
+    _check(0 if differ >= 0 else differ, "lora_product_mismatches")
+    return int(differ)
 
 
 def merge_dense(rows: torch.Tensor, product: torch.Tensor | None, scaling: float, out: torch.Tensor) -> int:
