@@ -387,13 +387,6 @@ AVX512_TARGET static int64_t merge_and_store_avx512(const Job *job, const float 
     }
     return nonfinite;
 }
-
-/* lora_product_rows by lora_products, a row at a time (n_cols a multiple of 16) */
-AVX512_TARGET static void lora_product_rows_avx512(const Job *job) {
-    int64_t n_cols = job->n_cols;
-    for (int64_t row = job->first_block; row < job->end_block; row++)
-        lora_products(job, row * n_cols, n_cols, job->out + row * n_cols);
-}
 #endif
 
 /* merge_and_store, by the AVX-512 loop where `wide` */
@@ -792,26 +785,14 @@ int64_t fastsave_merge_4bit_factors(const uint8_t *packed, int64_t n_blocks, int
     return nonfinite;
 }
 
-VECTOR_CLONES static void lora_product_rows(const Job *job) {
-    int64_t n_cols = job->n_cols;
-#ifdef X86_DECODE
-    if (avx512_chosen() && n_cols % 16 == 0) {
-        lora_product_rows_avx512(job);
-        return;
-    }
-#endif
-    for (int64_t row = job->first_block; row < job->end_block; row++)
-        for (int64_t col = 0; col < n_cols; col++) job->out[row * n_cols + col] = lora_product_at(job, row * n_cols + col);
-}
-
 #ifdef X86_DECODE
 AVX512_TARGET static void product_values_avx512(const Job *job, int64_t index, int64_t count, float *out) {
     lora_products(job, index, count, out);
 }
 #endif
 
-/* `count` values of the product from flat index `index` (within one row) into `out`, by the loop
- * lora_product_rows takes for these rows: the same bits */
+/* `count` values of the product from flat index `index` (within one row) into `out`, each as
+ * lora_product_at computes it: by lora_products' vectors where the rows are whole vectors */
 static void product_values(const Job *job, int64_t index, int64_t count, float *out) {
 #ifdef X86_DECODE
     if (avx512_chosen() && job->n_cols % 16 == 0) {
@@ -825,9 +806,9 @@ static void product_values(const Job *job, int64_t index, int64_t count, float *
 /* a multiple of 16 (lora_products' vectors); the values compared at a time, on the stack */
 enum { COMPARED_COLUMNS = 1024 };
 
-/* lora_product_rows' values for the job's rows compared with `job->product` (the same layout) bit
- * for bit instead of written: the number that differ, added to *job->nonfinite. The product is
- * never held whole: the check of a shape needs no memory beside the reference. */
+/* the product's values for the job's rows (product_values) compared with `job->product` (the same
+ * layout) bit for bit instead of written: the number that differ, added to *job->nonfinite. The
+ * product is never held whole: the check of a shape needs no memory beside the reference. */
 static void lora_product_compare_rows(const Job *job) {
     int64_t n_cols = job->n_cols, differ = 0;
     float ours[COMPARED_COLUMNS];
@@ -857,17 +838,6 @@ int64_t fastsave_lora_product_mismatches(const float *lora_b, const float *lora_
                reference, 1.0f, FLOAT32, NULL, &differ, lora_b, lora_a, rank, n_cols};
     run_split(&job, threads, lora_product_compare_rows);
     return differ;
-}
-
-/* out[n_rows * n_cols] = B @ A as the merges above compute it value by value (for the check that it
- * is the BLAS's product); 0, or -1 on bad arguments */
-int fastsave_lora_product(const float *lora_b, const float *lora_a, int64_t n_rows, int64_t rank, int64_t n_cols,
-                          float *out, int threads) {
-    if (n_rows < 0 || rank < 1 || n_cols < 1 || lora_b == NULL || lora_a == NULL || out == NULL) return -1;
-    Job job = {NULL, 0, 0, n_rows, n_cols, NULL, NULL, 0, NULL, out,
-               NULL, 1.0f, FLOAT32, NULL, NULL, lora_b, lora_a, rank, n_cols};
-    run_split(&job, threads, lora_product_rows);
-    return 0;
 }
 
 /* merged[n_blocks * blocksize] = round(round trip of source + product * scaling) in out_dtype: the

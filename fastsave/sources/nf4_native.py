@@ -75,16 +75,14 @@ def _library() -> ctypes.CDLL | None:
         *merged_out,
     ]
     library.fastsave_merge_4bit_factors.restype = ctypes.c_int64
-    library.fastsave_lora_product.argtypes = [pointer, pointer, size, size, size, pointer, ctypes.c_int]
-    library.fastsave_lora_product.restype = ctypes.c_int
     library.fastsave_lora_product_mismatches.argtypes = [
-        pointer,
-        pointer,
-        size,
-        size,
-        size,
-        pointer,
-        ctypes.c_int,
+        pointer,  # float32 B (rows x rank)
+        pointer,  # float32 A (rank x columns)
+        size,  # rows
+        size,  # rank
+        size,  # columns
+        pointer,  # float32 reference product (rows x columns)
+        ctypes.c_int,  # threads
     ]
     library.fastsave_lora_product_mismatches.restype = ctypes.c_int64
     library.fastsave_factors_fast.argtypes = []
@@ -363,10 +361,10 @@ def merge_4bit_factors(
     scaling: float,
     out: torch.Tensor,
 ) -> int:
-    """:func:`merge_4bit` with the product ``b @ a`` computed value by value in the pass (as
-    :func:`lora_product` computes it), never held: ``out`` is 2-D (rows x columns), ``b`` its rows'
-    float32 B (rows x rank), ``a`` float32 A (rank x columns); ``blocksize`` a multiple of 16 that
-    divides the columns. Returns how many NaN and infinities were written. Needs :func:`available`."""
+    """:func:`merge_4bit` with the product ``b @ a`` computed value by value in the pass (from +0.0,
+    one fused multiply-add per rank, in rank order, as :func:`lora_product_mismatches` checks it),
+    never held: ``out`` is 2-D (rows x columns), ``b`` its rows' float32 B (rows x rank), ``a``
+    float32 A (rank x columns); ``blocksize`` a multiple of 16 that divides the columns. Returns how many NaN and infinities were written. Needs :func:`available`."""
     library = _library()
     if library is None:
         raise RuntimeError("fastsave's compiled 4-bit merge is not available here (see available())")
@@ -383,28 +381,9 @@ def merge_4bit_factors(
     return _merged(nonfinite, "merge_4bit_factors")
 
 
-def lora_product(b: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``b @ a`` (float32, contiguous) as :func:`merge_4bit_factors` computes it: from +0.0, one
-    fused multiply-add per rank, in rank order, for each value. Into ``out`` (contiguous float32 of
-    the product's shape) when given. Needs :func:`available`."""
-    library = _library()
-    if library is None:
-        raise RuntimeError("fastsave's compiled LoRA product is not available here (see available())")
-    n_rows, n_cols = int(b.shape[0]), int(a.shape[1])
-    b_pointer, a_pointer, rank = _factor_arguments(b, a, n_rows, n_cols)
-    if out is None:
-        out = torch.empty(n_rows, n_cols, dtype=torch.float32)
-    elif out.dtype != torch.float32 or tuple(out.shape) != (n_rows, n_cols) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 tensor of shape {(n_rows, n_cols)}")
-    status = library.fastsave_lora_product(
-        b_pointer, a_pointer, n_rows, rank, n_cols, out.data_ptr(), torch.get_num_threads()
-    )
-    _check(status, "lora_product")
-    return out
-
-
 def lora_product_mismatches(b: torch.Tensor, a: torch.Tensor, reference: torch.Tensor) -> int:
-    """How many values of ``b @ a`` as :func:`lora_product` computes them differ in their bits from
+    """How many values of ``b @ a`` as :func:`merge_4bit_factors` computes them (from +0.0, one fused
+    multiply-add per rank, in rank order) differ in their bits from
     ``reference`` (contiguous float32 of the product's shape: the BLAS's product), computed and
     compared a row piece at a time, never held whole. ``b``, ``a``: float32, contiguous. Needs
     :func:`available`."""
