@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import random
 import threading
@@ -228,6 +229,42 @@ def test_write_buffers_grow_with_the_output_and_are_paid_from_the_allowance():
         each, depth, paid = write_buffers(allowance, minimal=False, output_bytes=16 << 30)
         assert each == each_mib * mib, allowance
         assert each == BUFFER_BYTES or allowance - paid >= allowance // 2
+
+
+def _mapping_of(address: int) -> tuple[int, str]:
+    """(start, permissions) of the /proc/self/maps mapping that holds ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, permissions = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return start, permissions
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_the_write_buffers_are_one_mapping_in_huge_pages_unless_smaller_than_one(monkeypatch):
+    """4 x 1 MiB buffers (a save under 512 MiB) are one private mapping at a huge-page boundary, each
+    buffer half a huge page, not 256 pages the device reads as 256 segments; buffers smaller than a
+    huge page in all (a minimal budget's) are a shared mapping, which RLIMIT_DATA does not count."""
+    from fastsave import mappings
+
+    huge = 2 << 20
+    monkeypatch.setattr(direct_file, "huge_page_bytes", lambda: huge)
+    monkeypatch.setattr(mappings, "huge_page_bytes", lambda: huge)
+    writer = AlignedWriter(buffer_bytes=1 << 20, depth=4)
+    try:
+        addresses = [direct_file.address_of(view) for view in writer._views]
+        assert [b - a for a, b in itertools.pairwise(addresses)] == [1 << 20] * 3  # back to back
+        start, permissions = _mapping_of(addresses[0])
+        assert permissions.endswith("p") and addresses[0] % huge == 0
+        assert all(_mapping_of(address)[0] == start for address in addresses)
+    finally:
+        writer.close()
+    small = AlignedWriter(buffer_bytes=16 * ALIGN, depth=2)
+    try:
+        assert _mapping_of(direct_file.address_of(small._views[0]))[1].endswith("s")
+    finally:
+        small.close()
 
 
 def test_a_minimal_memory_budget_gets_small_write_buffers():

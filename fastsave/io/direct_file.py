@@ -275,16 +275,18 @@ class AlignedWriter:
     def __init__(self, buffer_bytes: int = BUFFER_BYTES, depth: int = DEPTH, joined_bytes: int = 0) -> None:
         if buffer_bytes % ALIGN or buffer_bytes <= 0 or depth < 2:
             raise ValueError(f"buffers of {buffer_bytes} bytes (a multiple of {ALIGN}), at least 2 of them")
-        # page-aligned mappings. Buffers of a huge page or more: private, in huge pages where the
-        # kernel gives them, which the device reads in fewer, larger segments (fastsave.mappings).
-        # Smaller ones gain nothing from that and stay shared: RLIMIT_DATA does not count shared
-        # mappings, and at 250M the 4 MiB they hold was what let a save finish under a cap of +2%
+        # one page-aligned mapping, cut into the buffers. Where it holds a huge page or more: private,
+        # in huge pages where the kernel gives them, which the device reads in fewer, larger segments
+        # (fastsave.mappings); the 4 x 1 MiB buffers of a save under 512 MiB too, each in one half of
+        # a huge page instead of 256 pages: a 250M save on 2 cores took 0.257-0.326 s against
+        # 0.296-0.372 s (8 pairs interleaved in one process, each pair won), its copied tensors (the
+        # embedding, lm_head) no longer written at 1.3-2 GB/s. Smaller (a minimal budget's): shared,
+        # which RLIMIT_DATA does not count
+        total = buffer_bytes * depth
         huge = huge_page_bytes()
-        self._maps = [
-            mapped_buffer(buffer_bytes) if huge and buffer_bytes >= huge else mmap.mmap(-1, buffer_bytes)
-            for _ in range(depth)
-        ]
-        self._views = [memoryview(m).cast("B") for m in self._maps]
+        self._map = mapped_buffer(total) if huge and total >= huge else mmap.mmap(-1, total)
+        self._whole = memoryview(self._map).cast("B")[:total]
+        self._views = [self._whole[k * buffer_bytes : (k + 1) * buffer_bytes] for k in range(depth)]
         for view in self._views:  # count them as held now, not as the save's growth later
             for page in range(0, buffer_bytes, mmap.PAGESIZE):
                 view[page] = 0
@@ -420,14 +422,14 @@ class AlignedWriter:
         """Abort any unfinished file, stop the I/O thread and free the buffers."""
         self.abort()
         self._io.shutdown()
-        for resource in (*self._views, *self._maps):
+        for resource in (*self._views, self._whole, self._map):
             # a slice may outlive the writer in a traceback: the buffer is then freed with it
             with contextlib.suppress(BufferError):
                 if isinstance(resource, memoryview):
                     resource.release()
                 elif isinstance(resource, mmap.mmap):
                     resource.close()  # a huge-page window is unmapped once the last view is gone
-        self._views, self._maps = [], []
+        self._views, self._whole, self._map = [], None, None
 
     # -- the caller's side ---------------------------------------------------------------------
 
