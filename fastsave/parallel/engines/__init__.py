@@ -22,7 +22,8 @@ def engine_class(model: nn.Module) -> type[Engine]:
     Raises:
         ShardingError: more than one engine shards it.
     """
-    found = [engine for engine in ENGINES if engine.shards(model)]
+    modules = list(model.modules())  # walked once for every engine
+    found = [engine for engine in ENGINES if engine.shards(modules)]
     if len(found) > 1:
         names = ", ".join(sorted(engine.name for engine in found))
         raise ShardingError(

@@ -48,14 +48,25 @@ class ModuleEntry:
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
+def own_parameters(modules: Sequence[nn.Module]) -> Iterator[torch.Tensor]:
+    """Each module's own parameters (not its children's), read from its registry directly: the
+    engines ask this of every save's model, and ``model.parameters()`` walked it once per engine
+    (1.2 ms each for a 250M peft model, 1171 modules)."""
+    for module in modules:
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                yield parameter
+
+
 class Engine:
     """The unsharded case, and the interface of every sharding engine."""
 
     name = "none"
 
     @classmethod
-    def shards(cls, model: nn.Module) -> bool:
-        """Whether this engine shards ``model``'s parameters."""
+    def shards(cls, modules: Sequence[nn.Module]) -> bool:
+        """Whether this engine shards the parameters of a model whose modules are ``modules``
+        (all of them, listed once for every engine: :func:`fastsave.parallel.engines.engine_class`)."""
         return False
 
     def __init__(self, model: nn.Module) -> None:

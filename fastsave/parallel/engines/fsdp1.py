@@ -35,9 +35,9 @@ class Fsdp1(Engine):
     name = "fsdp1"
 
     @classmethod
-    def shards(cls, model: nn.Module) -> bool:
+    def shards(cls, modules: Sequence[nn.Module]) -> bool:
         fsdp1 = fsdp1_class()
-        return fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules())
+        return fsdp1 is not None and any(isinstance(m, fsdp1) for m in modules)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from fastsave.parallel.engines.base import Engine, ModuleEntry
+from fastsave.parallel.engines.base import Engine, ModuleEntry, own_parameters
 
 
 def _dtensor_class() -> type | None:
@@ -25,9 +25,9 @@ class Fsdp2(Engine):
     name = "fsdp2"
 
     @classmethod
-    def shards(cls, model: nn.Module) -> bool:
+    def shards(cls, modules: Sequence[nn.Module]) -> bool:
         dtensor = _dtensor_class()
-        return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+        return dtensor is not None and any(isinstance(p, dtensor) for p in own_parameters(modules))
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from fastsave.parallel.engines.base import Engine, ModuleEntry
+from fastsave.parallel.engines.base import Engine, ModuleEntry, own_parameters
 
 
 def is_partitioned(parameter: torch.Tensor) -> bool:
@@ -23,8 +23,8 @@ class Zero3(Engine):
     name = "zero3"
 
     @classmethod
-    def shards(cls, model: nn.Module) -> bool:
-        return any(is_partitioned(p) for p in model.parameters())
+    def shards(cls, modules: Sequence[nn.Module]) -> bool:
+        return any(is_partitioned(p) for p in own_parameters(modules))
 
     def full_shape(self, parameter: torch.Tensor) -> tuple[int, ...]:
         return tuple(parameter.ds_shape) if is_partitioned(parameter) else tuple(parameter.shape)
