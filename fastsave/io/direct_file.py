@@ -278,9 +278,9 @@ class AlignedWriter:
         # one page-aligned mapping, cut into the buffers. Where it holds a huge page or more: private,
         # in huge pages where the kernel gives them, which the device reads in fewer, larger segments
         # (fastsave.mappings); the 4 x 1 MiB buffers of a save under 512 MiB too, each in one half of
-        # a huge page instead of 256 pages: a 250M save on 2 cores took 0.257-0.326 s against
-        # 0.296-0.372 s (8 pairs interleaved in one process, each pair won), its copied tensors (the
-        # embedding, lm_head) no longer written at 1.3-2 GB/s. Smaller (a minimal budget's): shared,
+        # a huge page instead of 256 pages: their writes went at 1.3-2 GB/s (perf trace), and 250M
+        # saves on 2 cores alternating with the shared buffers won 8 of 8 pairs and 11 of 14
+        # (fastest five 0.245-0.258 s against 0.257-0.270 s). Smaller (a minimal budget's): shared,
         # which RLIMIT_DATA does not count
         total = buffer_bytes * depth
         huge = huge_page_bytes()
