@@ -50,8 +50,8 @@ class RowReader:
     pass with the same bits as ``read`` then the torch merge; returns how many NaN/Inf it wrote.
     ``read_merged_factors(i, j, b, a, scaling, out)``, where the source can: ``read_merged`` with
     the product ``b @ a`` (float32 factors: B's rows i..j, A) computed value by value in the pass,
-    as fastsave.sources.nf4_native.lora_product_mismatches computes it; the caller checks that this gives the
-    BLAS's product for the shape (fastsave.merge.fused_rows) before it relies on it.
+    as fastsave.sources.nf4_native.lora_product_mismatches checks it; the caller checks that this
+    gives the BLAS's product for the shape (fastsave.merge.fused_rows) before it relies on it.
     ``held_bytes``: what the reader itself holds while the weight is read, beyond the source's own
     memory (a 4-bit weight's absmax decoded to float32), where the source knows it; None: not known
     (the merge's working set then stays at its planning estimate, fastsave.merge.dispatch).

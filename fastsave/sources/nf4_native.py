@@ -284,10 +284,11 @@ def _merge_arguments(
     return pointer, scaling, MERGE_DTYPES[out.dtype], out.data_ptr(), torch.get_num_threads()
 
 
-def _merged(nonfinite: int, name: str) -> int:
-    """A merge pass's result: the NaN and infinities it wrote (-1: it refused its arguments)."""
-    _check(0 if nonfinite >= 0 else -1, name)
-    return int(nonfinite)
+def _merged(count: int, name: str) -> int:
+    """A pass's count: the NaN and infinities a merge wrote, or the values a product check found
+    differing (-1: it refused its arguments)."""
+    _check(0 if count >= 0 else -1, name)
+    return int(count)
 
 
 def _codes_arguments(
@@ -364,7 +365,8 @@ def merge_4bit_factors(
     """:func:`merge_4bit` with the product ``b @ a`` computed value by value in the pass (from +0.0,
     one fused multiply-add per rank, in rank order, as :func:`lora_product_mismatches` checks it),
     never held: ``out`` is 2-D (rows x columns), ``b`` its rows' float32 B (rows x rank), ``a``
-    float32 A (rank x columns); ``blocksize`` a multiple of 16 that divides the columns. Returns how many NaN and infinities were written. Needs :func:`available`."""
+    float32 A (rank x columns); ``blocksize`` a multiple of 16 that divides the columns. Returns how
+    many NaN and infinities were written. Needs :func:`available`."""
     library = _library()
     if library is None:
         raise RuntimeError("fastsave's compiled 4-bit merge is not available here (see available())")
@@ -402,8 +404,7 @@ def lora_product_mismatches(b: torch.Tensor, a: torch.Tensor, reference: torch.T
     differ = library.fastsave_lora_product_mismatches(
         b_pointer, a_pointer, n_rows, rank, n_cols, reference.data_ptr(), torch.get_num_threads()
     )
-    _check(0 if differ >= 0 else differ, "lora_product_mismatches")
-    return int(differ)
+    return _merged(differ, "lora_product_mismatches")
 
 
 def merge_dense(rows: torch.Tensor, product: torch.Tensor | None, scaling: float, out: torch.Tensor) -> int:
