@@ -191,7 +191,7 @@ def _export(
     with older_objects_frozen(), preflight as work:
         sizes = check_export_space(
             n_weights,
-            torch.empty((), dtype=checkpoint_dtype).element_size() if why_not_fed is not None else 0,
+            checkpoint_dtype.itemsize if why_not_fed is not None else 0,
             first,
             methods,
             work,

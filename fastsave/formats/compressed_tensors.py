@@ -117,7 +117,7 @@ def _rows_per_block(shape: tuple[int, ...], dtype: torch.dtype, scheme: Compress
     # fp8_block: whole 128-row blocks (a scale covers 128 rows); otherwise any row count gives the same
     # bits, and at least 8 rows a block keeps the per-block overhead small
     align = scheme.block[0] if scheme.block else 8
-    rows = max(1, ROW_BLOCK_BYTES // (shape[1] * torch.empty((), dtype=dtype).element_size()))
+    rows = max(1, ROW_BLOCK_BYTES // (shape[1] * dtype.itemsize))
     return max(align, rows // align * align)
 
 
@@ -155,9 +155,7 @@ class _CompressedWeight:
     def working_bytes(self) -> int:
         """The source's own working set (NVFP4: the largest of its siblings', merged first for the
         global scale), every part held until written, one row block's temporaries."""
-        outputs = sum(
-            math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in self.layout
-        )
+        outputs = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in self.layout)
         block = _rows_per_block(self.source.shape, self.source.dtype, self.scheme) * self.source.shape[1]
         members = self.shared.members if self.shared is not None else [self.source]
         return max(member.working_set() for member in members) + outputs + 16 * block

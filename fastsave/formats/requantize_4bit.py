@@ -75,7 +75,7 @@ def quantized_layout(
     """
     n = math.prod(shape)
     packed_bytes = (n + 1) // 2
-    storage_bytes = torch.empty((), dtype=settings.quant_storage).element_size()
+    storage_bytes = settings.quant_storage.itemsize
     if packed_bytes % storage_bytes:
         raise ValueError(
             f"{name}: {n} values do not pack into whole {settings.quant_storage} elements for 4-bit storage"

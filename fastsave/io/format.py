@@ -27,6 +27,8 @@ def __getattr__(name: str) -> Any:
     tensor) and ``TORCH_DTYPES`` (the reverse), built on first use: reading a header (``fastsave
     verify``) needs no torch."""
     if name in ("SAFETENSORS_DTYPES", "TORCH_DTYPES"):
+        if name in globals():  # built already (this module's own calls come here every time)
+            return globals()[name]
         import torch
 
         codes = {
@@ -70,19 +72,20 @@ def encode_header(tensors: Iterable[Any], metadata: dict[str, str], align: int =
         ValueError: a tensor's dtype is one safetensors cannot store.
     """
     header: dict[str, object] = {"__metadata__": metadata}
+    codes = __getattr__("SAFETENSORS_DTYPES")  # torch imported on first use only
     offset = 0
     for tensor in tensors:
-        codes = __getattr__("SAFETENSORS_DTYPES")
         if tensor.dtype not in codes:
             raise ValueError(
                 f"tensor {tensor.name!r} has dtype {tensor.dtype}, which safetensors cannot store"
             )
+        end = offset + tensor.nbytes
         header[tensor.name] = {
             "dtype": codes[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + tensor.nbytes],
+            "data_offsets": [offset, end],
         }
-        offset += tensor.nbytes
+        offset = end
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-(8 + len(encoded)) % align)
     return struct.pack("<Q", len(encoded)) + encoded

@@ -215,9 +215,7 @@ def _transposed_pieces(matrix: torch.Tensor) -> Iterator[torch.Tensor]:
 def _flat_chunks(tensor: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """``tensor`` flattened, cast to ``dtype`` a few MiB at a time (views when the dtype already matches)."""
     flat = tensor.reshape(-1)
-    step = max(
-        1, COPY_CHUNK_BYTES // max(1, flat.element_size(), torch.empty((), dtype=dtype).element_size())
-    )
+    step = max(1, COPY_CHUNK_BYTES // max(1, flat.element_size(), dtype.itemsize))
     for start in range(0, flat.numel(), step):
         yield flat[start : start + step].to(dtype)
 

@@ -69,7 +69,7 @@ def substitute_given_tensors(plan: Plan, state_dict: Mapping[str, torch.Tensor] 
                 f"state_dict tensor {planned.name!r} has shape {tuple(tensor.shape)}, the checkpoint's is "
                 f"{planned.shape}. Nothing was written."
             )
-        planned_floating = torch.empty((), dtype=planned.dtype).is_floating_point()
+        planned_floating = planned.dtype.is_floating_point
         if tensor.is_floating_point() != planned_floating:
             raise PlanError(
                 f"state_dict tensor {planned.name!r} is {tensor.dtype}, the checkpoint holds {planned.dtype} "

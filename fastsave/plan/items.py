@@ -79,7 +79,7 @@ class PlanItem:
     @property
     def nbytes(self) -> int:
         """Size of the tensor's data in bytes."""
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
