@@ -17,9 +17,10 @@ run the script waits (--idle-wait) for the CPUs to go quiet, and a run during wh
 more than --disturbed of the CPUs is repeated (--retries) and counts only when no quiet run exists.
 
   raw write   the checkpoint's number of bytes written from memory + fsync, the fastest of: one
-              write call, 16 MiB writes, a thread per core, O_DIRECT (where allowed): the floor
-              (fastsave's runs also measure it paired: the same bytes written O_DIRECT in the
-              same process right after each save, reported as the median of the per-run ratios;
+              write call, 16 MiB writes, a thread per core, O_DIRECT in 16 MiB writes and in
+              one write (where allowed): the floor (fastsave's runs also measure it paired: the
+              same bytes written both O_DIRECT ways in the same process right after each save,
+              the faster counting, reported as the median of the per-run ratios;
               a virtual disk's speed drifts by 20% and more between minutes, and --no-paired-floor
               turns it off)
   fastsave    save_pretrained_merged(merged_16bit) of the 4-bit peft model held in memory
@@ -368,8 +369,8 @@ def main() -> None:
         "--paired-floor",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="after each fastsave run, time the floor's O_DIRECT write of the same bytes in the same "
-        "process (not part of the run's time or memory; default on)",
+        help="after each fastsave run, time the floor's O_DIRECT writes of the same bytes in the same "
+        "process, the faster of two ways (not part of the run's time or memory; default on)",
     )
     parser.add_argument("--work", default=None, help="work directory, kept (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write every run's result here")
