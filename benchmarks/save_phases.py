@@ -7,8 +7,9 @@ One process loads the trained QLoRA model (as benchmarks/save_cpu.py's fastsave 
 the random bf16 base quantized to NF4 while loading, and the adapter), then, round after round,
 writes the bytes of the checkpoint from memory with O_DIRECT, in 16 MiB writes and in one write,
 the faster counting (the floor's fastest ways on this project's machines, measured beside every
-save because the disk's speed drifts from minute to minute) and saves it with ``save_pretrained_merged(merged_16bit)``. Round 1 is the first save in
-the process (what a user's one save costs); later rounds are warm.
+save because the disk's speed drifts from minute to minute) and saves it with
+``save_pretrained_merged(merged_16bit)``. Round 1 is the first save in the process (what a user's
+one save costs); later rounds are warm.
 
 Each round also writes the same bytes the same way while this thread runs fastsave's producer
 alone (every LoRA weight merged and dropped, over and over until the write ends): the floor

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from patch_sites import aligned_direct_writes, fail_pwrite_at
+from process_maps import mapping_at
 
 from fastsave.io import direct_file
 from fastsave.io.checksums import BlockCrc32
@@ -231,17 +232,6 @@ def test_write_buffers_grow_with_the_output_and_are_paid_from_the_allowance():
         assert each == BUFFER_BYTES or allowance - paid >= allowance // 2
 
 
-def _mapping_of(address: int) -> tuple[int, str]:
-    """(start, permissions) of the /proc/self/maps mapping that holds ``address``."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            span, permissions = line.split()[:2]
-            start, end = (int(x, 16) for x in span.split("-"))
-            if start <= address < end:
-                return start, permissions
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
 def test_the_write_buffers_are_one_mapping_in_huge_pages_unless_smaller_than_one(monkeypatch):
     """4 x 1 MiB buffers (a save under 512 MiB) are one private mapping at a huge-page boundary, each
     buffer half a huge page, not 256 pages the device reads as 256 segments; buffers smaller than a
@@ -255,14 +245,17 @@ def test_the_write_buffers_are_one_mapping_in_huge_pages_unless_smaller_than_one
     try:
         addresses = [direct_file.address_of(view) for view in writer._views]
         assert [b - a for a, b in itertools.pairwise(addresses)] == [1 << 20] * 3  # back to back
-        start, permissions = _mapping_of(addresses[0])
-        assert permissions.endswith("p") and addresses[0] % huge == 0
-        assert all(_mapping_of(address)[0] == start for address in addresses)
+        found = [mapping_at(address) for address in addresses]
+        assert all(found)
+        start, _, line = found[0]
+        assert line.split()[1].endswith("p") and addresses[0] % huge == 0  # private
+        assert all(each[0] == start for each in found)
     finally:
         writer.close()
     small = AlignedWriter(buffer_bytes=16 * ALIGN, depth=2)
     try:
-        assert _mapping_of(direct_file.address_of(small._views[0]))[1].endswith("s")
+        shared = mapping_at(direct_file.address_of(small._views[0]))
+        assert shared is not None and shared[2].split()[1].endswith("s")
     finally:
         small.close()
 

@@ -168,8 +168,8 @@ def _sequential_fma(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(12, 16, 320), (13, 8, 1024), (5, 3, 40), (64, 16, 2048)])
 def test_the_pass_product_is_a_fused_multiply_add_per_rank_in_order(decoder, shape):
     """The pass's product (what lora_product_mismatches compares) on every decoder's path: whole
-    vectors, four rows at a time and leftovers, a width that is no multiple of 16 (the plain loop), and zeros whose
-    sign comes from the order (a zero row of B against a negative A)."""
+    vectors, four rows at a time and leftovers, a width that is no multiple of 16 (the plain loop),
+    and zeros whose sign comes from the order (a zero row of B against a negative A)."""
     rows, rank, cols = shape
     generator = torch.Generator().manual_seed(rows)
     b, a = torch.randn(rows, rank, generator=generator), torch.randn(rank, cols, generator=generator)

@@ -13,21 +13,12 @@ import mmap
 
 import pytest
 import torch
+from process_maps import mapping_at
 
 from fastsave import mappings
 from fastsave.mappings import mapped_buffer, mapped_memory
 
 HUGE = 2 << 20  # the alignment asked for below, whatever this machine's huge pages are
-
-
-def _mapping_at(address: int) -> tuple[int, int, str] | None:
-    """(start, end, line) of the /proc/self/maps mapping that holds ``address``."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            start, end = (int(x, 16) for x in line.split()[0].split("-"))
-            if start <= address < end:
-                return start, end, line
-    return None
 
 
 def _vm_flags(start: int) -> list[str]:
@@ -49,17 +40,17 @@ def test_mapped_memory_is_a_mapping_of_its_own_that_goes_with_its_last_tensor(nb
     assert memory.numel() == nbytes and memory.dtype == torch.uint8
     memory.fill_(7)
     assert memory.data_ptr() % mmap.PAGESIZE == 0  # a mapping's start, not a heap chunk's
-    found = _mapping_at(memory.data_ptr())
+    found = mapping_at(memory.data_ptr())
     assert found is not None and "[heap]" not in found[2]
     view = memory.view(torch.int32)[:4]
     address = memory.data_ptr()
     del memory
     gc.collect()
-    assert _mapping_at(address) is not None  # the view keeps it
+    assert mapping_at(address) is not None  # the view keeps it
     assert int(view[0]) == 0x07070707
     del view
     gc.collect()
-    assert _mapping_at(address) is None  # unmapped, not kept by malloc
+    assert mapping_at(address) is None  # unmapped, not kept by malloc
     assert mapped_memory(0).numel() == 0
 
 
@@ -88,10 +79,10 @@ def test_a_huge_page_aligned_buffer_maps_only_its_own_pages_and_asks_for_huge_pa
     filled.fill_(1)
     del filled
     if mappings.huge_page_bytes() == HUGE:  # a kernel with 2 MiB transparent huge pages: advised
-        assert "hg" in _vm_flags(_mapping_at(address)[0])
+        assert "hg" in _vm_flags(mapping_at(address)[0])
     del view, window
     gc.collect()
-    assert _mapping_at(address) is None
+    assert mapping_at(address) is None
     assert _vm_data() == before
 
 
@@ -130,7 +121,7 @@ def test_a_buffer_a_little_short_of_whole_huge_pages_is_mapped_as_them(monkeypat
     before = _vm_data()
     memory = mapped_memory(block)
     assert memory.numel() == block
-    start, end, _ = _mapping_at(memory.data_ptr())
+    start, end, _ = mapping_at(memory.data_ptr())
     assert memory.data_ptr() % HUGE == 0 and end - start >= HUGE
     assert _vm_data() - before == HUGE  # the block and its 32 KiB to spare, nothing more
     if kernel_huge == HUGE:  # a kernel with 2 MiB huge pages: advised

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from process_maps import mapping_at
 
 from fastsave.memory import ByteBudget, MemoryBudget, anonymous_memory, memory_limit
 from fastsave.merge.assemble import Assembler, assembling, spilled_buffer
@@ -120,19 +121,9 @@ def test_spilled_buffer_is_a_deleted_file_mapping(tmp_path):
     big.fill_(1.5)
     assert float(big.float().sum()) == 1.5 * big.numel()
     assert list(spill.iterdir()) == []
-    with open("/proc/self/maps") as handle:
-        maps = handle.read().splitlines()
-    address = big.data_ptr()
-
-    def mapping_of(pointer):
-        for line in maps:
-            low, high = (int(x, 16) for x in line.split()[0].split("-"))
-            if low <= pointer < high:
-                return line
-        return ""
-
-    assert str(spill) in mapping_of(address) and "(deleted)" in mapping_of(address)
-    assert str(spill) not in mapping_of(small.data_ptr())
+    spilled, kept = mapping_at(big.data_ptr()), mapping_at(small.data_ptr())
+    assert spilled is not None and str(spill) in spilled[2] and "(deleted)" in spilled[2]
+    assert kept is None or str(spill) not in kept[2]
 
 
 def test_block_size_follows_the_allowance():
