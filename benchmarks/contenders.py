@@ -232,20 +232,22 @@ RAW_WAYS = {
 DIRECT_WAYS = ("O_DIRECT", "O_DIRECT one write")
 
 
+def _timed_way(way: str, data, path: str) -> float:
+    """Seconds the raw way ``way`` takes to write ``data`` to ``path``, fsync included; the file is
+    removed after (also when the way raises OSError: O_DIRECT on a filesystem that refuses it)."""
+    started = time.perf_counter()
+    try:
+        RAW_WAYS[way](data, path)
+        return time.perf_counter() - started
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def fastest_direct(data, path: str) -> float:
-    """Seconds of the faster of the O_DIRECT ways (:data:`DIRECT_WAYS`, each timed once, fsync
-    included) to write ``data`` to ``path`` (removed after each); raises OSError where O_DIRECT is
-    refused."""
-    times = []
-    for way in DIRECT_WAYS:
-        started = time.perf_counter()
-        try:
-            RAW_WAYS[way](data, path)
-            times.append(time.perf_counter() - started)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-    return min(times)
+    """Seconds of the faster of the O_DIRECT ways (:data:`DIRECT_WAYS`, each timed once) to write
+    ``data`` to ``path``; raises OSError where O_DIRECT is refused."""
+    return min(_timed_way(way, data, path) for way in DIRECT_WAYS)
 
 
 @contender("raw", _raw_setup)
@@ -256,19 +258,12 @@ def raw_write(state: dict, params: dict) -> dict:
     ``floor_seconds`` is the fastest."""
     data = state["data"]
     seconds: dict[str, float] = {}
-    for way, write in RAW_WAYS.items():
-        path = f"{params['out']}.{way.replace(' ', '-')}"
-        started = time.perf_counter()
+    for way in RAW_WAYS:
         try:
-            write(data, path)
+            seconds[way] = _timed_way(way, data, f"{params['out']}.{way.replace(' ', '-')}")
         except OSError as error:  # O_DIRECT on a filesystem that refuses it
             seconds[way] = float("nan")
             print(f"raw write, {way}: not possible here ({error})", file=sys.stderr)
-        else:
-            seconds[way] = time.perf_counter() - started
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
     done = {way: s for way, s in seconds.items() if s == s}
     fastest = min(done, key=done.get)
     return {"bytes": len(data), "floor_seconds": done[fastest], "floor_way": fastest, "ways": seconds}
