@@ -7,7 +7,8 @@
 #     bash benchmarks/gpu_checks.sh             # on a machine with a CUDA GPU, from the repository root
 #
 # fastsave runs from this checkout (PYTHONPATH; the Triton kernels are fastsave/kernels/). SIZES and their limits can be overridden:
-# GPU_SIZES="1b:150 8b:600".
+# GPU_SIZES="1b:150 8b:600". TOTAL_SECONDS caps the whole run: a step's limit is cut to what is left of
+# it (a device lease is counted in seconds, and the last step is the one that gets cut).
 #
 # On one H200 (16 CPU cores, 2026-12-04): tests 31 s, kernels 17 s, 1b 61 s. 8B needs a run of its own:
 # writing and loading its random 16 GB checkpoint took about five minutes there, and 400 s ended
@@ -33,9 +34,18 @@ fi
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
+total=${TOTAL_SECONDS:-0}
 step() {  # step NAME SECONDS COMMAND...: run with a limit, output to the console and $out/NAME.txt
     local name=$1 limit=$2
     shift 2
+    if [ "$total" -gt 0 ]; then
+        local left=$((total - SECONDS))
+        if [ "$left" -lt 20 ]; then
+            echo "=== $name: skipped, ${left}s left of TOTAL_SECONDS=$total ==="
+            return
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     echo "=== $name (limit ${limit}s) ==="
     local started=$SECONDS
     timeout "$limit" "$@" >"$out/$name.txt" 2>&1
