@@ -129,7 +129,9 @@ def load_prequantized_model(params: dict) -> dict:
     return {"model": model}
 
 
-def _raw_setup(params: dict) -> dict:
+def raw_setup(params: dict) -> dict:
+    """``params["output_bytes"]`` bytes of memory the floor writes from: ``data`` (numpy, filled)
+    over ``buffer`` (its mapping, to close once written)."""
     import mmap
 
     import numpy as np
@@ -250,7 +252,7 @@ def fastest_direct(data, path: str) -> float:
     return min(_timed_way(way, data, path) for way in DIRECT_WAYS)
 
 
-@contender("raw", _raw_setup)
+@contender("raw", raw_setup)
 def raw_write(state: dict, params: dict) -> dict:
     """The floor: the fastest of several ways to put the checkpoint's number of bytes from memory on
     the same disk, each followed by fsync (one write call, 16 MiB writes, a thread per core writing
@@ -274,7 +276,7 @@ def paired_floor(params: dict) -> float:
     floor's way (the faster of the O_DIRECT ways, or 16 MiB writes where the filesystem refuses
     O_DIRECT), fsync included; the file is removed after. Run after a job, outside its timed part
     and its memory peak."""
-    state = _raw_setup(params)
+    state = raw_setup(params)
     path = f"{params['out']}.paired-floor"
     try:
         try:
