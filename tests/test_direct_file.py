@@ -421,6 +421,31 @@ def test_jobs_waiting_back_to_back_go_out_in_one_write_up_to_the_limit():
     assert write.calls[1][0] == [bytes([2]) * ALIGN, bytes([3]) * 2 * ALIGN]
 
 
+def test_the_job_that_reaches_the_limit_is_joined_up_to_twice_the_limit():
+    """A job that takes the write past the limit still joins it (no small write left behind a large
+    block), unless the write would then be more than twice the limit."""
+    write = _HeldWrites()
+    joined = direct_file.JoinedWrites(write, joined_bytes=4 * ALIGN)
+    first = joined.submit(_job(ALIGN, 1), 0)
+    assert write.started.wait(10)
+    waiting = [
+        joined.submit(_job(ALIGN, 2), ALIGN),  # 1 block: under the limit, the next may join
+        joined.submit(_job(6 * ALIGN, 3), 2 * ALIGN),  # 7 blocks together: within twice the limit
+        joined.submit(_job(ALIGN, 4), 8 * ALIGN),  # the write is at the limit: it starts the next
+        joined.submit(_job(8 * ALIGN, 5), 9 * ALIGN),  # 9 blocks would be past twice: its own write
+    ]
+    write.go.set()
+    for future in [first, *waiting]:
+        assert future.result(10) is None
+    joined.shutdown()
+    assert [(len(views), offset) for views, offset in write.calls] == [
+        (1, 0),
+        (2, ALIGN),
+        (1, 8 * ALIGN),
+        (1, 9 * ALIGN),
+    ]
+
+
 def test_with_no_room_to_join_every_job_is_a_write_of_its_own():
     write = _HeldWrites()
     joined = direct_file.JoinedWrites(write, joined_bytes=0)
@@ -505,8 +530,8 @@ def test_joined_writes_leave_the_same_file(tmp_path, monkeypatch, joined_bytes):
     assert sum(data_writes) == sum(jobs)
     if joined_bytes == 0:
         assert data_writes == jobs
-    else:  # a write is one job as it came, or jobs joined up to the limit
-        assert all(size <= joined_bytes or size in jobs for size in data_writes)
+    else:  # a write is one job as it came, or jobs joined up to the limit (the last past it, to twice)
+        assert all(size <= 2 * joined_bytes or size in jobs for size in data_writes)
         if joined_bytes == 64 * ALIGN:  # room for several: they were joined
             assert len(data_writes) < len(jobs) and max(data_writes) > max(jobs)
 
