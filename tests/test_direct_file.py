@@ -397,7 +397,8 @@ def _job(size: int, fill: int) -> list[memoryview]:
     return [memoryview(bytes([fill]) * size)]
 
 
-def test_jobs_waiting_back_to_back_go_out_in_one_write_up_to_the_limit():
+def test_jobs_waiting_back_to_back_go_out_in_one_write_up_to_the_limit(monkeypatch):
+    monkeypatch.setattr(direct_file, "SMALL_WRITE_BYTES", 0)  # no write here counts as small
     write = _HeldWrites()
     joined = direct_file.JoinedWrites(write, joined_bytes=3 * ALIGN)
     first = joined.submit(_job(ALIGN, 1), 0)
@@ -421,18 +422,23 @@ def test_jobs_waiting_back_to_back_go_out_in_one_write_up_to_the_limit():
     assert write.calls[1][0] == [bytes([2]) * ALIGN, bytes([3]) * 2 * ALIGN]
 
 
-def test_the_job_that_reaches_the_limit_is_joined_up_to_twice_the_limit():
-    """A job that takes the write past the limit still joins it (no small write left behind a large
-    block), unless the write would then be more than twice the limit."""
+def test_a_small_write_takes_the_next_job_past_the_limit_up_to_twice_it(monkeypatch):
+    """A write still under SMALL_WRITE_BYTES joins the next job even past the limit (no small
+    remainder written alone), up to twice the limit; a larger one stops at the limit."""
+    monkeypatch.setattr(direct_file, "SMALL_WRITE_BYTES", 2 * ALIGN)
     write = _HeldWrites()
     joined = direct_file.JoinedWrites(write, joined_bytes=4 * ALIGN)
     first = joined.submit(_job(ALIGN, 1), 0)
     assert write.started.wait(10)
     waiting = [
-        joined.submit(_job(ALIGN, 2), ALIGN),  # 1 block: under the limit, the next may join
+        joined.submit(_job(ALIGN, 2), ALIGN),  # 1 block: small, so the next may take it past 4
         joined.submit(_job(6 * ALIGN, 3), 2 * ALIGN),  # 7 blocks together: within twice the limit
-        joined.submit(_job(ALIGN, 4), 8 * ALIGN),  # the write is at the limit: it starts the next
-        joined.submit(_job(8 * ALIGN, 5), 9 * ALIGN),  # 9 blocks would be past twice: its own write
+        joined.submit(_job(3 * ALIGN, 4), 8 * ALIGN),  # 3 blocks: not small, stops at the limit ...
+        joined.submit(_job(2 * ALIGN, 5), 11 * ALIGN),  # ... which these 2 would pass: the next write
+        joined.submit(_job(ALIGN, 6), 13 * ALIGN),  # within the limit: joined with the 2 before it
+        joined.submit(_job(8 * ALIGN, 7), 14 * ALIGN),  # past the limit of a 3-block write: its own
+        joined.submit(_job(ALIGN, 8), 22 * ALIGN),  # small ...
+        joined.submit(_job(8 * ALIGN, 9), 23 * ALIGN),  # ... but 9 blocks are past twice the limit
     ]
     write.go.set()
     for future in [first, *waiting]:
@@ -442,7 +448,10 @@ def test_the_job_that_reaches_the_limit_is_joined_up_to_twice_the_limit():
         (1, 0),
         (2, ALIGN),
         (1, 8 * ALIGN),
-        (1, 9 * ALIGN),
+        (2, 11 * ALIGN),
+        (1, 14 * ALIGN),
+        (1, 22 * ALIGN),
+        (1, 23 * ALIGN),
     ]
 
 
@@ -530,7 +539,7 @@ def test_joined_writes_leave_the_same_file(tmp_path, monkeypatch, joined_bytes):
     assert sum(data_writes) == sum(jobs)
     if joined_bytes == 0:
         assert data_writes == jobs
-    else:  # a write is one job as it came, or jobs joined up to the limit (the last past it, to twice)
+    else:  # a write is one job as it came, or jobs joined up to the limit (a small write's: twice it)
         assert all(size <= 2 * joined_bytes or size in jobs for size in data_writes)
         if joined_bytes == 64 * ALIGN:  # room for several: they were joined
             assert len(data_writes) < len(jobs) and max(data_writes) > max(jobs)

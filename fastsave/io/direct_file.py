@@ -59,6 +59,7 @@ MAX_BUFFER_BYTES = 8 << 20  # the largest: at 250M, 2 x 16 MiB was slower (its f
 BUFFERS_PER_OUTPUT = 256  # a buffer is at most this fraction of the output (the 4 of them 1/64)
 DEPTH = 4
 JOINED_BYTES = 16 << 20  # jobs waiting back to back are joined into one write up to this many bytes
+SMALL_WRITE_BYTES = 4 << 20  # a write smaller than this may take the next job up to twice the limit
 JOINED_SHARE = 4  # ... and at most this fraction of the memory allowance (what may wait for the writer)
 IN_PLACE_MIN = 64 << 10  # a placed piece's aligned middle shorter than this is copied (a syscall costs more)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
@@ -102,8 +103,9 @@ def write_buffers(allowance: int, minimal: bool, output_bytes: int = 0) -> tuple
 
 
 def joined_write_bytes(allowance: int, minimal: bool) -> int:
-    """The size up to which jobs waiting back to back are joined into one write (:class:`JoinedWrites`;
-    the last job joined may take the write past it, up to twice): a :data:`JOINED_SHARE` of the save's memory ``allowance`` (fastsave.memory.MemoryBudget: a 48th
+    """The largest write that jobs waiting back to back are joined into (:class:`JoinedWrites`; a
+    write still under :data:`SMALL_WRITE_BYTES` may take the next job up to twice this): a
+    :data:`JOINED_SHARE` of the save's memory ``allowance`` (fastsave.memory.MemoryBudget: a 48th
     of the output, at least 24 MiB), at most :data:`JOINED_BYTES`; 0 (nothing joined) when the
     memory budget is minimal.
 
@@ -188,20 +190,22 @@ class JoinedWrites:
     Why: a save's writer hands over a job per buffer or per batch of merged blocks, 1-4 MiB. On
     this project's 2-core machine O_DIRECT took 2 GB in 4 MiB writes 6% slower than in 16 MiB
     writes while the producer merged beside it. Whenever the disk is what the save waits for, jobs
-    queue up behind the write in progress, and the next write takes those back to back at once
-    while it holds less than ``joined_bytes`` (0: never joined); when the disk keeps up, each job
+    queue up behind the write in progress, and the next write takes those back to back at once,
+    up to ``joined_bytes`` (0: never joined); when the disk keeps up, each job
     goes out as it comes. A joined write gives its jobs' bytes back to the budget only when all of
     it is written, so it is kept to a fraction of what may wait for the writer
     (:func:`joined_write_bytes`).
 
-    The job that takes a write to that limit or past it is still joined, as long as the write stays
-    within twice the limit: stopping short of it left a small write behind each large job, a merged
-    block cut at the limit wrote its remainder alone (at 250M, 6 MiB blocks joined up to 6 MiB
-    went out as writes of 6 and 1 MiB, and the disk takes 1 MiB writes at two thirds of the speed
-    of 6 MiB ones). No memory is added: the jobs are in memory already. Measured on 2 cores,
-    alternating in one process with the floor timed after each save: 250M 12 of 12 saves faster,
-    medians 0.246 against 0.277 s; 3B 4 of 5, 2.09 against 2.17 s; 1B 4 of 8, 0.789 against 0.770
-    s (no difference).
+    A write smaller than :data:`SMALL_WRITE_BYTES` may take the next job even past that limit, up
+    to twice it: small writes cost this disk the most (1 MiB O_DIRECT writes went at 1.4-1.8 GB/s
+    inside a 250M save, 6-7 MiB ones at 2.5-2.9), and at 250M a merged block cut at the limit (6
+    MiB blocks of a 7 MiB weight, joined up to 6 MiB) left its 1 MiB remainder to a write of its
+    own. No memory is added: the jobs are in memory already. Measured on 2 cores, alternating in
+    one process with the floor timed after each save: 250M 9 of 12 saves faster (medians 0.275
+    against 0.289 s); 1B 5 of 10 (0.925 against 0.941 s: no difference). Letting any write's last
+    job go past the limit, up to twice, was faster still at 250M (12 of 12) but slower at 1B (4 of
+    12, medians 0.973 against 0.890 s: 8 MiB blocks joined in pairs held too much of the allowance
+    for the producer to keep ahead).
     """
 
     def __init__(self, write: Callable[[list[memoryview], int], None], joined_bytes: int) -> None:
@@ -233,8 +237,8 @@ class JoinedWrites:
         self._thread.join()
 
     def _next_jobs(self) -> list[tuple[list[memoryview], int, Future]] | None:
-        """The next job and those back to back behind it, while they hold less than the limit (the
-        last may take them past it, up to twice); None: stopped, nothing left."""
+        """The next job and those back to back behind it, up to the limit (while the write is small,
+        up to twice it); None: stopped, nothing left."""
         with self._condition:
             while True:
                 while not self._jobs and not self._closed:
@@ -247,14 +251,11 @@ class JoinedWrites:
             group = [first]
             end = first[1] + sum(len(view) for view in first[0])
             size, count = end - first[1], len(first[0])
-            while self._jobs and size < self._joined_bytes:
+            while self._jobs:
                 views, offset, future = self._jobs[0]
                 length = sum(len(view) for view in views)
-                if (
-                    offset != end
-                    or size + length > 2 * self._joined_bytes
-                    or count + len(views) > self._views_max
-                ):
+                room = self._joined_bytes if size >= SMALL_WRITE_BYTES else 2 * self._joined_bytes
+                if offset != end or size + length > room or count + len(views) > self._views_max:
                     break
                 self._jobs.popleft()
                 if not future.set_running_or_notify_cancel():
