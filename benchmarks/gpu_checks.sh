@@ -13,6 +13,8 @@
 # On one H200 (16 CPU cores, 2026-12-04): tests 31 s, kernels 17 s, 1b 61 s. 8B needs a run of its own:
 # writing and loading its random 16 GB checkpoint took about five minutes there, and 400 s ended
 # inside the peft recipe's save_pretrained (fastsave's save itself took 19.8 s).
+# On one H100 (2026-12-05, commit 04807b8, TOTAL_SECONDS=560 with 8b last) the machine stopped answering
+# after about 9 minutes and nothing came back: run 8b in a call of its own, after the others.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu-results}"
