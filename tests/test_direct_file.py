@@ -397,22 +397,34 @@ def _job(size: int, fill: int) -> list[memoryview]:
     return [memoryview(bytes([fill]) * size)]
 
 
-def test_jobs_waiting_back_to_back_go_out_in_one_write_up_to_the_limit(monkeypatch):
-    monkeypatch.setattr(direct_file, "SMALL_WRITE_BYTES", 0)  # no write here counts as small
+def _writes_of(joined_bytes: int, waiting: list[tuple[int, int]]) -> _HeldWrites:
+    """The writes JoinedWrites makes of a one-block job at offset 0 and then, while that one is being
+    written, the ``waiting`` jobs (blocks, first block's offset in blocks; each filled with its
+    number): the calls of the write function, in order."""
     write = _HeldWrites()
-    joined = direct_file.JoinedWrites(write, joined_bytes=3 * ALIGN)
-    first = joined.submit(_job(ALIGN, 1), 0)
+    joined = direct_file.JoinedWrites(write, joined_bytes=joined_bytes)
+    futures = [joined.submit(_job(ALIGN, 1), 0)]
     assert write.started.wait(10)  # the thread is inside the first write: the others wait
-    waiting = [
-        joined.submit(_job(ALIGN, 2), ALIGN),  # back to back with the first, but that one is written
-        joined.submit(_job(2 * ALIGN, 3), 2 * ALIGN),  # joined with the one before it: 3 blocks
-        joined.submit(_job(ALIGN, 4), 4 * ALIGN),  # back to back, past the limit: a write of its own
-        joined.submit(_job(ALIGN, 5), 9 * ALIGN),  # not back to back: a write of its own
-    ]
+    for fill, (blocks, at) in enumerate(waiting, start=2):
+        futures.append(joined.submit(_job(blocks * ALIGN, fill), at * ALIGN))
     write.go.set()
-    for future in [first, *waiting]:
+    for future in futures:
         assert future.result(10) is None
     joined.shutdown()
+    return write
+
+
+def test_jobs_waiting_back_to_back_go_out_in_one_write_up_to_the_limit(monkeypatch):
+    monkeypatch.setattr(direct_file, "SMALL_WRITE_BYTES", 0)  # no write here counts as small
+    write = _writes_of(
+        3 * ALIGN,
+        [
+            (1, 1),  # back to back with the first, but that one is written
+            (2, 2),  # joined with the one before it: 3 blocks
+            (1, 4),  # back to back, past the limit: a write of its own
+            (1, 9),  # not back to back: a write of its own
+        ],
+    )
     assert [(len(views), offset) for views, offset in write.calls] == [
         (1, 0),
         (2, ALIGN),
@@ -426,24 +438,19 @@ def test_a_small_write_takes_the_next_job_past_the_limit_up_to_twice_it(monkeypa
     """A write still under SMALL_WRITE_BYTES joins the next job even past the limit (no small
     remainder written alone), up to twice the limit; a larger one stops at the limit."""
     monkeypatch.setattr(direct_file, "SMALL_WRITE_BYTES", 2 * ALIGN)
-    write = _HeldWrites()
-    joined = direct_file.JoinedWrites(write, joined_bytes=4 * ALIGN)
-    first = joined.submit(_job(ALIGN, 1), 0)
-    assert write.started.wait(10)
-    waiting = [
-        joined.submit(_job(ALIGN, 2), ALIGN),  # 1 block: small, so the next may take it past 4
-        joined.submit(_job(6 * ALIGN, 3), 2 * ALIGN),  # 7 blocks together: within twice the limit
-        joined.submit(_job(3 * ALIGN, 4), 8 * ALIGN),  # 3 blocks: not small, stops at the limit ...
-        joined.submit(_job(2 * ALIGN, 5), 11 * ALIGN),  # ... which these 2 would pass: the next write
-        joined.submit(_job(ALIGN, 6), 13 * ALIGN),  # within the limit: joined with the 2 before it
-        joined.submit(_job(8 * ALIGN, 7), 14 * ALIGN),  # past the limit of a 3-block write: its own
-        joined.submit(_job(ALIGN, 8), 22 * ALIGN),  # small ...
-        joined.submit(_job(8 * ALIGN, 9), 23 * ALIGN),  # ... but 9 blocks are past twice the limit
-    ]
-    write.go.set()
-    for future in [first, *waiting]:
-        assert future.result(10) is None
-    joined.shutdown()
+    write = _writes_of(
+        4 * ALIGN,
+        [
+            (1, 1),  # 1 block: small, so the next may take it past 4
+            (6, 2),  # 7 blocks together: within twice the limit
+            (3, 8),  # 3 blocks: not small, stops at the limit ...
+            (2, 11),  # ... which these 2 would pass: the next write
+            (1, 13),  # within the limit: joined with the 2 before it
+            (8, 14),  # past the limit of a 3-block write: its own
+            (1, 22),  # small ...
+            (8, 23),  # ... but 9 blocks are past twice the limit
+        ],
+    )
     assert [(len(views), offset) for views, offset in write.calls] == [
         (1, 0),
         (2, ALIGN),
