@@ -1,4 +1,4 @@
-"""The process's memory mappings as the tests read them (/proc/self/maps)."""
+"""The process's memory mappings as the tests read them (/proc/self/maps, /proc/self/status)."""
 
 from __future__ import annotations
 
@@ -11,3 +11,9 @@ def mapping_at(address: int) -> tuple[int, int, str] | None:
             if start <= address < end:
                 return start, end, line
     return None
+
+
+def vm_data() -> int:
+    """The process's mapped data in bytes (VmData: what RLIMIT_DATA limits)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))

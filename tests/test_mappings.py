@@ -13,7 +13,7 @@ import mmap
 
 import pytest
 import torch
-from process_maps import mapping_at
+from process_maps import mapping_at, vm_data
 
 from fastsave import mappings
 from fastsave.mappings import mapped_buffer, mapped_memory
@@ -54,20 +54,14 @@ def test_mapped_memory_is_a_mapping_of_its_own_that_goes_with_its_last_tensor(nb
     assert mapped_memory(0).numel() == 0
 
 
-def _vm_data() -> int:
-    """The process's mapped data in bytes (what RLIMIT_DATA limits)."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
-
-
 def test_a_huge_page_aligned_buffer_maps_only_its_own_pages_and_asks_for_huge_pages():
     nbytes = 2 * HUGE + 5000  # not a whole number of pages: rounded up to them
     own = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
     gc.collect()  # mappings an earlier test left to the collector go now, not between the counts
-    before = _vm_data()
+    before = vm_data()
     window = mappings._huge_page_aligned(nbytes, HUGE)
     # the room reserved to align it is unmapped again: the process maps only the buffer's pages more
-    assert _vm_data() - before == own
+    assert vm_data() - before == own
     assert window is not None
     view = memoryview(window).cast("B")
     assert len(view) == own
@@ -83,7 +77,7 @@ def test_a_huge_page_aligned_buffer_maps_only_its_own_pages_and_asks_for_huge_pa
     del view, window
     gc.collect()
     assert mapping_at(address) is None
-    assert _vm_data() == before
+    assert vm_data() == before
 
 
 def test_where_no_aligned_room_is_given_the_buffer_is_an_ordinary_mapping(monkeypatch):
@@ -118,17 +112,17 @@ def test_a_buffer_a_little_short_of_whole_huge_pages_is_mapped_as_them(monkeypat
     monkeypatch.setattr(mappings, "huge_page_bytes", lambda: HUGE)
     block = 336 * 3072 * 2
     gc.collect()  # mappings an earlier test left to the collector go now, not between the counts
-    before = _vm_data()
+    before = vm_data()
     memory = mapped_memory(block)
     assert memory.numel() == block
     start, end, _ = mapping_at(memory.data_ptr())
     assert memory.data_ptr() % HUGE == 0 and end - start >= HUGE
-    assert _vm_data() - before == HUGE  # the block and its 32 KiB to spare, nothing more
+    assert vm_data() - before == HUGE  # the block and its 32 KiB to spare, nothing more
     if kernel_huge == HUGE:  # a kernel with 2 MiB huge pages: advised
         assert "hg" in _vm_flags(start)
     del memory
     gc.collect()
-    assert _vm_data() == before
+    assert vm_data() == before
     # half a huge page more than one: a huge page and its own 4 KiB pages, not two huge pages
     assert mappings._in_whole_huge_pages(HUGE + HUGE // 2, HUGE) == HUGE + HUGE // 2
     assert mappings._in_whole_huge_pages(HUGE - HUGE // 8, HUGE) == HUGE

@@ -7,6 +7,7 @@ import dataclasses
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
+from process_maps import vm_data
 
 from fastsave.sources.dense import DenseSource
 from fastsave.sources.nf4_roundtrip import Nf4RoundTripSource
@@ -136,11 +137,6 @@ def test_checkpoint_reader_refuses_a_truncated_file(tmp_path):
         SafetensorsCheckpoint(tmp_path).get("w")
 
 
-def _vm_data_bytes() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
-
-
 def test_mapped_rows_are_read_only_file_pages_that_rlimit_data_does_not_count(tmp_path):
     """The round trip reads rows straight from the file's pages: a read-only shared mapping of just
     those rows (VmData, what RLIMIT_DATA bounds, does not grow by it), unmapped with the tensor."""
@@ -155,9 +151,9 @@ def test_mapped_rows_are_read_only_file_pages_that_rlimit_data_does_not_count(tm
     save_file({"pad": torch.ones(3, dtype=torch.bfloat16), "w": weight}, tmp_path / "model.safetensors")
     path = str(tmp_path / "model.safetensors")
     checkpoint = SafetensorsCheckpoint(tmp_path)
-    before = _vm_data_bytes()
+    before = vm_data()
     rows = checkpoint.mapped_rows("w", 100, 4000)
-    grown = _vm_data_bytes() - before
+    grown = vm_data() - before
     with open("/proc/self/maps") as maps:
         mapped = [line for line in maps if path in line]
     assert mapped and all(line.split()[1] == "r--s" for line in mapped)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+from process_maps import vm_data
+
 from fastsave import threads
 
 
@@ -28,11 +30,6 @@ def test_save_thread_stacks_sets_and_restores_both_defaults():
     assert _native_default() == native_before
 
 
-def _vm_data() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
-
-
 def test_a_new_thread_reserves_no_more_than_the_small_stack():
     """What RLIMIT_DATA counts: a thread started inside the block adds at most the small stack to
     VmData while it runs (none when glibc reuses a stack it cached from an earlier thread)."""
@@ -43,11 +40,11 @@ def test_a_new_thread_reserves_no_more_than_the_small_stack():
         release.wait()
 
     with threads.save_thread_stacks():
-        before = _vm_data()
+        before = vm_data()
         worker = threading.Thread(target=wait)
         worker.start()
         started.wait()
-        grown = _vm_data() - before
+        grown = vm_data() - before
         release.set()
         worker.join()
     assert grown <= threads.SAVE_THREAD_STACK + (1 << 20)  # plus a guard page and Python's own thread state
