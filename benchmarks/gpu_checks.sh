@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, as one run: the cuda tests, the kernels' benchmark, the GPU save
-# benchmark at 1B (with the peft recipe beside it; 8B in a run of its own, below). Each step has its own time limit, so a
-# slow step cannot starve the ones before it of their output; logs and JSON go to $OUT (or
-# ./gpu-results).
+# benchmark at 1B (with the peft recipe beside it; 8B in a run of its own, below). Each step has its
+# own time limit, so a slow step cannot starve the ones before it of their output; logs and JSON go
+# to $OUT (or ./gpu-results).
 #
 #     bash benchmarks/gpu_checks.sh             # on a machine with a CUDA GPU, from the repository root
 #
-# fastsave runs from this checkout (PYTHONPATH; the Triton kernels are fastsave/kernels/). SIZES and their limits can be overridden:
-# GPU_SIZES="1b:150" (the default); 8B alone, after: TESTS_SECONDS=0 KERNELS_SECONDS=0 GPU_SIZES="8b:560". TOTAL_SECONDS caps the whole run: a step's limit is cut to what is left of
-# it (a device lease is counted in seconds, and the last step is the one that gets cut).
+# fastsave runs from this checkout (PYTHONPATH; the Triton kernels are fastsave/kernels/). Sizes and
+# their limits can be overridden: GPU_SIZES="1b:150" is the default; 8B alone, after the others:
+# TESTS_SECONDS=0 KERNELS_SECONDS=0 GPU_SIZES="8b:560" (a limit of 0 skips a step). TOTAL_SECONDS
+# caps the whole run: a step's limit is cut to what is left of it (a device lease is counted in
+# seconds, and the last step is the one that gets cut).
 #
-# On one H200 (16 CPU cores, 2026-12-04): tests 31 s, kernels 17 s, 1b 61 s. 8B needs a run of its own:
-# writing and loading its random 16 GB checkpoint took about five minutes there, and 400 s ended
-# inside the peft recipe's save_pretrained (fastsave's save itself took 19.8 s).
-# On one H100 (2026-12-05, commit 04807b8, TOTAL_SECONDS=560 with 8b last) the machine stopped answering
-# after about 9 minutes and nothing came back: run 8b in a call of its own, after the others.
+# On one H200 (16 CPU cores, 2026-12-04): tests 31 s, kernels 17 s, 1b 61 s. 8B needs a run of its
+# own: writing and loading its random 16 GB checkpoint took about five minutes there, and 400 s
+# ended inside the peft recipe's save_pretrained (fastsave's save itself took 19.8 s). On one H100
+# (2026-12-05, commit 04807b8, TOTAL_SECONDS=560 with 8b last) the machine stopped answering after
+# about 9 minutes and nothing came back.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu-results}"
