@@ -159,8 +159,15 @@ _INT_VIEW = {
 }
 
 
+@pytest.mark.parametrize("counted_in_c", [True, False], ids=["C count", "aminmax"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_finite_check_agrees_with_isfinite(dtype):
+def test_finite_check_agrees_with_isfinite(dtype, counted_in_c, monkeypatch):
+    from fastsave.io import finite
+
+    if counted_in_c and finite._library() is None:
+        pytest.skip("fastsave's C kernels could not be built here (no C compiler)")
+    if not counted_in_c:  # the path taken where the kernels cannot be built
+        monkeypatch.setattr(finite, "_library", lambda: None)
     gen = torch.Generator().manual_seed(0)
     for size in (1, 3, 64, 1000, 65537):
         for value in ("nan", "inf", "-inf", "negative nan", "none"):
@@ -178,6 +185,36 @@ def test_finite_check_agrees_with_isfinite(dtype):
                     check_finite(tensor, "t")
     check_finite(torch.zeros(0, dtype=dtype), "empty")
     check_finite(torch.tensor([1, 2], dtype=torch.int64), "integers")
+
+
+def test_the_c_count_of_nan_and_inf_agrees_with_isfinite_on_every_16_bit_pattern():
+    """Every bit pattern of bfloat16 and float16 (NaN payloads of both signs, infinities, the largest
+    finite values, subnormals, zeros), and float32 patterns around the exponent field's edges, in
+    lengths that end inside a vector and cross the kernel's 2**20-value runs."""
+    from fastsave.io import finite
+
+    if finite._library() is None:
+        pytest.skip("fastsave's C kernels could not be built here (no C compiler)")
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.bfloat16, torch.float16):
+        values = every.view(dtype)
+        assert finite.count_nonfinite(values) == int((~torch.isfinite(values)).sum()) > 0
+        for length in (1, 7, 15, 17, 33, 1000):
+            part = values[-length:].contiguous()
+            assert finite.count_nonfinite(part) == int((~torch.isfinite(part)).sum())
+    gen = torch.Generator().manual_seed(1)
+    mantissas = torch.randint(0, 2**23, (4096,), generator=gen, dtype=torch.int64)
+    exponents = torch.tensor([0, 1, 254, 255], dtype=torch.int64).repeat(1024)
+    signs = torch.randint(0, 2, (4096,), generator=gen, dtype=torch.int64) << 31
+    bits = (signs | exponents << 23 | mantissas).to(torch.int64)
+    floats = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    assert finite.count_nonfinite(floats) == int((~torch.isfinite(floats)).sum()) > 0
+    long = torch.zeros(2**21 + 5, dtype=torch.bfloat16)
+    for position, value in zip((0, 2**20 - 1, 2**20, 2**21 + 4), ("nan", "inf", "-inf", "nan"), strict=True):
+        long[position] = float(value)
+    assert finite.count_nonfinite(long) == 4
+    assert finite.count_nonfinite(long[::2]) is None  # not contiguous: torch's aminmax checks it
+    assert finite.count_nonfinite(torch.ones(3, dtype=torch.float64)) is None
 
 
 def test_a_counted_tensor_is_skipped_by_its_next_check_only():
