@@ -7,7 +7,9 @@ fastsave, reloads the result with plain transformers and reports what it checked
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +36,27 @@ class DemoReport:
 
 
 def run_demo(output_dir: str | Path | None = None, train_steps: int = 6) -> DemoReport:
-    """Run the demo and return its report; raise if any check fails."""
+    """Run the demo and return its report; raise if any check fails.
+
+    ``output_dir``: where the merged checkpoint goes (None: a new temporary directory, which stays
+    for the user to look at). The tiny base model it builds is removed at the end, however it ends.
+    """
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="fastsave-demo-"))
+    output_dir = Path(output_dir) if output_dir is not None else workdir / "merged"
+    base_dir = workdir / "base"
+    try:
+        return _run_in(base_dir, output_dir, train_steps, started)
+    finally:
+        # the tiny base model and its tokenizer are the demo's scratch, made here: only the merged
+        # checkpoint stays (in the temporary directory when no output directory was given)
+        shutil.rmtree(base_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            workdir.rmdir()  # empty unless the merged checkpoint is in it
+
+
+def _run_in(base_dir: Path, output_dir: Path, train_steps: int, started: float) -> DemoReport:
+    """The demo's work: the tiny base model built in ``base_dir``, the merged one saved to ``output_dir``."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,10 +72,6 @@ def run_demo(output_dir: str | Path | None = None, train_steps: int = 6) -> Demo
     )
     from fastsave.tiny import train_steps as run_training
 
-    started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="fastsave-demo-"))
-    output_dir = Path(output_dir) if output_dir is not None else workdir / "merged"
-    base_dir = workdir / "base"
     save_random_model(tiny_llama_config(hidden_size=128, intermediate_size=256), base_dir)
     build_tiny_tokenizer(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
