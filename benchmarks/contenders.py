@@ -113,10 +113,9 @@ def load_prequantized_model(params: dict) -> dict:
     """The same 4-bit model from the pre-quantized copy benchlib.prepare wrote (same codes and
     quant_state, loaded in seconds), for the compute-only contenders.
 
-    Not for saves: fastsave at 7e8aa63 cannot save a model loaded from a pre-quantized checkpoint
-    (transformers 5 records a Bnb4bitDeserialize conversion whose reversal raises
-    NotImplementedError in fastsave's checkpoint-layout step), and such a model's codes stay in the
-    memory-mapped file, so what it holds differs from a model quantized while loading.
+    Not for the timed saves, although fastsave saves such a model (tests/test_core_merged.py): its
+    codes stay in the memory-mapped file, so what it holds, and what a save reads, differs from a
+    model quantized while loading, which is what a user holds after training.
     """
     import torch
     from peft import PeftModel
