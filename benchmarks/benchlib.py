@@ -35,6 +35,20 @@ HERE = Path(__file__).resolve().parent
 CONTENDERS_SCRIPT = HERE / "contenders.py"
 RESULT_MARK = "FASTSAVE-BENCH-RESULT "
 MiB = 1 << 20
+# No benchmark reaches a hub. Besides models, bitsandbytes' CPU backend asks the hub for a kernel
+# when it is imported (on a CPU with AVX-512 BF16, where the Hugging Face `kernels` package is
+# installed: transformers 5.25 installs it); offline, it falls back to its own.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def stay_offline() -> None:
+    """Put this process, and every process it starts, in the hubs' offline mode (unless the
+    caller's environment already says otherwise)."""
+    for name, value in OFFLINE.items():
+        os.environ.setdefault(name, value)
+
+
+stay_offline()  # every script that imports this module, before it imports any library
 
 
 # --------------------------------------------------------------------------- model sizes
@@ -213,7 +227,7 @@ def prepare_in_subprocess(
             str(int(prequantized)),
         ],
         cwd=work,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        env={**os.environ, **OFFLINE},
         capture_output=True,
         text=True,
     )
@@ -366,7 +380,7 @@ def run_contender(name: str, params: dict[str, Any], timeout: float | None = Non
     of the whole process (interpreter start and imports included).
     """
     command = [sys.executable, str(CONTENDERS_SCRIPT), name, json.dumps(params)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, **OFFLINE}
     env.pop("PYTHONPATH", None)
     # as installed: pip compiles a package's bytecode once; with PYTHONDONTWRITEBYTECODE set (some
     # sandboxes set it), every contender would compile fastsave's modules from source inside its

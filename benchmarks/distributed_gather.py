@@ -35,6 +35,7 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from benchlib import stay_offline
 
 
 class PeakRss:
@@ -214,6 +215,7 @@ def fit(timings: list[tuple[str, int, float]]) -> tuple[float, float]:
 
 
 def main() -> None:
+    stay_offline()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--layers", type=int, default=14)

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchlib import stay_offline  # before fastsave, which imports bitsandbytes: sets the offline mode
+
 from fastsave.export.convert import convert_checkpoint
 from fastsave.export.llama_cpp import LlamaCpp, LlamaCppNotFoundError, find_llama_cpp
 from fastsave.export.verify import load_gguf, read_checkpoint_facts, verify_gguf
@@ -139,6 +141,7 @@ def compare(tools: LlamaCpp, checkpoint: Path, gguf_path: Path) -> tuple[int, li
 
 def main() -> int:
     """Build, convert and compare; print one line per checkpoint; exit 1 on any problem."""
+    stay_offline()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--llama-cpp",

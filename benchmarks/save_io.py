@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import stay_offline
+
 
 def _micro(threads: int) -> dict[str, float]:
     import torch
@@ -70,7 +72,7 @@ def main() -> None:
     parser.add_argument("--variants", default="full,no-checksum,sha256,page-cache,no-finite-check,re-save")
     parser.add_argument("--no-micro", action="store_true", help="skip the per-GB measurements")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stay_offline()
     import torch
 
     import fastsave
