@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import stay_offline  # before fastsave, which imports bitsandbytes: sets the offline mode
+import benchlib  # noqa: F401  (importing it puts this process and the ones it starts offline)
 
 from fastsave.export.convert import convert_checkpoint
 from fastsave.export.llama_cpp import LlamaCpp, LlamaCppNotFoundError, find_llama_cpp
@@ -141,7 +141,6 @@ def compare(tools: LlamaCpp, checkpoint: Path, gguf_path: Path) -> tuple[int, li
 
 def main() -> int:
     """Build, convert and compare; print one line per checkpoint; exit 1 on any problem."""
-    stay_offline()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--llama-cpp",
