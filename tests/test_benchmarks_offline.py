@@ -37,33 +37,27 @@ def test_a_caller_s_own_setting_is_kept():
     assert done.stdout.strip() == "0"
 
 
-def _imported(tree: ast.Module) -> list[tuple[int, str]]:
-    """(line, top-level module) of every import in ``tree``, at any depth."""
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.lineno, node.module.split(".")[0]))
-    return found
+def _modules(node: ast.AST) -> list[str]:
+    """The top-level modules an import statement imports (none for a relative or non-import node)."""
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".")[0] for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return [node.module.split(".")[0]]
+    return []
 
 
 def test_every_benchmark_that_imports_a_hub_library_imports_benchlib_first():
     scripts = sorted(p for p in BENCHMARKS.glob("*.py") if p.name != "benchlib.py")
     assert len(scripts) > 10
     for script in scripts:
-        imports = _imported(ast.parse(script.read_text()))
-        heavy = [line for line, module in imports if module in LIBRARIES]
-        if not heavy:
+        tree = ast.parse(script.read_text())
+        imports = [(node.lineno, module) for node in ast.walk(tree) for module in _modules(node)]
+        if not any(module in LIBRARIES for _, module in imports):
             continue
         benchlib = [line for line, module in imports if module == "benchlib"]
         assert benchlib, f"{script.name} imports {LIBRARIES & {m for _, m in imports}} but not benchlib"
         # a module-level import of a library that imports bitsandbytes must come after benchlib's
         top_level = [
-            node.lineno
-            for node in ast.parse(script.read_text()).body
-            if isinstance(node, ast.Import | ast.ImportFrom)
-            and (node.module if isinstance(node, ast.ImportFrom) else node.names[0].name).split(".")[0]
-            in LIBRARIES - {"torch"}
+            node.lineno for node in tree.body if any(m in LIBRARIES - {"torch"} for m in _modules(node))
         ]
         assert all(line > min(benchlib) for line in top_level), script.name
