@@ -32,7 +32,7 @@ def save_pretrained_merged(
         save_directory: the output directory; it receives the complete checkpoint in one step and
             keeps every file that is not part of a checkpoint of this kind.
         tokenizer: its files are saved beside the weights when given.
-        **options: see the README: save_method, dtype, base_weights, max_shard_size,
+        **options: see docs/options.md: save_method, dtype, base_weights, max_shard_size,
             safe_serialization, maximum_memory_usage, temporary_location, push_to_hub, token,
             private, revision, commit_message, create_pr, is_main_process, adapter_names.
 
