@@ -57,7 +57,8 @@ def _crc_blocks(data: bytes, block: int) -> list[int]:
 
 @pytest.mark.parametrize("total", [0, 1, 4096, 8192 * 2, 300_001])
 @pytest.mark.parametrize("header_bytes", [ALIGN, 3 * ALIGN])
-def test_the_file_holds_the_header_then_every_byte_in_order(tmp_path, total, header_bytes):
+def test_the_file_holds_the_header_then_every_byte_in_order(tmp_path, monkeypatch, total, header_bytes):
+    aligned_direct_writes(monkeypatch)  # every write one that O_DIRECT takes, whatever the filesystem
     pieces = _pieces(total, total)
     writer, checksum = _write(tmp_path / "f", pieces, header_bytes, buffer_bytes=2 * ALIGN, depth=2)
     data = b"".join(pieces)
@@ -348,6 +349,47 @@ def test_a_failed_write_of_placed_pieces_reaches_the_caller_and_releases_every_p
     assert sorted(released) == list(range(len(released))) and len(set(released)) == len(released)
     assert len(released) == k + 1  # every piece handed in was released, once
     assert len(calls) == 2  # nothing was written after the failure
+
+
+@pytest.mark.parametrize("slots", [64, 0])  # more than the seams (none runs out), none
+def test_seams_between_placed_pieces_go_out_with_them(tmp_path, monkeypatch, slots):
+    """Placed pieces that start and end inside blocks (a small tensor before them left the data
+    off the blocks), with a small copied piece between some of them: the blocks between their
+    middles join the batch from seam slots of their own (writes only of joined pieces, none of a
+    lone seam block) while slots are free, and through the buffers (a write each) when none is;
+    the file is the same."""
+    monkeypatch.setattr(direct_file, "IN_PLACE_MIN", ALIGN)
+    monkeypatch.setattr(direct_file, "SEAM_SLOTS", slots)
+    calls, _ = aligned_direct_writes(monkeypatch)
+    header = ALIGN
+    writer = AlignedWriter(buffer_bytes=4 * ALIGN, depth=2)
+    checksum = BlockCrc32(block=5 * ALIGN)
+    writer.begin(tmp_path / "f", header, checksum)
+    rng = random.Random(5)
+    bias = rng.randbytes(1792)  # a Qwen2 attention bias: every piece after it starts inside a block
+    writer.write(bias)
+    data, position, released = [bias], header + len(bias), []
+    for k in range(40):
+        piece = rng.randbytes(6 * ALIGN)  # a whole number of blocks: every one ends where it began
+        writer.write(_placed(piece, position), lambda: released.append(1))
+        data.append(piece)
+        position += len(piece)
+        if k % 5 == 4:  # a norm's weight copied between two merged weights
+            small = rng.randbytes(2048)
+            writer.write(small)
+            data.append(small)
+            position += len(small)
+    assert writer.finish(lambda: b"H" * header) == position
+    content = b"".join(data)
+    assert (tmp_path / "f").read_bytes() == b"H" * header + content
+    assert checksum.blocks() == _crc_blocks(content, 5 * ALIGN)
+    assert len(released) == 40
+    # the writes after the first (the bias and the first piece's head) and before the last two
+    # (the tail, then the header)
+    between = [size for _, size in calls[1:-2]]
+    lone_seams = sum(size <= 2 * ALIGN for size in between)
+    assert lone_seams == (0 if slots else 39)  # else one between each two pieces
+    writer.close()
 
 
 def test_placed_empty_puts_a_block_at_the_phase_of_its_file_offset():

@@ -65,6 +65,10 @@ JOINED_BYTES = 32 << 20
 JOINED_SHARE = 4  # ... and at most this fraction of the memory allowance (what may wait for the writer)
 SMALL_WRITE_BYTES = 4 << 20  # a write smaller than this may take the next job up to twice the limit
 IN_PLACE_MIN = 64 << 10  # a placed piece's aligned middle shorter than this is copied (a syscall costs more)
+# the blocks between placed pieces (a piece's tail, small tensors copied, the next piece's head) go
+# into the pieces' joint write from small slots of their own, up to this many bytes, in this many slots
+SEAM_BYTES = 16 << 10
+SEAM_SLOTS = 32
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
 # local block-device filesystems, where O_DIRECT is the fastest way to the disk
 DIRECT_FILESYSTEMS = frozenset(
@@ -324,6 +328,13 @@ class AlignedWriter:
         self._batch_releases: list[Callable[[], None]] = []
         self._batch_offset = 0
         self._batches: deque[Future] = deque()  # submitted batches, oldest first
+        # slots for the seams between placed pieces, touched when first used
+        self._seam_map = mmap.mmap(-1, max(ALIGN, SEAM_BYTES * SEAM_SLOTS))
+        self._seam_whole = memoryview(self._seam_map)
+        self._seam_slots = [
+            self._seam_whole[k * SEAM_BYTES : (k + 1) * SEAM_BYTES] for k in range(SEAM_SLOTS)
+        ]
+        self._seams_free = list(self._seam_slots)
         self.in_place_bytes = 0  # bytes written straight from the caller's memory (for benchmarks, tests)
 
     @property
@@ -439,7 +450,16 @@ class AlignedWriter:
         """Abort any unfinished file, stop the I/O thread and free the buffers."""
         self.abort()
         self._io.shutdown()
-        for resource in (*self._views, self._whole, self._map):
+        self._seams_free.clear()
+        resources = (
+            *self._views,
+            self._whole,
+            self._map,
+            *self._seam_slots,
+            self._seam_whole,
+            self._seam_map,
+        )
+        for resource in resources:
             # a slice may outlive the writer in a traceback: the buffer is then freed with it
             with contextlib.suppress(BufferError):
                 if isinstance(resource, memoryview):
@@ -447,6 +467,7 @@ class AlignedWriter:
                 elif isinstance(resource, mmap.mmap):
                     resource.close()  # a huge-page window is unmapped once the last view is gone
         self._views, self._whole, self._map = [], None, None
+        self._seam_slots, self._seam_whole, self._seam_map = [], None, None
 
     # -- the caller's side ---------------------------------------------------------------------
 
@@ -473,7 +494,9 @@ class AlignedWriter:
         if (address_of(view) - position) % ALIGN:
             return None  # not placed for this offset: copied
         self._copy(view[:head])
-        if self._fill:  # the buffer now ends at an aligned offset; it goes out before the middle
+        # the buffer now ends at an aligned offset; it goes out before the middle, in the batch when
+        # it is a seam (without taking a buffer of the few the writer has)
+        if self._fill and not self._seam():
             self._submit()
         if not self._batch:
             self._batch_offset = self._offset
@@ -484,6 +507,29 @@ class AlignedWriter:
         self._offset += middle  # the buffer's bytes now follow the batch's
         self.in_place_bytes += middle
         return view[head + middle :]
+
+    def _seam(self) -> bool:
+        """Move the buffer's bytes (whole blocks, at most :data:`SEAM_BYTES`) into the batch, from
+        a seam slot of their own; False when they are more or no slot is free.
+
+        Why: where tensors do not fill whole blocks (a Qwen2 model's attention biases, 1792 and 256
+        bytes, put every weight after them inside a block), each merged block placed for its offset
+        begins and ends inside a block. Through the buffers, each seam between two blocks took one
+        of the few buffers and a write of its own (docs/performance.md)."""
+        if self._fill > SEAM_BYTES or not self._seams_free:
+            return False
+        slot = self._seams_free.pop()
+        seam = slot[: self._fill]
+        seam[:] = self._views[self._slot][: self._fill]
+        if self._checksum is not None:
+            self._checksum.update(seam)
+        if not self._batch:
+            self._batch_offset = self._offset
+        self._batch.append(seam)
+        self._batch_releases.append(lambda: self._seams_free.append(slot))
+        self._offset += self._fill
+        self._fill = 0
+        return True
 
     def _submit(self) -> None:
         self.flush()  # the batch's bytes come before the buffer's
