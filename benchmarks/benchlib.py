@@ -56,32 +56,37 @@ stay_offline()  # every script that imports this module, before it imports any l
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A Llama-3-proportioned model: head_dim 128, 4 query heads per KV head, MLP 3.5x hidden."""
+    """A decoder's shape: Llama-3-proportioned unless told (head_dim 128, 4 query heads per KV head,
+    MLP 3.5x hidden); ``arch="qwen2"`` adds Qwen2's biases on q, k and v."""
 
     hidden: int
     layers: int
     vocab: int = 32000
     tie: bool = False
     lora_lm_head: bool = False  # LoRA on lm_head too (a 16-bit linear: a 4-bit load keeps it 16-bit)
+    arch: str = "llama"  # "llama" or "qwen2"
+    head_dim: int = 128
+    kv_groups: int = 4  # query heads per KV head
+    mlp: int = 0  # the MLP's width; 0: Llama-3's ratio
 
     @property
     def intermediate(self) -> int:
-        """Llama-3's MLP ratio (4096 -> 14336), rounded down to a multiple of 256."""
-        return int(self.hidden * 3.5) // 256 * 256
+        """The MLP's width: ``mlp``, else Llama-3's ratio (4096 -> 14336), rounded down to a multiple of 256."""
+        return self.mlp or int(self.hidden * 3.5) // 256 * 256
 
     @property
     def heads(self) -> int:
-        """Query heads (head_dim 128)."""
-        return max(1, self.hidden // 128)
+        """Query heads."""
+        return max(1, self.hidden // self.head_dim)
 
     @property
     def kv_heads(self) -> int:
-        """Key/value heads: a quarter of the query heads, as in Llama-3."""
-        return max(1, self.hidden // 512)
+        """Key/value heads: a ``kv_groups``-th of the query heads (a quarter, as in Llama-3)."""
+        return max(1, self.heads // self.kv_groups)
 
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(out, in) of every linear layer in one decoder layer (all LoRA targets)."""
-        h, kv, m = self.hidden, self.kv_heads * 128, self.intermediate
+        h, kv, m = self.hidden, self.kv_heads * self.head_dim, self.intermediate
         return [(h, h), (kv, h), (kv, h), (h, h), (m, h), (m, h), (h, m)]
 
     @property
@@ -91,14 +96,35 @@ class ModelSize:
 
     @property
     def parameters(self) -> int:
-        """All parameters of the checkpoint (embeddings, lm_head unless tied, norms)."""
+        """All parameters of the checkpoint (embeddings, lm_head unless tied, norms, Qwen2's biases)."""
         embeddings = self.vocab * self.hidden * (1 if self.tie else 2)
         norms = (2 * self.layers + 1) * self.hidden
-        return self.linear_parameters + embeddings + norms
+        biases = self.layers * sum(o for o, _ in self.linear_shapes()[:3]) if self.arch == "qwen2" else 0
+        return self.linear_parameters + embeddings + norms + biases
+
+    def config(self) -> Any:
+        """The transformers config of this shape."""
+        shape = dict(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            tie_word_embeddings=self.tie,
+        )
+        if self.arch == "qwen2":
+            from transformers import Qwen2Config
+
+            return Qwen2Config(**shape, max_position_embeddings=2048)
+        from fastsave.tiny import tiny_llama_config
+
+        return tiny_llama_config(**shape, head_dim=self.head_dim)
 
     def describe(self) -> str:
         """One line for a table caption."""
         return (
+            f"{'Qwen2, ' if self.arch == 'qwen2' else ''}"
             f"hidden {self.hidden}, {self.layers} layers, MLP {self.intermediate}, vocab {self.vocab}"
             f"{', tied embeddings' if self.tie else ''}{', LoRA on lm_head too' if self.lora_lm_head else ''}: "
             f"{self.parameters / 1e9:.2f} B parameters"
@@ -114,6 +140,10 @@ SIZES: dict[str, ModelSize] = {
     "250m": ModelSize(hidden=1024, layers=14),
     "1b": ModelSize(hidden=2048, layers=16),
     "3b": ModelSize(hidden=3072, layers=24),
+    # Qwen2.5-0.5B's shape (its biases leave the merged weights off the 4 KiB blocks)
+    "qwen0.5b": ModelSize(
+        hidden=896, layers=24, vocab=151936, tie=True, arch="qwen2", head_dim=64, kv_groups=7, mlp=4864
+    ),
 }
 
 
@@ -146,7 +176,11 @@ def prepare(work: Path, size: ModelSize, rank: int = 16, prequantized: bool = Fa
     wanted = {"size": asdict(size), "rank": rank}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if {k: record.get(k) for k in wanted} == wanted:
+        try:  # a record written before ModelSize had its later fields holds their defaults
+            recorded = {"size": asdict(ModelSize(**record.get("size", {}))), "rank": record.get("rank")}
+        except TypeError:
+            recorded = {}
+        if recorded == wanted:
             if prequantized and not (work / "base-4bit").is_dir():
                 _save_prequantized(work)
             return record
@@ -155,19 +189,11 @@ def prepare(work: Path, size: ModelSize, rank: int = 16, prequantized: bool = Fa
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastsave.tiny import attach_lora, save_random_model, tiny_llama_config
+    from fastsave.tiny import attach_lora, save_random_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     work.mkdir(parents=True, exist_ok=True)
-    config = tiny_llama_config(
-        vocab_size=size.vocab,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        tie_word_embeddings=size.tie,
-    )
+    config = size.config()
     for stale in ("base", "base-4bit", "adapter"):  # another size's files
         shutil.rmtree(work / stale, ignore_errors=True)
     record_path.unlink(missing_ok=True)
