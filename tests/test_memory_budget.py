@@ -324,3 +324,17 @@ def test_a_block_product_whose_zeros_have_the_other_sign_fails_the_row_block_che
         assert not row_blocks.blockwise_product_is_exact(b, a, 32)
     finally:
         row_blocks._exact_shapes.clear()
+
+
+def test_what_may_wait_is_a_48th_of_the_output_or_a_32nd_up_to_32_mib():
+    from fastsave.memory import in_flight_bytes
+
+    mib = 2**20
+    assert in_flight_bytes(0) == in_flight_bytes(513 * 10**6) == 24 * mib  # 250M: at least 24 MiB
+    assert in_flight_bytes(988_098_304) == 988_098_304 // 32  # Qwen2.5-0.5B's shape: 31 MiB
+    assert in_flight_bytes(1536 * mib) == 32 * mib  # where the two meet
+    assert in_flight_bytes(3072 * mib) == 64 * mib  # past it, a 48th
+    assert in_flight_bytes(2 * 10**9) == 2 * 10**9 // 48
+    assert in_flight_bytes(10**12) == 512 * mib
+    budget = MemoryBudget(0.5, output_bytes=988_098_304)  # gigabytes of headroom here
+    assert budget.allowance == 988_098_304 // 32

@@ -112,9 +112,9 @@ def write_buffers(allowance: int, minimal: bool, output_bytes: int = 0) -> tuple
 def joined_write_bytes(allowance: int, minimal: bool) -> int:
     """The largest write that jobs waiting back to back are joined into (:class:`JoinedWrites`; a
     write still under :data:`SMALL_WRITE_BYTES` may take the next job up to twice this): a
-    :data:`JOINED_SHARE` of the save's memory ``allowance`` (fastsave.memory.MemoryBudget: a 48th
-    of the output, at least 24 MiB), at most :data:`JOINED_BYTES`; 0 (nothing joined) when the
-    memory budget is minimal.
+    :data:`JOINED_SHARE` of the save's memory ``allowance`` (fastsave.memory.in_flight_bytes: a 48th
+    of the output, at least 24 MiB; a 32nd up to 32 MiB where that is more), at most
+    :data:`JOINED_BYTES`; 0 (nothing joined) when the memory budget is minimal.
 
     Measured on 2 cores, interleaved in one process: at 1B (42 MB allowed to wait) writes joined up
     to 10 MiB took the save 0.99 s against 1.10 s unjoined and 1.05 s up to 16 MiB; at 250M (16 MiB
