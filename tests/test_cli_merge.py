@@ -514,6 +514,27 @@ def test_command_line_merges_in_row_blocks(bases, tmp_path, monkeypatch, base_we
     assert len(fused) == (14 if nf4_native.available() else 0)
 
 
+def test_tensors_copied_from_the_base_stream_from_its_pages(bases, tmp_path, monkeypatch):
+    """The embedding and the lm_head, which the merge copies as they are, go to the writer as rows
+    of the base file's mapped pages a few at a time, never read whole into fresh memory (at
+    Qwen2.5-0.5B's shape that was 272 MB); the output holds the base's values."""
+    from fastsave.merge import dispatch
+    from fastsave.sources.safetensors_file import SafetensorsCheckpoint
+
+    adapter = tmp_path / "adapter"
+    _trained_adapter(bases["base"], bases["tokenizer"], adapter, steps=0)
+    read_whole, real_get = [], SafetensorsCheckpoint.get
+    monkeypatch.setattr(
+        SafetensorsCheckpoint, "get", lambda self, name: read_whole.append(name) or real_get(self, name)
+    )
+    monkeypatch.setattr(dispatch, "COPY_CHUNK_BYTES", 4096)  # several pieces from the tiny embedding
+    assert _merge([adapter, tmp_path / "out", "--base", bases["base"]]) == 0
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & set(read_whole), read_whole
+    got, base = saved_tensors(tmp_path / "out"), saved_tensors(bases["base"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[name], base[name]), name
+
+
 def _perturbed(model, seed: int = 4):
     """Every trained tensor moved; not AdaLoRA's ranknum, which peft does not save (it is the rank)."""
     generator = torch.Generator().manual_seed(seed)
