@@ -253,14 +253,12 @@ def copy_producer(source: Source, dtype: torch.dtype, name: str, transposed: boo
         return tensor.T.contiguous() if transposed else tensor
 
     def stream() -> Iterator[torch.Tensor]:
-        reader = source.row_reader()
-        if reader is not None and reader.read_stored is not None:
+        rows = source.stored_rows()
+        if rows is not None:
             # a checkpoint's tensor (the command line's embedding): rows from its mapped pages a few
             # MiB at a time, never read whole into fresh memory (a Qwen2.5-0.5B-shaped merge held
             # its 272 MB tied embedding: 30% of the output in extra memory)
-            yield from _row_chunks(
-                reader.read_stored, source.shape, dtype if source.floating else source.stored_dtype
-            )
+            yield from _row_chunks(rows, source.shape, dtype if source.floating else source.stored_dtype)
             return
         values = source.as_stored().detach()
         values = values if values.is_contiguous() else values.contiguous()

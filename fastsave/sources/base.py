@@ -116,6 +116,12 @@ class Source(abc.ABC):
         """``(codes, quant_state)`` of a bitsandbytes packed 4-bit weight, for the fused Triton kernel."""
         return None
 
+    def stored_rows(self) -> RowRead | None:
+        """Rows i..j of a 2-D tensor in their stored dtype, read without the whole tensor (possibly
+        read-only views of a file's pages: never written to), where the source reads them so (a
+        checkpoint on disk); None where :meth:`as_stored` is the way (a tensor in memory)."""
+        return None
+
     # ------------------------------------------------------------------ derived
 
     @property

@@ -21,7 +21,7 @@ import torch
 
 from fastsave.io.format import FLOAT_CODES, TORCH_DTYPES, read_safetensors_header
 from fastsave.io.names import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from fastsave.sources.base import RowReader, Source
+from fastsave.sources.base import RowRead, RowReader, Source
 from fastsave.sources.dense import merged_in_one_pass
 
 logger = logging.getLogger(__name__)
@@ -288,6 +288,10 @@ class SafetensorsTensorSource(Source):
     def as_stored(self) -> torch.Tensor:
         """The stored tensor."""
         return self.checkpoint.get(self.name)
+
+    def stored_rows(self) -> RowRead | None:
+        """Rows as read-only views of the file's pages, a window of them mapped at a time."""
+        return MappedWindow(self.checkpoint, self.name).rows if len(self.shape) == 2 else None
 
     def row_reader(self) -> RowReader | None:
         """Rows read from disk (only their bytes), as float32 (or as stored)."""
