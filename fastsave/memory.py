@@ -42,8 +42,9 @@ IN_FLIGHT_SHARE = 48
 # out, its MLP weights 8.3 MiB each) on 2 cores: medians 0.63 / 0.67 s against 0.75 / 0.75 s with
 # 31 MiB against 24 (15 of 16 paired saves faster in two runs). With 24 MiB the I/O thread joined
 # at most 6 MiB and each MLP weight went out as 6 + 2.3 MiB, about 200 writes a save with the disk
-# idle 112-164 ms, against about 100 writes of whole weights and 22-32 ms idle. At 1B (42 MiB already) 64 MiB gained nothing (5 of 8); at 250M 32 MiB would pass
-# a tenth of the output in memory. Extra anonymous memory then stays under a tenth of the output.
+# idle 112-164 ms, against about 100 writes of whole weights and 22-32 ms idle. At 1B (42 MiB
+# already) 64 or 85 MiB gained nothing (3 and 5 of 8 faster); at 250M 28 or 32 MiB neither (5 of
+# 10), and 32 MiB would hold more than a tenth of its output.
 SMALL_IN_FLIGHT_SHARE = 32
 SMALL_IN_FLIGHT_MAX = 32 * MIB
 # Never less than this: a few row blocks.
