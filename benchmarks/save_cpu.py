@@ -7,7 +7,10 @@
 The model: a random Llama-3-proportioned checkpoint built from a config (head_dim 128, 4 query
 heads per KV head, MLP 3.5x hidden, vocab 32000, untied lm_head), saved in bf16, and a LoRA
 adapter (r=16, alpha=32, random non-zero B) on every linear. Sizes: 250m (hidden 1024, 14
-layers), 1b (2048, 16), 3b (3072, 24), or HIDDENxLAYERS. Nothing is downloaded.
+layers), 1b (2048, 16), 3b (3072, 24), or HIDDENxLAYERS; and qwen0.5b, Qwen2.5-0.5B's shape
+(Qwen2: hidden 896, 24 layers, MLP 4864, a tied 151936-word embedding, biases on q/k/v), which
+saves differently (its biases leave the weights off the 4 KiB blocks, its embedding is 28% of
+the bytes). Nothing is downloaded.
 
 Contenders, each run alone in a fresh process (benchmarks/contenders.py), interleaved over
 --repeat rounds so that a slow spell of the disk hits all of them; the fastest run counts for
