@@ -498,15 +498,20 @@ class AlignedWriter:
         # it is a seam (without taking a buffer of the few the writer has)
         if self._fill and not self._seam():
             self._submit()
-        if not self._batch:
-            self._batch_offset = self._offset
-        self._batch.append(view[head : head + middle])
-        if self._checksum is not None:  # here, in file order, so that the I/O thread only writes
-            self._checksum.update(self._batch[-1])
-        self._batch_releases.append(release)
-        self._offset += middle  # the buffer's bytes now follow the batch's
+        self._to_batch(view[head : head + middle], release)
         self.in_place_bytes += middle
         return view[head + middle :]
+
+    def _to_batch(self, part: memoryview, release: Callable[[], None]) -> None:
+        """Append ``part`` (whole blocks, the file's next bytes) to the batch, ``release`` to be
+        called once it is written."""
+        if not self._batch:
+            self._batch_offset = self._offset
+        self._batch.append(part)
+        if self._checksum is not None:  # here, in file order, so that the I/O thread only writes
+            self._checksum.update(part)
+        self._batch_releases.append(release)
+        self._offset += len(part)  # the buffer's bytes now follow the batch's
 
     def _seam(self) -> bool:
         """Move the buffer's bytes (whole blocks, at most :data:`SEAM_BYTES`) into the batch, from
@@ -521,14 +526,8 @@ class AlignedWriter:
         slot = self._seams_free.pop()
         seam = slot[: self._fill]
         seam[:] = self._views[self._slot][: self._fill]
-        if self._checksum is not None:
-            self._checksum.update(seam)
-        if not self._batch:
-            self._batch_offset = self._offset
-        self._batch.append(seam)
-        self._batch_releases.append(lambda: self._seams_free.append(slot))
-        self._offset += self._fill
         self._fill = 0
+        self._to_batch(seam, lambda: self._seams_free.append(slot))
         return True
 
     def _submit(self) -> None:

@@ -244,12 +244,11 @@ def copy_producer(source: Source, dtype: torch.dtype, name: str, transposed: boo
     if source.computed:
         return weight_producer(source, (), dtype, name, transposed)
 
-    def output_dtype(values: torch.Tensor) -> torch.dtype:
-        return dtype if values.is_floating_point() else values.dtype
+    # a stored (not computed) source's values are in its stored dtype
+    out_dtype = dtype if source.floating else source.stored_dtype
 
     def produce() -> torch.Tensor:
-        values = source.as_stored()
-        tensor = to_output(values, output_dtype(values), name)
+        tensor = to_output(source.as_stored(), out_dtype, name)
         return tensor.T.contiguous() if transposed else tensor
 
     def stream() -> Iterator[torch.Tensor]:
@@ -258,14 +257,14 @@ def copy_producer(source: Source, dtype: torch.dtype, name: str, transposed: boo
             # a checkpoint's tensor (the command line's embedding): rows from its mapped pages a few
             # MiB at a time, never read whole into fresh memory (a Qwen2.5-0.5B-shaped merge held
             # its 272 MB tied embedding: 30% of the output in extra memory)
-            yield from _row_chunks(rows, source.shape, dtype if source.floating else source.stored_dtype)
+            yield from _row_chunks(rows, source.shape, out_dtype)
             return
         values = source.as_stored().detach()
         values = values if values.is_contiguous() else values.contiguous()
         if values.device.type == "cuda":  # cast on the GPU, a few chunks at a time across to the host
-            yield from to_host(_flat_chunks(values, output_dtype(values)), BLOCKS_IN_FLIGHT)
+            yield from to_host(_flat_chunks(values, out_dtype), BLOCKS_IN_FLIGHT)
         else:
-            yield from _flat_chunks(values.to("cpu"), output_dtype(values))
+            yield from _flat_chunks(values.to("cpu"), out_dtype)
 
     return Production(produce, None if transposed else stream, 0)
 
