@@ -71,8 +71,8 @@ REFUSED = {
     ),
     # not a gap to fill: Lily has no weight to merge into (checked against peft 0.21's forward)
     "lily": "Lily's update is not a fixed weight: its router mixes the B experts by probabilities averaged over "
-    "each forward's own tokens, so no merged weight computes what the trained model computes (peft's merge "
-    "raises NotImplementedError too)",
+    "each forward's own tokens, so no merged weight computes what the trained model computes (peft refuses "
+    "to merge it as well)",
     "miss": "MiSS's delta is a function of the base weight itself; fastsave has no exact arithmetic for it yet",
     "road": "RoAd rotates pairs of output rows and the bias together; fastsave has no exact arithmetic for it yet",
     "ln_tuning": "LN tuning swaps in trained copies of whole normalisation layers rather than a delta on a weight; "
