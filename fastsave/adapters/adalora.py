@@ -1,8 +1,8 @@
 """AdaLoRA: LoRA in SVD form, ``B @ (A * E)``, scaled by ``scaling / (ranknum + 1e-5)``.
 
 peft's delta is ``transpose(B @ (A * E), fan_in_fan_out) * scaling / (ranknum + 1e-5)``, ranknum
-a float32 tensor. Rows of it are rows of ``B`` times ``A * E`` (columns with fan_in_fan_out),
-streamed where the BLAS gives blocks of the product the whole product's bits (checked per shape).
+a float32 tensor. Rows of it are rows of ``B`` times ``A * E`` (columns with fan_in_fan_out), with
+the whole product's bits (fastsave.merge.row_blocks.product_blocks).
 The pruned singular values are zeros in E: nothing special to do.
 """
 
@@ -29,16 +29,13 @@ class AdaLoraVariant(Variant):
         product = b @ a_e
         return (product.T if delta.fan_in_fan_out else product) * delta.scaling / denominator
 
-    def rows(self, delta: TunerDelta, step: int, check: BlockwiseCheck) -> DeltaRows | None:
+    def rows(self, delta: TunerDelta, step: int, check: BlockwiseCheck) -> DeltaRows:
         b, a_e, denominator = self._parts(delta, "cpu")
         scaling = delta.scaling
+        product = check.blocks(b, a_e, step, columns=delta.fan_in_fan_out)
         if not delta.fan_in_fan_out:
-            if not check.product(b, a_e, step):
-                return None
-            return lambda i, j: (b[i:j] @ a_e).mul_(scaling).div_(denominator)
-        if not check.product(b, a_e, step, columns=True):
-            return None
-        return lambda i, j: (b @ a_e[:, i:j]).T.mul_(scaling).div_(denominator)
+            return lambda i, j: product(i, j).mul_(scaling).div_(denominator)
+        return lambda i, j: product(i, j).T.mul_(scaling).div_(denominator)
 
 
 ADALORA = AdaLoraVariant()

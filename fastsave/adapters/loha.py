@@ -1,8 +1,8 @@
 """LoHa (LyCORIS): the Hadamard product of two low-rank products, added to the weight.
 
 peft's delta is ``((w1_a @ w1_b) * (w2_a @ w2_b)) * scale`` (scale: the float32 scalar tensor of
-``scaling``). Rows i..j of it are ``(w1_a[i:j] @ w1_b) * (w2_a[i:j] @ w2_b) * scale``: streamed
-where the BLAS gives blocks of both products the whole products' bits (checked per shape). The
+``scaling``). Rows i..j of it are ``(w1_a[i:j] @ w1_b) * (w2_a[i:j] @ w2_b) * scale``, each product's
+rows with its whole product's bits (fastsave.merge.row_blocks.product_blocks). The
 CP-decomposed form (``use_effective_conv2d``) exists for convolutions only, which are refused.
 """
 
@@ -33,12 +33,11 @@ class LoHaVariant(Variant):
         scale = torch.tensor(delta.scaling, device=device)  # peft multiplies by a float32 scalar tensor
         return ((w1a @ w1b) * (w2a @ w2b)) * scale
 
-    def rows(self, delta: TunerDelta, step: int, check: BlockwiseCheck) -> DeltaRows | None:
+    def rows(self, delta: TunerDelta, step: int, check: BlockwiseCheck) -> DeltaRows:
         w1a, w1b, w2a, w2b = (delta.tensor32(key) for key in _KEYS)
-        if not (check.product(w1a, w1b, step) and check.product(w2a, w2b, step)):
-            return None
+        first, second = check.blocks(w1a, w1b, step), check.blocks(w2a, w2b, step)
         scale = torch.tensor(delta.scaling)
-        return lambda i, j: (w1a[i:j] @ w1b).mul_(w2a[i:j] @ w2b).mul_(scale)
+        return lambda i, j: first(i, j).mul_(second(i, j)).mul_(scale)
 
 
 LOHA = LoHaVariant()

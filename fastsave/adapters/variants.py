@@ -7,8 +7,9 @@ kind and whether it carries a DoRA magnitude); the other peft tuners bring their
 
 * :meth:`Variant.dense`: the operand of the whole-matrix fold (for LoRA the whole delta);
 * :meth:`Variant.rows`: a function giving the operand for rows i..j of the weight, or None when
-  the maths (or the BLAS, checked through the :class:`BlockwiseCheck` the row merge passes) does
-  not give the whole-matrix bits a block at a time;
+  the maths does not give the whole-matrix bits a block at a time (blocks of a low-rank product
+  come from the :class:`BlockwiseCheck` the row merge passes: computed alone where the BLAS gives
+  the whole product's bits, else read from the whole product computed once);
 * :meth:`Variant.fold`: the operand folded into the running float32 weight (added, multiplied,
   rotated, rows replaced);
 * :meth:`Variant.fold_bias`: the same for the layer's bias, where the tuner changes it.
@@ -27,12 +28,19 @@ import torch
 DeltaRows = Callable[[int, int], Any]  # rows i..j of the weight -> the operand its fold takes
 
 
+ProductBlocks = Callable[[int, int], torch.Tensor]  # rows (or columns) i..j of b @ a -> a fresh tensor
+
+
 class BlockwiseCheck(Protocol):
     """What the row merge tells a variant about the BLAS (fastsave.merge.row_blocks checks it)."""
 
     def product(self, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> bool:
         """Whether blocks of ``step`` rows (or columns) of ``b @ a`` computed alone give the full
         product's bits."""
+
+    def blocks(self, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> ProductBlocks:
+        """Rows i..j of ``b @ a`` (with ``columns``: columns i..j, as ``b @ a[:, i:j]`` lays them
+        out) with the whole product's bits, a fresh tensor per call the caller may scale in place."""
 
 
 class LoraDelta(Protocol):
@@ -76,15 +84,13 @@ class Variant:
             return None
         b, a = delta.factors_float32("cpu")
         scaling = delta.scaling
-        if not self.rows_are_columns(delta):
-            if not check.product(b, a, step):
-                return None
-            # scaled in place: the same float32 multiply as peft's `* scaling`, without a second block
-            return lambda i, j: (b[i:j] @ a).mul_(scaling)
-        # peft's delta is (B @ A).T: rows of the delta are columns of the product
-        if not check.product(b, a, step, columns=True):
-            return None
-        return lambda i, j: (b @ a[:, i:j]).mul_(scaling).T
+        # peft's delta is (B @ A).T when rows are columns: rows of the delta are columns of the product
+        columns = self.rows_are_columns(delta)
+        product = check.blocks(b, a, step, columns)
+        # scaled in place: the same float32 multiply as peft's `* scaling`, without a second block
+        if columns:
+            return lambda i, j: product(i, j).mul_(scaling).T
+        return lambda i, j: product(i, j).mul_(scaling)
 
     def fold(
         self,

@@ -2,8 +2,8 @@
 
 peft's delta is ``transpose((lambda_b * B[:out]) @ (lambda_d * A[:, :in]), fan_in_fan_out)``
 (lambda_b and lambda_d as columns; A and B shared by every layer, sliced to the layer's size).
-Rows are rows of the first operand (columns with fan_in_fan_out): streamed where the BLAS gives
-blocks of the product the whole product's bits (checked per shape).
+Rows are rows of the first operand (columns with fan_in_fan_out), with the whole product's bits
+(fastsave.merge.row_blocks.product_blocks).
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ class VeraVariant(Variant):
         product = left @ right
         return product.T if delta.fan_in_fan_out else product
 
-    def rows(self, delta: TunerDelta, step: int, check: BlockwiseCheck) -> DeltaRows | None:
+    def rows(self, delta: TunerDelta, step: int, check: BlockwiseCheck) -> DeltaRows:
         left, right = self._operands(delta, "cpu")
+        product = check.blocks(left, right, step, columns=delta.fan_in_fan_out)
         if not delta.fan_in_fan_out:
-            return (lambda i, j: left[i:j] @ right) if check.product(left, right, step) else None
-        if not check.product(left, right, step, columns=True):
-            return None
-        return lambda i, j: (left @ right[:, i:j]).T
+            return product
+        return lambda i, j: product(i, j).T
 
 
 VERA = VeraVariant()

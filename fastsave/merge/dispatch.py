@@ -100,8 +100,10 @@ def _estimated_working_bytes(
     Row blocks or one expert when the shapes and delta kinds allow them, else the whole matrix; a
     weight on a GPU holds host memory only for its blocks on their way (the VRAM is bounded apart). The
     strategy itself is chosen when the tensor is produced (a row reader decodes a weight's absmax,
-    the exactness checks run products): should it fall back to the whole matrix, the budget still
-    admits it alone. Blocks are estimated at their largest size (a small budget makes them smaller).
+    the exactness checks run products): should it fall back to the whole matrix (a DoRA norm
+    whose blocks are not exact), the budget still admits it alone. A product whose blocks are not
+    exact is read from its whole product in a buffer for whole tensors (fastsave.merge.row_blocks:
+    in memory within their allowance, else spilled), as a transposed weight's whole is. Blocks are estimated at their largest size (a small budget makes them smaller).
     """
     by_rows = len(source.shape) == 2 and all(d.variant.by_rows(d) for d in deltas)
     # a transposed weight is merged by rows into a whole buffer, then read out by columns

@@ -17,14 +17,17 @@ bit, on conditions this module checks instead of assuming:
   shape in each process against the full product;
 * DoRA's row norm ``||W + delta||`` over a block of rows must equal the norm over the whole matrix,
   row by row: verified once per shape on random values (the reduction order does not depend on them);
-* a shape that fails goes back to the whole-matrix path.
+* a product whose blocks fail is computed whole once, into a buffer of the save's assembler (in
+  memory within its allowance for whole tensors, else a spilled file), and its blocks are read
+  from there: the weight still merges by rows, never as the whole-matrix path's float32 copies;
+* a norm that fails goes back to the whole-matrix path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +37,7 @@ from fastsave.adapters.variants import DeltaRows
 from fastsave.buffer_pool import ReusedBuffer
 from fastsave.dtypes import same_bits
 from fastsave.io.placement import placed_empty
-from fastsave.merge.assemble import block_bytes, fill, scratch_buffer, settle_working_set
+from fastsave.merge.assemble import block_bytes, fill, scratch_buffer, settle_working_set, spilled_buffer
 from fastsave.merge.fused_rows import FusedRows, fused_rows_plan, stream_fused_rows
 from fastsave.sources.base import RowReader, Source
 
@@ -136,18 +139,48 @@ def blockwise_row_norm_is_exact(n_rows: int, n_cols: int, step: int) -> bool:
     return _exact_shapes[key]
 
 
+def product_blocks(
+    b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False
+) -> Callable[[int, int], torch.Tensor]:
+    """Rows i..j of ``b @ a`` (columns i..j with ``columns``, laid out as ``b @ a[:, i:j]``) with
+    the whole product's bits, a fresh tensor each call.
+
+    Computed alone where :func:`blockwise_product_is_exact` says the BLAS gives those bits (the
+    usual case); else the whole product is computed once into :func:`spilled_buffer` (in memory
+    within the save's allowance for whole tensors, else a file's pages) and each block is copied
+    out of it. Before, such a weight went to the whole-matrix merge: three float32 copies of the
+    weight in fresh memory, outside the save's budget. Under a data limit a product check can fail
+    (measured once: MKL's first GEMM of a shape, without room for its workspace, gave other bits),
+    and that merge did not fit.
+    """
+    if blockwise_product_is_exact(b, a, step, columns):
+        if columns:
+            return lambda i, j: b @ a[:, i:j]
+        return lambda i, j: b[i:j] @ a
+    whole = torch.mm(b, a, out=spilled_buffer((b.shape[0], a.shape[1]), torch.float32))
+    if columns:
+        return lambda i, j: whole[:, i:j].contiguous()
+    return lambda i, j: whole[i:j].clone()
+
+
 class _Check:
     """The BLAS checks a variant asks for when it computes its rows (fastsave.adapters.variants)."""
 
     def product(self, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> bool:
         return blockwise_product_is_exact(b, a, step, columns)
 
+    def blocks(
+        self, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False
+    ) -> Callable[[int, int], torch.Tensor]:
+        return product_blocks(b, a, step, columns)
+
 
 _CHECK = _Check()
 
 
 def delta_rows(delta: LoraDelta, step: int) -> DeltaRows | None:
-    """Rows i..j of ``delta``'s operand computed alone, when that gives the whole delta's bits; else None."""
+    """Rows i..j of ``delta``'s operand with the whole delta's bits; None where its variant cannot
+    give them a block at a time (fastsave.adapters.variants)."""
     return delta.variant.rows(delta, step, _CHECK)
 
 
@@ -195,6 +228,9 @@ def row_merge_plan(
         return RowMerge(source, reader, step, [], dtype, name, fused)
     if any(d.variant.needs_base for d in deltas) and not blockwise_row_norm_is_exact(*source.shape, step):
         return None
+    if fused is not None and not blockwise_product_is_exact(*fused.factors, step):
+        # the pass would multiply each block's rows alone: the row merge reads the whole product's
+        fused = None
     rows = [delta_rows(d, step) for d in deltas]
     if any(r is None for r in rows):
         return None
