@@ -309,6 +309,22 @@ def fastsave_save(state: dict, params: dict) -> dict:
     return {}
 
 
+@contender("fastsave-whole-products", load_trained_model_and_fastsave)
+def fastsave_save_whole_products(state: dict, params: dict) -> dict:
+    """fastsave's save as if the BLAS never gave a block of a LoRA product the whole product's bits:
+    every product check fails and the one pass may not compute the product itself, so each LoRA
+    weight merges by rows read from its whole product (fastsave.merge.row_blocks.product_blocks),
+    the path a shape takes whose check fails (once seen under RLIMIT_DATA). A measurement of that
+    path's memory and time, not a way to save."""
+    import fastsave
+    from fastsave.merge import fused_rows, row_blocks
+
+    row_blocks.blockwise_product_is_exact = lambda *args, **kwargs: False
+    fused_rows.inline_product_is_exact = lambda b, a: False
+    fastsave.save_pretrained_merged(state["model"], params["out"], save_method="merged_16bit")
+    return {}
+
+
 def _fsync_tree(directory: str) -> None:
     for root, _, files in os.walk(directory):
         for name in files:
