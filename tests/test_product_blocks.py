@@ -7,18 +7,20 @@ torch's whole product and to peft's merge on a float32 dequantized copy."""
 from __future__ import annotations
 
 import pytest
+import test_tuners
 import torch
 from checkpoint_files import saved_tensors
 from peft import get_peft_model
 from test_core_merged import _lora_layers, _oracle
 from test_fidelity import _load, check_exact
-from test_tuners import base_dir, perturb_trained, tuner_config  # noqa: F401  (base_dir: a fixture)
+from test_tuners import perturb_trained, tuner_config
 
 import fastsave
 from fastsave.merge import dispatch, fused_rows, row_blocks
 from fastsave.merge.assemble import Assembler, assembling
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+base_dir = test_tuners.base_dir  # the fixture: tiny random bf16 checkpoints, one per architecture
 
 
 def _blocks_with_negative_zeros(monkeypatch, whole_shape: tuple[int, int]) -> None:
@@ -104,7 +106,7 @@ def test_a_qlora_save_whose_block_checks_fail_still_merges_by_rows_exactly(
 
 
 @pytest.mark.parametrize("tuner", ["LoHa", "AdaLoRA", "VeRA"])
-def test_tuners_whose_block_checks_fail_still_merge_by_rows_exactly(tuner, base_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_tuners_whose_block_checks_fail_still_merge_by_rows_exactly(tuner, base_dir, tmp_path, monkeypatch):
     base = base_dir()
     model = get_peft_model(_load(base, bits=None), tuner_config(tuner))
     perturb_trained(model)

@@ -78,8 +78,8 @@ class Variant:
         return delta.fan_in_fan_out
 
     def rows(self, delta: LoraDelta, step: int, check: BlockwiseCheck) -> DeltaRows | None:
-        """Rows i..j of the delta computed alone (float32, scaled), when that gives the whole
-        delta's bits; else None."""
+        """Rows i..j of the delta (float32, scaled) with the whole delta's bits (the product's
+        blocks from ``check``); None when the variant does not merge by rows."""
         if not self.by_rows(delta):
             return None
         b, a = delta.factors_float32("cpu")

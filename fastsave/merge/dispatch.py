@@ -103,7 +103,8 @@ def _estimated_working_bytes(
     the exactness checks run products): should it fall back to the whole matrix (a DoRA norm
     whose blocks are not exact), the budget still admits it alone. A product whose blocks are not
     exact is read from its whole product in a buffer for whole tensors (fastsave.merge.row_blocks:
-    in memory within their allowance, else spilled), as a transposed weight's whole is. Blocks are estimated at their largest size (a small budget makes them smaller).
+    in memory within their allowance, else spilled), as a transposed weight's whole is. Blocks are
+    estimated at their largest size (a small budget makes them smaller).
     """
     by_rows = len(source.shape) == 2 and all(d.variant.by_rows(d) for d in deltas)
     # a transposed weight is merged by rows into a whole buffer, then read out by columns
