@@ -54,6 +54,13 @@ def process_group() -> Iterator[int]:
 
     created = not dist.is_initialized()
     if created:
+        # torch._dynamo, first imported after a group exists (the merge imports bitsandbytes, which
+        # imports it), keeps 10 references to the default group (torch 2.13): destroy_process_group
+        # then leaves gloo's threads running, and the interpreter's exit aborted a rank in about 1 of
+        # 50 torchrun merges (`terminate called without an active exception`, after the checkpoint
+        # was published). Imported before the group is made, it keeps none.
+        import torch._dynamo  # noqa: F401
+
         dist.init_process_group("gloo")
     logger = logging.getLogger(__name__)
     level = logger.level
