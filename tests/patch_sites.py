@@ -90,3 +90,20 @@ def aligned_direct_writes(monkeypatch: Any) -> tuple[list[tuple[int, int]], list
     monkeypatch.setattr(direct_file, "_open", opened)
     monkeypatch.setattr(direct_file.AlignedWriter, "close", counting_close)
     return calls, in_place
+
+
+def blas_blocks_with_negative_zeros(monkeypatch: Any, whole_shape: tuple[int, int]) -> None:
+    """``torch.mm`` as a BLAS that gives a block computed alone (any product not ``whole_shape``)
+    its zeros with the other sign: numbers equal to the whole product's, bits not, so the row
+    merge's block checks of factors with zeros in their product fail, deterministically."""
+    import torch
+
+    mm = torch.mm
+
+    def mm_of_this_blas(x: Any, y: Any, *, out: Any) -> Any:
+        result = mm(x, y, out=out)
+        if (x.shape[0], y.shape[1]) != whole_shape:  # a block computed alone
+            result.copy_(torch.where(result == 0, torch.full_like(result, -0.0), result))
+        return result
+
+    monkeypatch.setattr(torch, "mm", mm_of_this_blas)

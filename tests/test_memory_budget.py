@@ -302,23 +302,17 @@ def test_same_bits_tells_the_sign_of_zero_apart_and_a_nan_from_nothing():
 
 def test_a_block_product_whose_zeros_have_the_other_sign_fails_the_row_block_check(monkeypatch):
     """Blocks that equal the whole product as numbers but not as bits (a -0.0 where the whole has
-    0.0, which W + delta can keep) send the weight to the whole-matrix merge."""
+    0.0, which W + delta can keep) fail the check: the row merge then reads its blocks from the
+    whole product (tests/test_product_blocks.py)."""
+    from patch_sites import blas_blocks_with_negative_zeros
+
     from fastsave.merge import row_blocks
 
     generator = torch.Generator().manual_seed(2)
     b = torch.randn(96, 16, generator=generator)
     b[5] = 0.0  # a zero row: +0.0 all along that row of the whole product
     a = torch.randn(16, 64, generator=generator).abs()
-    whole_rows = b.shape[0]
-    mm = torch.mm
-
-    def blocks_with_negative_zeros(x, y, *, out):
-        result = mm(x, y, out=out)
-        if x.shape[0] != whole_rows:  # a block computed alone: its zeros get the other sign
-            result.copy_(torch.where(result == 0, torch.full_like(result, -0.0), result))
-        return result
-
-    monkeypatch.setattr(row_blocks.torch, "mm", blocks_with_negative_zeros)
+    blas_blocks_with_negative_zeros(monkeypatch, (96, 64))
     row_blocks._exact_shapes.clear()
     try:
         assert not row_blocks.blockwise_product_is_exact(b, a, 32)

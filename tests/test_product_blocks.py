@@ -10,6 +10,7 @@ import pytest
 import test_tuners
 import torch
 from checkpoint_files import saved_tensors
+from patch_sites import blas_blocks_with_negative_zeros
 from peft import get_peft_model
 from test_core_merged import _lora_layers, _oracle
 from test_fidelity import _load, check_exact
@@ -23,20 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 base_dir = test_tuners.base_dir  # the fixture: tiny random bf16 checkpoints, one per architecture
 
 
-def _blocks_with_negative_zeros(monkeypatch, whole_shape: tuple[int, int]) -> None:
-    """The BLAS of the row merge's checks gives a block computed alone its zeros with the other
-    sign (numbers equal, bits not): every block check of these factors fails, deterministically."""
-    mm = torch.mm
-
-    def mm_of_this_blas(x, y, *, out):
-        result = mm(x, y, out=out)
-        if (x.shape[0], y.shape[1]) != whole_shape:  # a block computed alone
-            result.copy_(torch.where(result == 0, torch.full_like(result, -0.0), result))
-        return result
-
-    monkeypatch.setattr(row_blocks.torch, "mm", mm_of_this_blas)
-
-
 @pytest.mark.parametrize("columns", [False, True])
 def test_blocks_of_a_product_that_fails_its_check_come_from_the_whole_product(tmp_path, monkeypatch, columns):
     generator = torch.Generator().manual_seed(3)
@@ -44,7 +31,7 @@ def test_blocks_of_a_product_that_fails_its_check_come_from_the_whole_product(tm
     b[7] = 0.0  # zeros in the whole product, which blocks computed alone would sign otherwise
     a = torch.randn(16, 200, generator=generator)
     a[:, 11] = 0.0
-    _blocks_with_negative_zeros(monkeypatch, (300, 200))
+    blas_blocks_with_negative_zeros(monkeypatch, (300, 200))
     row_blocks._exact_shapes.clear()
     # an allowance for whole tensors smaller than the product (it goes to a file), the check's own
     # reference kept in memory beside it

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fastsave.adapters.delta import LoraDelta
-from fastsave.adapters.variants import DeltaRows
+from fastsave.adapters.variants import DeltaRows, ProductBlocks
 from fastsave.buffer_pool import ReusedBuffer
 from fastsave.dtypes import same_bits
 from fastsave.io.placement import placed_empty
@@ -139,9 +139,7 @@ def blockwise_row_norm_is_exact(n_rows: int, n_cols: int, step: int) -> bool:
     return _exact_shapes[key]
 
 
-def product_blocks(
-    b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False
-) -> Callable[[int, int], torch.Tensor]:
+def product_blocks(b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> ProductBlocks:
     """Rows i..j of ``b @ a`` (columns i..j with ``columns``, laid out as ``b @ a[:, i:j]``) with
     the whole product's bits, a fresh tensor each call.
 
@@ -169,9 +167,7 @@ class _Check:
     def product(self, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> bool:
         return blockwise_product_is_exact(b, a, step, columns)
 
-    def blocks(
-        self, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False
-    ) -> Callable[[int, int], torch.Tensor]:
+    def blocks(self, b: torch.Tensor, a: torch.Tensor, step: int, columns: bool = False) -> ProductBlocks:
         return product_blocks(b, a, step, columns)
 
 
