@@ -225,7 +225,8 @@ def row_merge_plan(
     if any(d.variant.needs_base for d in deltas) and not blockwise_row_norm_is_exact(*source.shape, step):
         return None
     if fused is not None and not blockwise_product_is_exact(*fused.factors, step):
-        # the pass would multiply each block's rows alone: the row merge reads the whole product's
+        # the pass would multiply each block's rows alone; the row merge reads its rows from the
+        # whole product instead (product_blocks)
         fused = None
     rows = [delta_rows(d, step) for d in deltas]
     if any(r is None for r in rows):
