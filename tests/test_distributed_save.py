@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -388,17 +390,18 @@ def test_merge_on_two_ranks_is_the_single_process_merge(saved_adapter, tmp_path)
     _assert_same(tmp_path / "one" / "out", tmp_path / "two" / "out")
 
 
-def test_torchrun_runs_the_merge_command_on_two_ranks(saved_adapter, tmp_path):
-    import subprocess
-    import sys
-
-    root = saved_adapter
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "fastsave"]
-    args = ["merge", f"{root}/adapter", str(tmp_path / "two" / "out"), "--base", f"{root}/base"]
+def _torchrun_merge(entry: list[str], root: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``fastsave merge`` of the saved adapter into ``out`` on two ranks started by torchrun, run
+    as ``entry`` (``["-m", "fastsave"]``, or a script that runs the same main); the finished process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *entry]
+    args = ["merge", f"{root}/adapter", str(out), "--base", f"{root}/base", "--max-shard-size", SHARD]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [*command, *args, "--max-shard-size", SHARD], env=env, cwd=tmp_path, capture_output=True, text=True
-    )
+    return subprocess.run([*command, *args], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def test_torchrun_runs_the_merge_command_on_two_ranks(saved_adapter, tmp_path):
+    root = saved_adapter
+    done = _torchrun_merge(["-m", "fastsave"], root, tmp_path / "two" / "out", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "by 2 ranks" in done.stderr  # rank 0's summary
     from fastsave.api import merge_adapter
@@ -411,23 +414,8 @@ def test_the_merge_command_on_ranks_leaves_no_process_group_behind(saved_adapter
     """Under torchrun the command makes its process group and destroys it: no gloo thread of it is
     left for the interpreter's exit to tear down (which aborted a rank about once in 50 runs).
     torch._dynamo, imported after the group was made, kept it alive (fastsave.cli.merge)."""
-    import subprocess
-    import sys
-
-    root = saved_adapter
     probe = Path(__file__).with_name("cli_threads_probe.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(probe)]
-    args = [
-        "merge",
-        f"{root}/adapter",
-        str(tmp_path / "out"),
-        "--base",
-        f"{root}/base",
-        "--max-shard-size",
-        SHARD,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([*command, *args], env=env, cwd=tmp_path, capture_output=True, text=True)
+    done = _torchrun_merge([str(probe)], saved_adapter, tmp_path / "out", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = sorted(line for line in done.stderr.splitlines() if "gloo threads left" in line)
     assert reports == ["rank 0: gloo threads left []", "rank 1: gloo threads left []"], done.stderr[-3000:]
